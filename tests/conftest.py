@@ -1,0 +1,38 @@
+"""Shared fixtures. Real X-rays are read from ../shared/data/xray, never copied here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_XRAY = ROOT.parent / "shared" / "data" / "xray"
+
+
+def require_shared_data() -> Path:
+    """Return ../shared/data/xray; skip when absent, fail when XRWATCH_REQUIRE_SHARED_DATA=1."""
+    if SHARED_XRAY.is_dir():
+        return SHARED_XRAY
+    reason = f"real X-ray test data not found at {SHARED_XRAY} (see README: Test data)"
+    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(reason + " and XRWATCH_REQUIRE_SHARED_DATA=1")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_xray() -> Path:
+    """The real X-ray folder (dicom/, real/<Class>/, coronahack/)."""
+    return require_shared_data()
+
+
+@pytest.fixture(scope="session")
+def real_images(shared_xray: Path) -> list[Path]:
+    """Every labelled real JPEG/PNG, sorted."""
+    return sorted(p for p in (shared_xray / "real").rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def real_dicoms(shared_xray: Path) -> list[Path]:
+    return sorted((shared_xray / "dicom").glob("*.dcm"))

@@ -1,0 +1,99 @@
+"""Frozen-dataclass configuration loaded from TOML and overridden by CLI flags.
+
+Unknown keys are an error, and so is a value of the wrong type: a typo in a config file
+must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from xrwatch.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def read_toml(path: str | Path, *, table: str | None = None) -> dict[str, Any]:
+    """Read a TOML file (optionally one table of it) with clear errors."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    if table is not None:
+        sub = data.get(table, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{p}: [{table}] must be a table")
+        return sub
+    return data
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{source}: invalid value for {name!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {name} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(name, v, inner, source) for v in value]
+        return tuple(items) if origin is tuple else items
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is Path or hint == "Path":
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{source}: {name} must be a path string, got {value!r}")
+        return Path(value)
+    if isinstance(hint, type):
+        if hint is int and isinstance(value, bool):
+            raise ConfigError(f"{source}: {name} must be an integer, got {value!r}")
+        if not isinstance(value, hint):
+            raise ConfigError(
+                f"{source}: {name} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+            )
+    return value
+
+
+def build_config(cls: type[T], values: dict[str, Any], *, source: str = "config") -> T:
+    """Build dataclass ``cls`` from ``values``; unknown keys and wrong types raise ConfigError."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    kwargs = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def merge(file_values: dict[str, Any], cli_values: dict[str, Any]) -> dict[str, Any]:
+    """CLI values override file values; a CLI value of ``None`` means 'not given'."""
+    merged = dict(file_values)
+    merged.update({k: v for k, v in cli_values.items() if v is not None})
+    return merged

@@ -1,0 +1,62 @@
+"""Format detection from the bytes, never from the extension."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xrwatch.errors import ImageDecodeError, UnsupportedImageError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def _looks_like_preambleless_dicom(head: bytes) -> bool:
+    """A DICOM written without preamble starts with a group 0002 or 0008 element tag."""
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[0:2], "little")
+    if group not in (0x0002, 0x0008):
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():  # explicit VR
+        return True
+    length = int.from_bytes(head[4:8], "little")  # implicit VR: a plausible length
+    return length < 1 << 20
+
+
+def sniff_format(path: str | Path) -> str:
+    """Return ``"dicom"``, ``"png"`` or ``"jpeg"``, or raise :class:`UnsupportedImageError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(132)
+    except FileNotFoundError:
+        raise ImageDecodeError(p, "file not found") from None
+    except IsADirectoryError:
+        raise UnsupportedImageError(p, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageDecodeError(p, "permission denied: the file is not readable") from None
+    except OSError as exc:
+        raise ImageDecodeError(p, f"cannot be read: {exc.strerror or exc}") from None
+    if not head:
+        raise UnsupportedImageError(p, "empty file (0 bytes)")
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    if _looks_like_preambleless_dicom(head):
+        return "dicom"
+    return_kind = "text" if _is_text(head) else "binary data"
+    raise UnsupportedImageError(
+        p, f"not a DICOM, PNG or JPEG file (found {return_kind}; formats are detected from content)"
+    )
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,112 @@
+"""PNG and JPEG reading with Pillow: grayscale 8/16-bit, RGB(A), palette, EXIF orientation."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from xrwatch.errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    TruncatedImageError,
+    UnsupportedImageError,
+)
+from xrwatch.imageio.types import DecodedImage, ImageKind, ImageMeta
+
+logger = logging.getLogger(__name__)
+
+# Never let Pillow silently pad a truncated file with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Draft mode only pays when the source is at least this many times the needed side.
+DRAFT_MIN_FACTOR = 2
+
+
+def _to_unit_float(img: Image.Image, path: Path) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img).astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())  # 16-bit: scale by its real range
+        if hi <= lo:
+            return np.zeros(arr.shape, np.float32)
+        return (arr - lo) / (hi - lo)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        return np.zeros(arr.shape, np.float32) if hi <= lo else (arr - lo) / (hi - lo)
+    if mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    if mode == "LA":
+        return np.asarray(img.getchannel("L"), dtype=np.float32) / 255.0
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "RGBa"):
+        img = img.convert("RGB")  # alpha ignored: X-rays have no meaningful transparency
+        mode = "RGB"
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # ITU-R 601-2 luma
+    raise UnsupportedImageError(path, f"unsupported pixel mode {mode!r}")
+
+
+def read_raster(
+    path: Path, *, kind: ImageKind, min_side: int | None, max_pixels: int
+) -> DecodedImage:
+    """Read a PNG or JPEG file into a float32 2-D array in [0, 1]."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(path, f"refused as a possible decompression bomb: {exc}") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot be opened as {kind.upper()}: {exc}") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(
+                path,
+                f"{width}x{height} = {width * height:,} pixels exceeds the limit of "
+                f"{max_pixels:,} (decompression-bomb guard); nothing was decoded",
+            )
+        source_mode = img.mode
+        if (
+            kind == "jpeg"
+            and min_side is not None
+            and min(width, height) >= DRAFT_MIN_FACTOR * min_side
+        ):
+            # JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= min_side.
+            scale = min(width, height) / min_side
+            img.draft(img.mode, (max(1, int(width / scale)), max(1, int(height / scale))))
+        try:
+            img.load()
+        except OSError as exc:
+            msg = str(exc)
+            if "truncated" in msg.lower() or "premature" in msg.lower():
+                raise TruncatedImageError(path, f"truncated {kind.upper()} data: {msg}") from None
+            raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {msg}") from None
+        except (SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {exc}") from None
+        try:
+            oriented = ImageOps.exif_transpose(img)
+        except Exception as exc:  # malformed EXIF must not stop the image
+            logger.warning("%s: ignoring malformed EXIF orientation: %s", path, exc)
+            oriented = img
+        if oriented is not img and oriented.size != img.size:
+            width, height = height, width
+        pixels = _to_unit_float(oriented, path)
+    pixels = np.clip(np.ascontiguousarray(pixels, dtype=np.float32), 0.0, 1.0)
+    meta = ImageMeta(
+        path=str(path),
+        kind=kind,
+        width=width,
+        height=height,
+        source_mode=source_mode,
+        decoded_width=int(pixels.shape[1]),
+        decoded_height=int(pixels.shape[0]),
+    )
+    return DecodedImage(pixels=pixels, meta=meta)
