@@ -1,4 +1,4 @@
-"""xrwatch: chest X-ray classification, from the study's training recipe to a folder-watching daemon.
+"""xrwatch: chest X-ray classification, from the study's recipe to a folder-watching daemon.
 
 The serving path (this package) never imports torch; ``training`` and ``export`` do.
 """

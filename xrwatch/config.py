@@ -7,11 +7,12 @@ must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomllib
 
 from xrwatch.errors import ConfigError
 
