@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from xrwatch.config import build_config, merge, read_toml
+from xrwatch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Example:
+    name: str = "x"
+    batch_size: int = 8
+    wait_s: float = 2.0
+    mode: Literal["a", "b"] = "a"
+    archive: Path | None = None
+    sizes: tuple[int, ...] = (1, 2)
+
+
+def test_build_config_coerces_and_validates(tmp_path: Path) -> None:
+    cfg = build_config(
+        Example, {"wait_s": 3, "archive": str(tmp_path), "sizes": [4, 5], "mode": "b"}
+    )
+    assert cfg.wait_s == 3.0 and isinstance(cfg.wait_s, float)
+    assert cfg.archive == tmp_path
+    assert cfg.sizes == (4, 5)
+    assert cfg.mode == "b"
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"batchsize": 4}, "unknown key(s) ['batchsize']"),
+        ({"batch_size": "4"}, "batch_size must be int"),
+        ({"batch_size": True}, "batch_size must be an integer"),
+        ({"mode": "c"}, "mode must be one of ['a', 'b']"),
+        ({"sizes": 3}, "sizes must be a list"),
+    ],
+)
+def test_build_config_rejects_bad_values(values: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config(Example, values, source="serve.toml")
+    assert fragment in str(info.value)
+    assert "serve.toml" in str(info.value)
+
+
+def test_read_toml_table_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('[serve]\nbatch_size = 4\nname = "n"\n')
+    assert read_toml(good, table="serve") == {"batch_size": 4, "name": "n"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = = 4\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        read_toml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_toml(tmp_path / "missing.toml")
+
+
+def test_merge_cli_overrides_file_but_none_means_not_given() -> None:
+    assert merge({"a": 1, "b": 2}, {"a": 10, "b": None, "c": 3}) == {"a": 10, "b": 2, "c": 3}
