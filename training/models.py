@@ -7,9 +7,16 @@ Pretrained weights are loaded by :mod:`training.weights`.
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("resnet50", "densenet121", "tinycnn")
 
@@ -21,7 +28,7 @@ class TinyCNN(nn.Module):
         super().__init__()
         chans = [3, 16, 32, 64, 96]
         layers: list[nn.Module] = []
-        for cin, cout in zip(chans, chans[1:], strict=False):
+        for cin, cout in itertools.pairwise(chans):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1, bias=False),
                 nn.BatchNorm2d(cout),
@@ -48,7 +55,9 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         return model
     if arch == "tinycnn":
         return TinyCNN(num_classes)
-    raise ValueError(f"Invalid architecture {arch!r}. Only {', '.join(ARCHITECTURES)} are supported.")
+    raise ValueError(
+        f"Invalid architecture {arch!r}. Only {', '.join(ARCHITECTURES)} are supported."
+    )
 
 
 def head_parameter_names(arch: str) -> tuple[str, ...]:
@@ -58,3 +67,50 @@ def head_parameter_names(arch: str) -> tuple[str, ...]:
         "densenet121": ("classifier.weight", "classifier.bias"),
         "tinycnn": ("fc.weight", "fc.bias"),
     }[arch]
+
+
+class NormalizedClassifier(nn.Module):
+    """``backbone`` behind the preprocessing that lives inside the model.
+
+    Takes N x 1 x H x W in [0, 1] (the output of ``PreprocessSpec.apply``), replicates the
+    channel to three, normalises with ``mean``/``std`` and returns the backbone's logits.
+    Export traces exactly this module, so ONNX carries the same normalisation.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        # Buffers, not parameters: they travel with .to(device) and into the ONNX graph as
+        # constants, but are not in the checkpoint's ``model`` (the backbone's state_dict).
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.expand(-1, 3, -1, -1)  # 1 -> 3 channels without a copy
+        return self.backbone((x - self.mean) / self.std)
+
+
+def wrap(backbone: nn.Module, preprocess: dict[str, Any]) -> NormalizedClassifier:
+    """Wrap ``backbone`` with the channel replication and normalisation of ``preprocess``."""
+    return NormalizedClassifier(backbone, preprocess["mean"], preprocess["std"])
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> NormalizedClassifier:
+    """The eval-mode model of a checkpoint (see :func:`training.checkpoint.load_checkpoint`).
+
+    Input N x 1 x H x W float32 in [0, 1] (``H = W = ckpt["preprocess"]["size"]``); output
+    logits N x len(classes). Weights are loaded strictly: a mismatch is an error.
+    """
+    from xrwatch.errors import ModelError
+
+    backbone = build_model(ckpt["arch"], len(ckpt["classes"]))
+    try:
+        backbone.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"checkpoint weights do not fit {ckpt['arch']} with {len(ckpt['classes'])} "
+            f"classes: {exc}"
+        ) from exc
+    model = wrap(backbone, ckpt["preprocess"])
+    model.eval()
+    return model
