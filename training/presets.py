@@ -1,0 +1,149 @@
+"""The training config and the study's six experiments, as data. Torch-free.
+
+The study (Bolhassani 2021, arXiv:2105.08382) trained every experiment with one recipe:
+Adam lr 1e-3, StepLR every 10 epochs × 0.5, 20 epochs, batch 32, horizontal and vertical
+flips p=0.5, rotation p=0.3. The six experiments differ in four fields only, so each is one
+row of :data:`EXPERIMENTS`; every field can still be overridden from the CLI.
+
+Name key: P = pretrained, R = ResNet50, D = DenseNet121, CX = CheXNet weights, CE = cross
+entropy, CW = cross entropy + class-weighted sampling, FL = focal loss. RCE is ResNet50 from
+scratch with cross-entropy, as its name says; the study's text describes it with focal loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from xrwatch.config import build_config
+from xrwatch.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Weights = Literal["imagenet", "chexnet", "none"]
+Loss = Literal["ce", "focal"]
+Sampler = Literal["plain", "weighted"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run; ``config.json`` in the run folder."""
+
+    # what to train on
+    data: str = ""  # DATA_DIR: CoronaHack layout or a folder per class
+    task: Literal["multiclass", "binary"] = "multiclass"
+    split: Literal["official", "patient"] = "official"  # see training.splits
+    val_fraction: float = 0.1  # of TRAIN, patient-grouped, stratified
+    test_fraction: float = 0.15  # of TRAIN, only for --split patient
+    extra: tuple[str, ...] = ()  # DIR:LABEL folders added to TRAIN (the study's table 2)
+    strict: bool = False  # stop on a missing/unreadable image instead of leaving it out
+    # the experiment
+    experiment: str = "custom"  # preset name (PRCE ...) or custom
+    arch: Literal["resnet50", "densenet121", "tinycnn"] = "resnet50"
+    weights: Weights = "imagenet"  # pretrained backbone: imagenet, chexnet, or none (scratch)
+    imagenet_weights: str | None = None  # a local torchvision ImageNet state_dict (offline)
+    chexnet_weights: str | None = None  # CheXNet model.pth.tar (needed for weights=chexnet)
+    loss: Loss = "ce"
+    focal_gamma: float = 2.0  # focal loss focusing parameter (0 = cross-entropy)
+    focal_alpha: tuple[float, ...] | None = None  # optional per-class weights of focal loss
+    sampler: Sampler = "plain"  # weighted = WeightedRandomSampler with 1/class-count weights
+    # the recipe (the study's)
+    epochs: int = 20
+    batch_size: int = 32  # per process under torchrun
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 0.0
+    lr_step: int = 10  # StepLR step_size, epochs
+    lr_gamma: float = 0.5  # StepLR gamma
+    hflip: float = 0.5  # probability of a horizontal flip
+    vflip: float = 0.5  # probability of a vertical flip
+    rotation_p: float = 0.3  # probability of a random rotation
+    rotation_degrees: float = 10.0  # rotation angle drawn from ±this (the study gives no angle)
+    # preprocessing (see xrwatch.preprocess.PreprocessSpec)
+    image_size: int = 224
+    resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
+    aspect: Literal["stretch", "pad"] = "stretch"
+    # machinery
+    seed: int = 0
+    device: Device = "auto"
+    amp: bool = True  # bf16/fp16 autocast on CUDA only
+    channels_last: bool = True  # on CUDA only
+    workers: int = 0  # image decoding processes for the cache (0 = min(8, CPUs))
+    cache_dir: str | None = None  # decoded-image cache (default: OUT/.cache)
+    out: str = "runs"  # runs are written to OUT/NAME
+    name: str | None = None  # run folder name (default: experiment-task-timestamp)
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, benchmarks)
+    progress: bool = True  # rich progress bars (only on a terminal)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.lr_step >= 1, "lr_step must be >= 1"),
+            (0.0 <= self.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+            (0.0 <= self.test_fraction < 1.0, "test_fraction must be in [0, 1)"),
+            (self.focal_gamma >= 0, "focal_gamma must be >= 0"),
+            (self.workers >= 0, "workers must be >= 0"),
+        ]
+        for p in (self.hflip, self.vflip, self.rotation_p):
+            checks.append((0.0 <= p <= 1.0, "augmentation probabilities must be in [0, 1]"))
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.arch == "tinycnn" and self.weights != "none":
+            raise ConfigError("tinycnn has no pretrained weights; use weights='none'")
+        if self.weights == "chexnet" and self.arch != "densenet121":
+            raise ConfigError("CheXNet weights are a DenseNet121's; use arch='densenet121'")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extra"] = list(self.extra)
+        d["focal_alpha"] = list(self.focal_alpha) if self.focal_alpha is not None else None
+        return d
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# The study's six experiments (Table 1). Everything else is the shared recipe above.
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "PRCE":   {"arch": "resnet50",    "weights": "imagenet", "loss": "ce",    "sampler": "plain"},
+    "PRCW":   {"arch": "resnet50",    "weights": "imagenet", "loss": "ce",    "sampler": "weighted"},  # noqa: E501
+    "PRFL":   {"arch": "resnet50",    "weights": "imagenet", "loss": "focal", "sampler": "plain"},
+    "PDCXCE": {"arch": "densenet121", "weights": "chexnet",  "loss": "ce",    "sampler": "plain"},
+    "PDCXFL": {"arch": "densenet121", "weights": "chexnet",  "loss": "focal", "sampler": "plain"},
+    "RCE":    {"arch": "resnet50",    "weights": "none",     "loss": "ce",    "sampler": "plain"},
+}  # fmt: skip
+
+EXPERIMENT_NOTES: dict[str, str] = {
+    "PRCE": "ResNet50, ImageNet weights, cross-entropy",
+    "PRCW": "ResNet50, ImageNet weights, cross-entropy, WeightedRandomSampler (1/class count)",
+    "PRFL": "ResNet50, ImageNet weights, focal loss",
+    "PDCXCE": "DenseNet121, CheXNet weights, cross-entropy",
+    "PDCXFL": "DenseNet121, CheXNet weights, focal loss",
+    "RCE": "ResNet50 from scratch, cross-entropy (the study's text says focal loss)",
+}
+
+# The study's published test accuracy: only the range over the six experiments is known to
+# us (the per-experiment Tr/Val/Tst figures were not available offline). Never invent them.
+PUBLISHED_TEST_ACCURACY_RANGE = (62.1, 80.2)  # percent
+PUBLISHED: dict[str, dict[str, float | None]] = {
+    name: {"train": None, "val": None, "test": None} for name in EXPERIMENTS
+}
+
+
+def experiment_config(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of preset ``name`` (or ``custom``) with ``overrides`` (None = not given)."""
+    if name != "custom" and name not in EXPERIMENTS:
+        raise ConfigError(
+            f"Invalid experiment {name!r}. Only {', '.join(EXPERIMENTS)} and custom are supported."
+        )
+    values: dict[str, Any] = {"experiment": name, **EXPERIMENTS.get(name, {})}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(TrainConfig, values, source=f"experiment {name}")
