@@ -1,0 +1,357 @@
+"""The ONNX Runtime inference engine shared by ``xrwatch classify`` and the daemon.
+
+:class:`InferenceEngine` loads one exported model, refuses it without xrwatch's metadata
+(:mod:`xrwatch.modelmeta`), picks the CUDA execution provider when a session can really be
+created with it (else CPU) and runs batches. Two entry points:
+
+* :meth:`InferenceEngine.predict_paths` - files in, one :class:`Prediction` per file out,
+  reading through :func:`xrwatch.preprocess.load_model_input`. A file that cannot be read
+  becomes a ``status="error"`` prediction; it never stops the batch.
+* :meth:`InferenceEngine.predict_arrays` - preprocessed arrays in (the caller decoded them,
+  e.g. in a worker pool), class probabilities out. Pair it with
+  :meth:`InferenceEngine.prediction` / :meth:`InferenceEngine.failure` to build results.
+
+Never imports torch, ``onnx``, ``training`` or ``export``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from xrwatch.errors import ImageError, ModelError, ProviderError
+from xrwatch.modelmeta import ModelMeta, file_sha256, metadata_from_session
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+
+logger = logging.getLogger(__name__)
+
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+INPUT_NAME = "image"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+
+Status = Literal["ok", "error"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one input file (``status`` ``ok`` or ``error``)."""
+
+    file: str
+    status: Status
+    label: str | None = None
+    confidence: float | None = None  # probability of ``label``
+    probabilities: Mapping[str, float] = field(default_factory=dict)  # class -> p
+    error: str | None = None  # why the file failed; None when ok
+    sha256: str | None = None  # of the input file's bytes
+    model_sha256: str | None = None
+    study_instance_uid: str | None = None  # DICOM only
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["probabilities"] = dict(self.probabilities)
+        return d
+
+
+def _cuda_driver_present() -> bool:
+    """Whether the CUDA driver library loads (avoids ORT's noisy failure when there is none)."""
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _session_options(intra_op_threads: int, inter_op_threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (all cores)
+    options.inter_op_num_threads = inter_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def _create_session(
+    path: Path, *, want_gpu: bool, require_gpu: bool, options: Any
+) -> tuple[Any, str]:
+    """An ``InferenceSession`` on CUDA when it really works there, else CPU; and why."""
+    import onnxruntime as ort
+
+    reason = "GPU not requested"
+    if want_gpu or require_gpu:
+        if CUDA_EP not in ort.get_available_providers():
+            reason = "this onnxruntime build has no CUDA execution provider"
+        elif not _cuda_driver_present():
+            reason = "no CUDA driver (libcuda) on this machine"
+        else:
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:  # onnxruntime >= 1.21: find CUDA/cuDNN from pip wheels
+                try:
+                    preload()
+                except Exception as exc:  # best effort; the session attempt decides
+                    logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
+            try:
+                session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
+            except Exception as exc:
+                raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+            if session.get_providers()[0] == CUDA_EP:
+                return session, "CUDA available"
+            reason = "the CUDA execution provider could not be created (see ONNX Runtime log)"
+        if require_gpu:
+            raise ProviderError(f"a GPU was required but cannot be used: {reason}")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
+    except Exception as exc:
+        raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+    return session, reason
+
+
+class InferenceEngine:
+    """One exported xrwatch model, ready to run. Thread-safe for concurrent ``predict_*``."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        use_gpu: bool = True,
+        require_gpu: bool = False,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ) -> None:
+        """Load ``model_path``.
+
+        ``use_gpu``: try CUDA first (falls back to CPU); ``require_gpu``: raise
+        :class:`ProviderError` instead of falling back. Thread counts of 0 leave ONNX
+        Runtime's defaults. Raises :class:`ModelError` (or :class:`ModelMetadataError`)
+        naming the file when the model cannot be used.
+        """
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        if intra_op_threads < 0 or inter_op_threads < 0:
+            raise ValueError("thread counts must be >= 0 (0 = ONNX Runtime default)")
+        self.path = path
+        self.model_sha256 = file_sha256(path)
+        options = _session_options(intra_op_threads, inter_op_threads)
+        self._session, why = _create_session(
+            path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
+        )
+        self.meta: ModelMeta = metadata_from_session(self._session, path, self.model_sha256)
+        self._check_signature()
+        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
+        self.provider: str = self.providers[0]
+        logger.info(
+            "model %s (%s, %d classes, input %dx%d, sha256 %s) runs on %s (%s)",
+            path.name,
+            self.meta.name,
+            len(self.classes),
+            self.spec.size,
+            self.spec.size,
+            self.model_sha256[:12],
+            self.provider,
+            why,
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.meta.classes
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.meta.spec
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider == CUDA_EP
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name: o for o in self._session.get_outputs()}
+        if INPUT_NAME not in inputs or not {LOGITS, PROBABILITIES} <= set(outputs):
+            raise ModelError(
+                f"{self.path}: expected input {INPUT_NAME!r} and outputs {LOGITS!r}, "
+                f"{PROBABILITIES!r}; found inputs {sorted(inputs)} and outputs {sorted(outputs)}"
+            )
+        shape = list(inputs[INPUT_NAME].shape)
+        size = self.spec.size
+        expected = [1, size, size]
+        if len(shape) != 4 or any(
+            isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=True)
+        ):
+            raise ModelError(
+                f"{self.path}: input {INPUT_NAME!r} has shape {shape}; its metadata's "
+                f"preprocessing expects [N, 1, {size}, {size}]"
+            )
+        n_out = outputs[PROBABILITIES].shape[-1]
+        if isinstance(n_out, int) and n_out != len(self.classes):
+            raise ModelError(
+                f"{self.path}: the model has {n_out} outputs but its metadata names "
+                f"{len(self.classes)} classes"
+            )
+
+    # -- arrays --------------------------------------------------------------------------
+
+    def _as_input(self, batch: np.ndarray) -> np.ndarray:
+        arr = np.asarray(batch, dtype=np.float32)
+        size = self.spec.size
+        if arr.ndim == 3:
+            arr = arr[:, None, :, :]
+        if arr.ndim != 4 or arr.shape[1:] != (1, size, size) or arr.shape[0] == 0:
+            raise ValueError(
+                f"expected a non-empty batch of shape (N, {size}, {size}) or "
+                f"(N, 1, {size}, {size}), got {tuple(np.shape(batch))}"
+            )
+        return np.ascontiguousarray(arr)
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, probabilities)``, each float32 N x C, for a preprocessed batch."""
+        feed = {INPUT_NAME: self._as_input(batch)}
+        try:
+            logits, probs = self._session.run([LOGITS, PROBABILITIES], feed)
+        except Exception as exc:  # onnxruntime's errors are untyped
+            raise ModelError(f"{self.path}: inference failed: {exc}") from exc
+        return np.asarray(logits, np.float32), np.asarray(probs, np.float32)
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities (float32 N x C, columns in :attr:`classes` order).
+
+        ``batch``: float32 N x H x W (or N x 1 x H x W) in [0, 1], each image the output of
+        ``self.spec.apply`` / :func:`load_model_input` with ``self.spec``; H = W =
+        ``self.spec.size``. Raises ``ValueError`` for a wrong shape, :class:`ModelError`
+        if ONNX Runtime fails.
+        """
+        return self.run(batch)[1]
+
+    # -- building results ----------------------------------------------------------------
+
+    def prediction(
+        self,
+        file: str | Path,
+        probabilities: np.ndarray,
+        *,
+        sha256: str | None = None,
+        meta: Any = None,
+    ) -> Prediction:
+        """An ``ok`` :class:`Prediction` from one row of :meth:`predict_arrays`.
+
+        ``meta`` is the :class:`~xrwatch.imageio.ImageMeta` of the file (for DICOM UIDs).
+        """
+        row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+        if row.shape[0] != len(self.classes):
+            raise ValueError(f"expected {len(self.classes)} probabilities, got {row.shape[0]}")
+        best = int(np.argmax(row))
+        return Prediction(
+            file=str(file),
+            status="ok",
+            label=self.classes[best],
+            confidence=float(row[best]),
+            probabilities={c: float(p) for c, p in zip(self.classes, row, strict=True)},
+            sha256=sha256,
+            model_sha256=self.model_sha256,
+            study_instance_uid=getattr(meta, "study_instance_uid", None),
+            series_instance_uid=getattr(meta, "series_instance_uid", None),
+            sop_instance_uid=getattr(meta, "sop_instance_uid", None),
+        )
+
+    def failure(self, file: str | Path, error: str, *, sha256: str | None = None) -> Prediction:
+        """An ``error`` :class:`Prediction` for a file that could not be classified."""
+        return Prediction(
+            file=str(file),
+            status="error",
+            error=error,
+            sha256=sha256,
+            model_sha256=self.model_sha256,
+        )
+
+    # -- files ---------------------------------------------------------------------------
+
+    def _load(self, path: Path) -> tuple[np.ndarray, Any, str] | Prediction:
+        """``(input, image meta, sha256)`` for one file, or its error :class:`Prediction`."""
+        sha: str | None = None
+        try:
+            sha = file_sha256(path)
+            pixels, meta = load_model_input(path, self.spec)
+        except ImageError as exc:
+            return self.failure(path, exc.reason, sha256=sha)
+        except OSError as exc:
+            return self.failure(path, f"cannot read file: {exc.strerror or exc}", sha256=sha)
+        except Exception as exc:  # a reader bug must not stop the batch
+            logger.exception("unexpected error reading %s", path)
+            return self.failure(path, f"unexpected error: {type(exc).__name__}: {exc}", sha256=sha)
+        return pixels, meta, sha
+
+    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 8) -> list[Prediction]:
+        """One :class:`Prediction` per path, in order; unreadable files get ``status="error"``.
+
+        Files are read through :func:`load_model_input` with the model's own spec and run
+        ``batch_size`` at a time. Only a failure of the model itself raises
+        (:class:`ModelError`).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        results: list[Prediction | None] = []
+        pending: list[tuple[int, Path, np.ndarray, Any, str]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            probs = self.predict_arrays(np.stack([item[2] for item in pending]))
+            for (index, path, _, meta, sha), row in zip(pending, probs, strict=True):
+                results[index] = self.prediction(path, row, sha256=sha, meta=meta)
+            pending.clear()
+
+        for raw in paths:
+            path = Path(raw)
+            loaded = self._load(path)
+            if isinstance(loaded, Prediction):
+                logger.warning("cannot classify %s: %s", path, loaded.error)
+                results.append(loaded)
+                continue
+            results.append(None)  # filled in by flush()
+            pending.append((len(results) - 1, path, *loaded))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+        return [r for r in results if r is not None]
+
+    def describe(self) -> dict[str, Any]:
+        """Model and provider facts, for logs, reports and health endpoints."""
+        return {**self.meta.to_dict(), "provider": self.provider, "providers": list(self.providers)}
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files given directly, plus every file under given folders (recursively, sorted).
+
+    Hidden files and folders (``.name``) inside folders are skipped; a path that does not
+    exist is returned as is so that it is reported as an error rather than dropped.
+    """
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            out.extend(
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+        else:
+            out.append(p)
+    return out

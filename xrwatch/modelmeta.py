@@ -1,0 +1,212 @@
+"""The metadata an exported xrwatch model carries, read back through ONNX Runtime.
+
+``export`` writes the keys below into the ONNX file's ``metadata_props`` (see DEVELOPERS.md);
+serving reads them from ``session.get_modelmeta().custom_metadata_map`` so it needs neither
+the ``onnx`` package nor torch. Serving takes class names and preprocessing *only* from
+here, so a model cannot be served with the wrong classes or the wrong input size.
+
+A model lacking any of the keys is refused with :class:`~xrwatch.errors.ModelMetadataError`
+naming the file and the missing keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xrwatch.errors import ConfigError, ModelError, ModelMetadataError
+from xrwatch.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1"  # bump when the meaning of a key changes
+PRECISIONS = ("fp32", "fp16", "int8")
+TASKS = ("multiclass", "binary")
+
+KEY_FORMAT_VERSION = "xrwatch.format_version"
+KEY_CLASSES = "xrwatch.classes"
+KEY_PREPROCESS = "xrwatch.preprocess"
+KEY_ARCH = "xrwatch.arch"
+KEY_EXPERIMENT = "xrwatch.experiment"
+KEY_TASK = "xrwatch.task"
+KEY_PRECISION = "xrwatch.precision"
+KEY_CONFIG_SHA256 = "xrwatch.config_sha256"
+KEY_METRICS = "xrwatch.metrics"
+KEY_CHECKPOINT_SHA256 = "xrwatch.checkpoint_sha256"
+KEY_VERSION = "xrwatch.version"
+KEY_CREATED_AT = "xrwatch.created_at"
+
+# Every key export writes; all are required at load.
+METADATA_KEYS = (
+    KEY_FORMAT_VERSION,
+    KEY_CLASSES,
+    KEY_PREPROCESS,
+    KEY_ARCH,
+    KEY_EXPERIMENT,
+    KEY_TASK,
+    KEY_PRECISION,
+    KEY_CONFIG_SHA256,
+    KEY_METRICS,
+    KEY_CHECKPOINT_SHA256,
+    KEY_VERSION,
+    KEY_CREATED_AT,
+)
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What an exported model says about itself, plus the sha256 of the model file."""
+
+    path: str
+    classes: tuple[str, ...]
+    spec: PreprocessSpec
+    arch: str
+    experiment: str
+    task: str
+    precision: str
+    config_sha256: str
+    checkpoint_sha256: str
+    version: str  # xrwatch version that exported the model
+    created_at: str
+    model_sha256: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)  # {"val": {...}, "test": {...}}
+    format_version: str = FORMAT_VERSION
+
+    @property
+    def name(self) -> str:
+        """A short human name: ``<arch>-<experiment>-<precision>``."""
+        return f"{self.arch}-{self.experiment}-{self.precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, for reports and ``/info`` endpoints."""
+        return {
+            "path": self.path,
+            "classes": list(self.classes),
+            "preprocess": self.spec.to_dict(),
+            "arch": self.arch,
+            "experiment": self.experiment,
+            "task": self.task,
+            "precision": self.precision,
+            "config_sha256": self.config_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "version": self.version,
+            "created_at": self.created_at,
+            "model_sha256": self.model_sha256,
+            "metrics": dict(self.metrics),
+            "format_version": self.format_version,
+        }
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_field(path: str, key: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelMetadataError(f"{path}: metadata {key} is not valid JSON: {exc}") from exc
+
+
+def parse_metadata(
+    props: Mapping[str, str], *, path: str | Path, model_sha256: str = ""
+) -> ModelMeta:
+    """Validate the ``xrwatch.*`` metadata strings of ``path`` into a :class:`ModelMeta`.
+
+    Raises :class:`ModelMetadataError` naming the file and every missing key, or the first
+    malformed one.
+    """
+    where = str(path)
+    missing = [key for key in METADATA_KEYS if key not in props]
+    if missing:
+        hint = (
+            " (this does not look like a model exported by `xrwatch export`)"
+            if KEY_FORMAT_VERSION in missing
+            else ""
+        )
+        raise ModelMetadataError(f"{where}: model metadata is missing {', '.join(missing)}{hint}")
+    if props[KEY_FORMAT_VERSION] != FORMAT_VERSION:
+        raise ModelMetadataError(
+            f"{where}: {KEY_FORMAT_VERSION} is {props[KEY_FORMAT_VERSION]!r}; this xrwatch "
+            f"reads format {FORMAT_VERSION!r}"
+        )
+
+    classes = _json_field(where, KEY_CLASSES, props[KEY_CLASSES])
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ModelMetadataError(
+            f"{where}: {KEY_CLASSES} must be a JSON list of at least two distinct non-empty "
+            f"class names, found {props[KEY_CLASSES]!r}"
+        )
+
+    try:
+        spec = PreprocessSpec.from_json(props[KEY_PREPROCESS])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ModelMetadataError(f"{where}: {KEY_PREPROCESS} is invalid: {exc}") from exc
+
+    precision = props[KEY_PRECISION]
+    if precision not in PRECISIONS:
+        raise ModelMetadataError(
+            f"{where}: {KEY_PRECISION} must be one of {', '.join(PRECISIONS)}, found {precision!r}"
+        )
+    task = props[KEY_TASK]
+    if task not in TASKS:
+        raise ModelMetadataError(
+            f"{where}: {KEY_TASK} must be one of {', '.join(TASKS)}, found {task!r}"
+        )
+    metrics = _json_field(where, KEY_METRICS, props[KEY_METRICS])
+    if not isinstance(metrics, dict):
+        raise ModelMetadataError(f"{where}: {KEY_METRICS} must be a JSON object")
+
+    return ModelMeta(
+        path=where,
+        classes=tuple(classes),
+        spec=spec,
+        arch=props[KEY_ARCH],
+        experiment=props[KEY_EXPERIMENT],
+        task=task,
+        precision=precision,
+        config_sha256=props[KEY_CONFIG_SHA256],
+        checkpoint_sha256=props[KEY_CHECKPOINT_SHA256],
+        version=props[KEY_VERSION],
+        created_at=props[KEY_CREATED_AT],
+        model_sha256=model_sha256,
+        metrics=metrics,
+        format_version=props[KEY_FORMAT_VERSION],
+    )
+
+
+def metadata_from_session(session: Any, path: str | Path, model_sha256: str = "") -> ModelMeta:
+    """Read and validate the metadata of an open ``onnxruntime.InferenceSession``."""
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    return parse_metadata(props, path=path, model_sha256=model_sha256)
+
+
+def read_model_metadata(path: str | Path) -> ModelMeta:
+    """Read and validate the metadata of the ONNX model at ``path`` (CPU session, no run)."""
+    import onnxruntime as ort
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{p}: model file not found")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise ModelError(f"{p}: ONNX Runtime cannot load the model: {exc}") from exc
+    return metadata_from_session(session, p, file_sha256(p))
