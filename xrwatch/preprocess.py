@@ -14,6 +14,8 @@ Nothing else in xrwatch resizes X-rays.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -23,9 +25,16 @@ from PIL import Image
 
 from xrwatch.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 PREPROCESS_VERSION = 1  # bump whenever apply() changes what it computes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# JPEG draft mode decodes at >= size * DRAFT_HEADROOM on the shorter side, so the final
+# resize still shrinks by >= 1.5x with antialiasing. Measured on the 96 real JPEGs at
+# size 224 (mean |difference| of the model input vs. a full decode, in 8-bit steps):
+# 1.0x: 0.51, 1.5x: 0.27, 2.0x: 0.11; decode time 5.2 ms full vs 2.4 ms at 1.5x.
+DRAFT_HEADROOM = 1.5
 
 ResizeMethod = Literal["bilinear", "bicubic", "area"]
 AspectMode = Literal["stretch", "pad"]
@@ -64,8 +73,8 @@ class PreprocessSpec:
 
     @property
     def min_decode_side(self) -> int:
-        """The smallest source side that still yields full quality (used for JPEG draft mode)."""
-        return self.size
+        """The shorter side a JPEG must keep when decoded in draft mode (see DRAFT_HEADROOM)."""
+        return math.ceil(self.size * DRAFT_HEADROOM)
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         """Map a decoded 2-D float array in [0, 1] to a (size, size) float32 array in [0, 1]."""
@@ -98,7 +107,9 @@ class PreprocessSpec:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ConfigError(
+                f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}"
+            )
         version = int(data.get("version", PREPROCESS_VERSION))
         if version != PREPROCESS_VERSION:
             raise ConfigError(

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from xrwatch.errors import ImageDecodeError, UnsupportedImageError
+from xrwatch.imageio.types import ImageKind
+
+logger = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 def _looks_like_preambleless_dicom(head: bytes) -> bool:
-    """A DICOM written without preamble starts with a group 0002 or 0008 element tag."""
+    """A DICOM written without preamble starts with a group 0002 or 0008 element tag.
+
+    Little endian (explicit or implicit VR) or explicit VR big endian (old files).
+    """
     if len(head) < 8:
         return False
-    group = int.from_bytes(head[0:2], "little")
-    if group not in (0x0002, 0x0008):
-        return False
     vr = head[4:6]
-    if vr.isalpha() and vr.isupper():  # explicit VR
-        return True
-    length = int.from_bytes(head[4:8], "little")  # implicit VR: a plausible length
-    return length < 1 << 20
+    explicit = vr.isalpha() and vr.isupper()
+    if int.from_bytes(head[0:2], "little") in (0x0002, 0x0008):
+        if explicit:
+            return True
+        length = int.from_bytes(head[4:8], "little")  # implicit VR: a plausible length
+        return length < 1 << 20
+    return int.from_bytes(head[0:2], "big") == 0x0008 and explicit
 
 
-def sniff_format(path: str | Path) -> str:
+def sniff_format(path: str | Path) -> ImageKind:
     """Return ``"dicom"``, ``"png"`` or ``"jpeg"``, or raise :class:`UnsupportedImageError`."""
     p = Path(path)
     try:

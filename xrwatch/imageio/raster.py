@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -59,10 +60,13 @@ def read_raster(
     """Read a PNG or JPEG file into a float32 2-D array in [0, 1]."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own warning fires at ~89 MP; xrwatch applies its documented limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(path, f"refused as a possible decompression bomb: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            path, f"refused as a decompression bomb before decoding (Pillow: {exc})"
+        ) from None
     except OSError as exc:
         raise ImageDecodeError(path, f"cannot be opened as {kind.upper()}: {exc}") from None
     with img:
@@ -79,9 +83,10 @@ def read_raster(
             and min_side is not None
             and min(width, height) >= DRAFT_MIN_FACTOR * min_side
         ):
-            # JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= min_side.
+            # JPEG DCT scaling: libjpeg decodes at 1/2, 1/4 or 1/8, the smallest scale
+            # whose result still covers the requested size (shorter side >= min_side).
             scale = min(width, height) / min_side
-            img.draft(img.mode, (max(1, int(width / scale)), max(1, int(height / scale))))
+            img.draft(img.mode, (math.ceil(width / scale), math.ceil(height / scale)))
         try:
             img.load()
         except OSError as exc:
@@ -89,7 +94,7 @@ def read_raster(
             if "truncated" in msg.lower() or "premature" in msg.lower():
                 raise TruncatedImageError(path, f"truncated {kind.upper()} data: {msg}") from None
             raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {msg}") from None
-        except (SyntaxError, ValueError) as exc:
+        except Exception as exc:  # zlib.error, SyntaxError (bad CRC), ValueError ...
             raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {exc}") from None
         try:
             oriented = ImageOps.exif_transpose(img)
