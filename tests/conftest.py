@@ -36,3 +36,16 @@ def real_images(shared_xray: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def real_dicoms(shared_xray: Path) -> list[Path]:
     return sorted((shared_xray / "dicom").glob("*.dcm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A verified, metadata-complete tinycnn ONNX model (random weights, 32 px, 4 classes).
+
+    Built once per session through the real export code (tests/helpers/models.py).
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from tests.helpers.models import make_tiny_onnx
+
+    return make_tiny_onnx(tmp_path_factory.mktemp("tiny_onnx") / "model.onnx")

@@ -1,0 +1,125 @@
+"""The model card, ``model.md``, written beside the exported model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from xrwatch.modelmeta import ModelMeta
+
+logger = logging.getLogger(__name__)
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for split in ("val", "test"):
+        values = metrics.get(split)
+        if not isinstance(values, Mapping):
+            rows.append(f"| {split} | not recorded | | |")
+            continue
+
+        def fmt(key: str, values: Mapping[str, Any] = values) -> str:
+            v = values.get(key)
+            return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+
+        rows.append(
+            f"| {split} | {fmt('accuracy')} | {fmt('balanced_accuracy')} | {fmt('macro_f1')} |"
+        )
+    return rows
+
+
+def render_card(
+    meta: ModelMeta,
+    *,
+    variants: Sequence[tuple[str, str, str]],
+    checkpoint: str,
+    selection: str,
+    config: Mapping[str, Any],
+    verification: Sequence[str],
+) -> str:
+    """Markdown for ``meta``; ``variants`` are ``(file, precision, sha256)``."""
+    spec = meta.spec
+    data = config.get("data") if isinstance(config.get("data"), Mapping) else None
+    lines = [
+        f"# xrwatch model: {meta.arch} ({meta.experiment})",
+        "",
+        "> **Research use only.** This model is not a medical device. It has not been cleared",
+        "> or approved by any regulator and must not be used for diagnosis or treatment.",
+        "",
+        "## Intended use",
+        "",
+        "Research on chest X-ray classification: reproducing a published transfer-learning",
+        "study and testing the xrwatch serving pipeline. Not for clinical decisions, not for",
+        "triage, not for populations or devices the training data does not represent.",
+        "",
+        "## Files",
+        "",
+        "| file | precision | sha256 |",
+        "|---|---|---|",
+        *(f"| `{name}` | {precision} | `{sha}` |" for name, precision, sha in variants),
+        "",
+        f"Source checkpoint: `{checkpoint}` (sha256 `{meta.checkpoint_sha256}`); {selection}.",
+        f"Exported by xrwatch {meta.version} at {meta.created_at}.",
+        "",
+        "## Classes",
+        "",
+        *(f"{i}. {name}" for i, name in enumerate(meta.classes)),
+        "",
+        f"Task: {meta.task}. Outputs `logits` and `probabilities` (softmax), N x "
+        f"{len(meta.classes)}, columns in the order above.",
+        "",
+        "## Data and experiment",
+        "",
+        f"Experiment preset `{meta.experiment}`, architecture `{meta.arch}`; training config "
+        f"sha256 `{meta.config_sha256}`.",
+    ]
+    if data is not None:
+        lines += [
+            "",
+            "Data settings:",
+            "",
+            "```json",
+            json.dumps(data, indent=2, default=str),
+            "```",
+        ]
+    lines += [
+        "",
+        "## Metrics (from the checkpoint)",
+        "",
+        "| split | accuracy | balanced accuracy | macro F1 |",
+        "|---|---|---|---|",
+        *_metric_rows(meta.metrics),
+        "",
+        "## Preprocessing",
+        "",
+        "Input `image`: float32 N x 1 x H x W in [0, 1], produced by "
+        "`xrwatch.preprocess.load_model_input` with this spec (stored in the model):",
+        "",
+        f"- size {spec.size} x {spec.size}, resize `{spec.resize}`, aspect `{spec.aspect}`",
+        f"- inside the graph: 1 → 3 channels, normalise with mean {list(spec.mean)}, "
+        f"std {list(spec.std)}",
+        f"- preprocessing version {spec.version}",
+        "",
+        "## Verification at export",
+        "",
+        *(f"- {line}" for line in verification),
+        "",
+        "## Limitations",
+        "",
+        "- Trained on public research data; performance on other hospitals, devices, ages and",
+        "  disease mixes is unknown.",
+        "- The CoronaHack COVID-19 images come from different sources than the other classes,",
+        "  so a model can separate them by shortcut (format, contrast) rather than pathology.",
+        "- A confident output is not a correct output; there is no out-of-distribution check.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_card(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    logger.info("wrote model card %s", path)
+    return path

@@ -1,0 +1,261 @@
+"""Checkpoint → verified ONNX model(s), model card and Triton repository, all or nothing.
+
+Everything is built and verified in a staging folder beside the output; only when every
+requested variant has passed are the files moved into place. A failed verification leaves
+no model file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export import card as model_card
+from export import triton as triton_repo
+from export.onnx_export import OPSET, build_metadata, export_fp32
+from export.quantize import convert_fp16, quantize_int8
+from export.sources import Selection, find_best, resolve_source
+from export.verify import (
+    FP32_TOLERANCE,
+    InputSet,
+    VerifyReport,
+    check_onnx,
+    collect_images,
+    compare,
+    concat,
+    onnx_probabilities,
+    random_inputs,
+    require,
+    torch_probabilities,
+)
+from training.checkpoint import load_checkpoint
+from training.models import model_from_checkpoint
+from xrwatch.errors import ConfigError
+from xrwatch.modelmeta import ModelMeta, file_sha256, read_model_metadata
+from xrwatch.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+FP16_TOLERANCE = 1e-2  # max |Δp| of fp16 vs fp32 (half precision keeps ~3 decimal digits)
+INT8_MIN_AGREEMENT = 0.95  # default minimum top-1 agreement of int8 with fp32
+MAX_CALIBRATION_IMAGES = 256
+PRECISIONS = ("fp32", "int8", "fp16")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What ``xrwatch export`` was asked to do (see its ``--help``)."""
+
+    source: Path  # checkpoint, run folder, or (with best) a folder of runs
+    output: Path  # the fp32 model; variants go beside it as <stem>.int8.onnx, <stem>.fp16.onnx
+    best: bool = False
+    verify_images: tuple[Path, ...] = ()
+    int8: bool = False
+    calibration: tuple[Path, ...] = ()
+    fp16: bool = False
+    card: bool = True
+    triton: Path | None = None
+    triton_name: str = "xrwatch"
+    triton_precision: str = "fp32"
+    triton_max_batch: int = triton_repo.DEFAULT_MAX_BATCH
+    tolerance: float = FP32_TOLERANCE
+    min_int8_agreement: float = INT8_MIN_AGREEMENT
+    max_calibration_images: int = MAX_CALIBRATION_IMAGES
+    opset: int = OPSET
+
+    def validate(self) -> None:
+        if self.output.suffix != ".onnx":
+            raise ConfigError(f"{self.output}: the output file name must end in .onnx")
+        if self.opset < 17:
+            raise ConfigError(f"opset must be >= 17, got {self.opset}")
+        if self.int8 and not self.calibration:
+            raise ConfigError("--int8 needs --calibration DIR (images to calibrate on)")
+        if self.calibration and not self.int8:
+            raise ConfigError("--calibration is only used with --int8")
+        for folder in (*self.verify_images, *self.calibration):
+            if not folder.exists():
+                raise ConfigError(f"{folder}: no such file or folder")
+        wanted = {"fp32", *(["int8"] if self.int8 else []), *(["fp16"] if self.fp16 else [])}
+        if self.triton is not None and self.triton_precision not in wanted:
+            raise ConfigError(
+                f"--triton-precision {self.triton_precision} needs that variant to be exported "
+                f"(exporting {', '.join(sorted(wanted))})"
+            )
+        if not 0.0 <= self.min_int8_agreement <= 1.0:
+            raise ConfigError("--min-int8-agreement must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ExportedVariant:
+    precision: str
+    path: Path
+    sha256: str
+    report: VerifyReport
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    selection: Selection
+    checkpoint_sha256: str
+    variants: tuple[ExportedVariant, ...]
+    meta: ModelMeta  # of the fp32 model, as serving reads it
+    card: Path | None = None
+    triton: Path | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def variant(self, precision: str) -> ExportedVariant:
+        for v in self.variants:
+            if v.precision == precision:
+                return v
+        raise KeyError(precision)
+
+
+def variant_path(output: Path, precision: str) -> Path:
+    """``model.onnx`` for fp32, ``model.int8.onnx`` / ``model.fp16.onnx`` for the others."""
+    return output if precision == "fp32" else output.with_name(f"{output.stem}.{precision}.onnx")
+
+
+def export_model(options: ExportOptions) -> ExportResult:
+    """Run the whole export; raises an :class:`~xrwatch.errors.XRWatchError` on failure."""
+    options.validate()
+    selection = find_best(options.source) if options.best else resolve_source(options.source)
+    logger.info("exporting %s (%s)", selection.path, selection.reason)
+    ckpt = load_checkpoint(selection.path)
+    checkpoint_sha256 = file_sha256(selection.path)
+    model = model_from_checkpoint(ckpt)
+    spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+
+    inputs = random_inputs(spec.size)
+    if options.verify_images:
+        inputs = concat(inputs, collect_images(options.verify_images, spec))
+    reference = torch_probabilities(model, inputs.arrays)
+
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".xrwatch-export-", dir=options.output.parent))
+    try:
+        staged: list[tuple[str, Path, VerifyReport]] = []
+        fp32 = staging / options.output.name
+        export_fp32(
+            model,
+            size=spec.size,
+            path=fp32,
+            metadata=build_metadata(ckpt, checkpoint_sha256=checkpoint_sha256, precision="fp32"),
+            opset=options.opset,
+        )
+        check_onnx(fp32)
+        fp32_probs = onnx_probabilities(fp32, inputs.arrays)
+        report = compare(
+            fp32_probs,
+            reference,
+            inputs,
+            precision="fp32",
+            reference_name="torch",
+            tolerance=options.tolerance,
+            min_agreement=1.0,
+        )
+        staged.append(("fp32", fp32, require(report, options.output)))
+
+        if options.int8:
+            staged.append(_int8(options, spec, fp32, inputs, fp32_probs, staging))
+        if options.fp16:
+            staged.append(_fp16(options, fp32, inputs, fp32_probs, staging))
+        for _, path, _ in staged:
+            read_model_metadata(path)  # the serving side's own reader must accept it
+
+        variants = []
+        for precision, path, rep in staged:
+            final = variant_path(options.output, precision)
+            os.replace(path, final)
+            variants.append(ExportedVariant(precision, final, file_sha256(final), rep))
+            logger.info("wrote %s (%s, sha256 %s)", final, precision, variants[-1].sha256)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    meta = read_model_metadata(options.output)
+    card_path = None
+    if options.card:
+        card_path = model_card.write_card(
+            options.output.with_name("model.md")
+            if options.output.name == "model.onnx"
+            else options.output.with_suffix(".md"),
+            model_card.render_card(
+                meta,
+                variants=[(v.path.name, v.precision, v.sha256) for v in variants],
+                checkpoint=str(selection.path),
+                selection=selection.reason,
+                config=ckpt.get("config") or {},
+                verification=[v.report.summary() for v in variants],
+            ),
+        )
+    triton_dir = None
+    if options.triton is not None:
+        chosen = next(v for v in variants if v.precision == options.triton_precision)
+        triton_dir = triton_repo.write_repository(
+            options.triton,
+            chosen.path,
+            read_model_metadata(chosen.path),
+            name=options.triton_name,
+            max_batch_size=options.triton_max_batch,
+        )
+    return ExportResult(
+        selection=selection,
+        checkpoint_sha256=checkpoint_sha256,
+        variants=tuple(variants),
+        meta=meta,
+        card=card_path,
+        triton=triton_dir,
+    )
+
+
+def _int8(
+    options: ExportOptions,
+    spec: PreprocessSpec,
+    fp32: Path,
+    inputs: InputSet,
+    fp32_probs: np.ndarray,
+    staging: Path,
+) -> tuple[str, Path, VerifyReport]:
+    calibration = collect_images(options.calibration, spec, limit=options.max_calibration_images)
+    path = staging / variant_path(options.output, "int8").name
+    quantize_int8(fp32, path, calibration.arrays)
+    check_onnx(path)
+    checked = concat(inputs, calibration)
+    reference = np.concatenate([fp32_probs, onnx_probabilities(fp32, calibration.arrays)])
+    report = compare(
+        onnx_probabilities(path, checked.arrays),
+        reference,
+        checked,
+        precision="int8",
+        reference_name="fp32 onnx",
+        tolerance=1.0,  # probabilities may move; agreement is the criterion
+        min_agreement=options.min_int8_agreement,
+    )
+    return "int8", path, require(report, variant_path(options.output, "int8"))
+
+
+def _fp16(
+    options: ExportOptions,
+    fp32: Path,
+    inputs: InputSet,
+    fp32_probs: np.ndarray,
+    staging: Path,
+) -> tuple[str, Path, VerifyReport]:
+    path = staging / variant_path(options.output, "fp16").name
+    convert_fp16(fp32, path)
+    check_onnx(path)
+    report = compare(
+        onnx_probabilities(path, inputs.arrays),
+        fp32_probs,
+        inputs,
+        precision="fp16",
+        reference_name="fp32 onnx",
+        tolerance=FP16_TOLERANCE,
+        min_agreement=0.0,  # near-ties may flip; the probability bound is the criterion
+    )
+    return "fp16", path, require(report, variant_path(options.output, "fp16"))

@@ -1,0 +1,95 @@
+"""Faster variants of a verified fp32 model: int8 (static QDQ) and fp16.
+
+int8: ONNX Runtime's static quantization in QDQ format, weights per-channel symmetric
+int8, activations uint8 calibrated (MinMax) on real images read through the same
+preprocessing as serving (:func:`xrwatch.preprocess.load_model_input`). The softmax stays
+in float so probabilities keep their resolution. The graph is first run through
+``quant_pre_process`` (shape inference + ORT graph optimisation), which folds what can
+be folded before quantization.
+
+fp16: weights and activations in float16 with float32 ``image`` input and float32 outputs
+(``keep_io_types``), so the serving contract does not change. Meant for GPUs; on a CPU it
+runs (ONNX Runtime inserts casts) but is not faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.onnx_export import save_single_file, set_metadata
+from xrwatch import modelmeta as mm
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_BATCH = 8  # images per calibration forward pass
+
+
+def _metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("xrwatch.")}
+
+
+def _restamp(model: onnx.ModelProto, props: dict[str, str], precision: str) -> None:
+    set_metadata(model, {**props, mm.KEY_PRECISION: precision})
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
+    """Write the int8 QDQ version of ``fp32_path`` calibrated on ``calibration`` (N x 1 x S x S)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._starts = iter(range(0, len(calibration), CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self._starts, None)
+            if start is None:
+                return None
+            return {"image": calibration[start : start + CALIBRATION_BATCH]}
+
+    source = onnx.load(str(fp32_path))
+    props = _metadata(source)
+    softmax = [n.name for n in source.graph.node if n.op_type == "Softmax"]
+    with tempfile.TemporaryDirectory(prefix="xrwatch-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quantized = Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=softmax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+        model = onnx.load(str(quantized))
+    _restamp(model, props, "int8")
+    save_single_file(model, out_path)
+    logger.info("quantized %s to int8 with %d calibration images", fp32_path.name, len(calibration))
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> None:
+    """Write the float16 version of ``fp32_path`` (float32 input and outputs kept)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    source = onnx.load(str(fp32_path))
+    props = _metadata(source)
+    model = convert_float_to_float16(source, keep_io_types=True, disable_shape_infer=False)
+    _restamp(model, props, "fp16")
+    save_single_file(model, out_path)
+    logger.info("converted %s to fp16", fp32_path.name)

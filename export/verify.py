@@ -1,0 +1,207 @@
+"""Proving an exported model computes what the checkpoint's torch model computes.
+
+Always run at export: ``onnx.checker`` (full check, with shape inference), then ONNX Runtime
+against torch on a seeded random batch and on real images read through
+:func:`xrwatch.preprocess.load_model_input`. fp32 must match within ``1e-4`` in probability
+with identical argmax; fp16 and int8 variants are compared with the fp32 model with
+tolerances that fit them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from xrwatch.engine import expand_inputs
+from xrwatch.errors import ImageError, ModelError
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+
+logger = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4  # max |p_onnx - p_torch| per class
+RANDOM_BATCH = 6  # random inputs checked besides the real images
+RUN_BATCH = 16  # images per forward pass while verifying
+
+
+class ExportVerificationError(ModelError):
+    """The exported model does not compute what it should; no model file is kept."""
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """Model inputs for verification: an N x 1 x S x S array and a label for each row."""
+
+    arrays: np.ndarray
+    names: tuple[str, ...]
+    n_random: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return len(self.names) - self.n_random
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What a verification compared and found."""
+
+    precision: str
+    reference: str  # "torch" or "fp32 onnx"
+    n_random: int
+    n_images: int
+    max_abs_diff: float  # largest per-class probability difference
+    argmax_agreement: float  # fraction of inputs with the same top-1 class
+    image_agreement: float | None  # same, on the real images only
+    tolerance: float
+    passed: bool
+    mismatches: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> str:
+        agree = f"top-1 agreement {self.argmax_agreement:.1%}"
+        if self.image_agreement is not None:
+            agree += f" ({self.image_agreement:.1%} on {self.n_images} images)"
+        return (
+            f"{self.precision} vs {self.reference}: {self.n_random} random + {self.n_images} "
+            f"image inputs, max |Δp| {self.max_abs_diff:.2e} (tolerance {self.tolerance:g}), "
+            f"{agree}"
+        )
+
+
+def collect_images(
+    folders: Sequence[Path], spec: PreprocessSpec, *, limit: int | None = None
+) -> InputSet:
+    """Every readable image under ``folders`` (recursively) as model inputs.
+
+    Unreadable files are skipped with a warning; no readable image at all is an error.
+    """
+    arrays: list[np.ndarray] = []
+    names: list[str] = []
+    files = expand_inputs(list(folders))
+    for path in files:
+        if limit is not None and len(arrays) >= limit:
+            break
+        try:
+            pixels, _ = load_model_input(path, spec)
+        except (ImageError, OSError) as exc:
+            logger.warning("skipping %s: %s", path, exc)
+            continue
+        arrays.append(pixels[None])
+        names.append(str(path))
+    if not arrays:
+        where = ", ".join(str(f) for f in folders)
+        raise ModelError(f"{where}: no readable images found ({len(files)} files tried)")
+    return InputSet(np.stack(arrays).astype(np.float32), tuple(names))
+
+
+def random_inputs(size: int, n: int = RANDOM_BATCH, seed: int = 0) -> InputSet:
+    """Seeded inputs covering [0, 1]: uniform noise, plus an all-black and an all-white one."""
+    rng = np.random.default_rng(seed)
+    arrays = rng.random((n, 1, size, size), dtype=np.float32)
+    arrays[0] = 0.0
+    arrays[1] = 1.0
+    return InputSet(arrays, tuple(f"random[{i}]" for i in range(n)), n_random=n)
+
+
+def concat(*sets: InputSet) -> InputSet:
+    present = [s for s in sets if len(s.names)]
+    return InputSet(
+        np.concatenate([s.arrays for s in present]),
+        tuple(n for s in present for n in s.names),
+        sum(s.n_random for s in present),
+    )
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker`` with full shape inference; raises :class:`ExportVerificationError`."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportVerificationError(f"{path}: onnx.checker rejected the model: {exc}") from exc
+    model = onnx.load(str(path), load_external_data=False)
+    if any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+    ):  # pragma: no cover - we always save embedded
+        raise ExportVerificationError(f"{path}: model refers to external data files")
+
+
+def torch_probabilities(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(inputs), RUN_BATCH):
+            logits = model(torch.from_numpy(inputs[start : start + RUN_BATCH]))
+            out.append(torch.softmax(logits.float(), dim=1).numpy())
+    return np.concatenate(out)
+
+
+def onnx_probabilities(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Probabilities from ONNX Runtime (CPU), through the engine's own session code."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportVerificationError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+    out = [
+        session.run(["probabilities"], {"image": inputs[start : start + RUN_BATCH]})[0]
+        for start in range(0, len(inputs), RUN_BATCH)
+    ]
+    return np.concatenate(out).astype(np.float32)
+
+
+def compare(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    inputs: InputSet,
+    *,
+    precision: str,
+    reference_name: str,
+    tolerance: float,
+    min_agreement: float,
+) -> VerifyReport:
+    """Compare probability arrays; pass = within ``tolerance`` and agreement ≥ ``min_agreement``."""
+    if candidate.shape != reference.shape:
+        raise ExportVerificationError(
+            f"{precision} output shape {candidate.shape} != reference {reference.shape}"
+        )
+    diff = np.abs(candidate - reference)
+    same = candidate.argmax(1) == reference.argmax(1)
+    images = same[inputs.n_random :] if inputs.n_images else None
+    finite = bool(np.isfinite(candidate).all())
+    max_diff = float(diff.max()) if finite else float("inf")
+    agreement = float(same.mean())
+    passed = finite and max_diff <= tolerance and agreement >= min_agreement
+    mismatches = tuple(
+        f"{name}: Δp {d:.2e}, top-1 {'same' if s else 'differs'}"
+        for name, d, s in zip(inputs.names, diff.max(1), same, strict=True)
+        if d > tolerance or not s
+    )
+    return VerifyReport(
+        precision=precision,
+        reference=reference_name,
+        n_random=inputs.n_random,
+        n_images=inputs.n_images,
+        max_abs_diff=max_diff,
+        argmax_agreement=agreement,
+        image_agreement=float(images.mean()) if images is not None else None,
+        tolerance=tolerance,
+        passed=passed,
+        mismatches=mismatches,
+    )
+
+
+def require(report: VerifyReport, path: Path) -> VerifyReport:
+    """Log ``report``; raise :class:`ExportVerificationError` naming ``path`` unless it passed."""
+    if report.passed:
+        logger.info("verified %s: %s", path.name, report.summary())
+        return report
+    shown = "; ".join(report.mismatches[:5])
+    more = f" (+{len(report.mismatches) - 5} more)" if len(report.mismatches) > 5 else ""
+    raise ExportVerificationError(
+        f"{path}: verification failed - {report.summary()}; {shown}{more}"
+    )
