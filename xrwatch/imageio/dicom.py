@@ -33,7 +33,13 @@ from xrwatch.errors import (
     UnsupportedImageError,
 )
 from xrwatch.imageio.types import DecodedImage, ImageMeta
-from xrwatch.imageio.voi import VOIError, apply_voi_lut, apply_window, robust_normalise
+from xrwatch.imageio.voi import (
+    VOIError,
+    apply_modality_lut,
+    apply_voi_lut,
+    apply_window,
+    robust_normalise,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -210,15 +216,13 @@ def _decode(path: Path, ds: Any, ts: str) -> tuple[np.ndarray, str]:
 
 
 def _grayscale(path: Path, ds: Any, arr: np.ndarray, photometric: str) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
-
     if arr.ndim != 2:
         raise UnsupportedImageError(
             path, f"expected one 2-D grayscale frame, decoded an array of shape {arr.shape}"
         )
     try:
-        values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
-    except Exception as exc:
+        values = apply_modality_lut(arr, ds)
+    except (VOIError, TypeError, ValueError) as exc:
         raise ImageDecodeError(path, f"modality LUT cannot be applied: {exc}") from None
     out = _voi(path, ds, values)
     if photometric == "MONOCHROME1":
@@ -275,7 +279,13 @@ def read_dicom(path: Path, *, max_pixels: int) -> DecodedImage:
     if not any(tag in ds for tag in _IMAGE_PIXEL_TAGS):
         sop = ds.get("SOPClassUID")
         what = getattr(sop, "name", None) or (str(sop) if sop else "an unknown SOP class")
-        raise UnsupportedImageError(path, f"DICOM has no pixel data (it is {what}, not an image)")
+        if "Image Storage" in what or "Rows" in ds:
+            raise TruncatedImageError(
+                path, f"DICOM ends before its pixel data although it is an image ({what})"
+            )
+        raise UnsupportedImageError(
+            path, f"DICOM has no pixel data (SOP class: {what}); a radiograph image is expected"
+        )
     modality = (_str(ds, "Modality") or "").upper()
     if modality and modality not in RADIOGRAPH_MODALITIES:
         raise NotARadiographError(

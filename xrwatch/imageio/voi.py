@@ -1,8 +1,10 @@
-"""The DICOM grayscale pipeline after the modality LUT: VOI to [0, 1], written out by hand.
+"""The DICOM grayscale LUT arithmetic, written out by hand: modality LUT, then VOI to [0, 1].
 
-pydicom's helpers scale to the output data type and leave MONOCHROME1 alone; these
-functions map straight to [0, 1] so the rest of xrwatch never sees a bit depth.
+pydicom's helpers scale to the output data type, leave MONOCHROME1 alone and trip over
+LUT bit depths other than 8 or 16; these functions map straight to [0, 1] so the rest of
+xrwatch never sees a bit depth.
 
+* :func:`apply_modality_lut` - Modality LUT Sequence, else RescaleSlope/RescaleIntercept.
 * :func:`apply_window` - DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID).
 * :func:`apply_voi_lut` - a VOI LUT Sequence item, scaled by its LUTDescriptor bit depth.
 * :func:`robust_normalise` - no VOI in the file: a percentile window over the data.
@@ -71,13 +73,7 @@ def apply_voi_lut(values: np.ndarray, item: Any, *, signed: bool) -> np.ndarray:
     Inputs below the first mapped value take the first entry, above the last the last
     entry. Output is divided by ``2**bits - 1`` (the descriptor's bit depth).
     """
-    try:
-        entries, first, bits = (int(v) for v in item.LUTDescriptor)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise VOIError(f"VOI LUT has no valid LUTDescriptor: {exc}") from None
-    entries = entries or 65536
-    if signed and first >= 1 << 15:  # stored as US, meant as SS
-        first -= 1 << 16
+    entries, first, bits = _descriptor(item, signed=signed)
     if not 1 <= bits <= 16:
         raise VOIError(f"VOI LUT bit depth must be 1..16, found {bits}")
     try:
@@ -95,8 +91,42 @@ def apply_voi_lut(values: np.ndarray, item: Any, *, signed: bool) -> np.ndarray:
             "VOI LUT values exceed its %d-bit descriptor; using %d bits", bits, real_bits
         )
         top = float(2**real_bits - 1)
+    return _lut_lookup(values, lut, first) / top
+
+
+def _lut_lookup(values: np.ndarray, lut: np.ndarray, first: int) -> np.ndarray:
     index = np.clip(np.rint(np.asarray(values, np.float64)) - first, 0, lut.size - 1)
-    return lut[index.astype(np.intp)] / top
+    return lut[index.astype(np.intp)]
+
+
+def _descriptor(item: Any, *, signed: bool) -> tuple[int, int, int]:
+    try:
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise VOIError(f"LUT has no valid LUTDescriptor: {exc}") from None
+    if signed and first >= 1 << 15:  # stored as US, meant as SS
+        first -= 1 << 16
+    return entries or 65536, first, bits
+
+
+def apply_modality_lut(pixels: np.ndarray, ds: Any) -> np.ndarray:
+    """Stored values -> modality values (float64): the LUT sequence if present, else rescale."""
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence) > 0:
+        item = ds.ModalityLUTSequence[0]
+        entries, first, bits = _descriptor(item, signed=signed)
+        lut = _lut_values(item, entries, bits)
+        if lut.size == 0:
+            raise VOIError("Modality LUT has no entries")
+        return _lut_lookup(pixels, lut, first)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    values = np.asarray(pixels, dtype=np.float64)
+    if slope != 1.0:
+        values = values * slope
+    if intercept != 0.0:
+        values = values + intercept
+    return values
 
 
 def robust_normalise(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Reusable test helpers (synthetic DICOM files ...)."""
