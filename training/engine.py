@@ -1,0 +1,585 @@
+"""The training loop: one run folder per call of :func:`train`.
+
+Reads top to bottom: set-up (distributed, device, run folder), data (index → splits →
+decoded-image cache → tensors), model, loop (train one epoch, evaluate, checkpoint), final
+test of the best checkpoint and the run folder's artefacts. Works alone or under
+``torchrun`` (DistributedDataParallel; rank 0 writes everything).
+
+Data never goes through a DataLoader: every image is decoded and resized once into the
+cache, the whole split then sits in memory (on the GPU when there is one), and batches are
+gathered and augmented (flips, rotation) as tensors on the device, so the GPU, not JPEG
+decoding, bounds the speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from training.cache import build_cache
+from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from training.data import Sample, extra_samples, index_dataset
+from training.losses import build_loss
+from training.metrics import classification_metrics
+from training.models import build_model, wrap
+from training.presets import TrainConfig
+from training.report import plot_confusion, plot_curves, read_metrics_csv, write_metrics_csv
+from training.splits import Splits, make_splits, write_split_files
+from training.weights import load_pretrained
+from xrwatch.config import build_config
+from xrwatch.errors import ConfigError, DatasetError
+from xrwatch.preprocess import PreprocessSpec
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- set-up
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _resolve_device(cfg: TrainConfig) -> str:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA GPU")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _broadcast(obj: Any, d: Dist) -> Any:
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def preprocess_spec(cfg: TrainConfig) -> PreprocessSpec:
+    return PreprocessSpec(size=cfg.image_size, resize=cfg.resize, aspect=cfg.aspect)
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class SplitTensors:
+    images: torch.Tensor  # N x 1 x S x S float16 in [0, 1] (on the training device)
+    labels: torch.Tensor  # N int64 (on the training device)
+
+
+def _prepare_data(
+    cfg: TrainConfig, d: Dist, run_dir: Path, device: torch.device
+) -> tuple[tuple[str, ...], dict[str, SplitTensors], Splits]:
+    index = index_dataset(cfg.data, cfg.task)
+    extra: list[Sample] = []
+    for spec in cfg.extra:
+        extra += extra_samples(spec, cfg.task)
+    splits = make_splits(
+        index,
+        cfg.split,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        extra=extra,
+    )
+    if d.main:
+        for note, count in index.excluded.items():
+            logger.info("left out %d image(s): %s", count, note)
+        for w in splits.warnings:
+            logger.warning("%s", w)
+    spec = preprocess_spec(cfg)
+    all_paths = sorted({str(s.path) for part in splits.by_name().values() for s in part})
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / ".cache"
+    # Rank 0 decodes; the others wait, then find the finished cache.
+    if d.main:
+        cache = build_cache(all_paths, spec, cache_dir, workers=cfg.workers)
+    _barrier(d)
+    if not d.main:
+        cache = build_cache(all_paths, spec, cache_dir, workers=cfg.workers)
+    if cache.failures:
+        if d.main:
+            _write_skipped(cache.failures, run_dir / "skipped_files.csv")
+            logger.warning(
+                "%d image(s) missing or unreadable, listed in %s%s",
+                len(cache.failures),
+                run_dir / "skipped_files.csv",
+                "" if cfg.strict else " and left out",
+            )
+        if cfg.strict:
+            first = next(iter(cache.failures.items()))
+            raise DatasetError(
+                f"{len(cache.failures)} image(s) missing or unreadable (--strict), e.g. "
+                f"{first[0]}: {first[1]}; full list in {run_dir / 'skipped_files.csv'}"
+            )
+    position = {p: i for i, p in enumerate(cache.paths)}
+    kept = Splits(
+        *(
+            [s for s in part if cache.ok[position[str(Path(s.path).resolve())]]]
+            for part in (splits.train, splits.val, splits.test)
+        ),
+        warnings=splits.warnings,
+    )
+    if d.main:
+        write_split_files(kept, run_dir)
+        counts = kept.counts(index.classes)
+        (run_dir / "splits" / "counts.json").write_text(json.dumps(counts, indent=2))
+        logger.info("split sizes (per class): %s", counts)
+    if not kept.train:
+        raise DatasetError(f"{cfg.data}: no readable training image (see skipped_files.csv)")
+    if not kept.val:
+        raise DatasetError(
+            f"{cfg.data}: the validation split is empty (val_fraction={cfg.val_fraction}, "
+            f"{len(kept.train)} training images); the best checkpoint is chosen on it"
+        )
+    class_index = {c: i for i, c in enumerate(index.classes)}
+    tensors = {}
+    size = cache.images.shape[1:]
+    for name, part in kept.by_name().items():
+        rows = np.array([position[str(Path(s.path).resolve())] for s in part], dtype=np.int64)
+        imgs = np.asarray(cache.images[rows]) if len(rows) else np.zeros((0, *size), np.float16)
+        labels = torch.tensor([class_index[s.label] for s in part], dtype=torch.long)
+        tensors[name] = SplitTensors(
+            torch.from_numpy(imgs).unsqueeze(1).to(device), labels.to(device)
+        )
+    return index.classes, tensors, kept
+
+
+def _write_skipped(failures: dict[str, str], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        for p, reason in sorted(failures.items()):
+            w.writerow([p, reason])
+
+
+# --------------------------------------------------------------------------- batches
+def _epoch_order(
+    labels: torch.Tensor, cfg: TrainConfig, epoch: int, d: Dist, num_classes: int
+) -> torch.Tensor:
+    """This rank's sample order for ``epoch``: seeded, identical on all ranks, then sharded."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    n = len(labels)
+    if cfg.sampler == "weighted":
+        # WeightedRandomSampler with 1/class-count weights: each class drawn equally often.
+        counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1).float()
+        weights = 1.0 / counts[labels.cpu()]
+        order = torch.multinomial(weights, n, replacement=True, generator=g)
+    else:
+        order = torch.randperm(n, generator=g)
+    per_rank = n // d.world
+    return order[d.rank * per_rank : (d.rank + 1) * per_rank]
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on one image
+            return
+        yield idx
+
+
+def augment(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips and rotations of a batch N x 1 x H x W, per image."""
+    n = x.shape[0]
+    r = torch.rand(4, n, generator=g).to(x.device)
+    x = torch.where((r[0] < cfg.hflip)[:, None, None, None], x.flip(3), x)
+    x = torch.where((r[1] < cfg.vflip)[:, None, None, None], x.flip(2), x)
+    rotate = r[2] < cfg.rotation_p
+    if cfg.rotation_degrees > 0 and bool(rotate.any()):
+        angle = (r[3][rotate] * 2 - 1) * math.radians(cfg.rotation_degrees)
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1
+        )
+        sub = x[rotate]
+        grid = F.affine_grid(theta.to(sub.dtype), list(sub.shape), align_corners=False)
+        x = x.clone()
+        x[rotate] = F.grid_sample(
+            sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+    return x
+
+
+# --------------------------------------------------------------------------- loop
+def _autocast(device: torch.device, cfg: TrainConfig) -> AbstractContextManager[Any]:
+    if device.type == "cuda" and cfg.amp:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: SplitTensors,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    d: Dist,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(labels, probabilities, mean loss) over the whole split; ranks share the work."""
+    model.eval()
+    n = len(data.labels)
+    mine = torch.arange(d.rank, n, d.world)
+    probs, losses = [], []
+    for start in range(0, len(mine), cfg.batch_size * 2):
+        idx = mine[start : start + cfg.batch_size * 2].to(device)
+        x = data.images[idx].float()
+        with _autocast(device, cfg):
+            logits = model(x)
+        losses.append(
+            float(F.cross_entropy(logits.float(), data.labels[idx], reduction="sum"))
+            if isinstance(loss_fn, nn.CrossEntropyLoss)
+            else float(loss_fn(logits.float(), data.labels[idx])) * len(idx)
+        )
+        probs.append(torch.softmax(logits.float(), 1).cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0, 1)
+    parts = [(mine, p, sum(losses))]
+    if d.world > 1:
+        gathered: list[Any] = [None] * d.world
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    order = torch.cat([pp[0] for pp in parts])
+    all_probs = torch.cat([pp[1] for pp in parts if len(pp[1])])[order.argsort()]
+    total_loss = sum(pp[2] for pp in parts)
+    return data.labels.cpu().numpy(), all_probs.numpy(), total_loss / max(n, 1)
+
+
+def _progress(cfg: TrainConfig, d: Dist) -> Any:
+    if not (cfg.progress and d.main and sys.stderr.isatty()):
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+
+
+def _default_name(cfg: TrainConfig) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.experiment}-{cfg.task}-{stamp}"
+
+
+def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config of an existing run folder (``config.json``), with ``overrides``."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.json)")
+    values = json.loads(path.read_text(encoding="utf-8"))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(TrainConfig, values, source=str(path))
+
+
+def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
+    """Run (or with ``resume``, continue) one training run; returns its run folder."""
+    device_kind = _resolve_device(cfg)
+    d = _init_distributed(device_kind)
+    device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
+    else:
+        name = _broadcast(cfg.name or _default_name(cfg), d)
+        cfg = replace(cfg, name=name)
+        run_dir = Path(cfg.out) / name
+        if d.main:
+            if (run_dir / "config.json").exists():
+                raise ConfigError(
+                    f"{run_dir} already holds a run; use --resume {run_dir} or --name"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    _barrier(d)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
+    spec = preprocess_spec(cfg)
+    backbone = build_model(cfg.arch, len(classes))
+    load_pretrained(backbone, cfg.arch, cfg.weights, cfg)
+    model: nn.Module = wrap(backbone, spec.to_dict()).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma
+    )
+    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    loss_fn = build_loss(cfg.loss, len(classes), gamma=cfg.focal_gamma, alpha=cfg.focal_alpha).to(
+        device
+    )
+
+    start_epoch, best = 1, -1.0
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        backbone.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_balanced_accuracy"]
+        history = [
+            r for r in read_metrics_csv(run_dir / "metrics.csv") if r["epoch"] <= ckpt["epoch"]
+        ]
+        if d.main:
+            logger.info("resuming %s after epoch %d of %d", run_dir, ckpt["epoch"], cfg.epochs)
+    train_model: nn.Module = model
+    if d.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return make_checkpoint(
+            arch=cfg.arch, classes=list(classes), task=cfg.task, experiment=cfg.experiment,
+            preprocess=spec, config=cfg.to_dict(), model_state=backbone.state_dict(),
+            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+            scaler_state=scaler.state_dict(), epoch=epoch, metrics=metrics,
+            best_val_balanced_accuracy=best,
+        )  # fmt: skip
+
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank + start_epoch)
+    progress = _progress(cfg, d)
+    completed = start_epoch - 1
+    try:
+        with progress if progress is not None else nullcontext():
+            epoch_bar = (
+                progress.add_task("epochs", total=cfg.epochs, completed=completed, stats="")
+                if progress
+                else None
+            )
+            for epoch in range(start_epoch, cfg.epochs + 1):
+                row = _train_one_epoch(
+                    train_model, data["train"], loss_fn, optimizer, scaler, cfg, device, d,
+                    epoch, len(classes), aug_gen, progress,
+                )  # fmt: skip
+                row["lr"] = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                y, p, val_loss = evaluate(model, data["val"], loss_fn, cfg, device, d)
+                val = classification_metrics(y, p, classes, loss=val_loss)
+                row.update(
+                    val_loss=val_loss, val_accuracy=val["accuracy"],
+                    val_balanced_accuracy=val["balanced_accuracy"], val_macro_f1=val["macro_f1"],
+                    val_auroc_macro=val["auroc_macro"],
+                )  # fmt: skip
+                history.append(row)
+                completed = epoch
+                train_metrics = {"accuracy": row["train_accuracy"], "loss": row["train_loss"]}
+                metrics = {"val": val, "test": None, "train": train_metrics}
+                improved = val["balanced_accuracy"] > best
+                if improved:
+                    best = val["balanced_accuracy"]
+                if d.main:
+                    ckpt = checkpoint(epoch, metrics)
+                    save_checkpoint(ckpt, run_dir / "last.pt")
+                    if improved:
+                        save_checkpoint(ckpt, run_dir / "best.pt")
+                    write_metrics_csv(history, run_dir / "metrics.csv")
+                    logger.info(
+                        "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
+                        "bal.acc %.3f%s | %.0f img/s",
+                        epoch, cfg.epochs, row["train_loss"], row["train_accuracy"], val_loss,
+                        val["accuracy"], val["balanced_accuracy"], " (best)" if improved else "",
+                        row["train_images_per_s"],
+                    )  # fmt: skip
+                if progress is not None and epoch_bar is not None:
+                    progress.update(
+                        epoch_bar, completed=epoch,
+                        stats=f"val acc {val['accuracy']:.3f} "
+                        f"bal.acc {val['balanced_accuracy']:.3f}",
+                    )  # fmt: skip
+                _barrier(d)
+    except KeyboardInterrupt:
+        if d.main:
+            # Weights as they are now, labelled with the last *completed* epoch: --resume
+            # redoes the interrupted epoch from here.
+            save_checkpoint(checkpoint(completed, {"val": None, "test": None, "train": None}),
+                            run_dir / "last.pt")  # fmt: skip
+            write_metrics_csv(history, run_dir / "metrics.csv")
+            logger.warning(
+                "interrupted: saved %s; continue with xrwatch train --resume %s",
+                run_dir / "last.pt",
+                run_dir,
+            )
+        raise
+
+    _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
+    if d.world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    data: SplitTensors,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    device: torch.device,
+    d: Dist,
+    epoch: int,
+    num_classes: int,
+    gen: torch.Generator,
+    progress: Any,
+) -> dict[str, Any]:
+    model.train()
+    order = _epoch_order(data.labels, cfg, epoch, d, num_classes)
+    n_batches = max(1, len(order) // cfg.batch_size + (len(order) % cfg.batch_size >= 2))
+    if cfg.max_steps_per_epoch:
+        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+    bar = progress.add_task(f"epoch {epoch}", total=n_batches, stats="") if progress else None
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, start = 0, time.perf_counter()
+    for step, idx in enumerate(_batches(order, cfg.batch_size)):
+        if step >= n_batches:
+            break
+        idx = idx.to(device)
+        x = augment(data.images[idx].float(), cfg, gen)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = data.labels[idx]
+        with _autocast(device, cfg):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+        if bar is not None and (step % 5 == 0 or step + 1 == n_batches):
+            rate = seen * d.world / (time.perf_counter() - start)
+            progress.update(
+                bar, completed=step + 1,
+                stats=f"loss {float(loss_sum) / seen:.4f} acc {int(correct) / seen:.3f} "
+                f"{rate:.0f} img/s",
+            )  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    totals = torch.stack(
+        [loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]
+    )
+    if d.world > 1:
+        dist.all_reduce(totals)
+    if bar is not None:
+        progress.remove_task(bar)
+    total_seen = max(float(totals[2]), 1.0)
+    return {
+        "epoch": epoch,
+        "train_loss": float(totals[0]) / total_seen,
+        "train_accuracy": float(totals[1]) / total_seen,
+        "train_images_per_s": total_seen / elapsed if elapsed > 0 else None,
+        "epoch_seconds": elapsed,
+    }
+
+
+def _finish(
+    cfg: TrainConfig,
+    d: Dist,
+    run_dir: Path,
+    classes: tuple[str, ...],
+    data: dict[str, SplitTensors],
+    backbone: nn.Module,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    device: torch.device,
+    history: list[dict[str, Any]],
+) -> None:
+    """Test the best checkpoint; write test_metrics.json, curves.png, confusion_matrix.png."""
+    _barrier(d)
+    best_ckpt = load_checkpoint(run_dir / "best.pt")
+    backbone.load_state_dict(best_ckpt["model"])
+    test: dict[str, Any] | None = None
+    if len(data["test"].labels):
+        y, p, test_loss = evaluate(model, data["test"], loss_fn, cfg, device, d)
+        test = classification_metrics(y, p, classes, loss=test_loss)
+    if not d.main:
+        return
+    best_ckpt["metrics"]["test"] = test
+    save_checkpoint(best_ckpt, run_dir / "best.pt")
+    val_accs = [r["val_accuracy"] for r in history if r.get("val_accuracy") is not None]
+    train_accs = [r["train_accuracy"] for r in history if r.get("train_accuracy") is not None]
+    summary = {
+        "experiment": cfg.experiment,
+        "task": cfg.task,
+        "classes": list(classes),
+        "best_epoch": best_ckpt["epoch"],
+        "epochs": len(history),
+        "test": test,
+        "val_at_best": best_ckpt["metrics"]["val"],
+        "train_at_best": best_ckpt["metrics"]["train"],
+        # The study's figure of merit: accuracy averaged over all epochs, for comparison.
+        "avg_train_accuracy_over_epochs": float(np.mean(train_accs)) if train_accs else None,
+        "avg_val_accuracy_over_epochs": float(np.mean(val_accs)) if val_accs else None,
+    }
+    (run_dir / "test_metrics.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(history, run_dir / "curves.png", f"{cfg.experiment} ({cfg.arch}, {cfg.task})")
+    shown = test or best_ckpt["metrics"]["val"]
+    which = "test" if test else "validation"
+    plot_confusion(shown["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
+                   f"{cfg.experiment}: best epoch {best_ckpt['epoch']}, {which} set")  # fmt: skip
+    if test is not None:
+        logger.info(
+            "test (best epoch %d): acc %.3f bal.acc %.3f macro-F1 %.3f",
+            best_ckpt["epoch"], test["accuracy"], test["balanced_accuracy"], test["macro_f1"],
+        )  # fmt: skip
+    logger.info("run folder: %s", run_dir)
