@@ -1,0 +1,93 @@
+"""``xrwatch serve`` configuration: a frozen dataclass from TOML (``[serve]`` table) + CLI.
+
+Every option of ``xrwatch serve`` is a field here; the CLI overrides the file and unknown
+keys are an error (see :func:`xrwatch.config.build_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from xrwatch.config import build_config, merge, read_toml
+from xrwatch.errors import ConfigError
+
+# Hidden and temporary names that writers use before the final rename, plus DICOMDIR.
+DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "~*", "DICOMDIR")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Every setting of the folder daemon; the defaults are the documented ones."""
+
+    incoming: Path  # the watched folder (and its subfolders)
+    model: Path  # exported ONNX model with xrwatch metadata
+    reports: Path  # predictions.csv and json/ go here
+    state_dir: Path | None = None  # ledger location; default: REPORTS/.xrwatch-state
+    archive: Path | None = None  # move inputs to ARCHIVE/processed|failed; default: leave them
+    poll: bool = False  # PollingObserver, for SMB/NFS shares where inotify sees nothing
+    once: bool = False  # process the backlog, write reports, exit 0 (all ok) or 1
+    stable_seconds: float = 2.0  # size+mtime unchanged this long => the file is complete
+    truncated_timeout: float = 300.0  # a file still truncated after this long is an error
+    rescan_interval: float = 60.0  # full rescan catches events lost to overflow or remounts
+    poll_interval: float = 1.0  # PollingObserver's scan period (with --poll)
+    batch_size: int = 8  # files per inference call
+    max_wait: float = 0.25  # seconds a partial batch waits for more files
+    workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
+    provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider
+    lease_seconds: float = 30.0  # a claim whose daemon stopped heartbeating this long is retaken
+    ignore: tuple[str, ...] = ()  # extra glob patterns to ignore, on top of DEFAULT_IGNORE
+    metrics_port: int | None = None  # serve Prometheus /metrics and /healthz on this port
+    metrics_host: str = "127.0.0.1"  # address for the metrics server
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (journald/ELK)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")
+        for name in (*positive, "max_wait", "lease_seconds"):
+            if getattr(self, name) < 0 or (name in positive and getattr(self, name) == 0):
+                raise ConfigError(f"serve: {name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ConfigError("serve: batch_size and workers must be at least 1")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"serve: metrics_port must be 0..65535, got {self.metrics_port}")
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.reports / ".xrwatch-state"
+
+    @property
+    def ignore_patterns(self) -> tuple[str, ...]:
+        return DEFAULT_IGNORE + tuple(self.ignore)
+
+
+def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> ServeConfig:
+    """Merge ``[serve]`` from ``config_file`` (if given) with CLI values (``None`` = not given).
+
+    Relative paths in the file are relative to the file's folder, so a config can travel
+    with its deployment.
+    """
+    file_values: dict[str, Any] = {}
+    source = "command line"
+    if config_file is not None:
+        file_values = read_toml(config_file, table="serve")
+        base = Path(config_file).resolve().parent
+        for key in ("incoming", "model", "reports", "state_dir", "archive"):
+            value = file_values.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                file_values[key] = str(base / value)
+        source = f"{config_file} [serve] + command line"
+    values = merge(file_values, cli_values)
+    missing = [k for k in ("incoming", "model", "reports") if values.get(k) is None]
+    if missing:
+        raise ConfigError(
+            f"serve: {', '.join(missing)} not given (pass them on the command line or in the "
+            "[serve] table of --config)"
+        )
+    return build_config(ServeConfig, values, source=source)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ServeConfig)]

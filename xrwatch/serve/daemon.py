@@ -1,0 +1,655 @@
+"""The folder daemon: find files, wait until complete, claim, decode, batch, infer, report.
+
+Threads: the watchdog observer feeds a :class:`StabilityTracker`; a pool of ``workers``
+threads hashes, claims (in the ledger) and decodes each ready file through
+:func:`xrwatch.preprocess.load_model_input`; the main thread batches decoded inputs into
+the inference engine while the workers decode the next ones, records outcomes in the
+ledger, writes the reports and archives inputs.
+
+Lifecycle (after watchdog's ``watchmedo``): :meth:`Daemon.run` returns the exit status.
+SIGTERM, SIGINT and SIGHUP first neutralise further signals, so shutdown happens once, then
+set the stop flag that the loop checks between steps. (A flag rather than an exception
+raised from the handler: the handler can fire inside a ledger transaction or a report
+append, and finishing the step in flight is exactly what shutdown promises.) The daemon
+then stops claiming files, finishes the decodes and the batch in flight, flushes the
+reports, stops the observer (``stop(); join()``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from xrwatch.errors import (
+    ConfigError,
+    ImageError,
+    ModelError,
+    ReportWriteError,
+    TruncatedImageError,
+    XRWatchError,
+)
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch.serve import sdnotify
+from xrwatch.serve.archive import move_to_archive
+from xrwatch.serve.config import ServeConfig
+from xrwatch.serve.ledger import Ledger, LedgerError
+from xrwatch.serve.metrics import Metrics, MetricsServer, health_check
+from xrwatch.serve.reports import ReportWriter
+from xrwatch.serve.stability import Candidate, StabilityTracker
+from xrwatch.serve.watcher import FolderWatcher
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+
+HEARTBEAT_SECONDS = 5.0  # ledger heartbeat (claims of a silent daemon expire after the lease)
+STATUS_SECONDS = 10.0  # sd_notify STATUS= refresh
+RETRY_MAX_SECONDS = 30.0  # back-off ceiling when the engine, ledger or reports fail
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Engine(Protocol):
+    """What the daemon needs from :class:`xrwatch.engine.InferenceEngine`."""
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+    @property
+    def spec(self) -> PreprocessSpec: ...
+
+    provider: str
+    model_sha256: str
+
+    def predict_arrays(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def load_engine(config: ServeConfig) -> Engine:
+    """Load the model named in ``config`` (raises ModelError/ProviderError clearly)."""
+    from xrwatch.engine import InferenceEngine
+
+    return InferenceEngine(
+        config.model,
+        use_gpu=config.provider != "cpu",
+        require_gpu=config.provider == "cuda",
+    )
+
+
+# -- what a worker returns ---------------------------------------------------------------
+@dataclass
+class Work:
+    """One file through the pipeline; ``kind`` says what the worker concluded."""
+
+    cand: Candidate
+    rel: str
+    kind: Literal["input", "error", "skip", "requeue", "done"]
+    row_id: int = 0
+    sha256: str = ""
+    array: np.ndarray | None = None
+    meta: Any = None
+    error: str = ""
+    done_state: str = ""  # for kind == "done": the recorded outcome
+    archived: bool = False
+    delay: float = 0.0  # for kind == "requeue"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+class Daemon:
+    """One ``xrwatch serve`` process. Build it, then call :meth:`run` once."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        engine_factory: Callable[[ServeConfig], Engine] = load_engine,
+    ) -> None:
+        self.config = config
+        self._engine_factory = engine_factory
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.metrics = Metrics()
+        self.counts = {"ok": 0, "error": 0}
+        self._truncated_since: dict[str, float] = {}
+        self._last_tick = time.monotonic()
+        self._report_retry_at = 0.0
+        self._report_backoff = 1.0
+        self._pending_archive: list[tuple[int, Path, str, bool]] = []
+        self._batch: list[Work] = []
+        self._batch_started: float | None = None
+        self._inflight: set[cf.Future[Work]] = set()
+        self._watchdog: float | None = None
+        self._next_heartbeat = self._next_watchdog = self._next_status = 0.0
+        self._next_rescan = 0.0
+        self._started = False
+
+    # -- start-up ----------------------------------------------------------------------
+    def _check_paths(self) -> None:
+        cfg = self.config
+        incoming = cfg.incoming.resolve()
+        if not incoming.is_dir():
+            raise ConfigError(f"{cfg.incoming}: INCOMING folder does not exist or is not a folder")
+        for name, path in (
+            ("reports", cfg.reports),
+            ("state dir", cfg.state_path),
+            ("archive", cfg.archive),
+        ):
+            if path is not None and _inside(path.resolve(), incoming):
+                raise ConfigError(
+                    f"{path}: the {name} must be outside INCOMING ({cfg.incoming}); "
+                    "otherwise the daemon would watch its own output"
+                )
+        self.incoming = incoming
+        if cfg.archive is not None:
+            try:
+                cfg.archive.mkdir(parents=True, exist_ok=True)
+                probe = cfg.archive / f".write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                raise ReportWriteError(
+                    f"{cfg.archive}: archive folder is not writable ({exc.strerror or exc})"
+                ) from exc
+
+    def _start(self) -> None:
+        cfg = self.config
+        self._check_paths()
+        self.engine = self._engine_factory(cfg)
+        self.classes = list(self.engine.classes)
+        self.spec = self.engine.spec
+        logger.info(
+            "model %s: classes %s, input %dx%d, provider %s",
+            cfg.model,
+            ",".join(self.classes),
+            self.spec.size,
+            self.spec.size,
+            self.engine.provider,
+        )
+        self.writer = ReportWriter(cfg.reports, self.classes)
+        self.writer.check_writable()
+        self.ledger = Ledger(cfg.state_path, lease_seconds=cfg.lease_seconds)
+        self.ledger.register(self.incoming)
+        self.metrics.model.info(
+            {
+                "model": str(cfg.model.name),
+                "model_sha256": self.engine.model_sha256,
+                "provider": self.engine.provider,
+            }
+        )
+        self.tracker = StabilityTracker(cfg.stable_seconds)
+        self.watcher = FolderWatcher(
+            self.incoming,
+            self.tracker,
+            ignore=cfg.ignore_patterns,
+            skip=self._known_finished,
+            poll=cfg.poll,
+            poll_interval=cfg.poll_interval,
+        )
+        self._flush_reports()  # reconcile: finish any report append a crash interrupted
+
+    def _known_finished(self, rel: str, st: os.stat_result) -> bool:
+        if self.config.archive is not None:
+            return False  # a finished file still here must still be moved
+        return self.ledger.is_finished(rel, st.st_size, st.st_mtime_ns)
+
+    # -- signals -----------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        for sig in _HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)  # shutdown happens once
+        logger.info(
+            "received %s: finishing the files in flight, then exiting", signal.Signals(signum).name
+        )
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # -- the worker: hash, claim, decode -------------------------------------------------
+    def _prepare(self, cand: Candidate) -> Work:
+        rel = self.watcher.relative(cand.path) or cand.path.name
+        if self._stop.is_set():
+            return Work(cand, rel, "skip")  # not claimed: the next start picks it up
+        try:
+            lst = os.lstat(cand.path)
+        except OSError:
+            return Work(cand, rel, "skip")  # gone
+        error = ""
+        identity = ""
+        sha = ""
+        if stat.S_ISLNK(lst.st_mode):
+            target = Path(os.path.realpath(cand.path))
+            link_id = hashlib.sha256(os.fsencode(os.readlink(cand.path))).hexdigest()
+            if not _inside(target, self.incoming):
+                error = (
+                    "symbolic link points outside INCOMING; it was not followed "
+                    "(copy the file in instead)"
+                )
+                identity = f"symlink:{link_id}"
+            elif not target.exists():
+                error = "symbolic link points to a file that does not exist"
+                identity = f"symlink:{link_id}"
+        if not error:
+            try:
+                st = os.stat(cand.path)
+            except OSError as exc:
+                return Work(cand, rel, "skip", error=str(exc))
+            if not stat.S_ISREG(st.st_mode):
+                error = f"{_kind_of(st.st_mode)}, not a regular file; only regular files are read"
+                identity = f"special:{st.st_mode:o}:{st.st_mtime_ns}"
+            else:
+                try:
+                    sha = _file_sha256(cand.path)
+                    identity = sha
+                except PermissionError:
+                    error = "permission denied: the daemon's user cannot read this file"
+                    identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
+                except FileNotFoundError:
+                    return Work(cand, rel, "skip")
+                except OSError as exc:
+                    error = f"cannot read the file: {exc.strerror or exc}"
+                    identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
+        done = self.ledger.finished_row(rel, identity)
+        if done is not None:
+            return Work(
+                cand, rel, "done", row_id=done[0], done_state=done[1], archived=bool(done[2])
+            )
+        row_id = self.ledger.claim(rel, identity, sha, cand.size, cand.mtime_ns, cand.seen_at)
+        if row_id is None:
+            return Work(cand, rel, "skip")  # another daemon holds it (or just finished it)
+        if error:
+            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=error)
+        try:
+            array, meta = load_model_input(cand.path, self.spec)
+        except TruncatedImageError as exc:
+            first = self._truncated_since.setdefault(rel, time.monotonic())
+            waited = time.monotonic() - first
+            if not self.config.once and waited < self.config.truncated_timeout:
+                self.ledger.release(row_id)
+                delay = min(max(self.config.stable_seconds, 0.5), 10.0)
+                return Work(cand, rel, "requeue", delay=delay, error=exc.reason)
+            reason = exc.reason
+            if not self.config.once:
+                reason += f" (still incomplete after {waited:.0f} s)"
+            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=reason)
+        except ImageError as exc:
+            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=exc.reason)
+        except OSError as exc:
+            return Work(
+                cand,
+                rel,
+                "error",
+                row_id=row_id,
+                sha256=sha,
+                error=f"cannot read the file: {exc.strerror or exc}",
+            )
+        except Exception as exc:  # a reader bug must not stop the daemon
+            logger.exception("unexpected error reading %s", rel)
+            return Work(
+                cand,
+                rel,
+                "error",
+                row_id=row_id,
+                sha256=sha,
+                error=f"unexpected error while reading: {type(exc).__name__}: {exc}",
+            )
+        try:
+            after = os.stat(cand.path)
+        except OSError:
+            after = None
+        if after is None or (after.st_size, after.st_mtime_ns) != (cand.size, cand.mtime_ns):
+            self.ledger.release(row_id)  # changed while we read it: wait for it again
+            return Work(cand, rel, "requeue", delay=0.0)
+        self._truncated_since.pop(rel, None)
+        return Work(cand, rel, "input", row_id=row_id, sha256=sha, array=array, meta=meta)
+
+    # -- records -----------------------------------------------------------------------
+    def _record(self, work: Work, probs: np.ndarray | None) -> dict[str, Any]:
+        meta = work.meta
+        record: dict[str, Any] = {
+            "processed_at": _utc_now(),
+            "file": work.rel,
+            "sha256": work.sha256,
+            "status": "ok" if probs is not None else "error",
+            "label": None,
+            "confidence": None,
+            "probabilities": {},
+            "error": work.error or None,
+            "model_sha256": self.engine.model_sha256,
+            "provider": self.engine.provider,
+            "SOPInstanceUID": getattr(meta, "sop_instance_uid", None),
+            "StudyInstanceUID": getattr(meta, "study_instance_uid", None),
+            "AccessionNumber": getattr(meta, "accession_number", None),
+            "kind": getattr(meta, "kind", None),
+            "modality": getattr(meta, "modality", None),
+            "width": getattr(meta, "width", None),
+            "height": getattr(meta, "height", None),
+            "detected_at": datetime.fromtimestamp(work.cand.seen_at, timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+        }
+        if probs is not None:
+            row = np.asarray(probs, dtype=np.float64).reshape(-1)
+            best = int(np.argmax(row))
+            record["label"] = self.classes[best]
+            record["confidence"] = float(row[best])
+            record["probabilities"] = {c: float(p) for c, p in zip(self.classes, row, strict=True)}
+        return record
+
+    # -- batches -----------------------------------------------------------------------
+    def _infer(self, inputs: list[Work]) -> np.ndarray:
+        """Run the engine; on failure log and retry with back-off (the files stay claimed)."""
+        backoff = 1.0
+        while True:
+            try:
+                t0 = time.perf_counter()
+                arrays = [w.array for w in inputs if w.array is not None]
+                probs = self.engine.predict_arrays(np.stack(arrays))
+                self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+                return probs
+            except (ModelError, MemoryError, RuntimeError) as exc:
+                if self._stop.is_set() and backoff > RETRY_MAX_SECONDS:
+                    raise
+                logger.error("inference failed (%s); retrying in %.0f s", exc, backoff)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_SECONDS * 2)
+
+    def _commit(self, batch: list[Work]) -> None:
+        """Infer, record outcomes in the ledger, write reports, archive."""
+        if not batch:
+            return
+        inputs = [w for w in batch if w.kind == "input"]
+        outcomes: list[tuple[int, str, dict[str, Any]]] = []
+        if inputs:
+            probs = self._infer(inputs)
+            for w, p in zip(inputs, probs, strict=True):
+                outcomes.append((w.row_id, "ok", self._record(w, p)))
+        for w in batch:
+            if w.kind == "error":
+                logger.warning("%s: error: %s", w.rel, w.error)
+                outcomes.append((w.row_id, "error", self._record(w, None)))
+        backoff = 1.0
+        while True:
+            try:
+                self.ledger.finish(outcomes)
+                break
+            except Exception as exc:  # sqlite3.OperationalError: disk full, I/O error
+                logger.error(
+                    "cannot record outcomes in the ledger (%s); retrying in %.0f s", exc, backoff
+                )
+                if self._stop.is_set() and backoff > RETRY_MAX_SECONDS:
+                    raise LedgerError(f"cannot record outcomes in the ledger: {exc}") from exc
+                self._sleep(backoff)
+                backoff = min(backoff * 2, RETRY_MAX_SECONDS * 2)
+        for _, state, record in outcomes:
+            self.counts[state] += 1
+            if state == "ok":
+                logger.info("%s: %s (%.3f)", record["file"], record["label"], record["confidence"])
+        for w in batch:
+            if self.config.archive is not None and w.kind in ("input", "error"):
+                self._pending_archive.append((w.row_id, w.cand.path, w.rel, w.kind == "input"))
+        self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        try:
+            rows = self.writer.flush(self.ledger)
+        except ReportWriteError as exc:
+            logger.error("%s", exc)
+            self._report_retry_at = time.monotonic() + self._report_backoff
+            self._report_backoff = min(self._report_backoff * 2, RETRY_MAX_SECONDS)
+            return
+        self._report_retry_at = 0.0
+        self._report_backoff = 1.0
+        now = time.time()
+        for row in rows:
+            self.metrics.files.labels(row.state).inc()
+            detected = row.record.get("detected_at")
+            if detected:
+                seen = datetime.fromisoformat(str(detected).replace("Z", "+00:00")).timestamp()
+                self.metrics.latency.observe(max(0.0, now - seen))
+        self._archive_pending()
+
+    def _archive_pending(self) -> None:
+        if self.config.archive is None or self._report_retry_at:
+            return  # archive only once the report rows are on disk
+        pending, self._pending_archive = self._pending_archive, []
+        for row_id, path, rel, ok in pending:
+            try:
+                dest = move_to_archive(path, self.config.archive, rel, ok)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.error("%s: cannot move to the archive (%s); will retry", rel, exc)
+                self.tracker.offer(path, delay=self.config.rescan_interval)
+                continue
+            self.ledger.set_archived(row_id, str(dest))
+            logger.info("%s: moved to %s", rel, dest)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+            self._tick_heartbeats()
+
+    def _tick_heartbeats(self) -> None:
+        now = time.monotonic()
+        self._last_tick = now
+        self.metrics.last_tick.set(time.time())
+        if now >= self._next_heartbeat:
+            try:
+                self.ledger.heartbeat()
+            except Exception as exc:
+                logger.error("ledger heartbeat failed: %s", exc)
+            self._next_heartbeat = now + HEARTBEAT_SECONDS
+        if self._watchdog is not None and now >= self._next_watchdog:
+            sdnotify.notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog
+        if now >= self._next_status:
+            sdnotify.notify(f"STATUS={self.status_line()}")
+            self._next_status = now + STATUS_SECONDS
+
+    def status_line(self) -> str:
+        return (
+            f"{self.counts['ok']} ok, {self.counts['error']} errors since start; "
+            f"{self._queue_depth()} waiting; provider {self.engine.provider}"
+        )
+
+    def _queue_depth(self) -> int:
+        return (
+            len(self.tracker)
+            + len(getattr(self, "_inflight", ()))
+            + len(getattr(self, "_batch", ()))
+        )
+
+    def _handle(self, work: Work) -> None:
+        if work.kind in ("input", "error"):
+            self._batch.append(work)
+            if self._batch_started is None:
+                self._batch_started = time.monotonic()
+        elif work.kind == "requeue":
+            if work.error:
+                logger.info("%s: incomplete (%s); waiting for the rest", work.rel, work.error)
+            self.tracker.offer(work.cand.path, delay=work.delay, seen_at=work.cand.seen_at)
+        elif work.kind == "done" and self.config.archive is not None:
+            logger.info("%s: already processed (%s); archiving", work.rel, work.done_state)
+            self._pending_archive.append(
+                (work.row_id, work.cand.path, work.rel, work.done_state == "ok")
+            )
+            self._archive_pending()
+
+    def run(self) -> int:
+        """Start, serve until stopped (or, with ``once``, until the backlog is done)."""
+        cfg = self.config
+        self._start()
+        self._started = True
+        self._watchdog = sdnotify.watchdog_interval()
+        now = time.monotonic()
+        self._next_heartbeat = self._next_watchdog = self._next_status = now
+        self._next_rescan = now + cfg.rescan_interval
+        server: MetricsServer | None = None
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in _HANDLED_SIGNALS
+            if threading.current_thread() is threading.main_thread()
+        }
+        pool = cf.ThreadPoolExecutor(cfg.workers, thread_name_prefix="xrwatch-decode")
+        try:
+            if cfg.metrics_port is not None:
+                server = MetricsServer(
+                    self.metrics,
+                    cfg.metrics_host,
+                    cfg.metrics_port,
+                    health_check(
+                        lambda: self._last_tick,
+                        lambda: cfg.once or self.watcher.alive(),
+                        stale_after=60.0,
+                    ),
+                )
+                server.start()
+            if not cfg.once:
+                self.watcher.start()
+            backlog = self.watcher.scan()
+            logger.info(
+                "backlog: %d file(s) in %s; %s",
+                backlog,
+                cfg.incoming,
+                "processing them and exiting (--once)" if cfg.once else "watching for more",
+            )
+            sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
+            self._loop(pool)
+        finally:
+            self._stop.set()
+            try:
+                self._drain()
+            finally:
+                pool.shutdown(wait=True)
+                self.watcher.stop()
+                if server is not None:
+                    server.stop()
+                sdnotify.notify(f"STOPPING=1\nSTATUS=stopped: {self.status_line()}")
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                try:
+                    self.ledger.unregister()
+                except Exception as exc:
+                    logger.error("cannot unregister from the ledger: %s", exc)
+                self.ledger.close()
+        logger.info("stopped: %s", self.status_line())
+        if cfg.once and self.counts["error"]:
+            return EXIT_SOME_FAILED
+        return EXIT_OK
+
+    def _loop(self, pool: cf.ThreadPoolExecutor) -> None:
+        cfg = self.config
+        max_inflight = cfg.workers * 2 + cfg.batch_size
+        while not self._stop.is_set():
+            self._wake.clear()
+            self._collect()
+            room = max_inflight - len(self._inflight)
+            if room > 0:
+                for cand in self.tracker.take_ready(room):
+                    fut = pool.submit(self._prepare, cand)
+                    fut.add_done_callback(lambda _f: self._wake.set())
+                    self._inflight.add(fut)
+            now = time.monotonic()
+            if self._batch and (
+                len([w for w in self._batch if w.kind == "input"]) >= cfg.batch_size
+                or now - (self._batch_started or now) >= cfg.max_wait
+                or not self._inflight
+            ):
+                batch, self._batch, self._batch_started = self._batch, [], None
+                self._commit(batch)
+                continue
+            if self._report_retry_at and now >= self._report_retry_at:
+                self._flush_reports()
+            if now >= self._next_rescan:
+                self.watcher.scan()
+                self._next_rescan = now + cfg.rescan_interval
+            self._tick_heartbeats()
+            self.metrics.queue_depth.set(self._queue_depth())
+            if cfg.once and not self._inflight and not self._batch and not len(self.tracker):
+                if self._report_retry_at:
+                    self._wake.wait(0.2)
+                    continue
+                break
+            self._wake.wait(0.05 if len(self.tracker) else 0.5)
+
+    def _collect(self) -> None:
+        for fut in [f for f in self._inflight if f.done()]:
+            self._inflight.discard(fut)
+            try:
+                work = fut.result()
+            except Exception:  # _prepare catches file errors; this is a bug or the ledger
+                logger.exception("worker failed; the file will be retried on the next rescan")
+                continue
+            self._handle(work)
+
+    def _drain(self) -> None:
+        """Finish what is in flight: decodes already claimed, then the last batches."""
+        if not self._started:
+            return
+        if self._inflight:
+            logger.info("finishing %d file(s) in flight", len(self._inflight))
+        cf.wait(self._inflight)
+        self._collect()
+        while self._batch:
+            batch, self._batch = (
+                self._batch[: self.config.batch_size],
+                self._batch[self.config.batch_size :],
+            )
+            try:
+                self._commit(batch)
+            except XRWatchError as exc:
+                logger.error("giving up on %d file(s) at shutdown: %s", len(batch), exc)
+        if self._report_retry_at:
+            self._flush_reports()
+
+
+def serve(config: ServeConfig) -> int:
+    """Run the daemon with ``config``; return the exit status."""
+    return Daemon(config).run()

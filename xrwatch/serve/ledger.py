@@ -1,0 +1,352 @@
+"""The ledger: a SQLite database (WAL) that is the source of truth for every file.
+
+One row per (path, identity), where identity is the content's sha256 (or a stand-in for a
+file whose bytes cannot be read). A row is first a *claim* (``state='claimed'``, owned by
+one daemon), then an outcome (``ok`` or ``error``) with its report record, and finally
+``reported=1`` once its CSV row is on disk. Claims are taken inside ``BEGIN IMMEDIATE``
+against a UNIQUE key, so two daemons on one state dir never process the same file twice.
+
+A claim whose owner is gone (no heartbeat for ``lease_seconds``, or a dead pid on this
+host) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
+again after the restart; it never reached the reports, because outcomes are committed here
+before any report row is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xrwatch.errors import XRWatchError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL,     -- relative to INCOMING, '/'-separated
+    identity    TEXT NOT NULL,     -- sha256 of the content, or a stand-in (see module doc)
+    sha256      TEXT NOT NULL,     -- '' when the bytes could not be read
+    size        INTEGER NOT NULL,
+    mtime_ns    INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('claimed', 'ok', 'error')),
+    owner       TEXT,
+    seen_at     REAL,
+    claimed_at  REAL,
+    finished_at REAL,
+    error       TEXT,
+    record      TEXT,              -- the JSON report record, once finished
+    reported    INTEGER NOT NULL DEFAULT 0,
+    archived_to TEXT,
+    UNIQUE (path, identity)
+);
+CREATE INDEX IF NOT EXISTS files_stat ON files (path, size, mtime_ns);
+CREATE INDEX IF NOT EXISTS files_unreported ON files (reported, state);
+CREATE INDEX IF NOT EXISTS files_finished ON files (finished_at);
+CREATE TABLE IF NOT EXISTS daemons (
+    owner        TEXT PRIMARY KEY,
+    host         TEXT NOT NULL,
+    pid          INTEGER NOT NULL,
+    started_at   REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    incoming     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class LedgerError(XRWatchError):
+    """The ledger database cannot be opened or written."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished row, as the report writers need it."""
+
+    id: int
+    path: str
+    sha256: str
+    state: str
+    record: dict[str, Any]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Ledger:
+    """Thread-safe access to the ledger; each thread gets its own connection."""
+
+    def __init__(self, state_dir: Path, *, lease_seconds: float = 30.0) -> None:
+        self.path = Path(state_dir) / "ledger.sqlite3"
+        self.lease_seconds = lease_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._host = socket.gethostname()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            self._con().executescript(_SCHEMA)  # idempotent; executescript commits itself
+            with self._tx() as con:
+                con.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"{self.path}: cannot open the ledger database: {exc}") from exc
+
+    # -- connections -------------------------------------------------------------------
+    def _con(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")  # an outcome on disk before its report row
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+            with self._lock:
+                self._all.append(con)
+        return con
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        con = self._con()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for con in self._all:
+                try:
+                    con.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    # -- daemons -----------------------------------------------------------------------
+    def register(self, incoming: Path) -> None:
+        now = time.time()
+        with self._tx() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO daemons VALUES (?, ?, ?, ?, ?, ?)",
+                (self.owner, self._host, os.getpid(), now, now, str(incoming)),
+            )
+
+    def heartbeat(self) -> None:
+        with self._tx() as con:
+            con.execute(
+                "UPDATE daemons SET heartbeat_at=? WHERE owner=?", (time.time(), self.owner)
+            )
+
+    def unregister(self) -> None:
+        """Forget this daemon and release any claim it still holds (graceful exit only)."""
+        with self._tx() as con:
+            con.execute("DELETE FROM files WHERE owner=? AND state='claimed'", (self.owner,))
+            con.execute("DELETE FROM daemons WHERE owner=?", (self.owner,))
+
+    def _owner_gone(self, con: sqlite3.Connection, owner: str | None) -> bool:
+        if owner is None:
+            return True
+        row = con.execute(
+            "SELECT host, pid, heartbeat_at FROM daemons WHERE owner=?", (owner,)
+        ).fetchone()
+        if row is None:
+            return True
+        host, pid, heartbeat_at = row
+        if host == self._host and not _pid_alive(int(pid)):
+            return True
+        return bool(time.time() - float(heartbeat_at) > self.lease_seconds)
+
+    # -- files -------------------------------------------------------------------------
+    def is_finished(self, path: str, size: int, mtime_ns: int) -> bool:
+        """Fast path: a finished row with this path, size and mtime exists (no hashing)."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? "
+                "AND state IN ('ok', 'error') LIMIT 1",
+                (path, size, mtime_ns),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def finished_row(self, path: str, identity: str) -> tuple[int, str, str | None] | None:
+        """``(id, state, archived_to)`` when (path, identity) is finished, else None."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT id, state, archived_to FROM files WHERE path=? AND identity=? "
+                "AND state IN ('ok', 'error')",
+                (path, identity),
+            )
+            .fetchone()
+        )
+        return None if row is None else (int(row[0]), str(row[1]), row[2])
+
+    def claim(
+        self,
+        path: str,
+        identity: str,
+        sha256: str,
+        size: int,
+        mtime_ns: int,
+        seen_at: float,
+    ) -> int | None:
+        """Claim (path, identity) for this daemon; return the row id, or None if another
+        daemon holds it or it is already finished."""
+        now = time.time()
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT id, state, owner FROM files WHERE path=? AND identity=?",
+                (path, identity),
+            ).fetchone()
+            if row is None:
+                cur = con.execute(
+                    "INSERT INTO files (path, identity, sha256, size, mtime_ns, state, owner, "
+                    "seen_at, claimed_at) VALUES (?, ?, ?, ?, ?, 'claimed', ?, ?, ?)",
+                    (path, identity, sha256, size, mtime_ns, self.owner, seen_at, now),
+                )
+                return int(cur.lastrowid or 0)
+            row_id, state, owner = int(row[0]), str(row[1]), row[2]
+            if state != "claimed" or owner == self.owner:
+                return None
+            if not self._owner_gone(con, owner):
+                return None
+            logger.info("taking over %s: its claim by %s is stale", path, owner)
+            con.execute(
+                "UPDATE files SET owner=?, claimed_at=?, size=?, mtime_ns=?, seen_at=? WHERE id=?",
+                (self.owner, now, size, mtime_ns, seen_at, row_id),
+            )
+            return row_id
+
+    def release(self, row_id: int) -> None:
+        """Give a claim back (the file turned out not to be complete yet)."""
+        with self._tx() as con:
+            con.execute(
+                "DELETE FROM files WHERE id=? AND owner=? AND state='claimed'",
+                (row_id, self.owner),
+            )
+
+    def finish(self, outcomes: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
+        """Record outcomes ``(row_id, 'ok'|'error', record)`` in one transaction."""
+        now = time.time()
+        with self._tx() as con:
+            for row_id, state, record in outcomes:
+                con.execute(
+                    "UPDATE files SET state=?, finished_at=?, error=?, record=? "
+                    "WHERE id=? AND owner=? AND state='claimed'",
+                    (
+                        state,
+                        now,
+                        record.get("error") or None,
+                        json.dumps(record, sort_keys=True),
+                        row_id,
+                        self.owner,
+                    ),
+                )
+
+    # -- reporting: reported 0 -> 2 (being written at a recorded CSV offset) -> 1 ----------
+    def unreported(self, limit: int = 10_000) -> list[Finished]:
+        rows = (
+            self._con()
+            .execute(
+                "SELECT id, path, sha256, state, record FROM files "
+                "WHERE reported=0 AND state IN ('ok', 'error') ORDER BY finished_at, id LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [Finished(int(r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def mark_reporting(self, row_ids: list[int], csv_path: str, offset: int) -> None:
+        """Before appending rows: remember where the append starts, so that a writer killed
+        mid-append can be undone exactly (see :meth:`pending_report`)."""
+        with self._tx() as con:
+            con.executemany("UPDATE files SET reported=2 WHERE id=?", [(i,) for i in row_ids])
+            con.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('report_pending', ?)",
+                (json.dumps({"csv": csv_path, "offset": offset}),),
+            )
+
+    def mark_reported(self, row_ids: list[int]) -> None:
+        with self._tx() as con:
+            con.executemany("UPDATE files SET reported=1 WHERE id=?", [(i,) for i in row_ids])
+            con.execute("DELETE FROM meta WHERE key='report_pending'")
+
+    def pending_report(self) -> tuple[str, int] | None:
+        """``(csv_path, offset)`` of an append that never completed (its writer died)."""
+        row = self._con().execute("SELECT value FROM meta WHERE key='report_pending'").fetchone()
+        if row is None:
+            return None
+        data = json.loads(row[0])
+        return str(data["csv"]), int(data["offset"])
+
+    def reset_reporting(self) -> None:
+        """Undo an incomplete append: its rows go back to 'not reported'."""
+        with self._tx() as con:
+            con.execute("UPDATE files SET reported=0 WHERE reported=2")
+            con.execute("DELETE FROM meta WHERE key='report_pending'")
+
+    def set_archived(self, row_id: int, dest: str) -> None:
+        with self._tx() as con:
+            con.execute("UPDATE files SET archived_to=? WHERE id=?", (dest, row_id))
+
+    # -- status ------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        rows = self._con().execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall()
+        return {str(state): int(n) for state, n in rows}
+
+    def finished_since(self, since: float) -> int:
+        row = (
+            self._con()
+            .execute("SELECT COUNT(*) FROM files WHERE finished_at >= ?", (since,))
+            .fetchone()
+        )
+        return int(row[0])
+
+    def last_errors(self, n: int = 5) -> list[tuple[float, str, str]]:
+        rows = (
+            self._con()
+            .execute(
+                "SELECT finished_at, path, error FROM files WHERE state='error' "
+                "ORDER BY finished_at DESC, id DESC LIMIT ?",
+                (n,),
+            )
+            .fetchall()
+        )
+        return [(float(t), str(p), str(e)) for t, p, e in rows]
+
+    def daemons(self) -> list[dict[str, Any]]:
+        rows = (
+            self._con()
+            .execute("SELECT owner, host, pid, started_at, heartbeat_at, incoming FROM daemons")
+            .fetchall()
+        )
+        keys = ("owner", "host", "pid", "started_at", "heartbeat_at", "incoming")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
