@@ -225,8 +225,14 @@ def _int8(
     path = staging / variant_path(options.output, "int8").name
     quantize_int8(fp32, path, calibration.arrays)
     check_onnx(path)
-    checked = concat(inputs, calibration)
-    reference = np.concatenate([fp32_probs, onnx_probabilities(fp32, calibration.arrays)])
+    # agreement on the verification images plus the calibration images not among them
+    seen = set(inputs.names)
+    extra = [i for i, name in enumerate(calibration.names) if name not in seen]
+    checked, reference = inputs, fp32_probs
+    if extra:
+        more = InputSet(calibration.arrays[extra], tuple(calibration.names[i] for i in extra))
+        checked = concat(inputs, more)
+        reference = np.concatenate([fp32_probs, onnx_probabilities(fp32, more.arrays)])
     report = compare(
         onnx_probabilities(path, checked.arrays),
         reference,

@@ -90,6 +90,29 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> None:
     source = onnx.load(str(fp32_path))
     props = _metadata(source)
     model = convert_float_to_float16(source, keep_io_types=True, disable_shape_infer=False)
+    _sort_topologically(model.graph)  # the converter appends its input Casts at the end
     _restamp(model, props, "fp16")
     save_single_file(model, out_path)
     logger.info("converted %s to fp16", fp32_path.name)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            names = ", ".join(n.name for n in pending[:5])
+            raise ValueError(f"graph has a cycle or a dangling input near: {names}")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [onnx.NodeProto() for _ in ordered]
+    for copy, node in zip(copies, ordered, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

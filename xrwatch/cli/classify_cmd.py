@@ -1,0 +1,127 @@
+"""``xrwatch classify``: classify files and folders with an exported model, no daemon."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
+from xrwatch.engine import InferenceEngine, Prediction, expand_inputs
+from xrwatch.errors import ConfigError
+from xrwatch.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+CSV_FIELDS = (
+    "file",
+    "status",
+    "label",
+    "confidence",
+    "error",
+    "sha256",
+    "model_sha256",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+)
+
+
+def render_json(predictions: Sequence[Prediction]) -> str:
+    """A JSON list with one object per file (:meth:`Prediction.to_dict`)."""
+    return json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False)
+
+
+def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str:
+    """One row per file; a ``p_<class>`` column per class, in the model's class order."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*CSV_FIELDS, *(f"p_{c}" for c in classes)])
+    for p in predictions:
+        d = p.to_dict()
+        probs = [f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in classes]
+        values = [d[k] for k in CSV_FIELDS]
+        values[CSV_FIELDS.index("confidence")] = (
+            f"{p.confidence:.6f}" if p.confidence is not None else ""
+        )
+        writer.writerow(["" if v is None else v for v in values] + probs)
+    return buffer.getvalue()
+
+
+def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("file", overflow="fold", ratio=3)
+    table.add_column("status")
+    table.add_column("label")
+    table.add_column("confidence", justify="right")
+    for c in classes:
+        table.add_column(c, justify="right")
+    table.add_column("error", overflow="fold")
+    for p in predictions:
+        probs = [f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in classes]
+        table.add_row(
+            p.file,
+            "ok" if p.ok else "[red]error[/]",
+            p.label or "",
+            f"{p.confidence:.3f}" if p.confidence is not None else "",
+            *probs,
+            p.error or "",
+        )
+    # piped output is not wrapped to 80 columns: one file per line stays greppable
+    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    out.print(table)
+
+
+@app.command("classify")
+def classify_command(
+    paths: list[Path] = typer.Argument(..., help="Files and folders (searched recursively)."),
+    model: Path = typer.Option(..., "--model", "-m", help="An ONNX model from `xrwatch export`."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
+    require_gpu: bool = typer.Option(
+        False, "--require-gpu", help="Refuse to run unless the CUDA provider works."
+    ),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a GPU is present."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model run."),
+    threads: int = typer.Option(
+        0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)."
+    ),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> int:
+    """Classify X-ray files; prints one result per file. Exit 1 if any file failed."""
+    configure_logging(log_level)
+    if cpu and require_gpu:
+        raise ConfigError("--cpu and --require-gpu contradict each other")
+    engine = InferenceEngine(
+        model, use_gpu=not cpu, require_gpu=require_gpu, intra_op_threads=threads
+    )
+    files = expand_inputs(paths)
+    if not files:
+        raise ConfigError(f"no files found under {', '.join(str(p) for p in paths)}")
+    predictions = engine.predict_paths(files, batch_size=batch_size)
+    if fmt is OutputFormat.json:
+        typer.echo(render_json(predictions))
+    elif fmt is OutputFormat.csv:
+        typer.echo(render_csv(predictions, engine.classes), nl=False)
+    else:
+        _print_table(predictions, engine.classes)
+    failed = sum(not p.ok for p in predictions)
+    logger.info(
+        "%d file(s) classified, %d failed, on %s", len(predictions), failed, engine.provider
+    )
+    return EXIT_FAILED if failed else EXIT_OK
