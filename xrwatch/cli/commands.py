@@ -6,4 +6,3 @@ One import line per command module; each module must import without torch.
 from __future__ import annotations
 from xrwatch.cli import serve_cmd  # noqa: F401
 from xrwatch.cli import classify_cmd, export_cmd  # noqa: F401
-from xrwatch.cli import classify_cmd, export_cmd  # noqa: F401
