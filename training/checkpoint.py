@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # pickle/zip errors of many kinds
         raise ModelError(f"{p}: not a readable torch checkpoint ({exc})") from exc
     validate_checkpoint(ckpt, source=str(p))
-    return ckpt  # type: ignore[no-any-return]
+    return ckpt
 
 
 def validate_checkpoint(ckpt: Any, *, source: str = "checkpoint") -> None:

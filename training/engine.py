@@ -108,8 +108,8 @@ def _prepare_data(
 ) -> tuple[tuple[str, ...], dict[str, SplitTensors], Splits]:
     index = index_dataset(cfg.data, cfg.task)
     extra: list[Sample] = []
-    for spec in cfg.extra:
-        extra += extra_samples(spec, cfg.task)
+    for extra_spec in cfg.extra:
+        extra += extra_samples(extra_spec, cfg.task)
     splits = make_splits(
         index,
         cfg.split,
@@ -148,12 +148,12 @@ def _prepare_data(
                 f"{first[0]}: {first[1]}; full list in {run_dir / 'skipped_files.csv'}"
             )
     position = {p: i for i, p in enumerate(cache.paths)}
+
+    def readable(part: list[Sample]) -> list[Sample]:
+        return [s for s in part if cache.ok[position[str(Path(s.path).resolve())]]]
+
     kept = Splits(
-        *(
-            [s for s in part if cache.ok[position[str(Path(s.path).resolve())]]]
-            for part in (splits.train, splits.val, splits.test)
-        ),
-        warnings=splits.warnings,
+        readable(splits.train), readable(splits.val), readable(splits.test), splits.warnings
     )
     if d.main:
         write_split_files(kept, run_dir)
@@ -459,9 +459,20 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         raise
 
     _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
-    if d.world > 1:
-        dist.destroy_process_group()
+    _barrier(d)  # every rank returns only once rank 0 has written the run's artefacts
     return run_dir
+
+
+def barrier() -> None:
+    """Wait for every process of a torchrun job (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Tear down the process group at the end of a command (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train_one_epoch(

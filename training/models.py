@@ -77,6 +77,9 @@ class NormalizedClassifier(nn.Module):
     Export traces exactly this module, so ONNX carries the same normalisation.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.backbone = backbone

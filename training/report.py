@@ -115,7 +115,7 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
         "test_balanced_acc", "test_macro_f1", "test_auroc_macro",
         "published_train_acc", "published_val_acc", "published_test_acc", "best_epoch", "run_dir",
     ]  # fmt: skip
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, r in results.items():
         pub = PUBLISHED.get(name, {})
         rows.append({
@@ -157,7 +157,7 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        pub = "/".join(
+        published = "/".join(
             "–" if r[k] is None else f"{r[k]:.1f}"
             for k in ("published_train_acc", "published_val_acc", "published_test_acc")
         )
@@ -165,7 +165,7 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
             f"| {r['experiment']} | {r['setup']} | {_pct(r['train_acc'])} | {_pct(r['val_acc'])} "
             f"| {_pct(r['test_acc'])} | {_pct(r['avg_train_acc_over_epochs'])} "
             f"| {_pct(r['avg_val_acc_over_epochs'])} | {_pct(r['test_balanced_acc'])} "
-            f"| {_pct(r['test_macro_f1'])} | {_pct(r['test_auroc_macro'])} | {pub} |"
+            f"| {_pct(r['test_macro_f1'])} | {_pct(r['test_auroc_macro'])} | {published} |"
         )
     lines.append("")
     lines.append(f"Published test accuracy range over the six: {lo}–{hi} %.")
