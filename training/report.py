@@ -120,7 +120,7 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
         pub = PUBLISHED.get(name, {})
         rows.append({
             "experiment": name,
-            "setup": EXPERIMENT_NOTES.get(name, name),
+            "setup": r.get("setup") or EXPERIMENT_NOTES.get(name, name),
             "train_acc": r.get("train_accuracy"),
             "val_acc": r.get("val_accuracy"),
             "test_acc": r.get("test_accuracy"),

@@ -33,11 +33,14 @@ def _same_recipe(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """The figures Table 1 needs from a finished run folder."""
     summary = json.loads((run_dir / "test_metrics.json").read_text(encoding="utf-8"))
+    cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     test = summary.get("test") or {}
     val = summary.get("val_at_best") or {}
     train_m = summary.get("train_at_best") or {}
     return {
         "run_dir": str(run_dir),
+        "setup": f"{cfg['arch']}, weights {cfg['weights']}, loss {cfg['loss']}, "
+        f"sampler {cfg['sampler']}",
         "best_epoch": summary.get("best_epoch"),
         "train_accuracy": train_m.get("accuracy"),
         "val_accuracy": val.get("accuracy"),

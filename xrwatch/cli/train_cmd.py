@@ -189,7 +189,7 @@ def reproduce_command(
     shutdown_distributed()
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {md} and {csv_path}")
 
 
