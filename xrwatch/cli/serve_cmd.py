@@ -40,6 +40,9 @@ def serve(
         "--once/--no-once",
         help="Process the backlog and exit: 0 if every file was ok, 1 if some failed.",
     ),
+    poll_interval: float | None = typer.Option(
+        None, "--poll-interval", help="Seconds between polls with --poll. \\[default: 1]"
+    ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML file with a \\[serve] table."
     ),
@@ -81,6 +84,7 @@ def serve(
         "state_dir": state_dir,
         "archive": archive,
         "poll": poll,
+        "poll_interval": poll_interval,
         "once": once,
         "stable_seconds": stable_seconds,
         "truncated_timeout": truncated_timeout,
