@@ -1,0 +1,186 @@
+"""The training loop end to end on synthetic data, at small sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from training import engine
+from training.checkpoint import load_checkpoint
+from training.engine import augment, load_run_config, train
+from training.models import model_from_checkpoint
+from training.presets import EXPERIMENTS, TrainConfig, experiment_config
+from xrwatch.cli import main
+from xrwatch.errors import DatasetError
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+
+TINY: dict[str, Any] = {
+    "arch": "tinycnn",
+    "weights": "none",
+    "image_size": 32,
+    "batch_size": 16,
+    "progress": False,
+    "workers": 1,
+}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_short_run_learns_and_writes_a_complete_run_folder(
+    synth_data: Path, tmp_path: Path
+) -> None:
+    cfg = experiment_config("custom", {**TINY, "data": str(synth_data), "epochs": 4,
+                                       "out": str(tmp_path), "name": "run"})  # fmt: skip
+    run = train(cfg)
+    summary = json.loads((run / "test_metrics.json").read_text())
+    # chance is 1/3 balanced accuracy (the official TEST set has three classes)
+    assert summary["test"]["balanced_accuracy"] > 0.7, summary["test"]
+    assert summary["val_at_best"]["balanced_accuracy"] > 0.7
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "best.pt",
+        "last.pt",
+        "curves.png",
+        "confusion_matrix.png",
+        "splits/train.csv",
+        "splits/val.csv",
+        "splits/test.csv",
+    ):
+        assert (run / name).is_file(), name  # fmt: skip
+    assert len(_rows(run / "metrics.csv")) == 4
+    # config.json is complete: it rebuilds the same config
+    assert load_run_config(run) == cfg
+    # best.pt is self-describing, and rebuilding it gives the test metrics back
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["epoch"] == summary["best_epoch"] and ckpt["metrics"]["test"] == summary["test"]
+    assert ckpt["preprocess"] == PreprocessSpec(size=32).to_dict()
+    model = model_from_checkpoint(ckpt)
+    test_rows = _rows(run / "splits" / "test.csv")
+    x = torch.stack(
+        [
+            torch.from_numpy(load_model_input(r["path"], PreprocessSpec(size=32))[0])
+            for r in test_rows
+        ]
+    )[:, None]
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    labels = torch.tensor([ckpt["classes"].index(r["label"]) for r in test_rows])
+    acc = float((pred == labels).float().mean())
+    assert abs(acc - summary["test"]["accuracy"]) < 0.02  # float16 cache vs float32 input
+
+
+def test_interrupt_then_resume_continues_the_same_run(
+    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = experiment_config("custom", {**TINY, "data": str(synth_data), "epochs": 3,
+                                       "out": str(tmp_path), "name": "run"})  # fmt: skip
+    real_epoch = engine._train_one_epoch
+
+    def interrupted_at_2(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if args[8] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_train_one_epoch", interrupted_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    first = _rows(run / "metrics.csv")
+    assert len(first) == 1
+    monkeypatch.setattr(engine, "_train_one_epoch", real_epoch)
+    assert train(load_run_config(run), resume=run) == run
+    rows = _rows(run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0] == first[0]
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 3
+    assert last["lr_scheduler"]["last_epoch"] == 3
+    assert (run / "test_metrics.json").is_file()
+
+
+def test_missing_and_unreadable_images_are_listed_or_stop_with_strict(
+    tiny_synth: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_synth, data)
+    images = sorted((data / "train").glob("person*_bacteria_*.jpeg"))
+    images[0].unlink()
+    images[1].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    base = {**TINY, "data": str(data), "epochs": 1, "out": str(tmp_path / "runs")}
+    run = train(experiment_config("custom", {**base, "name": "lenient"}))
+    skipped = {Path(r["path"]).name: r["reason"] for r in _rows(run / "skipped_files.csv")}
+    assert skipped[images[0].name] == "missing"
+    assert skipped[images[1].name].startswith("unreadable")
+    kept = {Path(r["path"]).name for part in ("train", "val", "test")
+            for r in _rows(run / "splits" / f"{part}.csv")}  # fmt: skip
+    assert images[0].name not in kept and images[1].name not in kept
+    with pytest.raises(DatasetError, match="--strict"):
+        train(experiment_config("custom", {**base, "name": "strict", "strict": True}))
+
+
+def test_augment_flips_and_rotation() -> None:
+    x = torch.rand(6, 1, 16, 16)
+    cfg = TrainConfig(hflip=1.0, vflip=0.0, rotation_p=0.0)
+    torch.testing.assert_close(augment(x, cfg, torch.Generator().manual_seed(0)), x.flip(3))
+    none = TrainConfig(hflip=0.0, vflip=0.0, rotation_p=0.0)
+    torch.testing.assert_close(augment(x, none, torch.Generator()), x)
+    rot = TrainConfig(hflip=0.0, vflip=0.0, rotation_p=1.0, rotation_degrees=30.0)
+    out = augment(x, rot, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.allclose(out, x)
+
+
+@pytest.mark.slow
+def test_all_six_presets_train_a_step(
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision import models as tvm
+
+    from tests.training.test_weights import write_chexnet_checkpoint
+    from training.weights import imagenet_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = imagenet_cache_path("resnet50")
+    target.parent.mkdir(parents=True)
+    torch.save(tvm.resnet50(weights=None).state_dict(), target)
+    chexnet = tmp_path / "model.pth.tar"
+    write_chexnet_checkpoint(chexnet)
+    for name, preset in EXPERIMENTS.items():
+        cfg = experiment_config(name, {
+            "data": str(tiny_synth), "image_size": 32, "batch_size": 2, "epochs": 1,
+            "max_steps_per_epoch": 1, "chexnet_weights": str(chexnet), "out": str(tmp_path),
+            "progress": False, "workers": 1,
+        })  # fmt: skip
+        run = train(cfg)
+        ckpt = load_checkpoint(run / "best.pt")
+        assert (ckpt["arch"], ckpt["experiment"]) == (preset["arch"], name)
+        assert ckpt["config"]["loss"] == preset["loss"]
+        assert ckpt["config"]["sampler"] == preset["sampler"]
+
+
+def test_reproduce_command_writes_table1(tiny_synth: Path, tmp_path: Path) -> None:
+    args = ["reproduce", "--data", str(tiny_synth), "--epochs", "1", "--image-size", "32",
+            "--arch", "tinycnn", "--weights", "none", "--out", str(tmp_path), "--no-progress",
+            "--workers", "1"]  # fmt: skip
+    assert main(args) == 0
+    table = (tmp_path / "table1.md").read_text()
+    for name in EXPERIMENTS:
+        assert f"| {name} |" in table
+        assert (tmp_path / name / "best.pt").is_file()
+    assert "62.1" in table and "Best run" in table
+    rows = _rows(tmp_path / "table1.csv")
+    assert [r["experiment"] for r in rows] == list(EXPERIMENTS)
+    stamp = (tmp_path / "PRCE" / "best.pt").stat().st_mtime_ns
+    assert main(args) == 0  # finished runs are reused, not retrained
+    assert (tmp_path / "PRCE" / "best.pt").stat().st_mtime_ns == stamp
+    # a changed recipe is refused instead of being mixed into the table
+    assert main([*args[:4], "2", *args[5:]]) == 2
