@@ -346,6 +346,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
+    if d.main:
+        logger.info("run %s: %s on %s, %d process(es)", run_dir, cfg.experiment, device, d.world)
     classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
     spec = preprocess_spec(cfg)
     backbone = build_model(cfg.arch, len(classes))
