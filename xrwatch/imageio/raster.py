@@ -27,30 +27,41 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 DRAFT_MIN_FACTOR = 2
 
 
+def _scaled_u8(img: Image.Image) -> np.ndarray:
+    out = np.asarray(img).astype(np.float32)
+    out *= np.float32(1.0 / 255.0)
+    return out
+
+
+def _stretched(arr: np.ndarray) -> np.ndarray:
+    out = arr.astype(np.float32)
+    lo, hi = float(out.min()), float(out.max())
+    if hi <= lo:
+        return np.zeros(out.shape, np.float32)
+    out -= lo
+    out *= np.float32(1.0 / (hi - lo))
+    return np.minimum(out, 1.0, out=out)  # rounding must not step past 1
+
+
 def _to_unit_float(img: Image.Image, path: Path) -> np.ndarray:
+    """Pixels in [0, 1]: 8-bit by /255, 16-bit and float by their real (min..max) range."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img).astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())  # 16-bit: scale by its real range
-        if hi <= lo:
-            return np.zeros(arr.shape, np.float32)
-        return (arr - lo) / (hi - lo)
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        return np.zeros(arr.shape, np.float32) if hi <= lo else (arr - lo) / (hi - lo)
-    if mode in ("1", "L"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-    if mode == "LA":
-        return np.asarray(img.getchannel("L"), dtype=np.float32) / 255.0
-    if mode == "P" or mode == "PA":
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _stretched(np.asarray(img))
+    if mode == "L":
+        return _scaled_u8(img)
+    if mode == "1":
+        return _scaled_u8(img.convert("L"))
+    if mode in ("LA", "La"):
+        return _scaled_u8(img.getchannel("L"))
+    if mode in ("P", "PA"):
         img = img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB")
         mode = img.mode
     if mode in ("RGBA", "RGBa"):
         img = img.convert("RGB")  # alpha ignored: X-rays have no meaningful transparency
         mode = "RGB"
     if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
-        return np.asarray(img.convert("L"), dtype=np.float32) / 255.0  # ITU-R 601-2 luma
+        return _scaled_u8(img.convert("L"))  # ITU-R 601-2 luma
     raise UnsupportedImageError(path, f"unsupported pixel mode {mode!r}")
 
 
@@ -104,7 +115,7 @@ def read_raster(
         if oriented is not img and oriented.size != img.size:
             width, height = height, width
         pixels = _to_unit_float(oriented, path)
-    pixels = np.clip(np.ascontiguousarray(pixels, dtype=np.float32), 0.0, 1.0)
+    pixels = np.ascontiguousarray(pixels)  # already float32 in [0, 1]
     meta = ImageMeta(
         path=str(path),
         kind=kind,

@@ -1,0 +1,142 @@
+"""Decode speed: ms per image for each real file kind, and JPEG draft mode on/off.
+
+    .venv/bin/python benchmarks/decode.py [--data ../shared/data/xray] [--repeat 5]
+
+Times :func:`xrwatch.imageio.read_image` (bytes -> float32 [0, 1]) per file, the median of
+``--repeat`` runs after one warm-up. "draft" decodes with ``min_side`` set to what the
+default model input needs (``PreprocessSpec().min_decode_side``), as serving does; only
+JPEGs honour it. Prints a Markdown table that the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from xrwatch.imageio import read_image
+from xrwatch.preprocess import PreprocessSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up: imports, plugin discovery, file cache
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def per_image_ms(
+    paths: list[Path], min_side: int | None, repeat: int, spec: PreprocessSpec | None = None
+) -> float:
+    """Mean over ``paths`` of the median ms to decode (and, with ``spec``, to resize)."""
+
+    def run(p: Path) -> object:
+        pixels = read_image(p, min_side=min_side).pixels
+        return spec.apply(pixels) if spec is not None else pixels
+
+    return statistics.mean(median_ms(lambda p=p: run(p), repeat) for p in paths)
+
+
+def measure(paths: list[Path], repeat: int, *, jpeg: bool) -> tuple[float, ...]:
+    """(decode full, decode draft, +resize full, +resize draft); draft = NaN unless JPEG."""
+    spec = PreprocessSpec()
+    need = spec.min_decode_side
+    nan = float("nan")
+    return (
+        per_image_ms(paths, None, repeat),
+        per_image_ms(paths, need, repeat) if jpeg else nan,
+        per_image_ms(paths, None, repeat, spec),
+        per_image_ms(paths, need, repeat, spec) if jpeg else nan,
+    )
+
+
+def synthetic_jpeg(directory: Path, side: int = 2000) -> Path:
+    """A 2000 x 2000 grayscale JPEG with chest-film-like structure and noise.
+
+    The noise is set so the file holds ~0.1 bytes per pixel, like the median real Kermany
+    JPEG (0.09): entropy decoding, which draft mode cannot skip, costs what it costs there.
+    """
+    y, x = np.mgrid[0:side, 0:side] / side
+    body = np.exp(-(((x - 0.5) / 0.35) ** 2 + ((y - 0.55) / 0.45) ** 2))
+    lungs = np.exp(-(((np.abs(x - 0.5) - 0.17) / 0.1) ** 2 + ((y - 0.45) / 0.22) ** 2))
+    ribs = 0.08 * np.sin(y * 90) * (lungs > 0.2)
+    noise = np.random.default_rng(0).normal(0, 0.006, (side, side))
+    img = np.clip(0.15 + 0.7 * body - 0.45 * lungs + ribs + noise, 0, 1)
+    path = directory / f"synthetic_{side}.jpg"
+    Image.fromarray((img * 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def describe(path: Path) -> str:
+    decoded = read_image(path)
+    m = decoded.meta
+    ts = f", TS {m.transfer_syntax}" if m.transfer_syntax else ""
+    return f"{m.width}x{m.height} {m.source_mode}{ts}, {path.stat().st_size / 1e3:.0f} kB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xray")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    need = PreprocessSpec().min_decode_side
+    rows: list[tuple[str, str, int, tuple[float, ...]]] = []
+    for path in sorted((args.data / "dicom").glob("*.dcm")):
+        rows.append(
+            (f"DICOM {path.name[:24]}", describe(path), 1, measure([path], args.repeat, jpeg=False))
+        )
+    real = sorted(p for p in (args.data / "real").rglob("*") if p.is_file())
+    for suffix, label in ((".jpeg", "real JPEG (Kermany)"), (".png", "real PNG (COVID-19)")):
+        group = [p for p in real if p.suffix.lower() == suffix]
+        if not group:
+            continue
+        metas = [read_image(p).meta for p in group]
+        kb = statistics.median(p.stat().st_size for p in group) / 1e3
+        widths = [m.width for m in metas]
+        span = f"{min(widths)}-{max(widths)} px wide, median {kb:.0f} kB"
+        rows.append((label, span, len(group), measure(group, args.repeat, jpeg=suffix == ".jpeg")))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synthetic_jpeg(Path(tmp))
+        decoded = read_image(path, min_side=need).meta
+        what = (
+            f"2000x2000 L, {path.stat().st_size / 1e3:.0f} kB "
+            f"(draft decodes {decoded.decoded_width}x{decoded.decoded_height})"
+        )
+        rows.append(("generated JPEG", what, 1, measure([path], args.repeat, jpeg=True)))
+
+    print(
+        f"read_image, median of {args.repeat} runs per file; draft = min_side {need} "
+        "(what a 224 px model input asks for); +resize = then PreprocessSpec().apply"
+    )
+    print()
+    print(
+        "| file kind | what | files | decode ms | decode ms, draft | decode+resize ms "
+        "| decode+resize ms, draft | speed-up (decode+resize) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+
+    def fmt(v: float) -> str:
+        return "-" if math.isnan(v) else f"{v:.1f}"
+
+    for label, what, n, (full, draft, full_r, draft_r) in rows:
+        ratio = "-" if math.isnan(draft_r) else f"{full_r / draft_r:.1f}x"
+        print(
+            f"| {label} | {what} | {n} | {fmt(full)} | {fmt(draft)} | {fmt(full_r)} "
+            f"| {fmt(draft_r)} | {ratio} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
