@@ -7,7 +7,6 @@ import hashlib
 import os
 import time
 from collections import Counter
-from pathlib import Path
 
 from serve_harness import assert_csv_intact, csv_rows, make_png, png_bytes, wait_for
 
