@@ -357,3 +357,13 @@ def test_extension_is_ignored(tmp_path: Path) -> None:
     shutil.copy(src, renamed)
     assert read_image(renamed).meta.kind == "dicom"
     assert os.path.getsize(renamed) > 0
+
+
+def test_malformed_attribute_is_a_decode_error(tmp_path: Path) -> None:
+    source = pydicom.data.get_testdata_file("badVR.dcm")  # holds an IS value of '1A'
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    ds.Modality = "OT"
+    ds.save_as(tmp_path / "bad.dcm")
+    with pytest.raises(ImageDecodeError, match="unreadable attribute"):
+        read_image(tmp_path / "bad.dcm")

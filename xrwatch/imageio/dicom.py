@@ -208,7 +208,8 @@ def _decode(path: Path, ds: Any, ts: str) -> tuple[np.ndarray, str]:
             options: dict[str, Any] = {"as_rgb": True}  # YBR -> RGB while decoding
             arr, info = decoder.as_array(ds, index=0, **options)
     except Exception as exc:
-        raise ImageDecodeError(path, f"DICOM pixel data does not decode: {exc}") from None
+        text = " ".join(str(exc).split())  # plugin errors span several lines
+        raise ImageDecodeError(path, f"DICOM pixel data does not decode: {text}") from None
     for w in caught:
         logger.debug("%s: pixel decoder: %s", path, w.message)
     photometric = str(info.get("photometric_interpretation", ds.PhotometricInterpretation))
@@ -276,6 +277,19 @@ def _colour(path: Path, ds: Any, arr: np.ndarray, photometric: str) -> np.ndarra
 def read_dicom(path: Path, *, max_pixels: int) -> DecodedImage:
     """Read a single-frame projection radiograph into a float32 2-D array in [0, 1]."""
     ds = _read_dataset(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pydicom warns about odd values; log, don't print
+        try:
+            return _read_image(path, ds, max_pixels)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            # pydicom parses values lazily: a malformed attribute surfaces here
+            raise ImageDecodeError(path, f"DICOM has an unreadable attribute: {exc}") from None
+        finally:
+            for w in caught:
+                logger.debug("%s: pydicom: %s", path, w.message)
+
+
+def _read_image(path: Path, ds: Any, max_pixels: int) -> DecodedImage:
     if not any(tag in ds for tag in _IMAGE_PIXEL_TAGS):
         sop = ds.get("SOPClassUID")
         what = getattr(sop, "name", None) or (str(sop) if sop else "an unknown SOP class")
