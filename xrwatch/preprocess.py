@@ -18,12 +18,15 @@ import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from xrwatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from xrwatch.imageio.types import ImageMeta
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ class PreprocessSpec:
         return cls.from_dict(data)
 
 
-def load_model_input(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, Any]:
+def load_model_input(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, ImageMeta]:
     """Read one file and return ``(model_input, meta)``: the one path from bytes to model input.
 
     Training, export verification, ``classify`` and the daemon all call this.

@@ -180,6 +180,8 @@ def inspect_command(
             preview.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--preview {preview}: cannot create it: {exc}") from None
+    import xrwatch.imageio.dicom  # noqa: F401  (import pydicom before the first timing)
+
     taken: set[str] = set()
     results = [
         inspect_file(p, spec, _preview_path(preview, p, taken) if preview else None) for p in paths

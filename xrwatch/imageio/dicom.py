@@ -52,8 +52,12 @@ _IMAGE_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PLUGIN_HINT = (
     "install the DICOM pixel plugins: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
 )
-# Encapsulated syntaxes whose codestream must end with an EOI/EOC marker (FF D9).
-_JPEG_FAMILY_PREFIXES = ("1.2.840.10008.1.2.4.",)
+# Encapsulated syntaxes whose codestream must end with an EOI/EOC marker (FF D9): JPEG
+# (baseline, extended, lossless), JPEG-LS, JPEG 2000 and HTJ2K. Not RLE, not video.
+_ENDS_WITH_EOI = frozenset(
+    "1.2.840.10008.1.2.4." + suffix
+    for suffix in ("50", "51", "57", "70", "80", "81", "90", "91", "92", "93", "201", "202", "203")
+)
 
 
 def _str(ds: Any, keyword: str) -> str | None:
@@ -178,7 +182,7 @@ def _check_pixel_data_complete(path: Path, ds: Any, ts: str) -> None:
     fragments = [f for f in fragments[1:] if f] if fragments else []  # [0] = offset table
     if not fragments:
         raise TruncatedImageError(path, "encapsulated pixel data holds no compressed fragments")
-    if ts.startswith(_JPEG_FAMILY_PREFIXES):
+    if ts in _ENDS_WITH_EOI:
         tail = fragments[-1].rstrip(b"\x00")[-4:]
         if b"\xff\xd9" not in tail:
             raise TruncatedImageError(
