@@ -180,7 +180,7 @@ def inspect_command(
             preview.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--preview {preview}: cannot create it: {exc}") from None
-    import xrwatch.imageio.dicom  # noqa: F401  (import pydicom before the first timing)
+    import pydicom.pixels  # noqa: F401  (so the first file's time is not import time)
 
     taken: set[str] = set()
     results = [
