@@ -1,0 +1,77 @@
+"""int8 (static QDQ, per-channel) and fp16 variants: verified, self-describing, servable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.pipeline import ExportResult
+from xrwatch.engine import InferenceEngine
+from xrwatch.modelmeta import read_model_metadata
+
+
+def test_int8_is_static_qdq_per_channel(full_export: ExportResult) -> None:
+    model = onnx.load(str(full_export.variant("int8").path))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+    assert "DynamicQuantizeLinear" not in ops  # static: scales fixed at calibration
+    inits = {t.name: t for t in model.graph.initializer}
+    per_channel = []
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            weight = inits[node.input[0]]
+            if weight.data_type == onnx.TensorProto.INT8 and len(weight.dims) == 4:
+                per_channel.append(numpy_helper.to_array(inits[node.input[1]]).size > 1)
+    assert per_channel and all(per_channel)  # every conv weight has one scale per channel
+    # probabilities stay float: the softmax is not quantized
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    assert not any(
+        n.op_type == "QuantizeLinear" and n.input[0] == softmax.output[0] for n in model.graph.node
+    )
+
+
+def test_int8_agreement_with_fp32(full_export: ExportResult, real_images: list[Path]) -> None:
+    report = full_export.variant("int8").report
+    assert report.passed and report.reference == "fp32 onnx"
+    assert report.n_images == len(real_images)  # calibration images = verification images
+    assert report.image_agreement is not None and report.image_agreement >= 0.9
+    fp32 = InferenceEngine(full_export.variant("fp32").path, use_gpu=False)
+    int8 = InferenceEngine(full_export.variant("int8").path, use_gpu=False)
+    assert int8.meta.precision == "int8" and int8.classes == fp32.classes
+    assert int8.meta.checkpoint_sha256 == fp32.meta.checkpoint_sha256
+    a = fp32.predict_paths(real_images, batch_size=32)
+    b = int8.predict_paths(real_images, batch_size=32)
+    agree = np.mean([x.label == y.label for x, y in zip(a, b, strict=True)])
+    assert agree == report.image_agreement
+    diffs = [abs(x.confidence - y.confidence) for x, y in zip(a, b, strict=True)]  # type: ignore[operator]
+    assert max(diffs) < 0.1
+
+
+def test_fp16_keeps_float32_io_and_agrees(full_export: ExportResult) -> None:
+    variant = full_export.variant("fp16")
+    assert variant.report.passed and variant.report.max_abs_diff <= 1e-2
+    model = onnx.load(str(variant.path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert read_model_metadata(variant.path).precision == "fp16"
+    engine = InferenceEngine(variant.path, use_gpu=False)
+    batch = np.random.default_rng(0).random((3, 64, 64), dtype=np.float32)
+    fp32 = InferenceEngine(full_export.variant("fp32").path, use_gpu=False)
+    np.testing.assert_allclose(engine.predict_arrays(batch), fp32.predict_arrays(batch), atol=1e-2)
+
+
+def test_model_card(full_export: ExportResult) -> None:
+    assert full_export.card is not None
+    card = full_export.card.read_text()
+    assert "not a medical device" in card and "Intended use" in card
+    for c in full_export.meta.classes:
+        assert c in card
+    for v in full_export.variants:
+        assert v.sha256 in card and v.path.name in card
+    assert full_export.meta.checkpoint_sha256 in card
+    assert "size 64 x 64" in card and "balanced accuracy" in card
+    assert "int8 vs fp32 onnx" in card and "fp32 vs torch" in card
