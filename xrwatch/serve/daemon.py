@@ -600,7 +600,6 @@ class Daemon:
             if self._batch and (
                 len([w for w in self._batch if w.kind == "input"]) >= cfg.batch_size
                 or now - (self._batch_started or now) >= cfg.max_wait
-                or not self._inflight
             ):
                 batch, self._batch, self._batch_started = self._batch, [], None
                 self._commit(batch)
@@ -617,7 +616,10 @@ class Daemon:
                     self._wake.wait(0.2)
                     continue
                 break
-            self._wake.wait(0.05 if len(self.tracker) else 0.5)
+            timeout = 0.05 if len(self.tracker) else 0.5
+            if self._batch_started is not None:
+                timeout = min(timeout, max(0.0, self._batch_started + cfg.max_wait - now))
+            self._wake.wait(timeout)
 
     def _collect(self) -> None:
         for fut in [f for f in self._inflight if f.done()]:

@@ -206,6 +206,7 @@ class ReportWriter:
         Raises :class:`ReportWriteError` (rows stay unreported and are retried later).
         """
         try:
+            self.reports.mkdir(parents=True, exist_ok=True)  # recreated if someone removed it
             with self._locked():
                 self._recover(ledger)
                 rows = ledger.unreported()
