@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from tests.helpers.dicom_factory import write_dicom
-from xrwatch.errors import ImageDecodeError, UnsupportedImageError
+from tests.helpers.dicom_factory import gradient, write_dicom
+from xrwatch.errors import ImageDecodeError, ImageError, UnsupportedImageError
 from xrwatch.imageio import read_image, sniff_format
 
 
@@ -52,3 +54,29 @@ def test_dicm_marker_with_garbage_is_a_decode_error(tmp_path: Path) -> None:
     path.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 300)
     with pytest.raises(ImageDecodeError):
         read_image(path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless])
+def test_random_corruption_raises_only_image_errors(tmp_path: Path, syntax: str) -> None:
+    raw = write_dicom(tmp_path / "src.dcm", pixels=gradient(32, 32), transfer_syntax=syntax)
+    data = raw.read_bytes()
+    rng = random.Random(7)
+    outcomes: set[str] = set()
+    for i in range(120):
+        broken = bytearray(data)
+        if i % 3 == 0:
+            broken = broken[: rng.randrange(132, len(broken))]
+        else:
+            for _ in range(rng.randrange(1, 8)):
+                broken[rng.randrange(132, len(broken))] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(bytes(broken))
+        try:
+            pixels = read_image(path).pixels
+        except ImageError as exc:  # anything else is a bug
+            assert exc.path == str(path)
+            outcomes.add(type(exc).__name__)
+        else:
+            assert pixels.min() >= 0.0 and pixels.max() <= 1.0
+            outcomes.add("ok")
+    assert "TruncatedImageError" in outcomes

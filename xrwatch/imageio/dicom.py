@@ -19,6 +19,7 @@ only a warning, and ``force=True`` accepts anything, so every step is checked ex
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ _PLUGIN_HINT = (
 _ENDS_WITH_EOI = frozenset(
     "1.2.840.10008.1.2.4." + suffix
     for suffix in ("50", "51", "57", "70", "80", "81", "90", "91", "92", "93", "201", "202", "203")
+)
+
+
+# What pydicom raises when it meets a malformed element while converting it on access.
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    NotImplementedError,  # unknown VR
+    OverflowError,
+    struct.error,
 )
 
 
@@ -285,8 +299,10 @@ def read_dicom(path: Path, *, max_pixels: int) -> DecodedImage:
         warnings.simplefilter("always")  # pydicom warns about odd values; log, don't print
         try:
             return _read_image(path, ds, max_pixels)
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-            # pydicom parses values lazily: a malformed attribute surfaces here
+        except EOFError as exc:
+            raise TruncatedImageError(path, f"DICOM file ends early: {exc}") from None
+        except _MALFORMED as exc:
+            # pydicom parses elements lazily: a malformed attribute or VR surfaces here
             raise ImageDecodeError(path, f"DICOM has an unreadable attribute: {exc}") from None
         finally:
             for w in caught:
