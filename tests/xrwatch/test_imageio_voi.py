@@ -51,6 +51,14 @@ def test_voi_lut_clamps_and_scales() -> None:
     np.testing.assert_allclose(out, [0.0, 0.0, 1 / 3, 1.0, 1.0])
 
 
+def test_voi_lut_data_stored_as_ow_bytes() -> None:
+    item = Dataset()
+    item.LUTDescriptor = [3, 0, 12]
+    item.LUTData = np.array([0, 2048, 4095], "<u2").tobytes()
+    out = apply_voi_lut(np.array([0.0, 1.0, 2.0]), item, signed=False)
+    np.testing.assert_allclose(out, [0.0, 2048 / 4095, 1.0])
+
+
 def test_voi_lut_signed_first_value() -> None:
     item = _lut(65536 - 2, 8, [0, 128, 255])  # first mapped value -2 stored as US
     out = apply_voi_lut(np.array([-2.0, -1.0, 0.0]), item, signed=True)

@@ -15,7 +15,7 @@ PROBE = textwrap.dedent(
     import xrwatch, xrwatch.imageio, xrwatch.preprocess, xrwatch.cli
     from xrwatch.cli import commands  # registers every command
     from xrwatch.imageio import read_image
-    for name in ("xrwatch.engine", "xrwatch.modelmeta"):
+    for name in ("xrwatch.engine", "xrwatch.modelmeta", "xrwatch.serve", "xrwatch.serve.daemon"):
         try:
             __import__(name)
         except ImportError:
