@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers.dicom_factory import gradient, write_dicom
 from xrwatch.errors import ImageDecodeError, ImageTooLargeError, TruncatedImageError
 from xrwatch.imageio import read_image
 
@@ -99,12 +102,38 @@ def test_png_with_a_garbage_header_is_a_decode_error(tmp_path: Path) -> None:
         read_image(tmp_path / "h.png")
 
 
-def test_bomb_is_refused_before_allocation(tmp_path: Path) -> None:
-    # 20000 x 20000 = 400 MP of zeros compresses to ~400 kB; never decoded
-    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
-    with pytest.raises(ImageTooLargeError) as info:
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 8-bit gray pixels but holds one tiny IDAT."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("side", "message"),
+    [
+        (20_000, "decompression bomb"),  # 400 MP: past Pillow's own hard limit
+        (10_500, "exceeds the limit of 100,000,000"),  # 110 MP: xrwatch's documented limit
+    ],
+)
+def test_bomb_is_refused_before_allocation(tmp_path: Path, side: int, message: str) -> None:
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(side, side))
+    with pytest.raises(ImageTooLargeError, match=message) as info:
         read_image(tmp_path / "bomb.png")
-    assert "bomb" in info.value.reason
+    assert info.value.path == str(tmp_path / "bomb.png")
+
+
+def test_bomb_dicom_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = write_dicom(
+        tmp_path / "bomb.dcm", pixels=gradient(8, 8), extra={"Rows": 12_000, "Columns": 12_000}
+    )
+    with pytest.raises(ImageTooLargeError, match="144,000,000 pixels exceeds the limit"):
+        read_image(path)
 
 
 def test_documented_pixel_limit_applies(tmp_path: Path) -> None:
