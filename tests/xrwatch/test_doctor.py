@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from xrwatch.cli import main
-from xrwatch.cli.doctor_cmd import collect_checks, cuda_failure_reason, tiny_onnx_model
+from xrwatch.cli.doctor_cmd import (
+    collect_checks,
+    cuda_failure_reason,
+    cuda_session_check,
+    tiny_onnx_model,
+)
 
 
 def test_json_lists_every_section(capsys: pytest.CaptureFixture[str]) -> None:
@@ -66,3 +71,41 @@ def test_cuda_failure_reason_finds_the_missing_library() -> None:
     assert reason.startswith("libonnxruntime_providers_cuda.so does not load: libcublasLt.so.13")
     assert "\x1b" not in reason
     assert cuda_failure_reason("") == "ONNX Runtime fell back to the CPU without saying why"
+
+
+class _FakeSession:
+    def __init__(self, providers: list[str]) -> None:
+        self._providers = providers
+
+    def get_providers(self) -> list[str]:
+        return self._providers
+
+    def run(self, _outputs: object, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feeds["x"] * 2]
+
+
+@pytest.mark.parametrize(
+    ("session_providers", "expected"),
+    [
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], "yes: created and ran"),
+        (["CPUExecutionProvider"], "no: "),
+    ],
+)
+def test_cuda_check_reports_what_the_session_got(
+    monkeypatch: pytest.MonkeyPatch, session_providers: list[str], expected: str
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: _FakeSession(session_providers))
+    check = cuda_session_check()
+    assert check.value.startswith(expected)
+    assert check.status == ("ok" if expected.startswith("yes") else "warn")
+
+
+def test_cuda_check_without_a_cuda_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    check = cuda_session_check()
+    assert check.value.startswith("no: this onnxruntime build has no CUDA provider")
