@@ -367,3 +367,30 @@ def test_malformed_attribute_is_a_decode_error(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "bad.dcm")
     with pytest.raises(ImageDecodeError, match="unreadable attribute"):
         read_image(tmp_path / "bad.dcm")
+
+
+@pytest.mark.parametrize(
+    ("name", "syntax"),
+    [
+        ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81"),  # JPEG-LS near-lossless
+        ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
+        ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),  # JPEG extended, 12-bit
+        ("SC_rgb_jpeg_gdcm.dcm", "1.2.840.10008.1.2.4.70"),  # JPEG lossless SV1, RGB
+        ("SC_rgb_jpeg_dcmtk.dcm", "1.2.840.10008.1.2.4.50"),  # JPEG baseline, YBR_FULL
+        ("SC_rgb_gdcm_KY.dcm", "1.2.840.10008.1.2.4.91"),  # JPEG 2000, RGB
+        ("MR_small_bigendian.dcm", "1.2.840.10008.1.2.2"),  # explicit VR big endian
+        ("image_dfl.dcm", "1.2.840.10008.1.2.1.99"),  # deflated
+    ],
+)
+def test_bundled_transfer_syntaxes_decode(tmp_path: Path, name: str, syntax: str) -> None:
+    source = pydicom.data.get_testdata_file(name)
+    assert isinstance(source, str)
+    ds = pydicom.dcmread(source)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    ds.Modality = "OT"  # several are MR/NM samples; relabel so the radiograph check passes
+    path = tmp_path / name
+    ds.save_as(path)
+    out = _read(path)
+    assert out.shape == (ds.Rows, ds.Columns)
+    assert out.std() > 0.01
+    assert read_image(path).meta.transfer_syntax == syntax
