@@ -99,7 +99,7 @@ def test_interrupt_then_resume_continues_the_same_run(
     first = _rows(run / "metrics.csv")
     assert len(first) == 1
     monkeypatch.setattr(engine, "_train_one_epoch", real_epoch)
-    assert train(load_run_config(run), resume=run) == run
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     rows = _rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0] == first[0]
     last = load_checkpoint(run / "last.pt")
@@ -184,3 +184,13 @@ def test_reproduce_command_writes_table1(tiny_synth: Path, tmp_path: Path) -> No
     assert (tmp_path / "PRCE" / "best.pt").stat().st_mtime_ns == stamp
     # a changed recipe is refused instead of being mixed into the table
     assert main([*args[:4], "2", *args[5:]]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_with_amp_and_channels_last(synth_data: Path, tmp_path: Path) -> None:
+    cfg = experiment_config("custom", {**TINY, "data": str(synth_data), "epochs": 2,
+                                       "out": str(tmp_path), "device": "cuda"})  # fmt: skip
+    run = train(cfg)
+    assert json.loads((run / "test_metrics.json").read_text())["test"]["balanced_accuracy"] > 0.5
+    assert load_checkpoint(run / "best.pt")["model"]["fc.weight"].device.type == "cpu"

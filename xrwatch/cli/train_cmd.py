@@ -68,14 +68,21 @@ CacheOpt = typer.Option(None, "--cache-dir", help="Decoded-image cache (default:
 ArchOpt = typer.Option(None, "--arch", help="resnet50, densenet121 or tinycnn.")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, chexnet or none.")
 ProgressOpt = typer.Option(None, "--progress/--no-progress", help="Rich progress bars.")
-ConfigOpt = typer.Option(None, "--config", help="TOML file of config values ([train] table).")
+ConfigOpt = typer.Option(None, "--config", help="TOML file ([train] table) or a run's config.json.")
 SetOpt = typer.Option(None, "--set", help="Override any config field: KEY=VALUE (repeat).")
 
 
 def _overrides(config: Path | None, sets: list[str] | None, **flags: Any) -> dict[str, Any]:
     from xrwatch.config import merge, read_toml
 
-    file_values = read_toml(config, table="train") if config else {}
+    file_values: dict[str, Any] = {}
+    if config is not None and config.suffix == ".json":  # a run's config.json re-runs it
+        try:
+            file_values = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{config}: cannot read JSON config: {exc}") from exc
+    elif config is not None:
+        file_values = read_toml(config, table="train")
     values = merge(file_values, _parse_sets(sets))
     if flags.get("extra") is not None:
         flags["extra"] = tuple(flags["extra"])
