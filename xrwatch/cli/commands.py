@@ -1,10 +1,15 @@
 """Importing this module registers every command on :data:`xrwatch.cli._app.app`.
 
-One import line per command module; each module must import without torch.
+Each command module must import without torch; commands that need it import it lazily.
 """
 
 from __future__ import annotations
-from xrwatch.cli import serve_cmd  # noqa: F401
-from xrwatch.cli import classify_cmd, export_cmd  # noqa: F401
-from xrwatch.cli import train_cmd  # noqa: F401
-from xrwatch.cli import doctor_cmd, inspect_cmd  # noqa: F401
+
+from xrwatch.cli import (  # noqa: F401
+    classify_cmd,
+    doctor_cmd,
+    export_cmd,
+    inspect_cmd,
+    serve_cmd,
+    train_cmd,
+)
