@@ -101,6 +101,7 @@ class Ledger:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._host = socket.gethostname()
         self._local = threading.local()
+        self._owner_thread = threading.current_thread()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         try:
@@ -120,7 +121,12 @@ class Ledger:
         if con is None:
             con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")  # an outcome on disk before its report row
+            # Outcomes and report marks (main thread) are durable before the report row is
+            # written (FULL). Claims (worker threads) may use NORMAL: WAL order means a
+            # later FULL commit persists them too, and a claim lost to a power cut only
+            # means the file is processed again, never reported twice.
+            sync = "FULL" if threading.current_thread() is self._owner_thread else "NORMAL"
+            con.execute(f"PRAGMA synchronous={sync}")
             con.execute("PRAGMA busy_timeout=30000")
             self._local.con = con
             with self._lock:

@@ -1,0 +1,215 @@
+"""Benchmark the folder daemon against ``classify`` on the same files, in the same run.
+
+    .venv/bin/python benchmarks/serve.py [--files 2000] [--model M.onnx | --arch tinycnn]
+
+1. ``classify`` baseline: :meth:`InferenceEngine.predict_paths` (what ``xrwatch classify``
+   runs) over the first ``--classify-files`` files -> files/s.
+2. Burst: a real ``xrwatch serve`` process (its own process, so its memory is measurable)
+   on an empty folder; ``--files`` real-size X-rays are copied in as fast as possible.
+   Throughput = files / (last report written - first drop). Memory = the daemon's RSS,
+   sampled every 0.5 s while it works: after warm-up (10-20 % of the files) vs. the end.
+3. Latency: files dropped one by one at half the burst throughput; latency = report JSON
+   written (its mtime) - drop time; p50 and p95.
+
+Files are the real JPEGs in ``../shared/data/xray/real`` cycled under unique names (the
+ledger keys on path + content, so each is a new file). Figures go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared" / "data" / "xray" / "real"
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_model(arch: str, size: int, out: Path) -> Path:
+    from export.pipeline import ExportOptions, export_model
+    from tests.helpers.models import make_checkpoint
+
+    ckpt = make_checkpoint(out.parent / "ckpt" / "best.pt", arch=arch, size=size)
+    export_model(ExportOptions(source=ckpt, output=out, card=False))
+    return out
+
+
+def count_json(reports: Path) -> int:
+    folder = reports / "json"
+    return sum(len(files) for _, _, files in os.walk(folder)) if folder.exists() else 0
+
+
+class Daemon:
+    def __init__(self, incoming: Path, reports: Path, model: Path, args: list[str]) -> None:
+        self.sockdir = tempfile.mkdtemp(prefix="xrwb", dir="/tmp")
+        self.sock_path = os.path.join(self.sockdir, "n")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.log = open(reports.parent / "daemon.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "xrwatch", "serve", str(incoming), "--model", str(model),
+                "--reports", str(reports), "--log-level", "WARNING", *args,
+            ],
+            cwd=ROOT, env=dict(os.environ, NOTIFY_SOCKET=self.sock_path),
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.sock.settimeout(120)
+        while b"READY=1" not in self.sock.recv(4096):
+            pass
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(120)
+        self.sock.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        self.log.close()
+        return rc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--files", type=int, default=2000, help="files in the burst")
+    ap.add_argument("--latency-files", type=int, default=200, help="files in the paced phase")
+    ap.add_argument("--classify-files", type=int, default=400, help="files for the baseline")
+    ap.add_argument("--model", type=Path, help="exported model (default: build --arch)")
+    ap.add_argument("--arch", default="tinycnn", help="architecture to build when no --model")
+    ap.add_argument("--size", type=int, default=224, help="input size when building")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--stable-seconds", type=float, default=2.0)
+    ap.add_argument("--max-wait", type=float, default=0.25)
+    args = ap.parse_args()
+
+    sources = sorted(p for p in SHARED.rglob("*") if p.is_file())
+    if not sources:
+        print(f"no images under {SHARED}", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="xrwatch-bench-"))
+    try:
+        model = args.model or build_model(args.arch, args.size, work / "model" / "model.onnx")
+        from xrwatch.engine import InferenceEngine
+
+        engine = InferenceEngine(model)
+        print(f"model {model.name}: {engine.meta.name}, input {engine.spec.size}px, "
+              f"provider {engine.provider}; {len(sources)} source images, "
+              f"{sum(p.stat().st_size for p in sources) / len(sources) / 1024:.0f} KiB avg; "
+              f"{os.cpu_count()} CPUs")  # fmt: skip
+
+        # 1. classify baseline, same files
+        base = [sources[i % len(sources)] for i in range(args.classify_files)]
+        engine.predict_paths(base[:16], batch_size=args.batch_size)  # warm-up
+        t0 = time.perf_counter()
+        results = engine.predict_paths(base, batch_size=args.batch_size)
+        classify_fps = len(base) / (time.perf_counter() - t0)
+        assert all(r.ok for r in results)
+        print(f"classify (predict_paths, batch {args.batch_size}): {classify_fps:.1f} files/s")
+        del engine
+
+        daemon_args = [
+            "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+            "--stable-seconds", str(args.stable_seconds), "--max-wait", str(args.max_wait),
+        ]  # fmt: skip
+
+        # 2. burst
+        incoming, reports = work / "incoming", work / "reports"
+        incoming.mkdir()
+        d = Daemon(incoming, reports, model, daemon_args)
+        samples: list[tuple[int, float]] = []
+        stop_sampling = threading.Event()
+
+        def sample() -> None:
+            while not stop_sampling.is_set():
+                samples.append((count_json(reports), rss_mib(d.proc.pid)))
+                stop_sampling.wait(0.5)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        rss_start = rss_mib(d.proc.pid)
+        t_first = time.time()
+        for i in range(args.files):  # studies of up to 500 files, each in a folder
+            src = sources[i % len(sources)]
+            folder = incoming / f"d{i // 500:02d}"
+            folder.mkdir(exist_ok=True)
+            shutil.copyfile(src, folder / f"{i:05d}{src.suffix}")
+        t_dropped = time.time()
+        while count_json(reports) < args.files:
+            time.sleep(0.05)
+        last = max(p.stat().st_mtime for p in (reports / "json").rglob("*.json"))
+        stop_sampling.set()
+        sampler.join()
+        burst_fps = args.files / (last - t_first)
+
+        def rss_at(lo: float, hi: float) -> float:
+            window = [rss for n, rss in samples if lo * args.files <= n <= hi * args.files]
+            return max(window) if window else float("nan")
+
+        early, middle, late = rss_at(0.1, 0.2), rss_at(0.45, 0.55), rss_at(0.9, 1.0)
+        peak = max(rss for _, rss in samples)
+        print(f"daemon burst of {args.files}: dropped in {t_dropped - t_first:.1f} s, "
+              f"{burst_fps:.1f} files/s = {burst_fps / classify_fps:.2f}x classify")  # fmt: skip
+        print(f"daemon RSS: {rss_start:.0f} MiB when ready (before the first batch); "
+              f"{early:.0f} MiB at 10-20 % of files, {middle:.0f} MiB at 45-55 %, "
+              f"{late:.0f} MiB at 90-100 %; peak {peak:.0f} MiB")  # fmt: skip
+        assert d.stop() == 0
+
+        # 3. latency at half the burst rate
+        incoming2, reports2 = work / "incoming2", work / "reports2"
+        incoming2.mkdir()
+        d = Daemon(incoming2, reports2, model, daemon_args)
+        gap = 2.0 / burst_fps
+        drops: dict[str, float] = {}
+        for i in range(args.latency_files):
+            src = sources[i % len(sources)]
+            name = f"l{i:05d}{src.suffix}"
+            tmp = incoming2 / f".{name}.part"
+            shutil.copyfile(src, tmp)
+            drops[name] = time.time()
+            os.rename(tmp, incoming2 / name)
+            time.sleep(gap)
+        while count_json(reports2) < args.latency_files:
+            time.sleep(0.05)
+        assert d.stop() == 0
+        lat = sorted(
+            (reports2 / "json" / f"{name}.json").stat().st_mtime - t for name, t in drops.items()
+        )
+        p50 = statistics.median(lat)
+        p95 = lat[int(0.95 * (len(lat) - 1))]
+        bound = 2 * args.stable_seconds + args.batch_size / classify_fps + args.max_wait
+        print(f"latency at {1 / gap:.1f} files/s (rename-in): p50 {p50 * 1000:.0f} ms, "
+              f"p95 {p95 * 1000:.0f} ms (target p50 < {bound:.2f} s = 2 x stability "
+              f"{args.stable_seconds} s + one batch)")  # fmt: skip
+        ok_tp = burst_fps >= 0.8 * classify_fps
+        ok_lat = p50 < bound
+        ok_mem = late - early < 25
+        print(f"targets: throughput >= 0.8x classify: {'met' if ok_tp else 'MISSED'}; "
+              f"p50 latency: {'met' if ok_lat else 'MISSED'}; "
+              f"memory flat (< 25 MiB after warm-up): {'met' if ok_mem else 'MISSED'}")  # fmt: skip
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
