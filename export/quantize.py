@@ -61,10 +61,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     source = onnx.load(str(fp32_path))
     props = _metadata(source)
     softmax = [n.name for n in source.graph.node if n.op_type == "Softmax"]
+    converted = batchnorm_to_depthwise_conv(source)
+    if converted:
+        logger.info("int8: %d unfoldable BatchNorm(s) rewritten as depthwise 1x1 Conv", converted)
     with tempfile.TemporaryDirectory(prefix="xrwatch-int8-") as tmp:
+        rewritten = Path(tmp) / "rewritten.onnx"
         prepared = Path(tmp) / "prepared.onnx"
         quantized = Path(tmp) / "int8.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        onnx.save_model(source, str(rewritten))
+        quant_pre_process(str(rewritten), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
             str(quantized),
@@ -81,6 +86,59 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     _restamp(model, props, "int8")
     save_single_file(model, out_path)
     logger.info("quantized %s to int8 with %d calibration images", fp32_path.name, len(calibration))
+
+
+def batchnorm_to_depthwise_conv(model: onnx.ModelProto) -> int:
+    """Rewrite inference-mode BatchNormalization nodes as depthwise 1x1 Convs, in place.
+
+    The exporter folds every BatchNorm that directly follows a Conv. DenseNet's
+    pre-activation BatchNorms (Concat → BN → ReLU → Conv) cannot be folded, and ONNX
+    Runtime has no quantized BatchNorm: each would stay a float island wrapped in
+    Dequantize/Quantize and NHWC↔NCHW Transposes. ``BN(x) = x * s + b`` per channel is
+    exactly a grouped 1x1 Conv with weight ``s`` and bias ``b``, which quantizes to a
+    QLinearConv (per-channel weights make ``s`` exact). Returns how many were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1:
+            continue
+        if not all(name in inits for name in node.input[1:5]):
+            continue
+        gamma, beta, mean, var = (
+            numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:5]
+        )
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        bias = beta - mean * scale
+        channels = scale.shape[0]
+        w_name, b_name = f"{node.name}_dw_weight", f"{node.name}_dw_bias"
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(
+                    scale.astype(np.float32).reshape(channels, 1, 1, 1), w_name
+                ),
+                numpy_helper.from_array(bias.astype(np.float32), b_name),
+            ]
+        )
+        conv = helper.make_node(
+            "Conv",
+            [node.input[0], w_name, b_name],
+            list(node.output),
+            name=f"{node.name}_as_dwconv",
+            group=channels,
+            kernel_shape=[1, 1],
+        )
+        model.graph.node[index].CopyFrom(conv)
+        count += 1
+    if count:  # drop the BatchNorm parameters nothing uses any more
+        used = {name for n in model.graph.node for name in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
 
 
 def convert_fp16(fp32_path: Path, out_path: Path) -> None:

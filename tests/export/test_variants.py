@@ -75,3 +75,55 @@ def test_model_card(full_export: ExportResult) -> None:
     assert full_export.meta.checkpoint_sha256 in card
     assert "size 64 x 64" in card and "balanced accuracy" in card
     assert "int8 vs fp32 onnx" in card and "fp32 vs torch" in card
+
+
+def test_unfoldable_batchnorm_becomes_an_exact_depthwise_conv() -> None:
+    """DenseNet's pre-activation BatchNorms are rewritten so int8 can quantize them."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.quantize import batchnorm_to_depthwise_conv
+
+    rng = np.random.default_rng(0)
+    c = 6
+    params = {
+        "gamma": rng.random(c) + 0.5,
+        "beta": rng.standard_normal(c),
+        "mean": rng.standard_normal(c),
+        "var": rng.random(c) + 0.1,
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+            helper.make_node(
+                "BatchNormalization",
+                ["cat", "gamma", "beta", "mean", "var"],
+                ["bn"],
+                name="norm1",
+                epsilon=1e-5,
+            ),
+            helper.make_node("Relu", ["bn"], ["y"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 2, 5, 5]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 4, 5, 5]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, c, 5, 5])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    feed = {
+        "a": rng.standard_normal((2, 2, 5, 5)).astype(np.float32),
+        "b": rng.standard_normal((2, 4, 5, 5)).astype(np.float32),
+    }
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    assert batchnorm_to_depthwise_conv(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Concat", "Conv", "Relu"]
+    conv = model.graph.node[1]
+    assert any(a.name == "group" and a.i == c for a in conv.attribute)
+    assert {t.name for t in model.graph.initializer} == set(conv.input[1:])  # BN params gone
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,306 @@
+"""Inference speed: torch eager vs ONNX Runtime fp32 vs int8, ResNet50 and DenseNet121.
+
+One run measures, per architecture and batch size, milliseconds per image (median of
+``--repeats`` timed runs after warm-up) for
+
+* torch eager (the checkpoint's ``NormalizedClassifier``, ``torch.inference_mode``),
+* ONNX Runtime fp32 (the file ``xrwatch export`` writes, CPU provider),
+* ONNX Runtime int8 (``--int8``: static QDQ, per-channel, calibrated on real images),
+
+with the same thread count for all three, and prints the ratios. It also reports int8
+top-1 agreement with fp32 on the real images in ``--images`` (default
+``../shared/data/xray/real``). Calibration uses every other image; agreement is given on
+the held-out half and on all of them.
+
+Agreement only means something for a model whose predictions vary. Random weights put
+every image in the same class, so by default each network is first trained briefly
+(``--train-epochs``, from scratch, Adam) on those same real images. That model is not a
+classifier anyone should use; it only has realistic, image-dependent decision
+boundaries. Pass ``--checkpoint ARCH=best.pt`` to benchmark a real trained checkpoint.
+
+    .venv/bin/python benchmarks/inference.py                    # ~10 min on 2 CPU cores
+    .venv/bin/python benchmarks/inference.py --archs resnet50 --train-epochs 0 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+from export.pipeline import ExportOptions, export_model  # noqa: E402
+from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from training.models import build_model, model_from_checkpoint, wrap  # noqa: E402
+from xrwatch.engine import expand_inputs  # noqa: E402
+from xrwatch.preprocess import PreprocessSpec, load_model_input  # noqa: E402
+
+logger = logging.getLogger("benchmarks.inference")
+
+DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "xray" / "real"
+
+
+def load_images(folder: Path, spec: PreprocessSpec) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """Every labelled image under ``folder/<Class>/``: paths, inputs N x 1 x S x S, labels."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    paths, arrays, labels = [], [], []
+    for path in expand_inputs([folder]):
+        arrays.append(load_model_input(path, spec)[0][None])
+        labels.append(classes.index(path.parent.name))
+        paths.append(path)
+    return paths, np.stack(arrays).astype(np.float32), np.array(labels)
+
+
+def train_briefly(
+    arch: str,
+    classes: list[str],
+    spec: PreprocessSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    out: Path,
+) -> Path:
+    """A from-scratch model trained ``epochs`` on (x, y); see the module docstring.
+
+    ``x`` may be smaller than ``spec.size`` (training at reduced resolution is what makes
+    this affordable on a CPU; the networks end in global pooling, so the same weights run
+    at ``spec.size``).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    backbone = build_model(arch, len(classes))
+    model = wrap(backbone, spec.to_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    acc = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(xt), generator=gen)
+        start = time.perf_counter()
+        for i in range(0, len(order), 16):
+            idx = order[i : i + 16]
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.inference_mode():
+            pred = torch.cat([model(xt[i : i + 32]).argmax(1) for i in range(0, len(xt), 32)])
+        acc = float((pred == yt).float().mean())
+        logger.info(
+            "%s epoch %d/%d: loss %.3f, accuracy on the (training) images %.3f, %.0f s",
+            arch,
+            epoch + 1,
+            epochs,
+            float(loss),
+            acc,
+            time.perf_counter() - start,
+        )
+    metrics = {"val": {"accuracy": acc, "balanced_accuracy": acc}, "test": None}
+    ckpt = make_checkpoint(
+        arch=arch,
+        classes=classes,
+        task="multiclass",
+        experiment="benchmark",
+        preprocess=spec,
+        config={"benchmark": "inference", "arch": arch, "epochs": epochs},
+        model_state=backbone.state_dict(),
+        optimizer_state=None,
+        scheduler_state=None,
+        scaler_state=None,
+        epoch=epochs,
+        metrics=metrics,
+        best_val_balanced_accuracy=acc,
+    )
+    return save_checkpoint(ckpt, out)
+
+
+def time_per_image(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int) -> float:
+    """Median milliseconds per image over ``repeats`` timed runs, after two warm-up runs."""
+    run(batch)
+    run(batch)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000 / len(batch)
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_probs(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    return np.concatenate(
+        [session.run(["probabilities"], {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet50", "densenet121"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    parser.add_argument("--train-epochs", type=int, default=4)
+    parser.add_argument("--train-size", type=int, default=96, help="resolution for training")
+    parser.add_argument("--checkpoint", action="append", default=[], metavar="ARCH=PATH")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnxscript", "onnx_ir", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    given = dict(item.split("=", 1) for item in args.checkpoint)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="xrwatch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    spec = PreprocessSpec(size=args.size)
+    paths, x, y = load_images(args.images, spec)
+    classes = sorted(p.name for p in args.images.iterdir() if p.is_dir())
+    calib_dir = work / "calibration"  # every other image, as symlinks (never copies)
+    calib_dir.mkdir(exist_ok=True)
+    for i, path in enumerate(paths[::2]):
+        link = calib_dir / f"{i:03d}{path.suffix}"
+        if not link.exists():
+            link.symlink_to(path.resolve())
+    held_out = np.arange(len(paths)) % 2 == 1
+
+    rows = []
+    x_train: np.ndarray | None = None
+    for arch in args.archs:
+        if arch in given:
+            ckpt_path = Path(given[arch])
+            trained = f"checkpoint {ckpt_path}"
+        elif args.train_epochs > 0:
+            if x_train is None:
+                x_train = load_images(args.images, PreprocessSpec(size=args.train_size))[1]
+            ckpt_path = train_briefly(
+                arch, classes, spec, x_train, y, args.train_epochs, work / arch / "best.pt"
+            )
+            trained = (
+                f"trained {args.train_epochs} epochs from scratch at {args.train_size} px on "
+                f"the same {len(x)} images (not a usable classifier; see docstring)"
+            )
+        else:
+            ckpt_path = work / arch / "best.pt"
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            model0 = build_model(arch, len(classes))
+            save_checkpoint(
+                make_checkpoint(
+                    arch=arch,
+                    classes=classes,
+                    task="multiclass",
+                    experiment="benchmark",
+                    preprocess=spec,
+                    config={},
+                    model_state=model0.state_dict(),
+                    optimizer_state=None,
+                    scheduler_state=None,
+                    scaler_state=None,
+                    epoch=0,
+                    metrics={"val": None, "test": None},
+                    best_val_balanced_accuracy=0.0,
+                ),
+                ckpt_path,
+            )
+            trained = "random weights (agreement meaningless)"
+        out = work / arch / "model.onnx"
+        start = time.perf_counter()
+        result = export_model(
+            ExportOptions(
+                source=ckpt_path,
+                output=out,
+                verify_images=(args.images,),
+                int8=True,
+                calibration=(calib_dir,),
+                min_int8_agreement=0.0,
+                card=False,
+            )
+        )
+        logger.info("%s exported and verified in %.0f s", arch, time.perf_counter() - start)
+        model = model_from_checkpoint(load_checkpoint(ckpt_path))
+        fp32 = ort_session(out, args.threads)
+        int8 = ort_session(result.variant("int8").path, args.threads)
+        p32, p8 = ort_probs(fp32, x), ort_probs(int8, x)
+        same = p32.argmax(1) == p8.argmax(1)
+        fp32_pred = np.bincount(p32.argmax(1), minlength=len(classes))
+        logger.info(
+            "%s fp32 predictions per class %s; accuracy on the images %.3f",
+            arch,
+            dict(zip(classes, fp32_pred.tolist(), strict=True)),
+            float((p32.argmax(1) == y).mean()),
+        )
+
+        def torch_run(batch: np.ndarray, model: torch.nn.Module = model) -> object:
+            with torch.inference_mode():
+                return model(torch.from_numpy(batch))
+
+        for bs in args.batches:
+            batch = np.ascontiguousarray(x[:bs])
+            t_torch = time_per_image(torch_run, batch, args.repeats)
+            t_fp32 = time_per_image(
+                lambda b, s=fp32: s.run(None, {"image": b}), batch, args.repeats
+            )
+            t_int8 = time_per_image(
+                lambda b, s=int8: s.run(None, {"image": b}), batch, args.repeats
+            )
+            rows.append(
+                (
+                    arch,
+                    bs,
+                    t_torch,
+                    t_fp32,
+                    t_int8,
+                    float(same[held_out].mean()),
+                    float(same.mean()),
+                    trained,
+                )
+            )
+            logger.info("%s batch %d done", arch, bs)
+
+    print()
+    print(
+        f"ms/image on {args.threads} threads, {args.size}x{args.size}, median of "
+        f"{args.repeats}; onnxruntime {ort.__version__}, torch {torch.__version__}"
+    )
+    header = (
+        f"{'arch':<12} {'batch':>5} {'torch':>8} {'ort fp32':>9} {'ort int8':>9} "
+        f"{'fp32/torch':>11} {'int8/fp32':>10} {'int8 top-1 agree (held-out / all)':>34}"
+    )
+    print(header)
+    print("-" * len(header))
+    for arch, bs, tt, t32, t8, agree_held, agree_all, _ in rows:
+        print(
+            f"{arch:<12} {bs:>5} {tt:>8.1f} {t32:>9.1f} {t8:>9.1f} {tt / t32:>10.2f}x "
+            f"{t32 / t8:>9.2f}x {agree_held:>22.1%} / {agree_all:.1%}"
+        )
+    for arch in args.archs:
+        note = next(r[7] for r in rows if r[0] == arch)
+        print(f"{arch}: {note}")
+    print(f"models in {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
