@@ -226,3 +226,24 @@ def test_in_process_daemon_stops_cleanly(
     runner.join(30)
     assert result == [0]
     assert (reports / ".xrwatch-state" / "ledger.sqlite3").is_file()
+
+
+def test_deploy_example_config_is_valid() -> None:
+    config = load_serve_config(ROOT / "deploy" / "xrwatch.toml", {})
+    assert config.incoming == Path("/srv/xrwatch/incoming")
+    assert config.state_path == Path("/var/lib/xrwatch")
+    defaults = ServeConfig(Path("i"), Path("m"), Path("r"))
+    for name in ("stable_seconds", "rescan_interval", "batch_size", "max_wait", "workers"):
+        assert getattr(config, name) == getattr(defaults, name), name
+    unit = (ROOT / "deploy" / "xrwatch.service").read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "User=xrwatch",
+    ):
+        assert line in unit, line  # fmt: skip
