@@ -118,12 +118,10 @@ def build_cache(
     else:
         tmp.write_bytes(b"")
     os.replace(tmp, data_file)
-    index_file.write_text(
-        json.dumps(
-            {"paths": names, "ok": ok.tolist(), "failures": failures, "spec": spec.to_dict()}
-        ),
-        encoding="utf-8",
-    )
+    index_tmp = index_file.with_name(index_file.name + f".{os.getpid()}.tmp")
+    meta = {"paths": names, "ok": ok.tolist(), "failures": failures, "spec": spec.to_dict()}
+    index_tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(index_tmp, index_file)  # written last, atomically: its presence means complete
     mapped = (
         np.memmap(data_file, dtype=np.float16, mode="r", shape=shape)
         if names
