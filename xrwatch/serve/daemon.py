@@ -151,6 +151,7 @@ class Daemon:
         self.config = config
         self._engine_factory = engine_factory
         self._stop = threading.Event()
+        self.ready = threading.Event()  # set once the model is loaded and the watch is live
         self._wake = threading.Event()
         self.metrics = Metrics()
         self.counts = {"ok": 0, "error": 0}
@@ -561,6 +562,7 @@ class Daemon:
                 "processing them and exiting (--once)" if cfg.once else "watching for more",
             )
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
+            self.ready.set()
             self._loop(pool)
         finally:
             self._stop.set()
