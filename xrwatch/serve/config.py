@@ -37,7 +37,7 @@ class ServeConfig:
     max_wait: float = 0.25  # seconds a partial batch waits for more files
     workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider
-    lease_seconds: float = 30.0  # a claim whose daemon stopped heartbeating this long is retaken
+    lease_seconds: float = 30.0  # claims of a daemon on another host silent this long are retaken
     ignore: tuple[str, ...] = ()  # extra glob patterns to ignore, on top of DEFAULT_IGNORE
     metrics_port: int | None = None  # serve Prometheus /metrics and /healthz on this port
     metrics_host: str = "127.0.0.1"  # address for the metrics server

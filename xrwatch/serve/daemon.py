@@ -313,11 +313,15 @@ class Daemon:
                 self.ledger.release(row_id)
                 delay = min(max(self.config.stable_seconds, 0.5), 10.0)
                 return Work(cand, rel, "requeue", delay=delay, error=exc.reason)
+            self._truncated_since.pop(rel, None)
             reason = exc.reason
             if not self.config.once:
                 reason += f" (still incomplete after {waited:.0f} s)"
             return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=reason)
         except ImageError as exc:
+            if not os.path.lexists(cand.path):  # removed meanwhile: not ours to report
+                self.ledger.release(row_id)
+                return Work(cand, rel, "skip")
             return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=exc.reason)
         except OSError as exc:
             return Work(

@@ -6,8 +6,8 @@ one daemon), then an outcome (``ok`` or ``error``) with its report record, and f
 ``reported=1`` once its CSV row is on disk. Claims are taken inside ``BEGIN IMMEDIATE``
 against a UNIQUE key, so two daemons on one state dir never process the same file twice.
 
-A claim whose owner is gone (no heartbeat for ``lease_seconds``, or a dead pid on this
-host) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
+A claim whose owner is gone (a dead pid on this host; no heartbeat for ``lease_seconds``
+from another host) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
 again after the restart; it never reached the reports, because outcomes are committed here
 before any report row is written.
 """
@@ -184,9 +184,12 @@ class Ledger:
         if row is None:
             return True
         host, pid, heartbeat_at = row
-        if host == self._host and not _pid_alive(int(pid)):
-            return True
-        return bool(time.time() - float(heartbeat_at) > self.lease_seconds)
+        silent = time.time() - float(heartbeat_at)
+        if host == self._host:
+            # On this host the pid decides: a live daemon busy with a long batch keeps its
+            # claims. The long silence bound only covers a dead daemon's pid being reused.
+            return not _pid_alive(int(pid)) or silent > 10 * self.lease_seconds
+        return bool(silent > self.lease_seconds)
 
     # -- files -------------------------------------------------------------------------
     def is_finished(self, path: str, size: int, mtime_ns: int) -> bool:
