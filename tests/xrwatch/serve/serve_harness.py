@@ -115,14 +115,14 @@ class DaemonProc:
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
 
-    def start(self, *, wait_ready: bool = True) -> DaemonProc:
+    def start(self, *, wait_ready: bool = True, env: dict[str, str] | None = None) -> DaemonProc:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(self.sock_path)
         sock.settimeout(0.2)
         self._sock = sock
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
         self._reader.start()
-        env = dict(os.environ, NOTIFY_SOCKET=self.sock_path, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **(env or {}), NOTIFY_SOCKET=self.sock_path, PYTHONUNBUFFERED="1")
         self._logfh = self.log.open("ab")
         self.proc = subprocess.Popen(
             self.args, cwd=ROOT, env=env, stdout=self._logfh, stderr=subprocess.STDOUT

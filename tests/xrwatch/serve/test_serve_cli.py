@@ -161,7 +161,8 @@ def _free_port() -> int:
 def test_metrics_healthz_and_sd_notify(folders, daemons) -> None:
     incoming, reports = folders
     port = _free_port()
-    d = daemons(incoming, reports, "--metrics-port", str(port)).start()
+    d = daemons(incoming, reports, "--metrics-port", str(port))
+    d.start(env={"WATCHDOG_USEC": "400000"})  # as systemd sets it for WatchdogSec=0.4
     make_png(incoming / "a.png", seed=1)
     (incoming / "b.png").write_text("text")
     wait_for(lambda: len(csv_rows(reports)) == 2, 60, "two rows")
@@ -178,6 +179,7 @@ def test_metrics_healthz_and_sd_notify(folders, daemons) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=10)
     wait_for(lambda: any(m.startswith("STATUS=") and "1 ok" in m for m in d.messages), 30,
              "a STATUS= line with counts")  # fmt: skip
+    wait_for(lambda: sum(m == "WATCHDOG=1" for m in d.messages) >= 3, 30, "watchdog pings")
     assert d.stop() == 0
     assert d.messages[0].startswith("READY=1")
 

@@ -189,3 +189,29 @@ def test_claim_is_exclusive_and_a_dead_owner_is_taken_over(tmp_path: Path) -> No
     assert b.claim("x.png", "other-content", "o", 1, 2, time.time()) is not None
     a.close()
     b.close()
+
+
+def test_report_write_failure_is_logged_and_retried_without_losing_files(folders, daemons) -> None:
+    """The CSV cannot be written for a while (here a folder sits where it should be; as
+    root, permissions would not stop the daemon): outcomes wait in the ledger."""
+    incoming, reports = folders
+    d = daemons(incoming, reports).start()
+    make_png(incoming / "first.png", seed=1)
+    wait_for(lambda: len(csv_rows(reports)) == 1, 60, "first row")
+    csv_path = reports / "predictions.csv"
+    saved = csv_path.read_bytes()
+    csv_path.unlink()
+    csv_path.mkdir()  # appends now fail with IsADirectoryError
+    for i in range(3):
+        make_png(incoming / f"during{i}.png", seed=10 + i)
+    wait_for(lambda: _ledger_states(reports / "state")["ok"] == 4, 60, "outcomes in the ledger")
+    wait_for(lambda: any("cannot write reports" in e["message"] for e in d.log_events()), 30,
+             "the report error in the log")  # fmt: skip
+    assert d.proc is not None and d.proc.poll() is None  # still running
+    csv_path.rmdir()
+    csv_path.write_bytes(saved)  # the problem is fixed: the retry writes the waiting rows
+    wait_for(lambda: len(csv_rows(reports)) == 4, 60, "the rows that waited")
+    assert d.stop() == 0
+    rows = assert_csv_intact(reports)
+    assert sorted(r["file"] for r in rows) == ["during0.png", "during1.png", "during2.png",
+                                               "first.png"]  # fmt: skip
