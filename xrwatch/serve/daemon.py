@@ -26,7 +26,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
@@ -102,9 +102,7 @@ class Work:
     meta: Any = None
     error: str = ""
     done_state: str = ""  # for kind == "done": the recorded outcome
-    archived: bool = False
     delay: float = 0.0  # for kind == "requeue"
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 def _utc_now() -> str:
@@ -296,9 +294,7 @@ class Daemon:
                     identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
         done = self.ledger.finished_row(rel, identity)
         if done is not None:
-            return Work(
-                cand, rel, "done", row_id=done[0], done_state=done[1], archived=bool(done[2])
-            )
+            return Work(cand, rel, "done", row_id=done[0], done_state=done[1])
         row_id = self.ledger.claim(rel, identity, sha, cand.size, cand.mtime_ns, cand.seen_at)
         if row_id is None:
             return Work(cand, rel, "skip")  # another daemon holds it (or just finished it)
