@@ -194,3 +194,34 @@ def test_cuda_run_with_amp_and_channels_last(synth_data: Path, tmp_path: Path) -
     run = train(cfg)
     assert json.loads((run / "test_metrics.json").read_text())["test"]["balanced_accuracy"] > 0.5
     assert load_checkpoint(run / "best.pt")["model"]["fc.weight"].device.type == "cpu"
+
+
+def test_folder_per_class_with_dicom_trains(shared_xray: Path, tmp_path: Path) -> None:
+    """A hospital's own layout: real JPEG/PNG class folders plus real DICOM files."""
+    data = tmp_path / "hospital"
+    for cls in ("Normal", "Bacteria", "Virus", "COVID-19"):
+        (data / cls).mkdir(parents=True)
+        for src in sorted((shared_xray / "real" / cls).iterdir())[:12]:
+            (data / cls / src.name).symlink_to(src)
+    dicoms = sorted((shared_xray / "dicom").glob("*.dcm"))
+    for i, src in enumerate(dicoms):  # one patient folder per DICOM, filed as Normal
+        (data / "Normal" / f"patient{i}").mkdir()
+        (data / "Normal" / f"patient{i}" / src.name).symlink_to(src)
+    cfg = experiment_config("custom", {**TINY, "data": str(data), "split": "patient",
+                                       "epochs": 1, "out": str(tmp_path / "runs")})  # fmt: skip
+    run = train(cfg)
+    assert not (run / "skipped_files.csv").exists()
+    listed = [r["path"] for part in ("train", "val", "test")
+              for r in _rows(run / "splits" / f"{part}.csv")]  # fmt: skip
+    assert sum(p.endswith(".dcm") for p in listed) == len(dicoms)
+    assert len(listed) == 48 + len(dicoms)
+
+
+def test_same_seed_same_run(tiny_synth: Path, tmp_path: Path) -> None:
+    base = {**TINY, "data": str(tiny_synth), "epochs": 2, "out": str(tmp_path)}
+    runs = [train(experiment_config("custom", {**base, "name": f"r{i}"})) for i in range(2)]
+    keep = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    a, b = ([{k: r[k] for k in keep} for r in _rows(run / "metrics.csv")] for run in runs)
+    assert a == b
+    ca, cb = (load_checkpoint(run / "last.pt")["model"] for run in runs)
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
