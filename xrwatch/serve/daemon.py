@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import threading
 import time
@@ -438,8 +439,8 @@ class Daemon:
     def _flush_reports(self) -> None:
         try:
             rows = self.writer.flush(self.ledger)
-        except ReportWriteError as exc:
-            logger.error("%s", exc)
+        except (ReportWriteError, sqlite3.Error) as exc:
+            logger.error("reports not written, will retry: %s", exc)
             self._report_retry_at = time.monotonic() + self._report_backoff
             self._report_backoff = min(self._report_backoff * 2, RETRY_MAX_SECONDS)
             return
@@ -467,8 +468,11 @@ class Daemon:
                 logger.error("%s: cannot move to the archive (%s); will retry", rel, exc)
                 self.tracker.offer(path, delay=self.config.rescan_interval)
                 continue
-            self.ledger.set_archived(row_id, str(dest))
             logger.info("%s: moved to %s", rel, dest)
+            try:
+                self.ledger.set_archived(row_id, str(dest))
+            except sqlite3.Error as exc:  # only bookkeeping: the move itself is done
+                logger.error("%s: cannot record the archive path: %s", rel, exc)
 
     # -- the loop ----------------------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
@@ -609,6 +613,8 @@ class Daemon:
             if self._report_retry_at and now >= self._report_retry_at:
                 self._flush_reports()
             if now >= self._next_rescan:
+                if not cfg.once:
+                    self.watcher.ensure_alive()
                 self.watcher.scan()
                 self._next_rescan = now + cfg.rescan_interval
             self._tick_heartbeats()

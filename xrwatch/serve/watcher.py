@@ -97,7 +97,25 @@ class FolderWatcher:
             self._observer = None
 
     def alive(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        """Whether the watch still runs (an inotify watch ends when its folder is removed)."""
+        obs = self._observer
+        return (
+            obs is not None
+            and obs.is_alive()
+            and bool(obs.emitters)
+            and all(e.is_alive() for e in obs.emitters)
+        )
+
+    def ensure_alive(self) -> None:
+        """Restart a watch that ended (folder removed and recreated, share remounted)."""
+        if self._observer is None or self.alive():
+            return
+        if not self.root.is_dir():
+            logger.error("the watched folder %s is gone; waiting for it to come back", self.root)
+            return
+        logger.warning("the watch on %s had ended; starting it again", self.root)
+        self.stop()
+        self.start()
 
     def scan(self, folder: Path | None = None) -> int:
         """Offer every file under ``folder`` (default: the root); return how many."""

@@ -168,3 +168,19 @@ def test_restart_does_not_reprocess(folders, daemons) -> None:
     time.sleep(1.0)
     assert d2.stop() == 0
     assert len(assert_csv_intact(reports)) == 5
+
+
+def test_watch_restarts_after_incoming_is_removed_and_recreated(folders, daemons) -> None:
+    incoming, reports = folders
+    d = daemons(incoming, reports, "--rescan-interval", "0.5").start()
+    make_png(incoming / "before.png", seed=1)
+    wait_for(lambda: len(csv_rows(reports)) == 1, 60, "first row")
+    os.unlink(incoming / "before.png")
+    incoming.rmdir()  # e.g. a share unmounted...
+    time.sleep(1.0)
+    incoming.mkdir()  # ...and mounted again
+    wait_for(lambda: any("starting it again" in e["message"] for e in d.log_events()),
+             30, "the watch to restart")  # fmt: skip
+    make_png(incoming / "after.png", seed=2)
+    wait_for(lambda: len(csv_rows(reports)) == 2, 60, "a row after the remount")
+    assert d.stop() == 0
