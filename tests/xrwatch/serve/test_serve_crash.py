@@ -215,3 +215,18 @@ def test_report_write_failure_is_logged_and_retried_without_losing_files(folders
     rows = assert_csv_intact(reports)
     assert sorted(r["file"] for r in rows) == ["during0.png", "during1.png", "during2.png",
                                                "first.png"]  # fmt: skip
+
+
+def test_a_model_with_other_classes_starts_a_new_csv(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    ledger = _finished_ledger(tmp_path, 2)
+    ReportWriter(reports, ["A", "B"]).flush(ledger)
+    _ = ledger.claim("new.png", "n", "n", 1, 1, time.time())
+    ledger.finish([(3, "ok", {"file": "new.png", "sha256": "n", "status": "ok",
+                              "probabilities": {"A": 0.2, "B": 0.3, "C": 0.5}})])  # fmt: skip
+    ReportWriter(reports, ["A", "B", "C"]).flush(ledger)
+    old = (reports / "predictions.1.csv").read_text().splitlines()
+    new = assert_csv_intact(reports)
+    assert len(old) == 3 and "prob_C" not in old[0]
+    assert [r["file"] for r in new] == ["new.png"] and new[0]["prob_C"] == "0.500000"
+    ledger.close()
