@@ -67,16 +67,15 @@ def train_briefly(
     arch: str,
     classes: list[str],
     spec: PreprocessSpec,
-    x: np.ndarray,
+    stages: list[tuple[np.ndarray, int]],
     y: np.ndarray,
-    epochs: int,
     out: Path,
 ) -> Path:
-    """A from-scratch model trained ``epochs`` on (x, y); see the module docstring.
+    """A from-scratch model trained on the images; see the module docstring.
 
-    ``x`` may be smaller than ``spec.size`` (training at reduced resolution is what makes
-    this affordable on a CPU; the networks end in global pooling, so the same weights run
-    at ``spec.size``).
+    ``stages`` are ``(inputs, epochs)`` run in order: most epochs at a reduced resolution
+    (what makes this affordable on a CPU), then a short stage at ``spec.size`` so that the
+    BatchNorm statistics and filters fit the resolution the model is exported at.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -84,31 +83,37 @@ def train_briefly(
     model = wrap(backbone, spec.to_dict())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    acc = float("nan")
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=gen)
-        start = time.perf_counter()
-        for i in range(0, len(order), 16):
-            idx = order[i : i + 16]
-            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.inference_mode():
-            pred = torch.cat([model(xt[i : i + 32]).argmax(1) for i in range(0, len(xt), 32)])
-        acc = float((pred == yt).float().mean())
-        logger.info(
-            "%s epoch %d/%d: loss %.3f, accuracy on the (training) images %.3f, %.0f s",
-            arch,
-            epoch + 1,
-            epochs,
-            float(loss),
-            acc,
-            time.perf_counter() - start,
-        )
+    yt = torch.from_numpy(y)
+    acc, total = float("nan"), sum(epochs for _, epochs in stages)
+    done = 0
+    for x, epochs in stages:
+        xt = torch.from_numpy(x)
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(len(xt), generator=gen)
+            start = time.perf_counter()
+            for i in range(0, len(order), 16):
+                idx = order[i : i + 16]
+                loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.inference_mode():
+                pred = torch.cat([model(xt[i : i + 32]).argmax(1) for i in range(0, len(xt), 32)])
+            acc = float((pred == yt).float().mean())
+            done += 1
+            logger.info(
+                "%s epoch %d/%d at %d px: loss %.3f, accuracy on the (training) images %.3f, "
+                "%.0f s",
+                arch,
+                done,
+                total,
+                x.shape[-1],
+                loss.item(),
+                acc,
+                time.perf_counter() - start,
+            )
     metrics = {"val": {"accuracy": acc, "balanced_accuracy": acc}, "test": None}
     ckpt = make_checkpoint(
         arch=arch,
@@ -116,12 +121,12 @@ def train_briefly(
         task="multiclass",
         experiment="benchmark",
         preprocess=spec,
-        config={"benchmark": "inference", "arch": arch, "epochs": epochs},
+        config={"benchmark": "inference", "arch": arch, "epochs": total},
         model_state=backbone.state_dict(),
         optimizer_state=None,
         scheduler_state=None,
         scaler_state=None,
-        epoch=epochs,
+        epoch=total,
         metrics=metrics,
         best_val_balanced_accuracy=acc,
     )
@@ -161,8 +166,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
-    parser.add_argument("--train-epochs", type=int, default=4)
-    parser.add_argument("--train-size", type=int, default=96, help="resolution for training")
+    parser.add_argument("--train-epochs", type=int, default=8, help="at --train-size")
+    parser.add_argument("--train-size", type=int, default=112, help="reduced training resolution")
+    parser.add_argument("--final-epochs", type=int, default=1, help="then at --size")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="ARCH=PATH")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models here")
     args = parser.parse_args()
@@ -195,12 +201,12 @@ def main() -> int:
         elif args.train_epochs > 0:
             if x_train is None:
                 x_train = load_images(args.images, PreprocessSpec(size=args.train_size))[1]
-            ckpt_path = train_briefly(
-                arch, classes, spec, x_train, y, args.train_epochs, work / arch / "best.pt"
-            )
+            stages = [(x_train, args.train_epochs), (x, args.final_epochs)]
+            ckpt_path = train_briefly(arch, classes, spec, stages, y, work / arch / "best.pt")
             trained = (
-                f"trained {args.train_epochs} epochs from scratch at {args.train_size} px on "
-                f"the same {len(x)} images (not a usable classifier; see docstring)"
+                f"trained from scratch on the same {len(x)} images, {args.train_epochs} epochs "
+                f"at {args.train_size} px + {args.final_epochs} at {args.size} px "
+                "(not a usable classifier; see docstring)"
             )
         else:
             ckpt_path = work / arch / "best.pt"
