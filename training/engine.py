@@ -36,6 +36,7 @@ from torch import nn
 from training.cache import build_cache
 from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from training.data import Sample, extra_samples, index_dataset
+from training.labels import TASK_CLASSES
 from training.losses import build_loss
 from training.metrics import classification_metrics
 from training.models import build_model, wrap
@@ -328,6 +329,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    # Weights first: a missing weight file stops the run before any folder is written.
+    backbone = build_model(cfg.arch, len(TASK_CLASSES[cfg.task]))
+    if resume is None:
+        load_pretrained(backbone, cfg.arch, cfg.weights, cfg)
+
     if resume is not None:
         run_dir = Path(resume)
         cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
@@ -350,8 +356,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         logger.info("run %s: %s on %s, %d process(es)", run_dir, cfg.experiment, device, d.world)
     classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
     spec = preprocess_spec(cfg)
-    backbone = build_model(cfg.arch, len(classes))
-    load_pretrained(backbone, cfg.arch, cfg.weights, cfg)
     model: nn.Module = wrap(backbone, spec.to_dict()).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

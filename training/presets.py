@@ -96,9 +96,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         if self.arch == "tinycnn" and self.weights != "none":
-            raise ConfigError("tinycnn has no pretrained weights; use weights='none'")
+            raise ConfigError("tinycnn has no pretrained weights; use --weights none")
         if self.weights == "chexnet" and self.arch != "densenet121":
-            raise ConfigError("CheXNet weights are a DenseNet121's; use arch='densenet121'")
+            raise ConfigError("CheXNet weights are a DenseNet121's; use --arch densenet121")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

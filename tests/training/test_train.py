@@ -225,3 +225,18 @@ def test_same_seed_same_run(tiny_synth: Path, tmp_path: Path) -> None:
     assert a == b
     ca, cb = (load_checkpoint(run / "last.pt")["model"] for run in runs)
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def test_missing_imagenet_weights_stop_before_any_run_folder(
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    out = tmp_path / "runs"
+    args = ["train", "--data", str(tiny_synth), "--experiment", "PRCE", "--out", str(out)]
+    assert main(args) == 2
+    assert not out.exists()
