@@ -100,7 +100,7 @@ def _samples(data: Path, per_class: int) -> list[tuple[Path, str]]:
 
 
 def _step(n: int, text: str) -> None:
-    console.print(f"[bold cyan]{n}.[/] {text}")
+    console.print(f"[bold cyan]{n}.[/] {text}", soft_wrap=True)
 
 
 @app.command(help="Run the whole pipeline on synthetic data in a temporary folder (~1-2 min).")
@@ -121,10 +121,11 @@ def demo(
     t_start = time.monotonic()
     console.print(
         f"[bold]xrwatch demo[/] in {work}  (synthetic data; research use only, "
-        "not a medical device)"
+        "not a medical device)",
+        soft_wrap=True,
     )
     try:
-        code = _run(work, epochs)
+        code = _run(work, epochs, keep)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -132,7 +133,7 @@ def demo(
     raise typer.Exit(code)
 
 
-def _run(work: Path, epochs: int) -> int:
+def _run(work: Path, epochs: int, keep: bool) -> int:
     from PIL import Image
 
     from export.pipeline import ExportOptions, export_model
@@ -250,11 +251,15 @@ def _run(work: Path, epochs: int) -> int:
             f"the demo daemon did not report {missing or 'cleanly'} (exit {codes}); see {reports}"
         )
     _step(6, "daemon stopped cleanly (finished its batch, flushed the reports)")
+    if not keep:
+        console.print("(the demo folder is removed now; --keep keeps it to look at)")
+        return 0
     console.print(
         "\nNext: look at the reports, then serve a folder of your own:\n"
         f"  cat {csv_path}\n"
         f"  xrwatch serve {inbox} --model {model} --reports {reports}\n"
         f"  xrwatch status --state-dir {reports / '.xrwatch-state'}",
         highlight=False,
+        soft_wrap=True,
     )
     return 0
