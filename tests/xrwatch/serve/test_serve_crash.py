@@ -83,18 +83,17 @@ def test_two_daemons_on_one_folder_never_process_a_file_twice(folders, daemons) 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_exits_0(folders, daemons) -> None:
     incoming, reports = folders
-    # a batch waits up to 30 s for 64 files: the 5 files below sit in a batch in flight
-    d = daemons(incoming, reports, "--batch-size", "64", "--max-wait", "30").start()
+    # a batch waits up to 10 min for 64 files: the files below sit in a batch in flight,
+    # and shutdown must commit it rather than wait
+    d = daemons(incoming, reports, "--batch-size", "64", "--max-wait", "600").start()
     for i in range(5):
         make_png(incoming / f"t{i}.png", seed=i)
     make_png(incoming / "sub" / "later.png", seed=77)
     wait_for(lambda: _ledger_states(reports / "state")["claimed"] == 6, 60, "6 claimed files")
     assert csv_rows(reports) == []  # nothing reported yet: the batch is in flight
-    t0 = time.monotonic()
     d.signal(signal.SIGTERM)
     d.signal(signal.SIGTERM)  # a second signal must not interrupt the shutdown
-    assert d.wait(60) == 0
-    assert time.monotonic() - t0 < 25, "did not finish the batch promptly"
+    assert d.wait(120) == 0
     rows = assert_csv_intact(reports)
     assert sorted(r["file"] for r in rows) == ["sub/later.png", *(f"t{i}.png" for i in range(5))]
     assert {r["status"] for r in rows} == {"ok"}
