@@ -16,6 +16,7 @@ Either way the classification head stays freshly initialised for our classes.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,20 @@ def _read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: {what} file not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # Checkpoints from old torch versions (CheXNet's is from 0.3) may pickle objects
+        # the safe loader refuses. The user named this file explicitly, so load it fully,
+        # as torch did by default until 2.6, and say so.
+        logger.warning(
+            "%s: holds objects torch's safe loader refuses (%s); loading it fully, which "
+            "can run code from the file: use only files you trust",
+            path,
+            str(exc).rsplit("WeightsUnpickler error: ", 1)[-1].split(".", 1)[0],
+        )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise ModelError(f"{path}: cannot read {what} ({exc2})") from exc2
     except Exception as exc:
         raise ModelError(f"{path}: cannot read {what} ({exc})") from exc
     if isinstance(obj, dict):
