@@ -78,13 +78,16 @@ def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> S
             value = file_values.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 file_values[key] = str(base / value)
-        source = f"{config_file} [serve] + command line"
+        source = f"{config_file} (serve table) + command line"
     values = merge(file_values, cli_values)
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:  # before 'missing': a misspelt key is the likelier cause
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {field_names()}")
     missing = [k for k in ("incoming", "model", "reports") if values.get(k) is None]
     if missing:
         raise ConfigError(
             f"serve: {', '.join(missing)} not given (pass them on the command line or in the "
-            "[serve] table of --config)"
+            "serve table of --config)"
         )
     return build_config(ServeConfig, values, source=source)
 
