@@ -37,8 +37,14 @@ def _restamp(model: onnx.ModelProto, props: dict[str, str], precision: str) -> N
     set_metadata(model, {**props, mm.KEY_PRECISION: precision})
 
 
-def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
-    """Write the int8 QDQ version of ``fp32_path`` calibrated on ``calibration`` (N x 1 x S x S)."""
+def quantize_int8(
+    fp32_path: Path, out_path: Path, calibration: np.ndarray, *, rewrite_batchnorm: bool = True
+) -> None:
+    """Write the int8 QDQ version of ``fp32_path`` calibrated on ``calibration`` (N x 1 x S x S).
+
+    ``rewrite_batchnorm=False`` leaves unfoldable BatchNorms as float islands (for comparison
+    in the benchmark; see :func:`batchnorm_to_depthwise_conv`).
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -61,7 +67,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     source = onnx.load(str(fp32_path))
     props = _metadata(source)
     softmax = [n.name for n in source.graph.node if n.op_type == "Softmax"]
-    converted = batchnorm_to_depthwise_conv(source)
+    converted = batchnorm_to_depthwise_conv(source) if rewrite_batchnorm else 0
     if converted:
         logger.info("int8: %d unfoldable BatchNorm(s) rewritten as depthwise 1x1 Conv", converted)
     with tempfile.TemporaryDirectory(prefix="xrwatch-int8-") as tmp:
