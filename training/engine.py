@@ -370,6 +370,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     )
 
     start_epoch, best = 1, -1.0
+    last_metrics: dict[str, Any] = {"val": None, "test": None, "train": None}
     history: list[dict[str, Any]] = []
     if resume is not None:
         ckpt = load_checkpoint(run_dir / "last.pt")
@@ -379,6 +380,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_balanced_accuracy"]
+        last_metrics = ckpt["metrics"]
         history = [
             r for r in read_metrics_csv(run_dir / "metrics.csv") if r["epoch"] <= ckpt["epoch"]
         ]
@@ -430,6 +432,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                 improved = val["balanced_accuracy"] > best
                 if improved:
                     best = val["balanced_accuracy"]
+                last_metrics = metrics
                 if d.main:
                     ckpt = checkpoint(epoch, metrics)
                     save_checkpoint(ckpt, run_dir / "last.pt")
@@ -454,7 +457,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         if d.main:
             # Weights as they are now, labelled with the last *completed* epoch: --resume
             # redoes the interrupted epoch from here.
-            save_checkpoint(checkpoint(completed, {"val": None, "test": None, "train": None}),
+            save_checkpoint(checkpoint(completed, last_metrics),
                             run_dir / "last.pt")  # fmt: skip
             write_metrics_csv(history, run_dir / "metrics.csv")
             logger.warning(

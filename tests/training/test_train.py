@@ -95,7 +95,8 @@ def test_interrupt_then_resume_continues_the_same_run(
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     run = tmp_path / "run"
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    interrupted = load_checkpoint(run / "last.pt")
+    assert interrupted["epoch"] == 1 and interrupted["metrics"]["val"]["accuracy"] is not None
     first = _rows(run / "metrics.csv")
     assert len(first) == 1
     monkeypatch.setattr(engine, "_train_one_epoch", real_epoch)
