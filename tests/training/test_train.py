@@ -241,3 +241,21 @@ def test_missing_imagenet_weights_stop_before_any_run_folder(
     args = ["train", "--data", str(tiny_synth), "--experiment", "PRCE", "--out", str(out)]
     assert main(args) == 2
     assert not out.exists()
+
+
+def test_every_field_can_be_set_from_the_cli(tiny_synth: Path, tmp_path: Path) -> None:
+    from xrwatch.cli.train_cmd import _parse_sets
+
+    assert _parse_sets(["focal_alpha=[0.5, 1, 1, 2]", "rotation-degrees=15", "resize=bicubic"]) == {
+        "focal_alpha": [0.5, 1, 1, 2],
+        "rotation_degrees": 15,
+        "resize": "bicubic",
+    }
+    cfg = experiment_config("PRFL", _parse_sets(["focal_alpha=[0.5, 1, 1, 2]", "lr_step=3"]))
+    assert cfg.focal_alpha == (0.5, 1.0, 1.0, 2.0) and cfg.lr_step == 3 and cfg.loss == "focal"
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(tiny_synth), "--set", "bogus=1", "--out", str(out)]) == 2
+    assert (
+        main(["train", "--data", str(tiny_synth), "--set", "epochs=zero", "--out", str(out)]) == 2
+    )
+    assert not out.exists()
