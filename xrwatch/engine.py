@@ -115,6 +115,8 @@ def _create_session(
             if session.get_providers()[0] == CUDA_EP:
                 return session, "CUDA available"
             reason = "the CUDA execution provider could not be created (see ONNX Runtime log)"
+            if not require_gpu:
+                return session, reason  # ONNX Runtime already fell back to the CPU
         if require_gpu:
             raise ProviderError(f"a GPU was required but cannot be used: {reason}")
     try:
