@@ -242,7 +242,11 @@ def _int8(
         tolerance=1.0,  # probabilities may move; agreement is the criterion
         min_agreement=options.min_int8_agreement,
     )
-    return "int8", path, require(report, variant_path(options.output, "int8"))
+    hint = (
+        f" (required top-1 agreement {options.min_int8_agreement:.0%}: "
+        "--min-int8-agreement; more or more representative --calibration images may help)"
+    )
+    return "int8", path, require(report, variant_path(options.output, "int8"), hint)
 
 
 def _fp16(

@@ -195,7 +195,7 @@ def compare(
     )
 
 
-def require(report: VerifyReport, path: Path) -> VerifyReport:
+def require(report: VerifyReport, path: Path, hint: str = "") -> VerifyReport:
     """Log ``report``; raise :class:`ExportVerificationError` naming ``path`` unless it passed."""
     if report.passed:
         logger.info("verified %s: %s", path.name, report.summary())
@@ -203,5 +203,5 @@ def require(report: VerifyReport, path: Path) -> VerifyReport:
     shown = "; ".join(report.mismatches[:5])
     more = f" (+{len(report.mismatches) - 5} more)" if len(report.mismatches) > 5 else ""
     raise ExportVerificationError(
-        f"{path}: verification failed - {report.summary()}; {shown}{more}"
+        f"{path}: verification failed - {report.summary()}; {shown}{more}{hint}"
     )
