@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=0, help="steps per round (default: 20 CUDA, 3 CPU)"
     )
-    ap.add_argument("--files", type=int, default=64, help="full-size JPEGs to decode")
+    ap.add_argument("--files", type=int, default=256, help="full-size JPEGs to decode")
     ap.add_argument("--source-px", type=int, default=1500, help="side of those JPEGs")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
