@@ -53,6 +53,8 @@ from xrwatch.preprocess import PreprocessSpec, load_model_input  # noqa: E402
 
 logger = logging.getLogger("benchmarks.inference")
 
+ROUNDS = 3  # timing rounds; each times every runner in turn
+SETTLE_SECONDS = 0.5  # pause before each timed block (spinning worker threads go idle)
 DECISIVE_MARGIN = 0.1  # fp32 top-2 probability margin above which a flip is a real error
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "xray" / "real"
 
@@ -139,22 +141,27 @@ def train_briefly(
 
 
 def time_per_image(
-    runs: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, repeats: int
+    runs: dict[str, Callable[[np.ndarray], object]],
+    batch: np.ndarray,
+    repeats: int,
+    rounds: int = ROUNDS,
 ) -> dict[str, float]:
-    """Median milliseconds per image of each runner, after two warm-up runs each.
+    """Median milliseconds per image of each runner over ``rounds`` x ``repeats`` runs.
 
-    The runners take turns (one timed run each per round), so a change in machine load
-    during the measurement affects all of them alike rather than whichever ran then.
+    Each round times every runner in turn, ``repeats`` consecutive runs after one warm-up,
+    so a change in machine load affects all of them alike. Before each block we pause:
+    torch's OpenMP threads and ONNX Runtime's pool keep spinning for a while after a run,
+    and would otherwise steal the cores from the next runner.
     """
-    for run in runs.values():
-        run(batch)
-        run(batch)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runs.items():
-            start = time.perf_counter()
+            time.sleep(SETTLE_SECONDS)
             run(batch)
-            times[name].append(time.perf_counter() - start)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run(batch)
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1000 / len(batch) for name, t in times.items()}
 
 
@@ -177,7 +184,7 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per block")
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     parser.add_argument("--train-epochs", type=int, default=8, help="at --train-size")
     parser.add_argument("--train-size", type=int, default=112, help="reduced training resolution")
@@ -299,7 +306,7 @@ def main() -> int:
         }
         if arch == "densenet121" and args.bn_float_variant:
             plain = out.with_name("model.int8-bn-float.onnx")
-            quantize_int8(out, plain, load_images(calib_dir, spec)[1], rewrite_batchnorm=False)
+            quantize_int8(out, plain, x[::2], rewrite_batchnorm=False)  # = calib_dir
             runners["int8 bn-float"] = lambda b, s=ort_session(plain, args.threads): s.run(
                 None, {"image": b}
             )
@@ -314,7 +321,7 @@ def main() -> int:
     print()
     print(
         f"ms/image on {args.threads} threads, {args.size}x{args.size}, median of "
-        f"{args.repeats}; onnxruntime {ort.__version__}, torch {torch.__version__}"
+        f"{ROUNDS} x {args.repeats} runs; onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     header = (
         f"{'arch':<12} {'batch':>5} {'torch':>8} {'ort fp32':>9} {'ort int8':>9} "
