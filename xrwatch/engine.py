@@ -118,7 +118,7 @@ def _create_session(
             if not require_gpu:
                 return session, reason  # ONNX Runtime already fell back to the CPU
         if require_gpu:
-            raise ProviderError(f"a GPU was required but cannot be used: {reason}")
+            raise ProviderError(f"{path}: a GPU was required but cannot be used: {reason}")
     try:
         session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
     except Exception as exc:

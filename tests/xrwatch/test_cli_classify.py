@@ -160,3 +160,21 @@ def test_no_files_found(
 ) -> None:
     code, _, err = run(["classify", str(tmp_path), "--model", str(tiny_onnx_model)], capsys)
     assert code == EXIT_ERROR and "no files" in err
+
+
+def test_cpu_and_require_gpu_contradict(
+    folder: Path, tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["classify", str(folder), "--model", str(tiny_onnx_model), "--cpu", "--require-gpu"]
+    code, _, err = run(argv, capsys)
+    assert code == EXIT_ERROR and "contradict" in err
+
+
+def test_cpu_flag_runs_on_cpu(
+    folder: Path, tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["classify", str(folder / "a.png"), "--model", str(tiny_onnx_model), "--cpu"]
+    argv += ["-f", "json", "--log-level", "INFO"]
+    code, out, err = run(argv, capsys)
+    assert code == EXIT_OK and json.loads(out)[0]["status"] == "ok"
+    assert "CPUExecutionProvider" in err  # the provider that actually ran is logged
