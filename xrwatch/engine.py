@@ -17,6 +17,7 @@ Never imports torch, ``onnx``, ``training`` or ``export``.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from xrwatch.errors import ImageError, ModelError, ProviderError
+from xrwatch.imageio import read_file
 from xrwatch.modelmeta import ModelMeta, file_sha256, metadata_from_session
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
@@ -289,8 +291,9 @@ class InferenceEngine:
         """``(input, image meta, sha256)`` for one file, or its error :class:`Prediction`."""
         sha: str | None = None
         try:
-            sha = file_sha256(path)
-            pixels, meta = load_model_input(path, self.spec)
+            data = read_file(path)  # read once: hashed here, decoded from memory below
+            sha = hashlib.sha256(data).hexdigest()
+            pixels, meta = load_model_input(path, self.spec, data=data)
         except ImageError as exc:
             return self.failure(path, exc.reason, sha256=sha)
         except OSError as exc:

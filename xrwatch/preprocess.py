@@ -136,12 +136,16 @@ class PreprocessSpec:
         return cls.from_dict(data)
 
 
-def load_model_input(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, ImageMeta]:
+def load_model_input(
+    path: str | Path, spec: PreprocessSpec, *, data: bytes | None = None
+) -> tuple[np.ndarray, ImageMeta]:
     """Read one file and return ``(model_input, meta)``: the one path from bytes to model input.
 
-    Training, export verification, ``classify`` and the daemon all call this.
+    Training, export verification, ``classify`` and the daemon all call this. ``data``: the
+    file's bytes when the caller already read them (to hash them), so they are not read
+    twice; ``path`` then only names the file.
     """
     from xrwatch.imageio import read_image
 
-    decoded = read_image(path, min_side=spec.min_decode_side)
+    decoded = read_image(path, min_side=spec.min_decode_side, data=data)
     return spec.apply(decoded.pixels), decoded.meta

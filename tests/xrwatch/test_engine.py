@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
+import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -173,10 +176,10 @@ def test_unexpected_reader_error_is_captured(
 ) -> None:
     real = engine_mod.load_model_input
 
-    def flaky(path: Path, spec: object) -> object:
+    def flaky(path: Path, spec: object, **kwargs: object) -> object:
         if Path(path) == real_images[1]:
             raise RuntimeError("reader bug")
-        return real(path, spec)  # type: ignore[arg-type]
+        return real(path, spec, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engine_mod, "load_model_input", flaky)
     preds = engine.predict_paths(real_images[:3])
@@ -228,3 +231,29 @@ def test_expand_inputs(tmp_path: Path) -> None:
     (tmp_path / "top.png").write_bytes(b"")
     found = expand_inputs([tmp_path, tmp_path / "missing.jpg"])
     assert found == [nested / "x.dcm", tmp_path / "top.png", tmp_path / "missing.jpg"]
+
+
+def test_each_file_is_read_once(
+    engine: InferenceEngine,
+    real_images: list[Path],
+    real_dicoms: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine hashes and decodes the same bytes: each file is opened once, not twice."""
+    files = [real_images[0], real_dicoms[0]]
+    wanted = {str(f) for f in files}
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, str | Path) and str(file) in wanted:
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    preds = engine.predict_paths(files)
+    assert [p.status for p in preds] == ["ok", "ok"]
+    assert sorted(opened) == sorted(wanted)
+    for pred, path in zip(preds, files, strict=True):
+        assert pred.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -31,23 +31,23 @@ def _looks_like_preambleless_dicom(head: bytes) -> bool:
     return int.from_bytes(head[0:2], "big") == 0x0008 and explicit
 
 
-def sniff_format(path: str | Path) -> ImageKind:
-    """Return ``"dicom"``, ``"png"`` or ``"jpeg"``, or raise :class:`UnsupportedImageError`."""
+HEAD_BYTES = 132  # enough for the DICOM preamble and its ``DICM`` marker
+
+
+def sniff_format(path: str | Path, head: bytes | None = None) -> ImageKind:
+    """Return ``"dicom"``, ``"png"`` or ``"jpeg"``, or raise :class:`UnsupportedImageError`.
+
+    ``head``: the file's first bytes when the caller already holds them (then ``path`` is
+    not read, only named in errors).
+    """
     p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            head = fh.read(132)
-    except FileNotFoundError:
-        raise ImageDecodeError(p, "file not found") from None
-    except IsADirectoryError:
-        raise UnsupportedImageError(p, "is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageDecodeError(p, "permission denied: the file is not readable") from None
-    except OSError as exc:
-        raise ImageDecodeError(p, f"cannot be read: {exc.strerror or exc}") from None
+    if head is None:
+        head = _read_head(p)
+    else:
+        head = head[:HEAD_BYTES]
     if not head:
         raise UnsupportedImageError(p, "empty file (0 bytes)")
-    if len(head) >= 132 and head[128:132] == b"DICM":
+    if len(head) >= HEAD_BYTES and head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(PNG_SIGNATURE):
         return "png"
@@ -59,6 +59,25 @@ def sniff_format(path: str | Path) -> ImageKind:
     raise UnsupportedImageError(
         p, f"not a DICOM, PNG or JPEG file (found {return_kind}; formats are detected from content)"
     )
+
+
+def read_file(path: str | Path) -> bytes:
+    """All of a file's bytes; an :class:`ImageError` naming the file when it cannot be read."""
+    return _read_head(Path(path), limit=-1)
+
+
+def _read_head(p: Path, limit: int = HEAD_BYTES) -> bytes:
+    try:
+        with p.open("rb") as fh:
+            return fh.read(limit)
+    except FileNotFoundError:
+        raise ImageDecodeError(p, "file not found") from None
+    except IsADirectoryError:
+        raise UnsupportedImageError(p, "is a directory, not an image file") from None
+    except PermissionError:
+        raise ImageDecodeError(p, "permission denied: the file is not readable") from None
+    except OSError as exc:
+        raise ImageDecodeError(p, f"cannot be read: {exc.strerror or exc}") from None
 
 
 def _is_text(head: bytes) -> bool:

@@ -18,6 +18,7 @@ only a warning, and ``force=True`` accepts anything, so every step is checked ex
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import warnings
@@ -104,14 +105,15 @@ def _meta(
     )
 
 
-def _read_dataset(path: Path) -> Any:
+def _read_dataset(path: Path, data: bytes | None) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(source, force=True)
         except InvalidDicomError as exc:
             raise UnsupportedImageError(path, f"not a valid DICOM file: {exc}") from None
         except EOFError as exc:
@@ -292,9 +294,13 @@ def _colour(path: Path, ds: Any, arr: np.ndarray, photometric: str) -> np.ndarra
     return np.clip(luminance / float(2**bits - 1), 0.0, 1.0)
 
 
-def read_dicom(path: Path, *, max_pixels: int) -> DecodedImage:
-    """Read a single-frame projection radiograph into a float32 2-D array in [0, 1]."""
-    ds = _read_dataset(path)
+def read_dicom(path: Path, *, max_pixels: int, data: bytes | None = None) -> DecodedImage:
+    """Read a single-frame projection radiograph into a float32 2-D array in [0, 1].
+
+    ``data``: the file's bytes when the caller already holds them (``path`` then only
+    names the file).
+    """
+    ds = _read_dataset(path, data)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # pydicom warns about odd values; log, don't print
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import warnings
@@ -66,14 +67,24 @@ def _to_unit_float(img: Image.Image, path: Path) -> np.ndarray:
 
 
 def read_raster(
-    path: Path, *, kind: ImageKind, min_side: int | None, max_pixels: int
+    path: Path,
+    *,
+    kind: ImageKind,
+    min_side: int | None,
+    max_pixels: int,
+    data: bytes | None = None,
 ) -> DecodedImage:
-    """Read a PNG or JPEG file into a float32 2-D array in [0, 1]."""
+    """Read a PNG or JPEG file into a float32 2-D array in [0, 1].
+
+    ``data``: the file's bytes when the caller already holds them (``path`` then only
+    names the file).
+    """
+    source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Pillow's own warning fires at ~89 MP; xrwatch applies its documented limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
             path, f"refused as a decompression bomb before decoding (Pillow: {exc})"

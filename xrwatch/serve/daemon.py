@@ -1,10 +1,10 @@
 """The folder daemon: find files, wait until complete, claim, decode, batch, infer, report.
 
 Threads: the watchdog observer feeds a :class:`StabilityTracker`; a pool of ``workers``
-threads hashes, claims (in the ledger) and decodes each ready file through
-:func:`xrwatch.preprocess.load_model_input`; the main thread batches decoded inputs into
-the inference engine while the workers decode the next ones, records outcomes in the
-ledger, writes the reports and archives inputs.
+threads reads each ready file once, hashes, claims (in the ledger) and decodes those
+bytes through :func:`xrwatch.preprocess.load_model_input`; the main thread batches decoded
+inputs into the inference engine while the workers decode the next ones, records outcomes
+in the ledger, writes the reports and archives inputs.
 
 Lifecycle (after watchdog's ``watchmedo``): :meth:`Daemon.run` returns the exit status.
 SIGTERM, SIGINT and SIGHUP first neutralise further signals, so shutdown happens once, then
@@ -108,14 +108,6 @@ class Work:
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _kind_of(mode: int) -> str:
@@ -261,6 +253,7 @@ class Daemon:
         error = ""
         identity = ""
         sha = ""
+        data: bytes | None = None  # read once: hashed for the ledger, then decoded
         if stat.S_ISLNK(lst.st_mode):
             target = Path(os.path.realpath(cand.path))
             link_id = hashlib.sha256(os.fsencode(os.readlink(cand.path))).hexdigest()
@@ -283,7 +276,8 @@ class Daemon:
                 identity = f"special:{st.st_mode:o}:{st.st_mtime_ns}"
             else:
                 try:
-                    sha = _file_sha256(cand.path)
+                    data = cand.path.read_bytes()
+                    sha = hashlib.sha256(data).hexdigest()
                     identity = sha
                 except PermissionError:
                     error = "permission denied: the daemon's user cannot read this file"
@@ -302,7 +296,7 @@ class Daemon:
         if error:
             return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=error)
         try:
-            array, meta = load_model_input(cand.path, self.spec)
+            array, meta = load_model_input(cand.path, self.spec, data=data)
         except TruncatedImageError as exc:
             first = self._truncated_since.setdefault(rel, time.monotonic())
             waited = time.monotonic() - first
