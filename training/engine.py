@@ -13,6 +13,7 @@ decoding, bounds the speed.
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime as dt
 import json
@@ -207,6 +208,13 @@ def _epoch_order(
     return order[d.rank * per_rank : (d.rank + 1) * per_rank]
 
 
+def _augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The augmentation RNG of one epoch on one rank: seeded afresh each epoch, so that
+    ``--resume`` draws exactly the flips and rotations an uninterrupted run would."""
+    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def _batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -329,6 +337,10 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    # Seeded before the model is built: a new head (and a from-scratch backbone) is drawn
+    # from torch's global RNG, so the same seed gives the same initial weights.
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
     # Weights first: a missing weight file stops the run before any folder is written.
     backbone = build_model(cfg.arch, len(TASK_CLASSES[cfg.task]))
     if resume is None:
@@ -349,8 +361,6 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     _barrier(d)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
 
     if d.main:
         logger.info("run %s: %s on %s, %d process(es)", run_dir, cfg.experiment, device, d.world)
@@ -401,9 +411,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
             best_val_balanced_accuracy=best,
         )  # fmt: skip
 
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + d.rank + start_epoch)
     progress = _progress(cfg, d)
-    completed = start_epoch - 1
+    completed = started = start_epoch - 1
+    lr_at_start = _lr_state(optimizer, scheduler)
     try:
         with progress if progress is not None else nullcontext():
             epoch_bar = (
@@ -412,9 +422,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                 else None
             )
             for epoch in range(start_epoch, cfg.epochs + 1):
+                # The learning rate as the epoch starts: a Ctrl-C checkpoint is labelled with
+                # the previous epoch, so it must not carry this epoch's scheduler step.
+                started, lr_at_start = epoch, _lr_state(optimizer, scheduler)
                 row = _train_one_epoch(
                     train_model, data["train"], loss_fn, optimizer, scaler, cfg, device, d,
-                    epoch, len(classes), aug_gen, progress,
+                    epoch, len(classes), _augment_generator(cfg.seed, epoch, d.rank), progress,
                 )  # fmt: skip
                 row["lr"] = optimizer.param_groups[0]["lr"]
                 scheduler.step()
@@ -456,7 +469,9 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     except KeyboardInterrupt:
         if d.main:
             # Weights as they are now, labelled with the last *completed* epoch: --resume
-            # redoes the interrupted epoch from here.
+            # redoes the interrupted epoch from here, at that epoch's learning rate.
+            if started > completed:
+                _restore_lr_state(optimizer, scheduler, lr_at_start)
             save_checkpoint(checkpoint(completed, last_metrics),
                             run_dir / "last.pt")  # fmt: skip
             write_metrics_csv(history, run_dir / "metrics.csv")
@@ -470,6 +485,20 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
     _barrier(d)  # every rank returns only once rank 0 has written the run's artefacts
     return run_dir
+
+
+def _lr_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[dict[str, Any], list[float]]:
+    return copy.deepcopy(scheduler.state_dict()), [g["lr"] for g in optimizer.param_groups]
+
+
+def _restore_lr_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, state: tuple[dict[str, Any], list[float]]
+) -> None:
+    scheduler.load_state_dict(state[0])
+    for group, lr in zip(optimizer.param_groups, state[1], strict=True):
+        group["lr"] = lr
 
 
 def barrier() -> None:

@@ -80,10 +80,11 @@ def test_short_run_learns_and_writes_a_complete_run_folder(
 
 
 def test_interrupt_then_resume_continues_the_same_run(
-    synth_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = experiment_config("custom", {**TINY, "data": str(synth_data), "epochs": 3,
-                                       "out": str(tmp_path), "name": "run"})  # fmt: skip
+    base = {**TINY, "data": str(tiny_synth), "epochs": 3, "lr_step": 1, "out": str(tmp_path)}
+    reference = train(experiment_config("custom", {**base, "name": "reference"}))
+    cfg = experiment_config("custom", {**base, "name": "run"})
     real_epoch = engine._train_one_epoch
 
     def interrupted_at_2(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -107,6 +108,37 @@ def test_interrupt_then_resume_continues_the_same_run(
     assert last["epoch"] == 3
     assert last["lr_scheduler"]["last_epoch"] == 3
     assert (run / "test_metrics.json").is_file()
+    # exactly the uninterrupted run: same sample order, augmentation draws, optimizer and lr
+    keep = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    assert [{k: r[k] for k in keep} for r in rows] == [
+        {k: r[k] for k in keep} for r in _rows(reference / "metrics.csv")
+    ]
+    ref = load_checkpoint(reference / "last.pt")["model"]
+    assert all(torch.equal(last["model"][k], ref[k]) for k in ref)
+
+
+def test_interrupt_after_the_scheduler_step_keeps_the_epochs_learning_rate(
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = {**TINY, "data": str(tiny_synth), "epochs": 2, "lr_step": 1, "out": str(tmp_path)}
+    cfg = experiment_config("custom", {**base, "name": "run"})
+    real_evaluate = engine.evaluate
+    calls: list[int] = []
+
+    def interrupted_in_second_validation(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # epoch 2 trained, its scheduler step taken, not yet checkpointed
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", interrupted_in_second_validation)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    # labelled epoch 1, so --resume redoes epoch 2: at epoch 2's learning rate, not epoch 3's
+    assert ckpt["epoch"] == 1
+    assert ckpt["lr_scheduler"]["last_epoch"] == 1
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * cfg.lr_gamma)
 
 
 def test_missing_and_unreadable_images_are_listed_or_stop_with_strict(
@@ -220,7 +252,10 @@ def test_folder_per_class_with_dicom_trains(shared_xray: Path, tmp_path: Path) -
 
 def test_same_seed_same_run(tiny_synth: Path, tmp_path: Path) -> None:
     base = {**TINY, "data": str(tiny_synth), "epochs": 2, "out": str(tmp_path)}
-    runs = [train(experiment_config("custom", {**base, "name": f"r{i}"})) for i in range(2)]
+    runs = []
+    for i in range(2):
+        torch.manual_seed(1000 + i)  # whatever the global RNG holds, the run's seed decides
+        runs.append(train(experiment_config("custom", {**base, "name": f"r{i}"})))
     keep = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
     a, b = ([{k: r[k] for k in keep} for r in _rows(run / "metrics.csv")] for run in runs)
     assert a == b
