@@ -32,7 +32,11 @@ def test_torchrun_two_processes_gloo(synth_data: Path, tmp_path: Path) -> None:
     run = out / "ddp"
     ckpt = load_checkpoint(run / "best.pt")
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    assert ckpt["metrics"]["test"] is not None
+    # metrics gathered from both ranks: every image of the split is counted once
+    for split in ("val", "test"):
+        n = len((run / "splits" / f"{split}.csv").read_text().splitlines()) - 1
+        metrics = ckpt["metrics"][split]
+        assert metrics["n"] == n and sum(map(sum, metrics["confusion_matrix"])) == n
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs, written once (by rank 0)
     assert proc.stdout.count("run folder:") == 1
