@@ -67,6 +67,18 @@ _KERMANY_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)
 _SERIES_TOKEN = re.compile(r"[-_](day\d+|fig\w*|[a-z]\d*|\d{1,4}|g\d+\w*|gr\d+|lrg)$", re.I)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The images under ``folder`` (recursively, sorted), by suffix; hidden entries skipped
+    (macOS ``._name.jpg`` AppleDouble files carry an image suffix but hold no image)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
 def patient_group(path: Path, class_dir: Path | None = None) -> str:
     """A patient (or image-series) key, so that no patient ends up in two splits.
 
@@ -204,11 +216,7 @@ def index_folders(root: Path, task: str) -> DatasetIndex:
             )
         for class_dir, fine in dirs:
             label = task_label(fine, task)
-            files = sorted(
-                p
-                for p in class_dir.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            files = image_files(class_dir)
             if label is None:
                 excluded[_exclusion_reason(fine, task)] += len(files)
                 continue
@@ -242,7 +250,7 @@ def extra_samples(spec: str, task: str) -> list[Sample]:
     d = Path(directory)
     if not d.is_dir():
         raise DatasetError(f"--extra {spec!r}: folder {d} not found")
-    files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(d)
     if not files:
         raise DatasetError(f"--extra {spec!r}: no .dcm/.png/.jpg/.jpeg files under {d}")
     return [Sample(p, label, fine or label, "extra:" + patient_group(p, d), "TRAIN") for p in files]

@@ -102,6 +102,19 @@ def test_folder_per_class_and_extra(shared_xray: Path) -> None:
         extra_samples(f"{shared_xray / 'real' / 'Normal'}:Normal", "binary")
 
 
+def test_folder_listing_takes_images_and_skips_hidden_files(tmp_path: Path) -> None:
+    for rel in ("Normal/a.PNG", "Normal/p1/b.dcm", "Normal/notes.txt", "Normal/._a.PNG",
+                "Normal/.thumbs/c.jpg", "Virus/d.jpeg", "Virus/e.jpg"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    index = index_dataset(tmp_path, "multiclass")
+    assert sorted(str(s.path.relative_to(tmp_path)) for s in index.samples) == [
+        "Normal/a.PNG", "Normal/p1/b.dcm", "Virus/d.jpeg", "Virus/e.jpg",
+    ]  # fmt: skip
+    extra = extra_samples(f"{tmp_path / 'Normal'}:COVID-19", "multiclass")
+    assert [s.path.name for s in extra] == ["a.PNG", "b.dcm"]
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no class folders"):
         index_dataset(tmp_path, "multiclass")
