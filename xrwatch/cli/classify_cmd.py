@@ -103,7 +103,11 @@ def classify_command(
     ),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
-    """Classify X-ray files; prints one result per file. Exit 1 if any file failed."""
+    """Classify X-ray files and folders with an exported model.
+
+    Prints one result per file, as a table, CSV or JSON. A file that cannot be read gets
+    status error with its reason and does not stop the rest. Exit 1 if any file failed.
+    """
     configure_logging(log_level)
     if cpu and require_gpu:
         raise ConfigError("--cpu and --require-gpu contradict each other")

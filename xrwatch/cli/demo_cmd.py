@@ -103,7 +103,7 @@ def _step(n: int, text: str) -> None:
     console.print(f"[bold cyan]{n}.[/] {text}", soft_wrap=True)
 
 
-@app.command(help="Run the whole pipeline on synthetic data in a temporary folder (~1-2 min).")
+@app.command()
 def demo(
     workdir: Path | None = typer.Option(
         None, "--workdir", help="Folder to work in (default: a new temporary folder)."
@@ -112,6 +112,12 @@ def demo(
     keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep the folder afterwards."),
     verbose: bool = typer.Option(False, "--verbose", help="Show INFO logs of every step."),
 ) -> int:
+    """Run the whole pipeline on synthetic data, in about two minutes.
+
+    In a temporary folder, with no data and no GPU: make a small synthetic dataset, train
+    and export a small model, start the daemon on an inbox, drop sample files into it and
+    show the predictions as they arrive. Needs the train extra.
+    """
     require_extra("train", "torch", "torchvision", "onnx", "sklearn", "matplotlib")
     from xrwatch.logs import configure_logging
 

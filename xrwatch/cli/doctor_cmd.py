@@ -304,8 +304,12 @@ def doctor_command(
     no_cuda: bool = typer.Option(False, "--no-cuda", help="Skip the CUDA session test."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
-    """Show versions, ONNX Runtime providers (and whether CUDA really works), DICOM pixel
-    plugins and torch. Exit 1 if something serving needs is missing."""
+    """Show what this installation can do, in one table.
+
+    Python and package versions, the ONNX Runtime providers and whether a CUDA session
+    really works (and why not), the DICOM pixel-data plugins, and whether torch is
+    installed. Exit 1 if something serving needs is missing.
+    """
     configure_logging(log_level)
     checks = collect_checks(cuda=not no_cuda)
     if as_json:

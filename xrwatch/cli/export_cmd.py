@@ -47,7 +47,11 @@ def export_command(
     triton_max_batch: int = typer.Option(32, "--triton-max-batch", help="max_batch_size."),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
-    """Export a checkpoint to one self-describing ONNX file, verified against torch."""
+    """Export a checkpoint to a verified ONNX model.
+
+    One self-describing file, verified against torch, plus on request int8/fp16 variants,
+    a model card and a Triton model repository. Needs the train extra.
+    """
     configure_logging(log_level)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

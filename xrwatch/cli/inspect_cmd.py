@@ -168,8 +168,12 @@ def inspect_command(
     aspect: str = typer.Option("stretch", "--aspect", help="stretch or pad (letterbox)."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
-    """Decode each file as the model would see it: format, size, DICOM attributes, decode
-    time and decoded range. Exit 1 if any file failed, each failure with its reason."""
+    """Decode files as the model sees them and show what came out.
+
+    For each file: format, size, DICOM attributes, decode time and the decoded
+    min/max/mean; --preview also writes the model-input image. Exit 1 if any file
+    failed, each failure with its reason.
+    """
     configure_logging(log_level)
     spec = PreprocessSpec(size=size, aspect=aspect)  # type: ignore[arg-type]  # validated
     paths = _expand(files)

@@ -11,11 +11,24 @@ from typing import Any
 import typer
 
 from xrwatch.cli._app import app, console
+from xrwatch.serve.config import ServeConfig
 
-_HELP_DEFAULTS = "Every option can also be set in the \\[serve] table of --config; the CLI wins."
+
+def _with_default(text: str, name: str) -> str:
+    """Help text ending with the option's default, taken from :class:`ServeConfig`.
+
+    The options default to None, so that a value from ``--config`` is not overridden by a
+    CLI default; the real default lives in the config dataclass, and help shows that one.
+    """
+    value = ServeConfig.__dataclass_fields__[name].default
+    if isinstance(value, bool):
+        shown = f"--{name}" if value else f"--no-{name}"
+    else:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{text} (default: {shown})."
 
 
-@app.command(help=f"Watch INCOMING and classify every file dropped into it. {_HELP_DEFAULTS}")
+@app.command()
 def serve(
     incoming: Path | None = typer.Argument(
         None, help="Folder to watch (and its subfolders).", show_default=False
@@ -25,54 +38,97 @@ def serve(
         None, "--reports", help="Folder for predictions.csv and json/."
     ),
     state_dir: Path | None = typer.Option(
-        None, "--state-dir", help="Ledger folder. \\[default: REPORTS/.xrwatch-state]"
+        None,
+        "--state-dir",
+        help="Ledger folder (default: REPORTS/.xrwatch-state).",
     ),
     archive: Path | None = typer.Option(
         None,
         "--archive",
-        help="Move inputs to ARCHIVE/processed or ARCHIVE/failed. \\[default: leave them]",
+        help="Move inputs to ARCHIVE/processed or ARCHIVE/failed (default: leave them).",
     ),
     poll: bool | None = typer.Option(
-        None, "--poll/--no-poll", help="Polling observer, for SMB/NFS shares. \\[default: no-poll]"
+        None,
+        "--poll/--no-poll",
+        help=_with_default("Polling observer, for SMB/NFS shares", "poll"),
     ),
     once: bool | None = typer.Option(
         None,
         "--once/--no-once",
-        help="Process the backlog and exit: 0 if every file was ok, 1 if some failed.",
+        help=_with_default(
+            "Process the backlog and exit: 0 if every file was ok, 1 if some failed", "once"
+        ),
     ),
     poll_interval: float | None = typer.Option(
-        None, "--poll-interval", help="Seconds between polls with --poll. \\[default: 1]"
+        None,
+        "--poll-interval",
+        help=_with_default("Seconds between polls with --poll", "poll_interval"),
     ),
     config: Path | None = typer.Option(
-        None, "--config", "-c", help="TOML file with a \\[serve] table."
+        None, "--config", "-c", help="TOML file whose serve table sets any of these options."
     ),
     stable_seconds: float | None = typer.Option(
-        None, "--stable-seconds", help="Size+mtime unchanged this long = complete. \\[default: 2]"
+        None,
+        "--stable-seconds",
+        help=_with_default(
+            "A file whose size and mtime stay unchanged this long is complete", "stable_seconds"
+        ),
     ),
     truncated_timeout: float | None = typer.Option(
-        None, "--truncated-timeout", help="Still truncated after this = error. \\[default: 300]"
+        None,
+        "--truncated-timeout",
+        help=_with_default(
+            "Seconds after which a file still truncated is reported as an error",
+            "truncated_timeout",
+        ),
     ),
     rescan_interval: float | None = typer.Option(
-        None, "--rescan-interval", help="Seconds between full rescans. \\[default: 60]"
+        None,
+        "--rescan-interval",
+        help=_with_default(
+            "Seconds between full rescans, which catch events the watcher lost", "rescan_interval"
+        ),
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="\\[default: 8]"),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        help=_with_default("Files per inference call", "batch_size"),
+    ),
     max_wait: float | None = typer.Option(
-        None, "--max-wait", help="Seconds a partial batch waits. \\[default: 0.25]"
+        None,
+        "--max-wait",
+        help=_with_default("Seconds a partial batch waits for more files", "max_wait"),
     ),
-    workers: int | None = typer.Option(None, "--workers", help="Decode threads. \\[default: 2]"),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        help=_with_default("Threads that read and decode files while the model runs", "workers"),
+    ),
     provider: str | None = typer.Option(
         None,
         "--provider",
-        help="auto, cpu or cuda (cuda = refuse to run without GPU). \\[default: auto]",
+        help=_with_default("auto, cpu or cuda; cuda refuses to run without a GPU", "provider"),
     ),
     metrics_port: int | None = typer.Option(
         None, "--metrics-port", help="Serve Prometheus /metrics and /healthz on this port."
     ),
     log_format: str | None = typer.Option(
-        None, "--log-format", help="text or json. \\[default: text]"
+        None,
+        "--log-format",
+        help=_with_default("text, or json: one object per line, for journald/ELK", "log_format"),
     ),
-    log_level: str | None = typer.Option(None, "--log-level", help="\\[default: INFO]"),
+    log_level: str | None = typer.Option(
+        None,
+        "--log-level",
+        help=_with_default("DEBUG, INFO, WARNING or ERROR", "log_level"),
+    ),
 ) -> int:
+    """Watch INCOMING and classify every file dropped into it.
+
+    Each file gets exactly one row in REPORTS/predictions.csv (and a JSON file), across
+    crashes and restarts. Every option can also be set in the serve table of --config;
+    the command line wins.
+    """
     from xrwatch.logs import configure_logging
     from xrwatch.serve.config import load_serve_config
     from xrwatch.serve.daemon import serve as run_daemon
@@ -109,12 +165,16 @@ def _ago(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@app.command(help="Counts by outcome, throughput and the last errors, from a daemon's ledger.")
+@app.command()
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     errors: int = typer.Option(5, "--errors", help="How many recent errors to show."),
 ) -> int:
+    """Show a daemon's counts, throughput and last errors.
+
+    Read from the ledger in --state-dir; works while the daemon runs.
+    """
     from xrwatch.errors import ConfigError
     from xrwatch.serve.ledger import Ledger
 

@@ -68,7 +68,9 @@ CacheOpt = typer.Option(None, "--cache-dir", help="Decoded-image cache (default:
 ArchOpt = typer.Option(None, "--arch", help="resnet50, densenet121 or tinycnn.")
 WeightsOpt = typer.Option(None, "--weights", help="imagenet, chexnet or none.")
 ProgressOpt = typer.Option(None, "--progress/--no-progress", help="Rich progress bars.")
-ConfigOpt = typer.Option(None, "--config", help="TOML file ([train] table) or a run's config.json.")
+ConfigOpt = typer.Option(
+    None, "--config", help="TOML file (its train table) or a run's config.json."
+)
 SetOpt = typer.Option(None, "--set", help="Override any config field: KEY=VALUE (repeat).")
 
 
@@ -125,7 +127,11 @@ def train_command(
         None, "--resume", help="Continue the run in this folder where it stopped."
     ),
 ) -> None:
-    """Train one experiment (a preset of the study, or custom) into OUT/NAME."""
+    """Train one experiment into OUT/NAME.
+
+    A preset of the study (--experiment) or a custom one; flags, --config and --set
+    override the preset. Needs the train extra.
+    """
     _logging()
     _require_train()
     from training.engine import load_run_config, shutdown_distributed, train
@@ -177,9 +183,10 @@ def reproduce_command(
     config: Path | None = ConfigOpt,
     set_: list[str] | None = SetOpt,
 ) -> None:
-    """Run the study's six experiments and write OUT/table1.md and OUT/table1.csv.
+    """Run the study's six experiments and write its Table 1.
 
-    Each experiment runs in OUT/<NAME>; a finished one is reused, an interrupted one resumed.
+    Each experiment runs in OUT/<NAME>; a finished one is reused, an interrupted one
+    resumed. The table goes to OUT/table1.md and OUT/table1.csv. Needs the train extra.
     """
     _logging()
     _require_train()
@@ -207,12 +214,19 @@ def dataset_command(
     ),
     task: str = typer.Option("multiclass", "--task", help="multiclass or binary."),
     split: str = typer.Option("official", "--split", help="official or patient."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction"),
-    test_fraction: float = typer.Option(0.15, "--test-fraction"),
-    seed: int = typer.Option(0, "--seed"),
+    val_fraction: float = typer.Option(
+        0.1, "--val-fraction", help="Share of the training images held out for validation."
+    ),
+    test_fraction: float = typer.Option(
+        0.15, "--test-fraction", help="Share carved out as the test set (--split patient)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the carved splits."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Print the class counts per split (the dataset's own TRAIN/TEST and the carved splits)."""
+    """Print a dataset's class counts per split.
+
+    The dataset's own TRAIN/TEST, and the train/val/test splits training would carve.
+    """
     _logging()
     from training.data import index_dataset
     from training.splits import make_splits
@@ -270,9 +284,12 @@ def synth_command(
     out_dir: Path = typer.Argument(..., help="Folder to write the synthetic dataset to."),
     scale: float = typer.Option(1.0, "--scale", help="1.0 = the real dataset's 5,910 images."),
     image_size: int = typer.Option(256, "--image-size", help="Side of the written JPEGs."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Random seed (the same seed, the same images)."),
 ) -> None:
-    """Write a synthetic dataset in the CoronaHack layout (for tests, demos, benchmarks)."""
+    """Write a synthetic dataset in the CoronaHack layout.
+
+    For tests, demos and benchmarks: no real data needed.
+    """
     _logging()
     from training.synth import write_synthetic
 

@@ -1,0 +1,47 @@
+"""Every command's ``--help`` reads well: a one-line summary, and help on every option."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import typer.main
+
+from xrwatch.cli import commands  # noqa: F401  (registers the commands)
+from xrwatch.cli._app import app, main
+
+GROUP = typer.main.get_command(app)
+COMMANDS = sorted(GROUP.commands)  # type: ignore[attr-defined]
+
+
+def test_every_command_is_listed() -> None:
+    assert {"classify", "demo", "doctor", "export", "inspect", "serve", "status"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_command_summary_is_one_line(name: str) -> None:
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    text = inspect.cleandoc(command.help or "")
+    summary = text.split("\n\n")[0]
+    assert summary, f"{name}: no help text"
+    assert "\n" not in summary, f"{name}: the summary is hard-wrapped: {summary!r}"
+    assert len(summary) <= 70, f"{name}: the summary is too long for the command list"
+    assert "\\[" not in text, f"{name}: a rich escape shows literally without rich"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_has_help(name: str) -> None:
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    for param in command.params:
+        help_text = getattr(param, "help", None)
+        assert help_text, f"{name} {param.opts}: no help text"
+        assert "\\[" not in help_text and "[" not in help_text.replace("[default", ""), (
+            f"{name} {param.opts}: square brackets are read as rich markup and vanish"
+        )
+
+
+@pytest.mark.parametrize("name", ["", *COMMANDS])
+def test_help_exits_0(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([name, "--help"] if name else ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Usage" in out
