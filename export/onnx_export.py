@@ -11,7 +11,6 @@ weights are embedded (no external data file).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import warnings
@@ -22,6 +21,7 @@ import onnx
 import torch
 from torch import nn
 
+from training.presets import config_sha256
 from xrwatch import __version__
 from xrwatch import modelmeta as mm
 from xrwatch.preprocess import PreprocessSpec
@@ -43,12 +43,6 @@ class WithProbabilities(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(image)
         return logits, torch.softmax(logits, dim=1)
-
-
-def config_sha256(config: Any) -> str:
-    """sha256 of the canonical JSON of the training config (sorted keys, no spaces)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def build_metadata(

@@ -107,8 +107,14 @@ class TrainConfig:
         return d
 
     def sha256(self) -> str:
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """The hash exported models carry as ``xrwatch.config_sha256``."""
+        return config_sha256(self.to_dict())
+
+
+def config_sha256(config: Any) -> str:
+    """sha256 of the canonical JSON of a training config (sorted keys, no spaces)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # The study's six experiments (Table 1). Everything else is the shared recipe above.

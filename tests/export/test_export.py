@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import export.pipeline as pipeline
-from export.onnx_export import config_sha256
 from export.pipeline import ExportOptions, ExportResult, export_model
 from export.verify import ExportVerificationError
 from tests.helpers.models import make_checkpoint
 from training.checkpoint import load_checkpoint
 from training.models import model_from_checkpoint
+from training.presets import config_sha256
 from xrwatch.cli._app import EXIT_ERROR, EXIT_OK, main
 from xrwatch.engine import InferenceEngine
 from xrwatch.errors import ConfigError

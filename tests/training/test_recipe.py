@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
 import torch
 
 from training.engine import Dist, _epoch_order
-from training.presets import EXPERIMENTS, TrainConfig, experiment_config
+from training.presets import EXPERIMENTS, TrainConfig, config_sha256, experiment_config
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -51,3 +52,10 @@ def test_ranks_share_one_seeded_order_per_epoch(sampler: str) -> None:
     assert len(one[0]) == len(one[1]) == len(labels) // 2  # same step count on every rank
     whole = _epoch_order(labels, cfg, 1, Dist(), 3)
     assert torch.equal(torch.cat(one), whole[: 2 * (len(labels) // 2)])  # disjoint positions
+
+
+def test_config_hash_survives_config_json() -> None:
+    """The hash exported models carry is that of the run's config.json, tuples and all."""
+    cfg = experiment_config("PRFL", {"focal_alpha": [1, 2, 3, 4], "extra": ["x:COVID-19"]})
+    assert config_sha256(json.loads(json.dumps(cfg.to_dict()))) == cfg.sha256()
+    assert cfg.sha256() != experiment_config("PRFL").sha256()
