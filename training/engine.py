@@ -42,7 +42,13 @@ from training.losses import build_loss
 from training.metrics import classification_metrics
 from training.models import build_model, wrap
 from training.presets import TrainConfig
-from training.report import plot_confusion, plot_curves, read_metrics_csv, write_metrics_csv
+from training.report import (
+    plot_confusion,
+    plot_curves,
+    read_metrics_csv,
+    write_json,
+    write_metrics_csv,
+)
 from training.splits import Splits, make_splits, write_split_files
 from training.weights import load_pretrained
 from xrwatch.config import build_config
@@ -160,7 +166,7 @@ def _prepare_data(
     if d.main:
         write_split_files(kept, run_dir)
         counts = kept.counts(index.classes)
-        (run_dir / "splits" / "counts.json").write_text(json.dumps(counts, indent=2))
+        write_json(run_dir / "splits" / "counts.json", counts)
         logger.info("split sizes (per class): %s", counts)
     if not kept.train:
         raise DatasetError(f"{cfg.data}: no readable training image (see skipped_files.csv)")
@@ -359,7 +365,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                     f"{run_dir} already holds a run; use --resume {run_dir} or --name"
                 )
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            write_json(run_dir / "config.json", cfg.to_dict())
     _barrier(d)
 
     if d.main:
@@ -620,7 +626,7 @@ def _finish(
         "avg_train_accuracy_over_epochs": float(np.mean(train_accs)) if train_accs else None,
         "avg_val_accuracy_over_epochs": float(np.mean(val_accs)) if val_accs else None,
     }
-    (run_dir / "test_metrics.json").write_text(json.dumps(summary, indent=2))
+    write_json(run_dir / "test_metrics.json", summary)
     plot_curves(history, run_dir / "curves.png", f"{cfg.experiment} ({cfg.arch}, {cfg.task})")
     shown = test or best_ckpt["metrics"]["val"]
     which = "test" if test else "validation"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,24 @@ METRICS_COLUMNS = (
 )
 
 
+def write_json(path: Path, data: Any) -> Path:
+    """``data`` as indented UTF-8 JSON, atomically: ``test_metrics.json`` marks a finished
+    run for ``xrwatch reproduce``, so a half-written file must never exist."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def write_metrics_csv(history: Sequence[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    """One row per epoch; rewritten whole (atomically) each epoch, read back by --resume."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for row in history:
             w.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRICS_COLUMNS})
+    os.replace(tmp, path)
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
@@ -176,5 +189,5 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
         )
     md_path = out_dir / "table1.md"
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out_dir / "table1.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_json(out_dir / "table1.json", results)
     return md_path, csv_path
