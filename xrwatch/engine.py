@@ -20,7 +20,7 @@ import ctypes
 import hashlib
 import logging
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ import numpy as np
 
 from xrwatch.errors import ImageError, ModelError, ProviderError
 from xrwatch.imageio import read_file
+from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
 from xrwatch.modelmeta import ModelMeta, file_sha256, metadata_from_session
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
@@ -340,23 +341,3 @@ class InferenceEngine:
     def describe(self) -> dict[str, Any]:
         """Model and provider facts, for logs, reports and health endpoints."""
         return {**self.meta.to_dict(), "provider": self.provider, "providers": list(self.providers)}
-
-
-def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files given directly, plus every file under given folders (recursively, sorted).
-
-    Hidden files and folders (``.name``) inside folders are skipped; a path that does not
-    exist is returned as is so that it is reported as an error rather than dropped.
-    """
-    out: list[Path] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            out.extend(
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        else:
-            out.append(p)
-    return out

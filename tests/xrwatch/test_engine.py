@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from xrwatch import engine as engine_mod
-from xrwatch.engine import InferenceEngine, Prediction, expand_inputs
+from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ModelError, ModelMetadataError, ProviderError
 from xrwatch.preprocess import load_model_input
 
@@ -221,16 +221,6 @@ def test_metadata_must_fit_the_graph(tiny_onnx_model: Path, tmp_path: Path) -> N
     onnx.save(model, str(stripped))
     with pytest.raises(ModelMetadataError, match=r"stripped\.onnx"):
         InferenceEngine(stripped)
-
-
-def test_expand_inputs(tmp_path: Path) -> None:
-    nested = tmp_path / "a" / "b"
-    nested.mkdir(parents=True)
-    (nested / "x.dcm").write_bytes(b"\0" * 132)
-    (tmp_path / "a" / ".hidden").write_text("skip me")
-    (tmp_path / "top.png").write_bytes(b"")
-    found = expand_inputs([tmp_path, tmp_path / "missing.jpg"])
-    assert found == [nested / "x.dcm", tmp_path / "top.png", tmp_path / "missing.jpg"]
 
 
 def test_each_file_is_read_once(

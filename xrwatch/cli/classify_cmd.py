@@ -14,8 +14,9 @@ import typer
 from rich.console import Console
 
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
-from xrwatch.engine import InferenceEngine, Prediction, expand_inputs
+from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
+from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
 
 logger = logging.getLogger(__name__)

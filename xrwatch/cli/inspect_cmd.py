@@ -14,6 +14,7 @@ import typer
 
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console, err_console
 from xrwatch.errors import ConfigError, ImageError
+from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
 from xrwatch.preprocess import PreprocessSpec
 
@@ -56,18 +57,6 @@ def _syntax_name(uid: str | None) -> str | None:
 
     name = UID(uid).name
     return None if name == uid else name
-
-
-def _expand(paths: list[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(
-                f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")
-            )
-        else:
-            out.append(p)
-    return out
 
 
 def _preview_path(directory: Path, source: Path, taken: set[str]) -> Path:
@@ -176,7 +165,7 @@ def inspect_command(
     """
     configure_logging(log_level)
     spec = PreprocessSpec(size=size, aspect=aspect)  # type: ignore[arg-type]  # validated
-    paths = _expand(files)
+    paths = expand_inputs(files)
     if not paths:
         raise ConfigError(f"no files found under {', '.join(str(p) for p in files)}")
     if preview is not None:

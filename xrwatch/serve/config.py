@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from xrwatch.config import build_config, merge, read_toml
 from xrwatch.errors import ConfigError
+from xrwatch.inputs import IGNORE_PATTERNS
 
-# Hidden and temporary names that writers use before the final rename, plus DICOMDIR.
-DEFAULT_IGNORE = (".*", "*.part", "*.tmp", "*.crdownload", "~*", "DICOMDIR")
+DEFAULT_IGNORE = IGNORE_PATTERNS  # hidden and temporary names, DICOMDIR
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ lost to an inotify queue overflow or a remount.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 from collections.abc import Callable
@@ -31,16 +30,10 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from xrwatch.inputs import is_ignored
 from xrwatch.serve.stability import StabilityTracker
 
 logger = logging.getLogger(__name__)
-
-
-def is_ignored(rel: str, patterns: tuple[str, ...]) -> bool:
-    """Whether any component of the relative path matches an ignore pattern."""
-    return any(
-        fnmatch.fnmatchcase(part, pattern) for part in rel.split("/") for pattern in patterns
-    )
 
 
 class FolderWatcher:
