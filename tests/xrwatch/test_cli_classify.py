@@ -178,3 +178,16 @@ def test_cpu_flag_runs_on_cpu(
     code, out, err = run(argv, capsys)
     assert code == EXIT_OK and json.loads(out)[0]["status"] == "ok"
     assert "CPUExecutionProvider" in err  # the provider that actually ran is logged
+
+
+def test_table_shows_file_names_with_brackets(
+    tmp_path: Path, tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ramp = (np.linspace(0, 255, 80 * 60).reshape(60, 80)).astype(np.uint8)
+    Image.fromarray(ramp).save(folder / "[bold]a.png")
+    (folder / "[red]b.png").write_text("not an image")
+    code, out, _ = run(["classify", str(folder), "--model", str(tiny_onnx_model)], capsys)
+    assert code == EXIT_FAILED
+    assert "[bold]a.png" in out and "[red]b.png" in out

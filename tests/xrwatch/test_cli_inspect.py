@@ -102,3 +102,17 @@ def test_preview_names_do_not_collide(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_bad_size_is_a_usage_error(files: dict[str, Path]) -> None:
     assert main(["inspect", "--size", "3", str(files["png"])]) == 2
+
+
+def test_file_names_with_brackets_are_shown_as_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rich must not take ``[study]`` or ``[red]`` in a file name for markup and drop it."""
+    folder = tmp_path / "[study]"
+    folder.mkdir()
+    bad = folder / "[red]scan.png"
+    bad.write_text("not an image\n")
+    assert main(["inspect", str(bad)]) == 1
+    out, err = (text.replace("\n", "") for text in capsys.readouterr())  # long paths fold
+    assert str(bad) in out
+    assert f"{bad}:" in err

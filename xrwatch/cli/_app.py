@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from xrwatch import __version__
 from xrwatch.errors import XRWatchError
@@ -47,29 +48,34 @@ def _root(
     """xrwatch command-line interface."""
 
 
+# The exception class behind typer's usage errors: click's, or the copy of click that
+# newer typer releases vendor (where ``import click`` fails). Found through typer itself,
+# so it is the class typer really raises even when some other click is installed.
+_USAGE_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status."""
     from xrwatch.cli import commands  # noqa: F401  (registers the commands)
 
     try:
         result = app(args=argv, standalone_mode=False)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):  # Abort: EOF at a prompt, or Ctrl-C in old typer
         err_console.print("interrupted")
         return EXIT_INTERRUPTED
     except XRWatchError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escaped: file names may hold [brackets] that rich would take for markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return EXIT_ERROR
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
+    except _USAGE_ERROR as exc:  # unknown command or option, bad value, missing argument
+        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+        return EXIT_ERROR
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_ERROR
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show(file=sys.stderr)
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return EXIT_INTERRUPTED
-        raise
+    if result == EXIT_INTERRUPTED:  # newer typer returns 130 itself on Ctrl-C
+        err_console.print("interrupted")
     return int(result) if isinstance(result, int) else EXIT_OK

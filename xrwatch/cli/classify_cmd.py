@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
 from xrwatch.engine import InferenceEngine, Prediction
@@ -72,17 +73,17 @@ def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> N
     table.add_column("label")
     table.add_column("confidence", justify="right")
     for c in classes:
-        table.add_column(c, justify="right")
+        table.add_column(escape(c), justify="right")
     table.add_column("error", overflow="fold")
     for p in predictions:
         probs = [f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in classes]
         table.add_row(
-            p.file,
+            escape(p.file),  # rich would take [brackets] in a file name for markup
             "ok" if p.ok else "[red]error[/]",
-            p.label or "",
+            escape(p.label or ""),
             f"{p.confidence:.3f}" if p.confidence is not None else "",
             *probs,
-            p.error or "",
+            escape(p.error or ""),
         )
     # piped output is not wrapped to 80 columns: one file per line stays greppable
     out = console if console.is_terminal else Console(width=max(console.width, 200))

@@ -315,6 +315,7 @@ def doctor_command(
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"xrwatch {__version__} doctor", title_justify="left")
@@ -324,8 +325,11 @@ def doctor_command(
         table.add_column("", no_wrap=True)
         previous = None
         for c in checks:
-            table.add_row(
-                c.section if c.section != previous else "", c.item, c.value, _STYLE[c.status]
+            table.add_row(  # values quote paths and library logs: no markup in them
+                c.section if c.section != previous else "",
+                escape(c.item),
+                escape(c.value),
+                _STYLE[c.status],
             )
             previous = c.section
         console.print(table)

@@ -75,12 +75,12 @@ def export_command(
             triton_max_batch=triton_max_batch,
         )
     )
-    console.print(f"source: {result.selection.path}", highlight=False)
-    console.print(f"  why: {result.selection.reason}", highlight=False)
+    console.print(f"source: {result.selection.path}", highlight=False, markup=False)
+    console.print(f"  why: {result.selection.reason}", highlight=False, markup=False)
     for variant in result.variants:
-        console.print(f"wrote {variant.path} ({variant.precision})", highlight=False)
-        console.print(f"  {variant.report.summary()}", highlight=False)
+        console.print(f"wrote {variant.path} ({variant.precision})", highlight=False, markup=False)
+        console.print(f"  {variant.report.summary()}", highlight=False, markup=False)
     if result.card is not None:
-        console.print(f"model card: {result.card}", highlight=False)
+        console.print(f"model card: {result.card}", highlight=False, markup=False)
     if result.triton is not None:
-        console.print(f"Triton model: {result.triton}", highlight=False)
+        console.print(f"Triton model: {result.triton}", highlight=False, markup=False)

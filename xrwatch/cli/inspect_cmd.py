@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import typer
+from rich.markup import escape
 
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console, err_console
 from xrwatch.errors import ConfigError, ImageError
@@ -109,12 +110,13 @@ def inspect_file(path: Path, spec: PreprocessSpec, preview: Path | None = None) 
 def _table(item: Inspection) -> Any:
     from rich.table import Table
 
-    table = Table(title=item.path, title_justify="left", show_header=False, min_width=60)
+    # file names and reasons are escaped: rich would take [brackets] in them for markup
+    table = Table(title=escape(item.path), title_justify="left", show_header=False, min_width=60)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     if not item.ok and not item.meta:
         table.add_row("status", f"[red]failed: {item.error_type}[/]")
-        table.add_row("reason", item.reason or "")
+        table.add_row("reason", escape(item.reason or ""))
         return table
     m = item.meta
     size = f"{m['width']} x {m['height']}"
@@ -133,9 +135,9 @@ def _table(item: Inspection) -> Any:
         ("decoded min/max/mean", "{min:.3f} / {max:.3f} / {mean:.3f}".format(**item.stats)),
     ]
     if item.preview:
-        rows.append(("preview", item.preview))
+        rows.append(("preview", escape(item.preview)))
     if item.reason:
-        rows.append(("reason", item.reason))
+        rows.append(("reason", escape(item.reason)))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -187,5 +189,5 @@ def inspect_command(
             console.print(_table(r))
         console.print(f"{len(results)} file(s), {len(failed)} failed")
     for r in failed:
-        err_console.print(f"[red]failed:[/] {r.path}: {r.reason}", highlight=False)
+        err_console.print(f"[red]failed:[/] {escape(f'{r.path}: {r.reason}')}", highlight=False)
     return EXIT_FAILED if failed else EXIT_OK

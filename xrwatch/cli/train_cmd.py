@@ -156,7 +156,7 @@ def train_command(
         run_dir = train(cfg)
     shutdown_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"run folder: {run_dir}")
+        console.print(f"run folder: {run_dir}", markup=False)
 
 
 @app.command("reproduce")
@@ -204,7 +204,7 @@ def reproduce_command(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {md} and {csv_path}")
+    console.print(f"wrote {md} and {csv_path}", markup=False)
 
 
 @app.command("dataset")
@@ -273,7 +273,7 @@ def dataset_command(
         table.add_row(label, *map(str, counts.values()), str(sum(counts.values())))
     console.print(table)
     for note, count in index.excluded.items():
-        console.print(f"left out {count}: {note}", highlight=False)
+        console.print(f"left out {count}: {note}", highlight=False, markup=False)
     console.print(f"image files found: {found} of {len(index.samples)} listed", highlight=False)
     for w in splits.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
