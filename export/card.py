@@ -31,6 +31,15 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+# Fields of the training config (training.presets.TrainConfig) the card shows.
+DATA_KEYS = ("data", "task", "split", "val_fraction", "test_fraction", "extra", "seed")
+RECIPE_KEYS = (
+    "arch", "weights", "loss", "focal_gamma", "focal_alpha", "sampler", "epochs",
+    "batch_size", "lr", "weight_decay", "lr_step", "lr_gamma", "hflip", "vflip", "rotation_p",
+    "rotation_degrees", "image_size", "resize", "aspect",
+)  # fmt: skip
+
+
 def render_card(
     meta: ModelMeta,
     *,
@@ -42,7 +51,8 @@ def render_card(
 ) -> str:
     """Markdown for ``meta``; ``variants`` are ``(file, precision, sha256)``."""
     spec = meta.spec
-    data = config.get("data") if isinstance(config.get("data"), Mapping) else None
+    data = {k: config[k] for k in DATA_KEYS if k in config}
+    recipe = {k: config[k] for k in RECIPE_KEYS if k in config}
     lines = [
         f"# xrwatch model: {meta.arch} ({meta.experiment})",
         "",
@@ -76,15 +86,10 @@ def render_card(
         f"Experiment preset `{meta.experiment}`, architecture `{meta.arch}`; training config "
         f"sha256 `{meta.config_sha256}`.",
     ]
-    if data is not None:
-        lines += [
-            "",
-            "Data settings:",
-            "",
-            "```json",
-            json.dumps(data, indent=2, default=str),
-            "```",
-        ]
+    for title, values in (("Data", data), ("Training recipe", recipe)):
+        if values:
+            lines += ["", f"{title}:", "", "```json", json.dumps(values, indent=2, default=str)]
+            lines += ["```"]
     lines += [
         "",
         "## Metrics (from the checkpoint)",

@@ -75,6 +75,9 @@ def test_model_card(full_export: ExportResult) -> None:
     assert full_export.meta.checkpoint_sha256 in card
     assert "size 64 x 64" in card and "balanced accuracy" in card
     assert "int8 vs fp32 onnx" in card and "fp32 vs torch" in card
+    # the data and recipe the checkpoint's config records
+    assert '"data": "synthetic-test-data"' in card and '"task": "multiclass"' in card
+    assert '"lr": 0.001' in card and '"lr_step": 10' in card and '"sampler": "plain"' in card
 
 
 def test_unfoldable_batchnorm_becomes_an_exact_depthwise_conv() -> None:

@@ -32,6 +32,7 @@ def make_checkpoint(
     from training.checkpoint import make_checkpoint as assemble
     from training.checkpoint import save_checkpoint
     from training.models import build_model
+    from training.presets import TrainConfig
     from xrwatch.preprocess import PreprocessSpec
 
     torch.manual_seed(seed)
@@ -46,13 +47,18 @@ def make_checkpoint(
         "test": None,
         "train": {"accuracy": 0.9},
     }
+    task = "multiclass" if len(classes) > 2 else "binary"
+    config = TrainConfig(  # the complete config, as a training run writes it
+        data="synthetic-test-data", task=task, arch=arch,  # type: ignore[arg-type]
+        weights="none", experiment=experiment, image_size=size, seed=seed, epochs=max(epoch, 1),
+    )  # fmt: skip
     ckpt = assemble(
         arch=arch,
         classes=list(classes),
-        task="multiclass" if len(classes) > 2 else "binary",
+        task=task,
         experiment=experiment,
         preprocess=PreprocessSpec(size=size),
-        config={"model": {"arch": arch}, "seed": seed, "data": {"source": "test"}},
+        config=config.to_dict(),
         model_state=backbone.state_dict(),
         optimizer_state=None,
         scheduler_state=None,
