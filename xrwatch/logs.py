@@ -12,7 +12,10 @@ import sys
 import time
 from typing import Literal
 
+from xrwatch.errors import ConfigError
+
 LogFormat = Literal["text", "json"]
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -44,7 +47,14 @@ class OneLineFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
-    """Configure the root logger once, to stderr. Only the CLI calls this."""
+    """Configure the root logger once, to stderr. Only the CLI calls this.
+
+    Raises :class:`ConfigError` for an unknown level or format (a usage error, exit 2).
+    """
+    if level.upper() not in LEVELS:
+        raise ConfigError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"log format {fmt!r} is not one of text, json")
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

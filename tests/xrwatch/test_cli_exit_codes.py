@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["classify", "x.png", "-m", "m.onnx", "--batch-size", "0"], "--batch-size"),
         (["inspect", "--preview"], "requires an argument"),
         (["doctor", "--no-such-option"], "No such option"),
+        (["doctor", "--no-cuda", "--log-level", "bogus"], "log level 'bogus'"),
     ],
 )
 def test_usage_errors_exit_2_with_the_reason(
