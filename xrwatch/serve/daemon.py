@@ -277,8 +277,7 @@ class Daemon:
             else:
                 try:
                     data = cand.path.read_bytes()
-                    sha = hashlib.sha256(data).hexdigest()
-                    identity = sha
+                    after = os.stat(cand.path)
                 except PermissionError:
                     error = "permission denied: the daemon's user cannot read this file"
                     identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
@@ -287,14 +286,25 @@ class Daemon:
                 except OSError as exc:
                     error = f"cannot read the file: {exc.strerror or exc}"
                     identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
+                else:
+                    if (after.st_size, after.st_mtime_ns) != (cand.size, cand.mtime_ns):
+                        # changed since it was found complete: wait for it again; the bytes
+                        # read are all that is hashed and decoded, so nothing later can differ
+                        return Work(cand, rel, "requeue", delay=0.0)
+                    sha = hashlib.sha256(data).hexdigest()
+                    identity = sha
         done = self.ledger.finished_row(rel, identity)
         if done is not None:
             return Work(cand, rel, "done", row_id=done[0], done_state=done[1])
         row_id = self.ledger.claim(rel, identity, sha, cand.size, cand.mtime_ns, cand.seen_at)
         if row_id is None:
             return Work(cand, rel, "skip")  # another daemon holds it (or just finished it)
+
+        def failed(reason: str) -> Work:
+            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=reason)
+
         if error:
-            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=error)
+            return failed(error)
         try:
             array, meta = load_model_input(cand.path, self.spec, data=data)
         except TruncatedImageError as exc:
@@ -308,40 +318,25 @@ class Daemon:
             reason = exc.reason
             if not self.config.once:
                 reason += f" (still incomplete after {waited:.0f} s)"
-            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=reason)
+            return failed(reason)
         except ImageError as exc:
-            if not os.path.lexists(cand.path):  # removed meanwhile: not ours to report
-                self.ledger.release(row_id)
+            if self._vanished(cand, row_id):
                 return Work(cand, rel, "skip")
-            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=exc.reason)
-        except OSError as exc:
-            return Work(
-                cand,
-                rel,
-                "error",
-                row_id=row_id,
-                sha256=sha,
-                error=f"cannot read the file: {exc.strerror or exc}",
-            )
+            return failed(exc.reason)
         except Exception as exc:  # a reader bug must not stop the daemon
             logger.exception("unexpected error reading %s", rel)
-            return Work(
-                cand,
-                rel,
-                "error",
-                row_id=row_id,
-                sha256=sha,
-                error=f"unexpected error while reading: {type(exc).__name__}: {exc}",
-            )
-        try:
-            after = os.stat(cand.path)
-        except OSError:
-            after = None
-        if after is None or (after.st_size, after.st_mtime_ns) != (cand.size, cand.mtime_ns):
-            self.ledger.release(row_id)  # changed while we read it: wait for it again
-            return Work(cand, rel, "requeue", delay=0.0)
+            return failed(f"unexpected error while reading: {type(exc).__name__}: {exc}")
+        if self._vanished(cand, row_id):
+            return Work(cand, rel, "skip")
         self._truncated_since.pop(rel, None)
         return Work(cand, rel, "input", row_id=row_id, sha256=sha, array=array, meta=meta)
+
+    def _vanished(self, cand: Candidate, row_id: int) -> bool:
+        """Whether the file was removed while it was decoded (then it is not ours to report)."""
+        if os.path.lexists(cand.path):
+            return False
+        self.ledger.release(row_id)
+        return True
 
     # -- records -----------------------------------------------------------------------
     def _record(self, work: Work, probs: np.ndarray | None) -> dict[str, Any]:
