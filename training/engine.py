@@ -455,8 +455,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                 if d.main:
                     ckpt = checkpoint(epoch, metrics)
                     save_checkpoint(ckpt, run_dir / "last.pt")
-                    if improved:
-                        save_checkpoint(ckpt, run_dir / "best.pt")
+                    if improved:  # for export: without the optimizer state (2/3 of the size)
+                        save_checkpoint(_without_resume_state(ckpt), run_dir / "best.pt")
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     logger.info(
                         "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
@@ -491,6 +491,11 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
     _barrier(d)  # every rank returns only once rank 0 has written the run's artefacts
     return run_dir
+
+
+def _without_resume_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``best.pt``: what export needs; ``--resume`` reads ``last.pt``, which keeps the rest."""
+    return {**ckpt, "optimizer": None, "lr_scheduler": None, "scaler": None}
 
 
 def _lr_state(
