@@ -89,3 +89,19 @@ def test_draft_mode_keeps_the_requested_side(real_images: list[Path], min_side: 
         assert min(decoded.pixels.shape) >= min_side
         reduced += decoded.meta.decoded_width < decoded.meta.width
     assert reduced > 0
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KI.dcm", "CR-MONO1-10-chest.dcm"])
+def test_a_dicom_cut_anywhere_in_its_header_is_truncated_not_invalid(
+    shared_xray: Path, tmp_path: Path, name: str
+) -> None:
+    """A DICOM still being copied can stop at any byte; it must read as truncated (the
+    daemon waits for the rest), never as corrupt or as a dataset without pixel data."""
+    from xrwatch.errors import TruncatedImageError
+
+    data = (shared_xray / "dicom" / name).read_bytes()
+    for cut in range(132, 3000, 7):
+        partial = tmp_path / f"{cut}.dcm"
+        partial.write_bytes(data[:cut])
+        with pytest.raises(TruncatedImageError):
+            read_image(partial)

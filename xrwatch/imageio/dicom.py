@@ -118,6 +118,13 @@ def _read_dataset(path: Path, data: bytes | None) -> Any:
             raise UnsupportedImageError(path, f"not a valid DICOM file: {exc}") from None
         except EOFError as exc:
             raise TruncatedImageError(path, f"DICOM file ends early: {exc}") from None
+        except (struct.error, OSError) as exc:
+            # pydicom ran out of bytes inside an element header ("No tag to read at file
+            # position ...", "unpack requires a buffer of 4 bytes"): cut short, maybe
+            # still being copied, so the daemon waits rather than reporting at once.
+            raise TruncatedImageError(
+                path, f"DICOM header ends mid-element (still being written?): {exc}"
+            ) from None
         except Exception as exc:
             raise ImageDecodeError(path, f"DICOM header does not parse: {exc}") from None
     messages = [str(w.message) for w in caught]
@@ -130,7 +137,31 @@ def _read_dataset(path: Path, data: bytes | None) -> Any:
         )
     if len(ds) == 0:
         raise TruncatedImageError(path, "DICOM file holds no data elements (truncated or corrupt)")
+    _check_last_element_complete(path, ds)
     return ds
+
+
+def _check_last_element_complete(path: Path, ds: Any) -> None:
+    """pydicom reads a value cut short by the end of the file without complaint; a file
+    cut inside its header then looks like a complete dataset without pixel data. The last
+    element's declared length tells the two apart."""
+    from pydicom.dataelem import RawDataElement
+
+    tags = list(ds.keys())
+    if not tags:
+        return
+    last = ds.get_item(tags[-1])
+    if not isinstance(last, RawDataElement) or last.value is None:
+        return
+    if last.tag == 0x7FE00010:  # PixelData: read_dicom's own check says more
+        return
+    declared = int(last.length)
+    if declared != 0xFFFFFFFF and len(last.value) < declared:
+        raise TruncatedImageError(
+            path,
+            f"DICOM file ends inside element {last.tag} ({len(last.value)} of {declared} "
+            "bytes; still being written?)",
+        )
 
 
 def _transfer_syntax(path: Path, ds: Any) -> tuple[str, bool]:
@@ -318,6 +349,9 @@ def read_dicom(path: Path, *, max_pixels: int, data: bytes | None = None) -> Dec
 def _read_image(path: Path, ds: Any, max_pixels: int) -> DecodedImage:
     if not any(tag in ds for tag in _IMAGE_PIXEL_TAGS):
         sop = ds.get("SOPClassUID")
+        if not sop and getattr(ds, "file_meta", None) is not None:
+            # the dataset was cut before its SOP Class UID: the file meta still says
+            sop = ds.file_meta.get("MediaStorageSOPClassUID")
         what = getattr(sop, "name", None) or (str(sop) if sop else "an unknown SOP class")
         if "Image Storage" in what or "Rows" in ds:
             raise TruncatedImageError(
