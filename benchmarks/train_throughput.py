@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from training.cache import build_cache
-from training.engine import augment
+from training.engine import Dist, SplitTensors, augment, evaluate, grad_scaler, train_one_epoch
 from training.losses import build_loss
 from training.models import build_model, wrap
 from training.presets import TrainConfig
@@ -64,45 +64,38 @@ def _best_rate(fn: Callable[[], object], items: int, device: torch.device) -> fl
 def model_rates(
     arch: str, device: torch.device, size: int, batch: int, steps: int
 ) -> dict[str, float]:
-    cfg = TrainConfig(arch=arch, weights="none", image_size=size)  # type: ignore[arg-type]
-    model = wrap(build_model(arch, 4), PreprocessSpec(size=size).to_dict()).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = build_loss("ce", 4)
-    images = torch.rand(batch * 2, 1, size, size, device=device, dtype=torch.float16)
-    labels = torch.randint(0, 4, (batch * 2,), device=device)
-    gen = torch.Generator().manual_seed(0)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
+    """Images/s of the training loop's own epoch and evaluation functions on random data."""
+    cfg = TrainConfig(
+        arch=arch,  # type: ignore[arg-type]
+        weights="none",
+        image_size=size,
+        batch_size=batch,
+        max_steps_per_epoch=steps,
+        progress=False,
     )
+    model = wrap(build_model(arch, 4), PreprocessSpec(size=size).to_dict()).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = grad_scaler(device, cfg)
+    loss_fn = build_loss("ce", 4).to(device)
+    n = batch * steps
+    data = SplitTensors(
+        torch.rand(n, 1, size, size, device=device, dtype=torch.float16),
+        torch.randint(0, 4, (n,), device=device),
+    )
+    gen = torch.Generator().manual_seed(0)
 
-    def step(i: int) -> None:
-        idx = torch.arange(i % 2 * batch, i % 2 * batch + batch, device=device)
-        x = augment(images[idx].float(), cfg, gen)
-        with amp:
-            loss = loss_fn(model(x).float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def epoch() -> None:  # AMP, channels-last and the on-device augmentation, as in training
+        train_one_epoch(model, data, loss_fn, opt, scaler, cfg, device, Dist(), 1, 4, gen, None)
 
-    model.train()
-    for i in range(2):  # warm-up (cuDNN autotuning, allocator)
-        step(i)
-    train_rate = _best_rate(lambda: [step(i) for i in range(steps)], steps * batch, device)
-    model.eval()
+    def infer() -> None:  # eval mode, batches of 2 x batch, probabilities back on the CPU
+        evaluate(model, data, loss_fn, cfg, device, Dist())
 
-    def infer() -> None:
-        with torch.no_grad(), amp:
-            for _ in range(steps):
-                model(images[: batch * 2].float())
-
-    with torch.no_grad(), amp:  # warm-up: eval-mode kernels are chosen on first use
-        for _ in range(2):
-            model(images[: batch * 2].float())
-    infer_rate = _best_rate(infer, steps * batch * 2, device)
+    epoch()  # warm-up (cuDNN autotuning, allocator)
+    train_rate = _best_rate(epoch, n, device)
+    infer()  # warm-up: eval-mode kernels are chosen on first use
+    infer_rate = _best_rate(infer, n, device)
     return {"train_images_per_s": train_rate, "inference_images_per_s": infer_rate}
 
 

@@ -259,6 +259,12 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> AbstractContextManager[
     return nullcontext()
 
 
+def grad_scaler(device: torch.device, cfg: TrainConfig) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast only: bf16 (and fp32 on a CPU) needs none."""
+    enabled = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=enabled)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -379,8 +385,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     scheduler = torch.optim.lr_scheduler.StepLR(
         optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma
     )
-    use_scaler = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = grad_scaler(device, cfg)
     loss_fn = build_loss(cfg.loss, len(classes), gamma=cfg.focal_gamma, alpha=cfg.focal_alpha).to(
         device
     )
@@ -431,7 +436,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                 # The learning rate as the epoch starts: a Ctrl-C checkpoint is labelled with
                 # the previous epoch, so it must not carry this epoch's scheduler step.
                 started, lr_at_start = epoch, _lr_state(optimizer, scheduler)
-                row = _train_one_epoch(
+                row = train_one_epoch(
                     train_model, data["train"], loss_fn, optimizer, scaler, cfg, device, d,
                     epoch, len(classes), _augment_generator(cfg.seed, epoch, d.rank), progress,
                 )  # fmt: skip
@@ -524,7 +529,7 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _train_one_epoch(
+def train_one_epoch(
     model: nn.Module,
     data: SplitTensors,
     loss_fn: nn.Module,

@@ -85,14 +85,14 @@ def test_interrupt_then_resume_continues_the_same_run(
     base = {**TINY, "data": str(tiny_synth), "epochs": 3, "lr_step": 1, "out": str(tmp_path)}
     reference = train(experiment_config("custom", {**base, "name": "reference"}))
     cfg = experiment_config("custom", {**base, "name": "run"})
-    real_epoch = engine._train_one_epoch
+    real_epoch = engine.train_one_epoch
 
     def interrupted_at_2(*args: Any, **kwargs: Any) -> dict[str, Any]:
         if args[8] == 2:  # the epoch argument
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_train_one_epoch", interrupted_at_2)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted_at_2)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     run = tmp_path / "run"
@@ -100,7 +100,7 @@ def test_interrupt_then_resume_continues_the_same_run(
     assert interrupted["epoch"] == 1 and interrupted["metrics"]["val"]["accuracy"] is not None
     first = _rows(run / "metrics.csv")
     assert len(first) == 1
-    monkeypatch.setattr(engine, "_train_one_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", real_epoch)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     rows = _rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0] == first[0]
