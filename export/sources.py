@@ -26,6 +26,7 @@ class Candidate:
     arch: str
     experiment: str
     epoch: int
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def find_best(runs_dir: Path) -> Selection:
     """The run under ``runs_dir`` with the best validation balanced accuracy.
 
     Every ``best.pt`` below ``runs_dir`` is a candidate; unreadable ones are skipped with a
-    warning. Ties go to the later epoch, then the path (deterministic).
+    warning. Runs with different classes (tasks) are refused rather than ranked together.
+    Ties go to the later epoch, then the path (deterministic).
     """
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir}: --best needs a folder of runs")
@@ -79,10 +81,30 @@ def find_best(runs_dir: Path) -> Selection:
             logger.warning("skipping %s: %s", path, exc)
             continue
         candidates.append(
-            Candidate(path, _score(ckpt), ckpt["arch"], ckpt["experiment"], int(ckpt["epoch"]))
+            Candidate(
+                path,
+                _score(ckpt),
+                ckpt["arch"],
+                ckpt["experiment"],
+                int(ckpt["epoch"]),
+                tuple(ckpt["classes"]),
+            )
         )
     if not candidates:
         raise ConfigError(f"{runs_dir}: no readable {BEST} checkpoints found below it")
+    by_classes: dict[tuple[str, ...], list[Candidate]] = {}
+    for c in candidates:
+        by_classes.setdefault(c.classes, []).append(c)
+    if len(by_classes) > 1:
+        # chance is 1/len(classes): a binary run's 0.8 and a 4-class run's 0.7 do not compare
+        kinds = "; ".join(
+            f"{', '.join(classes)} ({len(group)} run(s), e.g. {group[0].path.parent})"
+            for classes, group in by_classes.items()
+        )
+        raise ConfigError(
+            f"{runs_dir}: --best found runs with different classes, whose balanced "
+            f"accuracies are not comparable: {kinds}. Pass a folder that holds one task's runs"
+        )
     ranked = sorted(candidates, key=lambda c: (-c.score, -c.epoch, str(c.path)))
     best = ranked[0]
     reason = (

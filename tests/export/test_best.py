@@ -77,6 +77,17 @@ def test_cli_best_says_which_and_why(
     assert not (tmp_path / "model.md").exists()
 
 
+def test_runs_of_different_tasks_are_not_ranked_together(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path / "multi" / "best.pt", val_balanced_accuracy=0.7, size=32)
+    make_checkpoint(
+        tmp_path / "binary" / "best.pt", classes=("Bacteria", "Virus"), val_balanced_accuracy=0.8
+    )
+    with pytest.raises(ConfigError, match="not comparable") as err:
+        find_best(tmp_path)
+    assert "Bacteria, Virus (1 run(s)" in str(err.value) and "multi" in str(err.value)
+    assert find_best(tmp_path / "binary").path == tmp_path / "binary" / "best.pt"
+
+
 def test_no_runs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no readable best\.pt"):
         find_best(tmp_path)
