@@ -82,6 +82,28 @@ def _cuda_driver_present() -> bool:
     return False
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why a CUDA session cannot be tried here, or None after making it as likely as possible.
+
+    Checks the build and the driver, then calls ``onnxruntime.preload_dlls()`` (onnxruntime
+    >= 1.21) so that CUDA/cuDNN from pip wheels are found. Shared by the engine and
+    ``xrwatch doctor`` so both judge the GPU the same way.
+    """
+    import onnxruntime as ort
+
+    if CUDA_EP not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider"
+    if not _cuda_driver_present():
+        return "no CUDA driver (libcuda) on this machine"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # best effort; the session attempt decides
+            logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
+    return None
+
+
 def _session_options(intra_op_threads: int, inter_op_threads: int) -> Any:
     import onnxruntime as ort
 
@@ -100,17 +122,10 @@ def _create_session(
 
     reason = "GPU not requested"
     if want_gpu or require_gpu:
-        if CUDA_EP not in ort.get_available_providers():
-            reason = "this onnxruntime build has no CUDA execution provider"
-        elif not _cuda_driver_present():
-            reason = "no CUDA driver (libcuda) on this machine"
+        unavailable = cuda_unavailable_reason()
+        if unavailable is not None:
+            reason = unavailable
         else:
-            preload = getattr(ort, "preload_dlls", None)
-            if preload is not None:  # onnxruntime >= 1.21: find CUDA/cuDNN from pip wheels
-                try:
-                    preload()
-                except Exception as exc:  # best effort; the session attempt decides
-                    logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
             try:
                 session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
             except Exception as exc:

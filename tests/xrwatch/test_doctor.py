@@ -99,9 +99,24 @@ def test_cuda_check_reports_what_the_session_got(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: _FakeSession(session_providers))
+    monkeypatch.setattr("xrwatch.engine._cuda_driver_present", lambda: True)
+    preloaded: list[bool] = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: preloaded.append(True), raising=False)
     check = cuda_session_check()
     assert check.value.startswith(expected)
     assert check.status == ("ok" if expected.startswith("yes") else "warn")
+    assert preloaded, "doctor must preload CUDA/cuDNN from pip wheels, as the engine does"
+
+
+def test_cuda_check_without_a_driver_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr("xrwatch.engine._cuda_driver_present", lambda: False)
+    check = cuda_session_check()
+    assert check.value == "no: no CUDA driver (libcuda) on this machine"
+    assert check.status == "warn"
 
 
 def test_cuda_check_without_a_cuda_build(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -171,6 +171,8 @@ def cuda_session_check() -> Check:
         return Check(
             "onnxruntime", "CUDA session", f"no: onnxruntime does not import ({exc})", "fail"
         )
+    from xrwatch.engine import cuda_unavailable_reason
+
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return Check(
             "onnxruntime",
@@ -179,6 +181,9 @@ def cuda_session_check() -> Check:
             "(onnxruntime-gpu exists for Linux x86_64 and Windows)",
             "warn",
         )
+    unavailable = cuda_unavailable_reason()  # also preloads CUDA/cuDNN from pip wheels
+    if unavailable is not None:
+        return Check("onnxruntime", "CUDA session", f"no: {unavailable}", "warn")
     import numpy as np
 
     def create() -> object:
