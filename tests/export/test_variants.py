@@ -6,11 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
-from export.pipeline import ExportResult
-from xrwatch.engine import InferenceEngine
+import export.pipeline as pipeline
+from export.pipeline import ExportOptions, ExportResult, export_model
+from tests.helpers.models import make_checkpoint
+from xrwatch.engine import InferenceEngine, expand_inputs
 from xrwatch.modelmeta import read_model_metadata
+from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 
 def test_int8_is_static_qdq_per_channel(full_export: ExportResult) -> None:
@@ -130,3 +134,28 @@ def test_unfoldable_batchnorm_becomes_an_exact_depthwise_conv() -> None:
     assert {t.name for t in model.graph.initializer} == set(conv.input[1:])  # BN params gone
     after = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_calibrates_on_images_read_through_load_model_input(
+    tmp_path: Path, shared_xray: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibration batch is exactly what serving feeds the model for those files."""
+    ckpt = make_checkpoint(tmp_path / "run" / "best.pt", size=32)
+    folder = shared_xray / "real" / "COVID-19"
+    seen: dict[str, np.ndarray] = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(fp32: Path, out: Path, calibration: np.ndarray, **kwargs: object) -> None:
+        seen["calibration"] = calibration
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "quantize_int8", capture)
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(Stop):
+        export_model(ExportOptions(source=ckpt, output=out, int8=True, calibration=(folder,)))
+    spec = PreprocessSpec(size=32)
+    expected = np.stack([load_model_input(p, spec)[0][None] for p in expand_inputs([folder])])
+    np.testing.assert_array_equal(seen["calibration"], expected)
+    assert list(out.parent.iterdir()) == []  # an export that fails half-way leaves nothing
