@@ -277,7 +277,7 @@ class Daemon:
             else:
                 try:
                     data = cand.path.read_bytes()
-                    after = os.stat(cand.path)
+                    after = os.lstat(cand.path)  # lstat, as the tracker measured it
                 except PermissionError:
                     error = "permission denied: the daemon's user cannot read this file"
                     identity = f"unreadable:{st.st_size}:{st.st_mtime_ns}"
@@ -289,7 +289,8 @@ class Daemon:
                 else:
                     if (after.st_size, after.st_mtime_ns) != (cand.size, cand.mtime_ns):
                         # changed since it was found complete: wait for it again; the bytes
-                        # read are all that is hashed and decoded, so nothing later can differ
+                        # read are all that is hashed and decoded, so nothing later can differ.
+                        # (A link is compared as a link: its target is watched on its own.)
                         return Work(cand, rel, "requeue", delay=0.0)
                     sha = hashlib.sha256(data).hexdigest()
                     identity = sha
