@@ -169,7 +169,7 @@ def _ago(ts: float | None) -> str:
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
-    errors: int = typer.Option(5, "--errors", help="How many recent errors to show."),
+    errors: int = typer.Option(5, "--errors", min=0, help="How many recent errors to show."),
 ) -> int:
     """Show a daemon's counts, throughput and last errors.
 
