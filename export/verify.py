@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from xrwatch.engine import expand_inputs
 from xrwatch.errors import ImageError, ModelError
+from xrwatch.inputs import expand_inputs
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from training.labels import TASK_CLASSES, fine_label, folder_label, task_label
 from xrwatch.errors import DatasetError
+from xrwatch.inputs import expand_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +69,9 @@ _SERIES_TOKEN = re.compile(r"[-_](day\d+|fig\w*|[a-z]\d*|\d{1,4}|g\d+\w*|gr\d+|l
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images under ``folder`` (recursively, sorted), by suffix; hidden entries skipped
-    (macOS ``._name.jpg`` AppleDouble files carry an image suffix but hold no image)."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    """The images under ``folder`` (recursively, sorted), by suffix; names every part of
+    xrwatch ignores (hidden, e.g. macOS ``._name.jpg``; temporary; DICOMDIR) are skipped."""
+    return [p for p in expand_inputs([folder]) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def patient_group(path: Path, class_dir: Path | None = None) -> str:

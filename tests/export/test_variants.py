@@ -12,7 +12,8 @@ from onnx import numpy_helper
 import export.pipeline as pipeline
 from export.pipeline import ExportOptions, ExportResult, export_model
 from tests.helpers.models import make_checkpoint
-from xrwatch.engine import InferenceEngine, expand_inputs
+from xrwatch.engine import InferenceEngine
+from xrwatch.inputs import expand_inputs
 from xrwatch.modelmeta import read_model_metadata
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 

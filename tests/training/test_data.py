@@ -102,9 +102,10 @@ def test_folder_per_class_and_extra(shared_xray: Path) -> None:
         extra_samples(f"{shared_xray / 'real' / 'Normal'}:Normal", "binary")
 
 
-def test_folder_listing_takes_images_and_skips_hidden_files(tmp_path: Path) -> None:
+def test_folder_listing_takes_images_and_skips_hidden_and_temporary_files(tmp_path: Path) -> None:
     for rel in ("Normal/a.PNG", "Normal/p1/b.dcm", "Normal/notes.txt", "Normal/._a.PNG",
-                "Normal/.thumbs/c.jpg", "Virus/d.jpeg", "Virus/e.jpg"):  # fmt: skip
+                "Normal/.thumbs/c.jpg", "Virus/d.jpeg", "Virus/e.jpg", "Virus/~e.jpg",
+                "Virus/DICOMDIR"):  # fmt: skip
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     index = index_dataset(tmp_path, "multiclass")
