@@ -17,7 +17,6 @@ Never imports torch, ``onnx``, ``training`` or ``export``.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import sys
 from collections.abc import Iterable, Mapping
@@ -28,9 +27,9 @@ from typing import Any, Literal
 import numpy as np
 
 from xrwatch.errors import ImageError, ModelError, ProviderError
-from xrwatch.imageio import read_file
+from xrwatch.filehash import file_sha256, read_and_hash
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
-from xrwatch.modelmeta import ModelMeta, file_sha256, metadata_from_session
+from xrwatch.modelmeta import ModelMeta, metadata_from_session
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
@@ -307,8 +306,7 @@ class InferenceEngine:
         """``(input, image meta, sha256)`` for one file, or its error :class:`Prediction`."""
         sha: str | None = None
         try:
-            data = read_file(path)  # read once: hashed here, decoded from memory below
-            sha = hashlib.sha256(data).hexdigest()
+            sha, data = read_and_hash(path)  # read once: hashed, then decoded from memory
             pixels, meta = load_model_input(path, self.spec, data=data)
         except ImageError as exc:
             return self.failure(path, exc.reason, sha256=sha)

@@ -11,7 +11,6 @@ naming the file and the missing keys.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xrwatch.errors import ConfigError, ModelError, ModelMetadataError
+from xrwatch.filehash import file_sha256 as file_sha256  # re-exported: export uses it here
 from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -100,15 +100,6 @@ class ModelMeta:
             "metrics": dict(self.metrics),
             "format_version": self.format_version,
         }
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _json_field(path: str, key: str, text: str) -> Any:

@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 
 from xrwatch.errors import UnsupportedImageError
-from xrwatch.imageio.detect import read_file, sniff_format
+from xrwatch.imageio.detect import sniff_format
 from xrwatch.imageio.types import MAX_PIXELS, DecodedImage, ImageMeta
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAX_PIXELS", "DecodedImage", "ImageMeta", "read_file", "read_image", "sniff_format"]
+__all__ = ["MAX_PIXELS", "DecodedImage", "ImageMeta", "read_image", "sniff_format"]
 
 
 def read_image(
@@ -31,8 +31,9 @@ def read_image(
     ``min_side`` is a hint: the caller needs no more than this many pixels on the shorter
     side, so a large JPEG may be decoded at reduced scale (Pillow draft mode).
     ``max_pixels`` refuses images larger than this before their pixels are allocated.
-    ``data``: the file's bytes when the caller already read them (e.g. to hash them, see
-    :func:`read_file`); the file is then not read again and ``path`` only names it.
+    ``data``: the file's bytes when the caller already read them (to hash them, see
+    :func:`xrwatch.filehash.read_and_hash`); the file is then not read again, and ``path``
+    only names it.
     Raises a subclass of :class:`xrwatch.errors.ImageError` naming the file.
     """
     p = Path(path)

@@ -61,15 +61,10 @@ def sniff_format(path: str | Path, head: bytes | None = None) -> ImageKind:
     )
 
 
-def read_file(path: str | Path) -> bytes:
-    """All of a file's bytes; an :class:`ImageError` naming the file when it cannot be read."""
-    return _read_head(Path(path), limit=-1)
-
-
-def _read_head(p: Path, limit: int = HEAD_BYTES) -> bytes:
+def _read_head(p: Path) -> bytes:
     try:
         with p.open("rb") as fh:
-            return fh.read(limit)
+            return fh.read(HEAD_BYTES)
     except FileNotFoundError:
         raise ImageDecodeError(p, "file not found") from None
     except IsADirectoryError:

@@ -43,6 +43,7 @@ from xrwatch.errors import (
     TruncatedImageError,
     XRWatchError,
 )
+from xrwatch.filehash import read_and_hash
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch.serve import sdnotify
 from xrwatch.serve.archive import move_to_archive
@@ -276,7 +277,7 @@ class Daemon:
                 identity = f"special:{st.st_mode:o}:{st.st_mtime_ns}"
             else:
                 try:
-                    data = cand.path.read_bytes()
+                    sha, data = read_and_hash(cand.path)
                     after = os.lstat(cand.path)  # lstat, as the tracker measured it
                 except PermissionError:
                     error = "permission denied: the daemon's user cannot read this file"
@@ -292,7 +293,6 @@ class Daemon:
                         # read are all that is hashed and decoded, so nothing later can differ.
                         # (A link is compared as a link: its target is watched on its own.)
                         return Work(cand, rel, "requeue", delay=0.0)
-                    sha = hashlib.sha256(data).hexdigest()
                     identity = sha
         done = self.ledger.finished_row(rel, identity)
         if done is not None:
