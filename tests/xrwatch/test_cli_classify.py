@@ -191,3 +191,19 @@ def test_table_shows_file_names_with_brackets(
     code, out, _ = run(["classify", str(folder), "--model", str(tiny_onnx_model)], capsys)
     assert code == EXIT_FAILED
     assert "[bold]a.png" in out and "[red]b.png" in out
+
+
+def test_csv_is_one_line_per_file_and_formats_like_the_daemon_report() -> None:
+    from xrwatch.cli.classify_cmd import render_csv
+    from xrwatch.engine import Prediction
+
+    preds = [
+        Prediction("a.png", "ok", "Normal", 0.75, {"Normal": 0.75, "Virus": 0.25}),
+        Prediction("b.dcm", "error", error="pixel data does not decode:\nline two"),
+    ]
+    lines = render_csv(preds, ["Normal", "Virus"]).splitlines()
+    assert len(lines) == 3  # header + one line per file, even with a multi-line reason
+    rows = list(csv.DictReader(lines))
+    assert rows[0]["confidence"] == "0.750000" and rows[0]["p_Virus"] == "0.250000"
+    assert rows[1]["error"] == "pixel data does not decode: line two"
+    assert rows[1]["p_Normal"] == "" and rows[1]["label"] == ""

@@ -19,6 +19,7 @@ from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
 from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
+from xrwatch.serve.reports import csv_cell
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,8 @@ def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str
     writer.writerow([*CSV_FIELDS, *(f"p_{c}" for c in classes)])
     for p in predictions:
         d = p.to_dict()
-        probs = [f"{p.probabilities[c]:.6f}" if c in p.probabilities else "" for c in classes]
-        values = [d[k] for k in CSV_FIELDS]
-        values[CSV_FIELDS.index("confidence")] = (
-            f"{p.confidence:.6f}" if p.confidence is not None else ""
-        )
-        writer.writerow(["" if v is None else v for v in values] + probs)
+        probs = [csv_cell(p.probabilities.get(c)) for c in classes]
+        writer.writerow([csv_cell(d[k]) for k in CSV_FIELDS] + probs)
     return buffer.getvalue()
 
 

@@ -55,7 +55,8 @@ def csv_columns(classes: list[str]) -> list[str]:
     ]
 
 
-def _cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """One CSV cell: '' for None, floats to 6 decimals, never a line break (one row, one line)."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -69,9 +70,9 @@ def csv_row(record: dict[str, Any], columns: list[str]) -> list[str]:
     row = []
     for col in columns:
         if col.startswith("prob_"):
-            row.append(_cell(probs.get(col[5:])))
+            row.append(csv_cell(probs.get(col[5:])))
         else:
-            row.append(_cell(record.get(col)))
+            row.append(csv_cell(record.get(col)))
     return row
 
 
