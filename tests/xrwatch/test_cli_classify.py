@@ -79,13 +79,13 @@ def test_csv_output(
     assert code == EXIT_FAILED
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 3
-    assert {f"p_{c}" for c in CLASSES} <= set(rows[0])
+    assert {f"prob_{c}" for c in CLASSES} <= set(rows[0])
     assert [r["status"] for r in rows] == ["ok", "ok", "error"]
     for r in rows[:2]:
-        probs = [float(r[f"p_{c}"]) for c in CLASSES]
+        probs = [float(r[f"prob_{c}"]) for c in CLASSES]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert r["label"] == CLASSES[int(np.argmax(probs))]
-    assert rows[2]["error"] and rows[2]["p_Normal"] == ""
+    assert rows[2]["error"] and rows[2]["prob_Normal"] == ""
 
 
 def test_table_output_and_exit_zero_when_all_ok(
@@ -204,6 +204,6 @@ def test_csv_is_one_line_per_file_and_formats_like_the_daemon_report() -> None:
     lines = render_csv(preds, ["Normal", "Virus"]).splitlines()
     assert len(lines) == 3  # header + one line per file, even with a multi-line reason
     rows = list(csv.DictReader(lines))
-    assert rows[0]["confidence"] == "0.750000" and rows[0]["p_Virus"] == "0.250000"
+    assert rows[0]["confidence"] == "0.750000" and rows[0]["prob_Virus"] == "0.250000"
     assert rows[1]["error"] == "pixel data does not decode: line two"
-    assert rows[1]["p_Normal"] == "" and rows[1]["label"] == ""
+    assert rows[1]["prob_Normal"] == "" and rows[1]["label"] == ""

@@ -53,7 +53,7 @@ def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str
     """One row per file; a ``p_<class>`` column per class, in the model's class order."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CSV_FIELDS, *(f"p_{c}" for c in classes)])
+    writer.writerow([*CSV_FIELDS, *(f"prob_{c}" for c in classes)])
     for p in predictions:
         d = p.to_dict()
         probs = [csv_cell(p.probabilities.get(c)) for c in classes]
