@@ -69,3 +69,6 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("PIL", "watchdog", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The DICOM reader turns what pydicom warns about into its own errors naming the file;
+    # pydicom's warnings (without a file name) would only repeat them.
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))

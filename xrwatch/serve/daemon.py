@@ -148,6 +148,7 @@ class Daemon:
         self.metrics = Metrics()
         self.counts = {"ok": 0, "error": 0}
         self._truncated_since: dict[str, float] = {}
+        self._incomplete_logged: set[str] = set()  # handled on the main loop's thread only
         self._last_tick = time.monotonic()
         self._report_retry_at = 0.0
         self._report_backoff = 1.0
@@ -503,12 +504,17 @@ class Daemon:
 
     def _handle(self, work: Work) -> None:
         if work.kind in ("input", "error"):
+            self._incomplete_logged.discard(work.rel)
             self._batch.append(work)
             if self._batch_started is None:
                 self._batch_started = time.monotonic()
         elif work.kind == "requeue":
-            if work.error:
+            if work.error and work.rel not in self._incomplete_logged:
+                # once at INFO; the retries every few seconds only at DEBUG
+                self._incomplete_logged.add(work.rel)
                 logger.info("%s: incomplete (%s); waiting for the rest", work.rel, work.error)
+            elif work.error:
+                logger.debug("%s: still incomplete (%s)", work.rel, work.error)
             self.tracker.offer(work.cand.path, delay=work.delay, seen_at=work.cand.seen_at)
         elif work.kind == "done" and self.config.archive is not None:
             logger.info("%s: already processed (%s); archiving", work.rel, work.done_state)

@@ -60,7 +60,16 @@ def test_slow_chunked_copy_is_processed_once_after_it_completes(folders, daemons
     for r in rows:
         assert r["status"] == "ok", r
         assert r["sha256"] == _sha(data)  # the complete file, not a prefix
-    assert any("incomplete" in e["message"] for e in d.log_events())
+    events = d.log_events()
+    assert any("incomplete" in e["message"] for e in events)
+    # a file waited for is logged once at INFO, not at every retry
+    for name in ("open_copy.png", "reopened_copy.png"):
+        info = [
+            e
+            for e in events
+            if e["level"] == "info" and "incomplete" in e["message"] and name in e["message"]
+        ]
+        assert len(info) <= 1, info
 
 
 def test_rename_from_temporary_name_is_processed_once_under_final_name(folders, daemons) -> None:
