@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -338,8 +338,40 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> T
     return build_config(TrainConfig, values, source=str(path))
 
 
+@contextmanager
+def hold_run_folder(run_dir: Path) -> Iterator[None]:
+    """An exclusive lock on ``run_dir`` for this process's lifetime in it: two processes
+    writing one run folder (a ``--resume`` of a run still training) would interleave its
+    checkpoints and metrics."""
+    import fcntl
+
+    fh = (run_dir / ".lock").open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise ConfigError(
+                f"{run_dir} is in use by another training process ({holder}); wait for it "
+                "to finish or stop it (Ctrl-C saves last.pt) before --resume"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing releases the lock
+
+
 def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     """Run (or with ``resume``, continue) one training run; returns its run folder."""
+    with ExitStack() as locks:
+        return _train(cfg, resume=resume, locks=locks)
+
+
+def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> Path:
     device_kind = _resolve_device(cfg)
     d = _init_distributed(device_kind)
     device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
@@ -361,6 +393,8 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
     if resume is not None:
         run_dir = Path(resume)
         cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
+        if d.main and run_dir.is_dir():
+            locks.enter_context(hold_run_folder(run_dir))
     else:
         name = _broadcast(cfg.name or _default_name(cfg), d)
         cfg = replace(cfg, name=name)
@@ -371,6 +405,7 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
                     f"{run_dir} already holds a run; use --resume {run_dir} or --name"
                 )
             run_dir.mkdir(parents=True, exist_ok=True)
+            locks.enter_context(hold_run_folder(run_dir))
             write_json(run_dir / "config.json", cfg.to_dict())
     _barrier(d)
 
