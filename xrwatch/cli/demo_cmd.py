@@ -112,7 +112,7 @@ def demo(
     keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep the folder afterwards."),
     verbose: bool = typer.Option(False, "--verbose", help="Show INFO logs of every step."),
 ) -> int:
-    """Run the whole pipeline on synthetic data, in about two minutes.
+    """Run the whole pipeline on synthetic data, in about a minute.
 
     In a temporary folder, with no data and no GPU: make a small synthetic dataset, train
     and export a small model, start the daemon on an inbox, drop sample files into it and
