@@ -34,9 +34,9 @@ PREPROCESS_VERSION = 1  # bump whenever apply() changes what it computes
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # JPEG draft mode decodes at >= size * DRAFT_HEADROOM on the shorter side, so the final
-# resize still shrinks by >= 1.5x with antialiasing. Measured on the 96 real JPEGs at
+# resize still shrinks by >= 1.5x with antialiasing. Measured on the 98 real JPEGs at
 # size 224 (mean |difference| of the model input vs. a full decode, in 8-bit steps):
-# 1.0x: 0.51, 1.5x: 0.27, 2.0x: 0.11; decode time 5.2 ms full vs 2.4 ms at 1.5x.
+# 1.0x: 0.52, 1.5x: 0.28, 2.0x: 0.11 (benchmarks/decode.py prints this).
 DRAFT_HEADROOM = 1.5
 
 ResizeMethod = Literal["bilinear", "bicubic", "area"]
