@@ -28,6 +28,7 @@ agreement is therefore also given on "decisive" images (fp32 top-2 margin >= 0.1
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -172,6 +173,26 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def op_time_shares(path: Path, batch: np.ndarray, threads: int, runs: int = 5) -> dict[str, float]:
+    """Share of node time per operator type, from ONNX Runtime's own profiler."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {"image": batch})
+    events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and "op_name" in event.get("args", {}):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + float(event.get("dur", 0))
+    whole = sum(totals.values()) or 1.0
+    return {op: t / whole for op, t in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
 def ort_probs(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return np.concatenate(
         [session.run(["probabilities"], {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)]
@@ -221,6 +242,7 @@ def main() -> int:
     rows: list[tuple[str, int, float, float, float]] = []
     agreements: list[tuple[str, float, float, float, int, float, float, dict[str, int], str]] = []
     extra: list[tuple[int, float, float, float]] = []
+    profiles: dict[str, dict[str, float]] = {}
     x_train: np.ndarray | None = None
     for arch in args.archs:
         if arch in given:
@@ -310,6 +332,13 @@ def main() -> int:
             runners["int8 bn-float"] = lambda b, s=ort_session(plain, args.threads): s.run(
                 None, {"image": b}
             )
+            one = np.ascontiguousarray(x[:1])
+            profiles = {
+                "BatchNorm left float": op_time_shares(plain, one, args.threads),
+                "BatchNorm as depthwise conv": op_time_shares(
+                    result.variant("int8").path, one, args.threads
+                ),
+            }
         for bs in args.batches:
             batch = np.ascontiguousarray(x[:bs])
             t = time_per_image(runners, batch, args.repeats)
@@ -340,6 +369,9 @@ def main() -> int:
             f"({t32 / t_plain:.2f}x fp32) -> BatchNorm as depthwise conv {t8:.1f} ms "
             f"({t32 / t8:.2f}x fp32)"
         )
+    for variant, shares in profiles.items():
+        top = ", ".join(f"{op} {share:.0%}" for op, share in list(shares.items())[:6])
+        print(f"densenet121 int8 ({variant}), batch 1, ONNX Runtime profiler: {top}")
     print()
     print(
         f"int8 top-1 agreement with fp32 on the {len(x)} real images (calibrated on every "
