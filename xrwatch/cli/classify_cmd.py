@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
+from xrwatch.defaults import resolve_model
 from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
 from xrwatch.inputs import expand_inputs
@@ -90,7 +91,12 @@ def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> N
 @app.command("classify")
 def classify_command(
     paths: list[Path] = typer.Argument(..., help="Files and folders (searched recursively)."),
-    model: Path = typer.Option(..., "--model", "-m", help="An ONNX model from `xrwatch export`."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="An ONNX model from `xrwatch export` (default: the model shipped with xrwatch).",
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
     require_gpu: bool = typer.Option(
         False, "--require-gpu", help="Refuse to run unless the CUDA provider works."
@@ -111,7 +117,7 @@ def classify_command(
     if cpu and require_gpu:
         raise ConfigError("--cpu and --require-gpu contradict each other")
     engine = InferenceEngine(
-        model, use_gpu=not cpu, require_gpu=require_gpu, intra_op_threads=threads
+        resolve_model(model), use_gpu=not cpu, require_gpu=require_gpu, intra_op_threads=threads
     )
     files = expand_inputs(paths)
     if not files:

@@ -9,6 +9,7 @@ from xrwatch.cli import (  # noqa: F401
     classify_cmd,
     demo_cmd,
     doctor_cmd,
+    evaluate_cmd,
     export_cmd,
     inspect_cmd,
     serve_cmd,

@@ -246,6 +246,7 @@ def collect_checks(*, cuda: bool = True) -> list[Check]:
         )
     checks.extend(_ort_checks(cuda=cuda))
     checks.extend(_dicom_checks())
+    checks.append(default_model_check())
     torch_version = _version("torch")
     if importlib.util.find_spec("torch") is not None:
         value = (
@@ -259,6 +260,28 @@ def collect_checks(*, cuda: bool = True) -> list[Check]:
         )
     checks.append(Check("torch", "torch", value, "info"))
     return checks
+
+
+def default_model_check() -> Check:
+    """Which model serve/classify/evaluate use when given no --model."""
+    from xrwatch import defaults
+    from xrwatch.errors import XRWatchError
+    from xrwatch.modelmeta import read_model_metadata
+
+    shipped = defaults.default_model()
+    if shipped is None:
+        return Check("model", "default", "none shipped: pass --model MODEL.onnx", "warn")
+    try:
+        meta = read_model_metadata(shipped)
+    except XRWatchError as exc:
+        return Check("model", "default", f"{shipped}: unusable: {exc}", "fail")
+    return Check(
+        "model",
+        "default",
+        f"{shipped} ({meta.name}, classes {', '.join(meta.classes)}, input {meta.spec.size} px, "
+        f"sha256 {meta.model_sha256[:12]}); card {defaults.DEFAULT_CARD.name}; --model overrides",
+        "ok",
+    )
 
 
 def _ort_checks(*, cuda: bool) -> list[Check]:

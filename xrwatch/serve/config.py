@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from xrwatch import defaults
 from xrwatch.config import build_config, merge, read_toml
 from xrwatch.errors import ConfigError
 from xrwatch.inputs import IGNORE_PATTERNS
@@ -83,11 +84,18 @@ def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> S
     unknown = sorted(set(values) - set(field_names()))
     if unknown:  # before 'missing': a misspelt key is the likelier cause
         raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {field_names()}")
+    if values.get("model") is None and (shipped := defaults.default_model()) is not None:
+        values["model"] = str(shipped)  # the model shipped with xrwatch; --model wins
     missing = [k for k in ("incoming", "model", "reports") if values.get(k) is None]
     if missing:
         raise ConfigError(
             f"serve: {', '.join(missing)} not given (pass them on the command line or in the "
             "serve table of --config)"
+            + (
+                f"; no default model is shipped at {defaults.DEFAULT_MODEL}"
+                if "model" in missing
+                else ""
+            )
         )
     return build_config(ServeConfig, values, source=source)
 

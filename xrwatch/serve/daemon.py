@@ -195,9 +195,13 @@ class Daemon:
         self.engine = self._engine_factory(cfg)
         self.classes = list(self.engine.classes)
         self.spec = self.engine.spec
+        meta = getattr(self.engine, "meta", None)  # a test's stand-in engine may have none
+        # every report row names the model: <arch>-<experiment>-<precision> (file name)
+        self.model_name = f"{meta.name} ({cfg.model.name})" if meta else cfg.model.name
         logger.info(
-            "model %s: classes %s, input %dx%d, provider %s",
+            "model %s (%s): classes %s, input %dx%d, provider %s",
             cfg.model,
+            self.model_name,
             ",".join(self.classes),
             self.spec.size,
             self.spec.size,
@@ -352,6 +356,7 @@ class Daemon:
             "confidence": None,
             "probabilities": {},
             "error": work.error or None,
+            "model": self.model_name,
             "model_sha256": self.engine.model_sha256,
             "provider": self.engine.provider,
             "SOPInstanceUID": getattr(meta, "sop_instance_uid", None),

@@ -45,6 +45,7 @@ def csv_columns(classes: list[str]) -> list[str]:
         "confidence",
         *[f"prob_{c}" for c in classes],
         "error",
+        "model",
         "model_sha256",
         "provider",
         *UID_COLUMNS,

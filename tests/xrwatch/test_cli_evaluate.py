@@ -1,0 +1,102 @@
+"""``xrwatch evaluate``: labelled folders, CoronaHack layout and a run's split file; outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xrwatch.cli._app import EXIT_ERROR, EXIT_OK, main
+from xrwatch.cli.evaluate_cmd import load_labelled
+
+CLASSES = ["Normal", "Bacteria", "Virus", "COVID-19"]
+
+
+@pytest.fixture
+def labelled(shared_xray: Path, tmp_path: Path) -> Path:
+    """Three real images per class, in a folder per class (symlinks, nothing copied)."""
+    root = tmp_path / "data"
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True)
+        for src in sorted((shared_xray / "real" / cls).iterdir())[:3]:
+            (root / cls / src.name).symlink_to(src)
+    return root
+
+
+def test_folder_evaluation_writes_json_table_and_png(
+    labelled: Path, tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    code = main(["evaluate", str(labelled), "--model", str(tiny_onnx_model), "--out", str(out),
+                 "--replicates", "50"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "balanced accuracy" in printed and "95 % CI" in printed
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["classes"] == CLASSES
+    assert result["n_images"] == 12
+    assert result["model"]["sha256"] and result["model"]["name"].startswith("tinycnn")
+    m = result["metrics"]
+    assert m["bootstrap"]["unit"] == "patient" and m["bootstrap"]["replicates"] == 50
+    assert sum(map(sum, m["confusion_matrix"])) == 12
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro"):
+        assert m[key]["value"] is not None and len(m[key]["ci"]) == 2
+    assert set(m["per_class"]) == set(CLASSES)
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 12 and {r["true"] for r in rows} == set(CLASSES)
+    with Image.open(out / "confusion_matrix.png") as img:
+        assert img.size[0] > 300
+    assert (out / "evaluation.md").read_text().count("|") > 20
+
+
+def test_split_file_keeps_the_runs_patient_groups(
+    labelled: Path, tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = tmp_path / "test.csv"
+    files = sorted(p for p in labelled.rglob("*") if p.is_file())
+    with split.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "fine_label", "group", "source_split"])
+        for i, p in enumerate(files):
+            w.writerow([str(p), p.parent.name, p.parent.name, f"patient{i // 4}", "TRAIN"])
+    samples = load_labelled(split, "multiclass")
+    assert len({s.group for s in samples}) == 3
+    code = main(["evaluate", str(split), "-m", str(tiny_onnx_model), "--json",
+                 "--replicates", "20"])  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert code == EXIT_OK and result["n_patients"] == 3 and result["n_images"] == 12
+
+
+def test_coronahack_layout_with_split_filter(shared_xray: Path) -> None:
+    subset = shared_xray / "coronahack-subset"
+    if not subset.is_dir():
+        pytest.skip("coronahack-subset not present")
+    test_rows = load_labelled(subset, "multiclass", "TEST")
+    assert len(test_rows) == 17 and {s.label for s in test_rows} == {"Virus"}
+    assert len(load_labelled(subset, "multiclass")) == 759
+
+
+def test_label_the_model_lacks_is_an_error(
+    labelled: Path, tiny_onnx_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = tmp_path / "odd.csv"
+    src = next(p for p in labelled.rglob("*") if p.is_file())
+    split.write_text(f"path,label,group\n{src},Fracture,p1\n")
+    code = main(["evaluate", str(split), "-m", str(tiny_onnx_model)])
+    assert code == EXIT_ERROR
+    assert "Fracture" in capsys.readouterr().err
+
+
+def test_no_model_and_no_default_is_a_usage_error(
+    labelled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from xrwatch import defaults
+
+    monkeypatch.setattr(defaults, "DEFAULT_MODEL", tmp_path / "absent" / "default.onnx")
+    code = main(["evaluate", str(labelled)])
+    assert code == EXIT_ERROR
+    assert "no default model" in capsys.readouterr().err

@@ -1,0 +1,256 @@
+"""``xrwatch evaluate``: an exported model on labelled images, metrics with patient-bootstrap
+CIs, as a table, JSON and a confusion-matrix PNG. Torch-free (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.markup import escape
+
+from xrwatch.cli._app import EXIT_OK, app, console
+from xrwatch.defaults import resolve_model
+from xrwatch.engine import InferenceEngine
+from xrwatch.errors import DatasetError, ReportWriteError
+from xrwatch.evaluation import BOOTSTRAP_REPLICATES, PER_CLASS_KEYS, evaluate_with_ci
+from xrwatch.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    path: Path
+    label: str
+    group: str  # patient: the bootstrap's resampling unit
+
+
+def load_labelled(data: Path, task: str, split: str | None = None) -> list[Labelled]:
+    """The labelled images of ``data``: a run's ``splits/<name>.csv`` (path, label, group),
+    a CoronaHack layout or a folder per class (indexed by ``training.data``, which is
+    torch-free). ``split`` (TRAIN/TEST) keeps one CoronaHack split only."""
+    if (
+        data.is_file()
+        and data.suffix.lower() == ".csv"
+        and data.name != "Chest_xray_Corona_Metadata.csv"
+    ):
+        try:
+            with data.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError as exc:
+            raise DatasetError(f"{data}: cannot read the split file: {exc}") from exc
+        if not rows or not {"path", "label", "group"} <= set(rows[0]):
+            raise DatasetError(
+                f"{data}: expected a run's split file with columns path, label, group "
+                f"(RUN/splits/test.csv); found {list(rows[0]) if rows else 'no rows'}"
+            )
+        out = [Labelled(Path(r["path"]), r["label"], r["group"]) for r in rows]
+        if split:
+            out = [s for s, r in zip(out, rows, strict=True) if r.get("source_split") == split]
+        return out
+    from training.data import index_dataset  # torch-free: indexing only lists files
+
+    index = index_dataset(data, task)
+    samples = [s for s in index.samples if split is None or s.source_split == split]
+    for note, count in index.excluded.items():
+        logger.info("left out %d image(s): %s", count, note)
+    return [Labelled(s.path, s.label, s.group) for s in samples]
+
+
+def confusion_png(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> None:
+    """The confusion matrix as a PNG drawn with Pillow (matplotlib is not a serving
+    dependency): rows = true class, columns = predicted, cells shaded by row share."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    k = len(classes)
+    cell, left, top = 90, 130, 70
+    img = Image.new("RGB", (left + cell * k + 20, top + cell * k + 60), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((10, 10), title, fill="black", font=font)
+    draw.text((left, top - 35), "predicted", fill="black", font=font)
+    draw.text((10, top + cell * k + 20), "rows: true class", fill="black", font=font)
+    for j, name in enumerate(classes):
+        draw.text((left + j * cell + 5, top - 18), name, fill="black", font=font)
+    for i, row in enumerate(matrix):
+        total = max(sum(row), 1)
+        draw.text((10, top + i * cell + cell // 2 - 6), classes[i], fill="black", font=font)
+        for j, count in enumerate(row):
+            share = count / total
+            shade = int(255 - 200 * share)
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle(
+                [x0, y0, x0 + cell - 2, y0 + cell - 2], fill=(shade, shade, 255), outline="grey"
+            )
+            colour = "white" if share > 0.6 else "black"
+            draw.text((x0 + 8, y0 + cell // 2 - 12), f"{count}", fill=colour, font=font)
+            draw.text((x0 + 8, y0 + cell // 2 + 2), f"{share:.0%}", fill=colour, font=font)
+    try:
+        img.save(path)
+    except OSError as exc:
+        raise ReportWriteError(f"{path}: cannot write the confusion matrix: {exc}") from exc
+
+
+def _fmt(entry: dict[str, Any]) -> str:
+    if entry["value"] is None:
+        return "n/a"
+    text = f"{entry['value']:.3f}"
+    if entry["ci"] is not None:
+        text += f" ({entry['ci'][0]:.3f}-{entry['ci'][1]:.3f})"
+    return text
+
+
+def table_markdown(result: dict[str, Any]) -> str:
+    """The metrics with CIs as Markdown (summary, then one row per class)."""
+    m = result["metrics"]
+    lines = [
+        f"{result['n_images']} images of {result['n_patients']} patients; 95 % CIs from "
+        f"{m['bootstrap']['replicates']} bootstrap replicates over patients",
+        "",
+        "| metric | value (95 % CI) |",
+        "|---|---|",
+    ]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro"):
+        lines.append(f"| {key.replace('_', ' ')} | {_fmt(m[key])} |")
+    lines += [
+        "",
+        "| class | images | patients | sensitivity | PPV | F1 | AUROC |",
+        "|---|---:|---:|---|---|---|---|",
+    ]
+    for name, c in m["per_class"].items():
+        cells = " | ".join(_fmt(c[key]) for key in PER_CLASS_KEYS)
+        lines.append(f"| {name} | {c['support']} | {c['patients']} | {cells} |")
+    lines += ["", "confusion matrix (rows true, columns predicted): " + json.dumps(
+        dict(zip(result["classes"], m["confusion_matrix"], strict=True)))]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(
+    engine: InferenceEngine,
+    samples: list[Labelled],
+    *,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Predict every sample and compute the metrics with CIs; unreadable files are left
+    out and listed under ``failed``."""
+    classes = list(engine.classes)
+    unknown = sorted({s.label for s in samples} - set(classes))
+    if unknown:
+        raise DatasetError(
+            f"labels {unknown} are not classes of the model {engine.path} ({classes})"
+        )
+    predictions = engine.predict_paths([s.path for s in samples], batch_size=batch_size)
+    kept = [(s, p) for s, p in zip(samples, predictions, strict=True) if p.ok]
+    failed = [{"file": p.file, "error": p.error} for p in predictions if not p.ok]
+    if not kept:
+        raise DatasetError(f"none of the {len(samples)} image(s) could be classified")
+    y = [classes.index(s.label) for s, _ in kept]
+    probs = np.array([[p.probabilities[c] for c in classes] for _, p in kept])
+    metrics = evaluate_with_ci(
+        y, probs, [s.group for s, _ in kept], classes, replicates=replicates, seed=seed
+    )
+    return {
+        "model": {"path": str(engine.path), "name": engine.meta.name,
+                  "sha256": engine.model_sha256, "precision": engine.meta.precision},
+        "classes": classes,
+        "n_images": metrics["n_images"],
+        "n_patients": metrics["n_patients"],
+        "metrics": metrics,
+        "failed": failed,
+        "predictions": [
+            {"file": str(s.path), "true": s.label, "predicted": p.label, "group": s.group,
+             **{f"prob_{c}": p.probabilities[c] for c in classes}}
+            for s, p in kept
+        ],
+    }  # fmt: skip
+
+
+def write_outputs(result: dict[str, Any], out: Path, title: str) -> None:
+    """``evaluation.json``, ``evaluation.md``, ``predictions.csv`` and
+    ``confusion_matrix.png`` in ``out``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evaluation.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        (out / "evaluation.md").write_text(f"# {title}\n\n" + table_markdown(result), "utf-8")
+        with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
+            rows = result["predictions"]
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    except OSError as exc:
+        raise ReportWriteError(f"{out}: cannot write the evaluation: {exc}") from exc
+    confusion_png(result["metrics"]["confusion_matrix"], result["classes"], title,
+                  out / "confusion_matrix.png")  # fmt: skip
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data: Path = typer.Argument(
+        ...,
+        help="Labelled images: a folder per class, a CoronaHack layout, or a run's "
+        "splits/test.csv.",
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="An ONNX model (default: the model shipped with xrwatch)."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Write evaluation.json/.md, predictions.csv, confusion_matrix.png.",
+    ),
+    split: str | None = typer.Option(
+        None, "--split", help="CoronaHack only: evaluate TRAIN or TEST rows only."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    replicates: int = typer.Option(
+        BOOTSTRAP_REPLICATES, "--replicates", min=1, help="Bootstrap replicates (over patients)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a GPU is present."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0 = all)."),
+    log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+) -> int:
+    """Evaluate an exported model on labelled images, with 95 % CIs over patients.
+
+    Accuracy, balanced accuracy, macro-F1, per-class sensitivity/PPV/F1, one-vs-rest
+    AUROC and the confusion matrix; each CI comes from a bootstrap that resamples patients,
+    not images. Unreadable images are left out and listed.
+    """
+    configure_logging(log_level)
+    model_path = resolve_model(model)
+    engine = InferenceEngine(model_path, use_gpu=not cpu, intra_op_threads=threads)
+    wanted = split.upper() if split else None
+    samples = load_labelled(data, engine.meta.task, wanted)
+    if not samples:
+        raise DatasetError(f"{data}: no labelled image found" + (f" in {wanted}" if wanted else ""))
+    logger.info("evaluating %s on %d image(s) of %s", engine.meta.name, len(samples), data)
+    result = evaluate_model(engine, samples, replicates=replicates, seed=seed)
+    result["data"] = str(data)
+    title = f"{engine.meta.name} on {data}"
+    if out is not None:
+        write_outputs(result, out, title)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2))
+    else:
+        console.print(f"[bold]{escape(title)}[/] (model sha256 {engine.model_sha256[:12]})")
+        console.print(escape(table_markdown(result)), highlight=False)
+        counts = Counter(s.label for s in samples)
+        logger.info("class counts: %s", dict(counts))
+        if result["failed"]:
+            console.print(f"[yellow]{len(result['failed'])} file(s) could not be read[/]")
+        if out is not None:
+            console.print(f"written to {escape(str(out))}")
+    return EXIT_OK

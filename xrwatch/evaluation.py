@@ -1,0 +1,173 @@
+"""Classification metrics with 95 % confidence intervals from a bootstrap over patients.
+
+Torch-free and scikit-learn-free (numpy only), so ``xrwatch evaluate`` runs on a serving
+install. The point estimates follow :mod:`training.metrics` (scikit-learn) exactly, and the
+tests check them against scikit-learn:
+
+* balanced accuracy = mean sensitivity over the classes present in ``y_true``;
+* macro-F1 = mean F1 over the classes present in ``y_true``;
+* per class: sensitivity (recall), PPV (precision), F1, one-vs-rest AUROC; a value that is
+  undefined (no positive, never predicted) is ``None``, never 0;
+* the confusion matrix, rows = true class, columns = predicted class.
+
+Confidence intervals resample **patients**, not images: images of one patient are
+correlated, so resampling images would pretend to more evidence than there is. Each
+replicate draws as many patients as there are, with replacement, keeps all their images,
+and recomputes every metric; the interval is the 2.5th-97.5th percentile over the
+replicates where the metric is defined (``n_defined`` says how many that was).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+BOOTSTRAP_REPLICATES = 2000  # percentile CIs; the 2.5 % tails then rest on 50 replicates each
+CI_LEVEL = 0.95
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro")
+PER_CLASS_KEYS = ("sensitivity", "ppv", "f1", "auroc")
+
+
+def auroc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """One-vs-rest AUROC (Mann-Whitney U with tied scores averaged); None without both
+    positives and negatives."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    score = np.asarray(score, dtype=np.float64)
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score), dtype=np.float64)
+    sorted_scores = score[order]
+    # average ranks over ties: each run of equal scores gets the mean of its positions
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [len(score)]))
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + e + 1) / 2.0  # mean of 1-based ranks s+1 .. e
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def point_metrics(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """The metrics of one set of predictions, keyed by class index (see the module doc)."""
+    y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = probs.argmax(axis=1)
+    cm = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(
+        n_classes, n_classes
+    )
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm)
+    present = support > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sens = np.where(present, tp / np.maximum(support, 1), np.nan)
+        ppv = np.where(predicted > 0, tp / np.maximum(predicted, 1), np.nan)
+        denom = support + predicted
+        f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    aurocs = [auroc(y_true == i, probs[:, i]) for i in range(n_classes)]
+    defined = [a for a in aurocs if a is not None]
+    n = len(y_true)
+    return {
+        "n": n,
+        "accuracy": float(tp.sum() / n) if n else None,
+        "balanced_accuracy": float(np.mean(sens[present])) if present.any() else None,
+        "macro_f1": float(np.mean(f1[present])) if present.any() else None,
+        "auroc_macro": float(np.mean(defined)) if defined else None,
+        "sensitivity": [None if np.isnan(v) else float(v) for v in sens],
+        "ppv": [None if np.isnan(v) else float(v) for v in ppv],
+        "f1": [float(f1[i]) if present[i] else None for i in range(n_classes)],
+        "auroc": aurocs,
+        "support": support.tolist(),
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _percentile_ci(values: list[float]) -> list[float] | None:
+    if not values:
+        return None
+    tail = (1.0 - CI_LEVEL) / 2.0 * 100.0
+    lo, hi = np.percentile(np.asarray(values), [tail, 100.0 - tail])
+    return [float(lo), float(hi)]
+
+
+def evaluate_with_ci(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    groups: Sequence[str],
+    classes: Sequence[str],
+    *,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every metric with its 95 % CI from a bootstrap over ``groups`` (patients).
+
+    Returns ``{"n_images", "n_patients", "bootstrap": {...}, "<summary key>": {"value",
+    "ci", "n_defined"}, "per_class": {class: {"support", "<key>": {...}}},
+    "confusion_matrix"}``. ``ci`` is None when the metric was defined in no replicate.
+    """
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.ndim != 1 or p.shape != (len(y), len(classes)):
+        raise ValueError(f"expected {len(y)} x {len(classes)} probabilities, got {p.shape}")
+    if len(groups) != len(y):
+        raise ValueError(f"expected {len(y)} patient groups, got {len(groups)}")
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
+    k = len(classes)
+    point = point_metrics(y, p, k) if len(y) else None
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {key: [] for key in SUMMARY_KEYS}
+    class_draws: dict[tuple[str, int], list[float]] = {
+        (key, i): [] for key in PER_CLASS_KEYS for i in range(k)
+    }
+    for _ in range(replicates if len(y) else 0):
+        picked = rng.integers(0, len(members), size=len(members))
+        idx = np.concatenate([members[g] for g in picked])
+        m = point_metrics(y[idx], p[idx], k)
+        for key in SUMMARY_KEYS:
+            if m[key] is not None:
+                draws[key].append(m[key])
+        for key in PER_CLASS_KEYS:
+            for i in range(k):
+                if m[key][i] is not None:
+                    class_draws[(key, i)].append(m[key][i])
+
+    def entry(value: float | None, values: list[float]) -> dict[str, Any]:
+        return {"value": value, "ci": _percentile_ci(values), "n_defined": len(values)}
+
+    out: dict[str, Any] = {
+        "n_images": len(y),
+        "n_patients": len(names),
+        "bootstrap": {
+            "unit": "patient",
+            "replicates": replicates,
+            "seed": seed,
+            "ci_level": CI_LEVEL,
+            "method": "percentile",
+        },
+    }
+    for key in SUMMARY_KEYS:
+        out[key] = entry(point[key] if point else None, draws[key])
+    out["per_class"] = {
+        name: {
+            "support": int(point["support"][i]) if point else 0,
+            "patients": len({inverse[j] for j in np.flatnonzero(y == i)}),
+            **{
+                key: entry(point[key][i] if point else None, class_draws[(key, i)])
+                for key in PER_CLASS_KEYS
+            },
+        }
+        for i, name in enumerate(classes)
+    }
+    out["confusion_matrix"] = point["confusion_matrix"] if point else [[0] * k] * k
+    return out
