@@ -114,7 +114,7 @@ class SplitTensors:
 def _prepare_data(
     cfg: TrainConfig, d: Dist, run_dir: Path, device: torch.device
 ) -> tuple[tuple[str, ...], dict[str, SplitTensors], Splits]:
-    index = index_dataset(cfg.data, cfg.task)
+    index = index_dataset(cfg.data, cfg.task, patients=cfg.patients)
     extra: list[Sample] = []
     for extra_spec in cfg.extra:
         extra += extra_samples(extra_spec, cfg.task)
@@ -131,6 +131,12 @@ def _prepare_data(
             logger.info("left out %d image(s): %s", count, note)
         for w in splits.warnings:
             logger.warning("%s", w)
+        shared = splits.shared_patients()
+        logger.info(
+            "patients per split: %s; %s",
+            splits.patients(),
+            f"{len(shared)} in two splits" if shared else "none in two splits",
+        )
     spec = preprocess_spec(cfg)
     all_paths = sorted({str(s.path) for part in splits.by_name().values() for s in part})
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / ".cache"

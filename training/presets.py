@@ -41,6 +41,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # of TRAIN, patient-grouped, stratified
     test_fraction: float = 0.15  # of TRAIN, only for --split patient
     extra: tuple[str, ...] = ()  # DIR:LABEL folders added to TRAIN (the study's table 2)
+    patients: str | None = None  # file name → patient CSV (default: found beside the data)
     strict: bool = False  # stop on a missing/unreadable image instead of leaving it out
     # the experiment
     experiment: str = "custom"  # preset name (PRCE ...) or custom

@@ -5,9 +5,10 @@
 * ``patient``: validation *and* test are carved from TRAIN, so COVID-19 is tested too
   (CoronaHack's own TEST is then not used).
 
-Carving works on patient groups (:func:`training.data.patient_group`): a group goes whole
-into one split, so no patient sits in two. Groups are assigned per class (by the group's
-majority class) until the class's share reaches the requested fraction.
+Carving works on patient groups (:func:`training.data.patient_group`; Kermany patients are
+qualified by the CoronaHack split, as Kermany numbers train and test patients separately): a
+group goes whole into one split, so no patient sits in two. Groups are assigned per class (by
+the group's majority class) until the class's share reaches the requested fraction.
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ class Splits:
 
     def by_name(self) -> dict[str, list[Sample]]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def patients(self) -> dict[str, int]:
+        """How many patient groups each split holds."""
+        return {name: len({s.group for s in part}) for name, part in self.by_name().items()}
+
+    def shared_patients(self) -> list[str]:
+        """The patient groups found in more than one split (sorted; empty when disjoint)."""
+        where: dict[str, set[str]] = defaultdict(set)
+        for name, part in self.by_name().items():
+            for s in part:
+                where[s.group].add(name)
+        return sorted(g for g, names in where.items() if len(names) > 1)
 
     def counts(self, classes: tuple[str, ...]) -> dict[str, dict[str, int]]:
         out = {}
@@ -94,7 +107,7 @@ def make_splits(
     rng = np.random.default_rng(seed)
     has_official = any(s.source_split == "TEST" for s in index.samples)
     pool = [s for s in index.samples if s.source_split in ("TRAIN", None)]
-    warnings: list[str] = []
+    warnings: list[str] = list(index.warnings)
     if mode == "official":
         if not has_official:
             raise DatasetError(

@@ -71,6 +71,12 @@ ProgressOpt = typer.Option(None, "--progress/--no-progress", help="Rich progress
 ConfigOpt = typer.Option(
     None, "--config", help="TOML file (its train table) or a run's config.json."
 )
+PatientsOpt = typer.Option(
+    None,
+    "--patients",
+    help="CSV (X_ray_image_name, patientid) giving the patient of images whose names carry "
+    "none; default: covid_collection_patients.csv beside the data or in a folder beside it.",
+)
 SetOpt = typer.Option(None, "--set", help="Override any config field: KEY=VALUE (repeat).")
 
 
@@ -110,6 +116,7 @@ def train_command(
     imagenet_weights: str | None = ImagenetOpt,
     chexnet_weights: str | None = ChexnetOpt,
     extra: list[str] | None = ExtraOpt,
+    patients: str | None = PatientsOpt,
     strict: bool | None = StrictOpt,
     out: str | None = OutOpt,
     name: str | None = typer.Option(None, "--name", help="Run folder name under OUT."),
@@ -141,8 +148,9 @@ def train_command(
         data=data, task=task, split=split, epochs=epochs, image_size=image_size,
         batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, arch=arch, weights=weights,
         imagenet_weights=imagenet_weights, chexnet_weights=chexnet_weights, extra=extra,
-        strict=strict, out=out, name=name, device=device, seed=seed, workers=workers,
-        cache_dir=cache_dir, max_steps_per_epoch=max_steps_per_epoch, progress=progress,
+        patients=patients, strict=strict, out=out, name=name, device=device, seed=seed,
+        workers=workers, cache_dir=cache_dir, max_steps_per_epoch=max_steps_per_epoch,
+        progress=progress,
     )  # fmt: skip
     values = _overrides(config, set_, **flags)
     if resume is not None:
@@ -173,6 +181,7 @@ def reproduce_command(
     imagenet_weights: str | None = ImagenetOpt,
     chexnet_weights: str | None = ChexnetOpt,
     extra: list[str] | None = ExtraOpt,
+    patients: str | None = PatientsOpt,
     strict: bool | None = StrictOpt,
     device: str | None = DeviceOpt,
     seed: int | None = SeedOpt,
@@ -196,7 +205,8 @@ def reproduce_command(
     flags = dict(
         data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, out=out,
         task=task, split=split, arch=arch, weights=weights, imagenet_weights=imagenet_weights,
-        chexnet_weights=chexnet_weights, extra=extra, strict=strict, device=device, seed=seed,
+        chexnet_weights=chexnet_weights, extra=extra, patients=patients, strict=strict,
+        device=device, seed=seed,
         workers=workers, cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
     md, csv_path = reproduce(_overrides(config, set_, **flags), only=only)
@@ -221,6 +231,7 @@ def dataset_command(
         0.15, "--test-fraction", help="Share carved out as the test set (--split patient)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the carved splits."),
+    patients: Path | None = PatientsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Print a dataset's class counts per split.
@@ -231,7 +242,7 @@ def dataset_command(
     from training.data import index_dataset
     from training.splits import make_splits
 
-    index = index_dataset(data_dir, task)
+    index = index_dataset(data_dir, task, patients=patients)
     own = {
         s: index.counts(s)
         for s in ("TRAIN", "TEST")
@@ -243,6 +254,7 @@ def dataset_command(
         index, split, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
     found = sum(1 for s in index.samples if s.path.is_file())
+    shared = splits.shared_patients()
     report: dict[str, Any] = {
         "data": str(data_dir),
         "layout": index.kind,
@@ -251,6 +263,9 @@ def dataset_command(
         "dataset_splits": own,
         "split": split,
         "splits": splits.counts(index.classes),
+        "patients": splits.patients(),
+        "shared_patients": len(shared),
+        "patients_csv": str(index.patients_csv) if index.patients_csv else None,
         "excluded": dict(index.excluded),
         "images": {"listed": len(index.samples), "found": found},
         "warnings": splits.warnings,
@@ -275,6 +290,15 @@ def dataset_command(
     for note, count in index.excluded.items():
         console.print(f"left out {count}: {note}", highlight=False, markup=False)
     console.print(f"image files found: {found} of {len(index.samples)} listed", highlight=False)
+    per_split = ", ".join(f"{n} {c}" for n, c in report["patients"].items())
+    console.print(
+        f"patients: {per_split}; "
+        + (f"{len(shared)} in two splits" if shared else "no patient is in two splits"),
+        highlight=False,
+        markup=False,
+    )
+    if index.patients_csv:
+        console.print(f"patients table: {index.patients_csv}", highlight=False, markup=False)
     for w in splits.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
