@@ -49,10 +49,11 @@ from training.report import (
     write_json,
     write_metrics_csv,
 )
-from training.splits import Splits, make_splits, write_split_files
+from training.splits import Splits, make_splits, resolve_split, write_split_files
 from training.weights import load_pretrained
 from xrwatch.config import build_config
 from xrwatch.errors import ConfigError, DatasetError
+from xrwatch.metrics_ci import bootstrap_ci, coverage_note, format_ci, missing_classes
 from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class SplitTensors:
 def _prepare_data(
     cfg: TrainConfig, d: Dist, run_dir: Path, device: torch.device
 ) -> tuple[tuple[str, ...], dict[str, SplitTensors], Splits]:
-    index = index_dataset(cfg.data, cfg.task)
+    index = index_dataset(cfg.data, cfg.task, patients=cfg.patients)
     extra: list[Sample] = []
     for extra_spec in cfg.extra:
         extra += extra_samples(extra_spec, cfg.task)
@@ -131,6 +132,12 @@ def _prepare_data(
             logger.info("left out %d image(s): %s", count, note)
         for w in splits.warnings:
             logger.warning("%s", w)
+        shared = splits.shared_patients()
+        logger.info(
+            "patients per split: %s; %s",
+            splits.patients(),
+            f"{len(shared)} in two splits" if shared else "none in two splits",
+        )
     spec = preprocess_spec(cfg)
     all_paths = sorted({str(s.path) for part in splits.by_name().values() for s in part})
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out) / ".cache"
@@ -198,20 +205,34 @@ def _write_skipped(failures: dict[str, str], path: Path) -> None:
 
 # --------------------------------------------------------------------------- batches
 def _epoch_order(
-    labels: torch.Tensor, cfg: TrainConfig, epoch: int, d: Dist, num_classes: int
+    labels: torch.Tensor, cfg: TrainConfig, epoch: int, num_classes: int
 ) -> torch.Tensor:
-    """This rank's sample order for ``epoch``: seeded, identical on all ranks, then sharded."""
+    """The sample order of ``epoch``: seeded, the same on every rank (:func:`_rank_batches`)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     n = len(labels)
     if cfg.sampler == "weighted":
         # WeightedRandomSampler with 1/class-count weights: each class drawn equally often.
         counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1).float()
         weights = 1.0 / counts[labels.cpu()]
-        order = torch.multinomial(weights, n, replacement=True, generator=g)
-    else:
-        order = torch.randperm(n, generator=g)
-    per_rank = n // d.world
-    return order[d.rank * per_rank : (d.rank + 1) * per_rank]
+        return torch.multinomial(weights, n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def _rank_batches(order: torch.Tensor, batch_size: int, d: Dist) -> list[torch.Tensor]:
+    """This rank's batches: ``batch_size`` is the *global* batch (the recipe's), so each step
+    takes the next ``batch_size`` samples of the epoch's order and gives each of the ``d.world``
+    processes an equal share. DDP averages the gradients, so the step is that of one process
+    on the whole batch, at the same learning rate. A last short batch is shared out equally
+    (a remainder below ``d.world`` dropped); one under 2 images per process is dropped
+    (BatchNorm cannot train on one image)."""
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        per = len(chunk) // d.world
+        if per < 2:
+            break
+        out.append(chunk[d.rank * per : (d.rank + 1) * per])
+    return out
 
 
 def _augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -219,14 +240,6 @@ def _augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     ``--resume`` draws exactly the flips and rotations an uninterrupted run would."""
     state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-def _batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on one image
-            return
-        yield idx
 
 
 def augment(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
@@ -328,6 +341,17 @@ def _default_name(cfg: TrainConfig) -> str:
     return f"{cfg.experiment}-{cfg.task}-{stamp}"
 
 
+def resolve_split_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``split = auto`` resolved for its data's layout (official when it has a
+    fixed test set, else patient), so config.json records the split that ran."""
+    if cfg.split != "auto" or not cfg.data:
+        return cfg
+    mode, why = resolve_split(index_dataset(cfg.data, cfg.task, patients=cfg.patients), "auto")
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("split: %s (%s)", mode, why)
+    return replace(cfg, split=mode)  # type: ignore[arg-type]
+
+
 def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config of an existing run folder (``config.json``), with ``overrides``."""
     path = run_dir / "config.json"
@@ -336,6 +360,30 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> T
     values = json.loads(path.read_text(encoding="utf-8"))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build_config(TrainConfig, values, source=str(path))
+
+
+def record_config(run_dir: Path, cfg: TrainConfig, *, event: str) -> None:
+    """Keep ``config.json`` the config that is running (e.g. after ``--resume --epochs N``);
+    each change is appended to ``config_history.jsonl`` (time, event, field: [old, new])."""
+    path = run_dir / "config.json"
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    new = cfg.to_dict()
+    changed = {k: [stored.get(k), v] for k, v in new.items() if stored.get(k) != v}
+    if not changed:
+        return
+    entry = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "event": event,
+        "changed": changed,
+    }
+    with (run_dir / "config_history.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    write_json(path, new)
+    logger.info(
+        "%s: config.json updated (%s)",
+        run_dir,
+        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+    )
 
 
 @contextmanager
@@ -354,7 +402,8 @@ def hold_run_folder(run_dir: Path) -> Iterator[None]:
             holder = fh.read().strip() or "unknown"
             raise ConfigError(
                 f"{run_dir} is in use by another training process ({holder}); wait for it "
-                "to finish or stop it (Ctrl-C saves last.pt) before --resume"
+                "to finish or stop it (Ctrl-C keeps last.pt, the last completed epoch) "
+                "before --resume"
             ) from None
         fh.seek(0)
         fh.truncate()
@@ -374,6 +423,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
 def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> Path:
     device_kind = _resolve_device(cfg)
     d = _init_distributed(device_kind)
+    if cfg.batch_size % d.world:
+        raise ConfigError(
+            f"batch size {cfg.batch_size} is the global batch and must divide across the "
+            f"{d.world} processes: use a multiple of {d.world}"
+        )
+    cfg = replace(resolve_split_config(cfg), world_size=d.world)
     device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -387,7 +442,9 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     np.random.seed(cfg.seed)
     # Weights first: a missing weight file stops the run before any folder is written.
     backbone = build_model(cfg.arch, len(TASK_CLASSES[cfg.task]))
-    if resume is None:
+    # --resume of a run stopped before its first epoch ended: nothing was saved, start afresh
+    fresh = resume is None or not (Path(resume) / "last.pt").is_file()
+    if fresh:
         load_pretrained(backbone, cfg.arch, cfg.weights, cfg)
 
     if resume is not None:
@@ -395,6 +452,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
         cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
         if d.main and run_dir.is_dir():
             locks.enter_context(hold_run_folder(run_dir))
+            record_config(run_dir, cfg, event="resume")
     else:
         name = _broadcast(cfg.name or _default_name(cfg), d)
         cfg = replace(cfg, name=name)
@@ -410,8 +468,11 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     _barrier(d)
 
     if d.main:
-        logger.info("run %s: %s on %s, %d process(es)", run_dir, cfg.experiment, device, d.world)
-    classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
+        logger.info(
+            "run %s: %s on %s, %d process(es), global batch %d (%d per process)",
+            run_dir, cfg.experiment, device, d.world, cfg.batch_size, cfg.batch_size // d.world,
+        )  # fmt: skip
+    classes, data, splits = _prepare_data(cfg, d, run_dir, device)
     spec = preprocess_spec(cfg)
     model: nn.Module = wrap(backbone, spec.to_dict()).to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -426,22 +487,24 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     )
 
     start_epoch, best = 1, -1.0
-    last_metrics: dict[str, Any] = {"val": None, "test": None, "train": None}
     history: list[dict[str, Any]] = []
-    if resume is not None:
+    if not fresh:
         ckpt = load_checkpoint(run_dir / "last.pt")
         backbone.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt.get("rng"))
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_balanced_accuracy"]
-        last_metrics = ckpt["metrics"]
-        history = [
+        # the epochs' rows as last.pt saw them (metrics.csv is written after last.pt)
+        history = ckpt.get("history") or [
             r for r in read_metrics_csv(run_dir / "metrics.csv") if r["epoch"] <= ckpt["epoch"]
         ]
         if d.main:
             logger.info("resuming %s after epoch %d of %d", run_dir, ckpt["epoch"], cfg.epochs)
+    elif resume is not None and d.main:
+        logger.info("%s: no last.pt (stopped before epoch 1 ended); starting at epoch 1", run_dir)
     train_model: nn.Module = model
     if d.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -449,17 +512,17 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
         )
 
     def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return make_checkpoint(
+        ckpt = make_checkpoint(
             arch=cfg.arch, classes=list(classes), task=cfg.task, experiment=cfg.experiment,
             preprocess=spec, config=cfg.to_dict(), model_state=backbone.state_dict(),
             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
             scaler_state=scaler.state_dict(), epoch=epoch, metrics=metrics,
             best_val_balanced_accuracy=best,
         )  # fmt: skip
+        return {**ckpt, "history": copy.deepcopy(history), "rng": _rng_state()}
 
     progress = _progress(cfg, d)
-    completed = started = start_epoch - 1
-    lr_at_start = _lr_state(optimizer, scheduler)
+    completed = start_epoch - 1
     try:
         with progress if progress is not None else nullcontext():
             epoch_bar = (
@@ -468,9 +531,6 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 else None
             )
             for epoch in range(start_epoch, cfg.epochs + 1):
-                # The learning rate as the epoch starts: a Ctrl-C checkpoint is labelled with
-                # the previous epoch, so it must not carry this epoch's scheduler step.
-                started, lr_at_start = epoch, _lr_state(optimizer, scheduler)
                 row = train_one_epoch(
                     train_model, data["train"], loss_fn, optimizer, scaler, cfg, device, d,
                     epoch, len(classes), _augment_generator(cfg.seed, epoch, d.rank), progress,
@@ -491,12 +551,13 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 improved = val["balanced_accuracy"] > best
                 if improved:
                     best = val["balanced_accuracy"]
-                last_metrics = metrics
                 if d.main:
+                    # last.pt is the epoch's commit point, so it is written last: a Ctrl-C
+                    # before it redoes this epoch whole, which rewrites best.pt the same way.
                     ckpt = checkpoint(epoch, metrics)
-                    save_checkpoint(ckpt, run_dir / "last.pt")
                     if improved:  # for export: without the optimizer state (2/3 of the size)
                         save_checkpoint(_without_resume_state(ckpt), run_dir / "best.pt")
+                    save_checkpoint(ckpt, run_dir / "last.pt")
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     logger.info(
                         "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
@@ -514,42 +575,43 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 _barrier(d)
     except KeyboardInterrupt:
         if d.main:
-            # Weights as they are now, labelled with the last *completed* epoch: --resume
-            # redoes the interrupted epoch from here, at that epoch's learning rate.
-            if started > completed:
-                _restore_lr_state(optimizer, scheduler, lr_at_start)
-            save_checkpoint(checkpoint(completed, last_metrics),
-                            run_dir / "last.pt")  # fmt: skip
-            write_metrics_csv(history, run_dir / "metrics.csv")
+            # Nothing is saved here: last.pt already holds the last completed epoch (weights,
+            # optimizer, scheduler, RNG, metrics rows), and the partial epoch is discarded, so
+            # --resume redoes it whole and continues exactly as an uninterrupted run would.
             logger.warning(
-                "interrupted: saved %s; continue with xrwatch train --resume %s",
-                run_dir / "last.pt",
+                "interrupted during epoch %d: that epoch is discarded; %s; continue with "
+                "xrwatch train --resume %s",
+                completed + 1,
+                f"{run_dir / 'last.pt'} holds epoch {completed}"
+                if completed
+                else "no epoch had ended, so --resume starts at epoch 1",
                 run_dir,
             )
         raise
 
-    _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
+    _finish(cfg, d, run_dir, classes, data, splits, backbone, model, loss_fn, device, history)
     _barrier(d)  # every rank returns only once rank 0 has written the run's artefacts
     return run_dir
 
 
 def _without_resume_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     """``best.pt``: what export needs; ``--resume`` reads ``last.pt``, which keeps the rest."""
-    return {**ckpt, "optimizer": None, "lr_scheduler": None, "scaler": None}
+    return {**ckpt, "optimizer": None, "lr_scheduler": None, "scaler": None, "rng": None}
 
 
-def _lr_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[dict[str, Any], list[float]]:
-    return copy.deepcopy(scheduler.state_dict()), [g["lr"] for g in optimizer.param_groups]
+def _rng_state() -> dict[str, Any]:
+    """torch's global RNG state (CPU and CUDA). Epoch order and augmentation have their own
+    seeded generators; this covers anything else drawing from the global one."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def _restore_lr_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any, state: tuple[dict[str, Any], list[float]]
-) -> None:
-    scheduler.load_state_dict(state[0])
-    for group, lr in zip(optimizer.param_groups, state[1], strict=True):
-        group["lr"] = lr
+def _set_rng_state(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def barrier() -> None:
@@ -579,17 +641,15 @@ def train_one_epoch(
     progress: Any,
 ) -> dict[str, Any]:
     model.train()
-    order = _epoch_order(data.labels, cfg, epoch, d, num_classes)
-    n_batches = max(1, len(order) // cfg.batch_size + (len(order) % cfg.batch_size >= 2))
+    batches = _rank_batches(_epoch_order(data.labels, cfg, epoch, num_classes), cfg.batch_size, d)
     if cfg.max_steps_per_epoch:
-        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+        batches = batches[: cfg.max_steps_per_epoch]
+    n_batches = max(1, len(batches))
     bar = progress.add_task(f"epoch {epoch}", total=n_batches, stats="") if progress else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    for step, idx in enumerate(_batches(order, cfg.batch_size)):
-        if step >= n_batches:
-            break
+    for step, idx in enumerate(batches):
         idx = idx.to(device)
         x = augment(data.images[idx].float(), cfg, gen)
         if device.type == "cuda" and cfg.channels_last:
@@ -638,13 +698,15 @@ def _finish(
     run_dir: Path,
     classes: tuple[str, ...],
     data: dict[str, SplitTensors],
+    splits: Splits,
     backbone: nn.Module,
     model: nn.Module,
     loss_fn: nn.Module,
     device: torch.device,
     history: list[dict[str, Any]],
 ) -> None:
-    """Test the best checkpoint; write test_metrics.json, curves.png, confusion_matrix.png."""
+    """Test the best checkpoint; write test_metrics.json, curves.png, confusion_matrix.png.
+    Validation and test figures get 95 % intervals by bootstrap over patients (seeded)."""
     _barrier(d)
     best_ckpt = load_checkpoint(run_dir / "best.pt")
     backbone.load_state_dict(best_ckpt["model"])
@@ -652,9 +714,17 @@ def _finish(
     if len(data["test"].labels):
         y, p, test_loss = evaluate(model, data["test"], loss_fn, cfg, device, d)
         test = classification_metrics(y, p, classes, loss=test_loss)
+        test["ci95"] = _ci(y, p, splits.test, classes, cfg.seed)
+    # validation again with the best weights: its per-image predictions give the interval
+    yv, pv, _ = evaluate(model, data["val"], loss_fn, cfg, device, d)
     if not d.main:
         return
+    val_at_best = {
+        **best_ckpt["metrics"]["val"],
+        "ci95": _ci(yv, pv, splits.val, classes, cfg.seed),
+    }
     best_ckpt["metrics"]["test"] = test
+    best_ckpt["metrics"]["val"] = val_at_best
     save_checkpoint(best_ckpt, run_dir / "best.pt")
     val_accs = [r["val_accuracy"] for r in history if r.get("val_accuracy") is not None]
     train_accs = [r["train_accuracy"] for r in history if r.get("train_accuracy") is not None]
@@ -665,7 +735,10 @@ def _finish(
         "best_epoch": best_ckpt["epoch"],
         "epochs": len(history),
         "test": test,
-        "val_at_best": best_ckpt["metrics"]["val"],
+        "test_classes_missing": missing_classes(test, classes) if test else list(classes),
+        "val_at_best": val_at_best,
+        # running accuracy over the epoch's augmented batches: no per-image predictions, so
+        # no interval
         "train_at_best": best_ckpt["metrics"]["train"],
         # The study's figure of merit: accuracy averaged over all epochs, for comparison.
         "avg_train_accuracy_over_epochs": float(np.mean(train_accs)) if train_accs else None,
@@ -678,8 +751,21 @@ def _finish(
     plot_confusion(shown["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                    f"{cfg.experiment}: best epoch {best_ckpt['epoch']}, {which} set")  # fmt: skip
     if test is not None:
+        ci = test["ci95"]
         logger.info(
-            "test (best epoch %d): acc %.3f bal.acc %.3f macro-F1 %.3f",
-            best_ckpt["epoch"], test["accuracy"], test["balanced_accuracy"], test["macro_f1"],
+            "test (best epoch %d): acc %.3f %s bal.acc %.3f %s macro-F1 %.3f (95%% CI, bootstrap "
+            "over %d patients)%s",
+            best_ckpt["epoch"], test["accuracy"], format_ci(ci, "accuracy", percent=False),
+            test["balanced_accuracy"], format_ci(ci, "balanced_accuracy", percent=False),
+            test["macro_f1"], ci["patients"], coverage_note(test, classes),
         )  # fmt: skip
     logger.info("run folder: %s", run_dir)
+
+
+def _ci(
+    y: np.ndarray, probs: np.ndarray, samples: list[Sample], classes: tuple[str, ...], seed: int
+) -> dict[str, Any]:
+    """95 % bootstrap-over-patients intervals; ``samples`` are the split's, in tensor order."""
+    return bootstrap_ci(
+        y, probs.argmax(axis=1), [s.group for s in samples], len(classes), seed=seed
+    )

@@ -14,15 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.engine import barrier, load_run_config, train
+from training.engine import barrier, load_run_config, resolve_split_config, train
 from training.presets import EXPERIMENTS, experiment_config
+from training.ranking import comparison_key
 from training.report import write_table1
 from xrwatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 # Fields that may differ between a stored run and a re-invocation without changing results.
-_IRRELEVANT = {"progress", "workers", "cache_dir", "device", "name", "out"}
+_IRRELEVANT = {"progress", "workers", "cache_dir", "device", "name", "out", "world_size"}
 
 
 def _same_recipe(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -51,6 +52,15 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "test_auroc_macro": test.get("auroc_macro"),
         "avg_train_accuracy": summary.get("avg_train_accuracy_over_epochs"),
         "avg_val_accuracy": summary.get("avg_val_accuracy_over_epochs"),
+        "val_loss": val.get("loss"),
+        "val_accuracy_ci": (val.get("ci95") or {}).get("accuracy"),
+        "test_accuracy_ci": (test.get("ci95") or {}).get("accuracy"),
+        "test_balanced_accuracy_ci": (test.get("ci95") or {}).get("balanced_accuracy"),
+        "test_macro_f1_ci": (test.get("ci95") or {}).get("macro_f1"),
+        "test_classes_missing": summary.get("test_classes_missing"),
+        "classes": summary.get("classes"),
+        "extra": bool(cfg.get("extra")),
+        "comparison_key": comparison_key(cfg, summary.get("classes") or ()),
     }
 
 
@@ -65,7 +75,9 @@ def reproduce(overrides: dict[str, Any], *, only: list[str] | None = None) -> tu
     main = int(os.environ.get("RANK", "0")) == 0
     for name in names:
         barrier()  # under torchrun, no rank looks at a run folder another is creating
-        cfg = experiment_config(name, {**overrides, "name": name, "out": str(out)})
+        cfg = resolve_split_config(
+            experiment_config(name, {**overrides, "name": name, "out": str(out)})
+        )
         run_dir = out / name
         if (run_dir / "config.json").is_file():
             stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))

@@ -4,10 +4,13 @@
   holds no COVID-19 image, so COVID-19 is never tested (a warning says so).
 * ``patient``: validation *and* test are carved from TRAIN, so COVID-19 is tested too
   (CoronaHack's own TEST is then not used).
+* ``auto`` (the default): ``official`` when the dataset has a fixed test set (CoronaHack's
+  TEST, or ``DATA/test/<Class>``), else ``patient`` (a plain folder per class).
 
-Carving works on patient groups (:func:`training.data.patient_group`): a group goes whole
-into one split, so no patient sits in two. Groups are assigned per class (by the group's
-majority class) until the class's share reaches the requested fraction.
+Carving works on patient groups (:func:`training.data.patient_group`; Kermany patients are
+qualified by the CoronaHack split, as Kermany numbers train and test patients separately): a
+group goes whole into one split, so no patient sits in two. Groups are assigned per class (by
+the group's majority class) until the class's share reaches the requested fraction.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from xrwatch.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-SplitMode = Literal["official", "patient"]
-SPLIT_MODES: tuple[SplitMode, ...] = ("official", "patient")
+SplitMode = Literal["auto", "official", "patient"]
+SPLIT_MODES: tuple[SplitMode, ...] = ("auto", "official", "patient")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -37,9 +40,23 @@ class Splits:
     val: list[Sample]
     test: list[Sample]
     warnings: list[str] = field(default_factory=list)
+    mode: str = ""  # the split used (official or patient), ``auto`` resolved
+    why: str = ""  # why that split: asked for, or chosen by layout
 
     def by_name(self) -> dict[str, list[Sample]]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def patients(self) -> dict[str, int]:
+        """How many patient groups each split holds."""
+        return {name: len({s.group for s in part}) for name, part in self.by_name().items()}
+
+    def shared_patients(self) -> list[str]:
+        """The patient groups found in more than one split (sorted; empty when disjoint)."""
+        where: dict[str, set[str]] = defaultdict(set)
+        for name, part in self.by_name().items():
+            for s in part:
+                where[s.group].add(name)
+        return sorted(g for g, names in where.items() if len(names) > 1)
 
     def counts(self, classes: tuple[str, ...]) -> dict[str, dict[str, int]]:
         out = {}
@@ -79,6 +96,21 @@ def carve(
     return rest, carved
 
 
+def resolve_split(index: DatasetIndex, mode: str) -> tuple[str, str]:
+    """``(official|patient, why)``: ``auto`` picks the split that works for the layout."""
+    if mode not in SPLIT_MODES:
+        raise DatasetError(f"Invalid split {mode!r}. Only {', '.join(SPLIT_MODES)} are supported.")
+    if mode != "auto":
+        return mode, f"--split {mode} as asked"
+    if any(s.source_split == "TEST" for s in index.samples):
+        fixed = "CoronaHack's TEST" if index.kind == "coronahack" else "DATA/test/<Class>"
+        return "official", f"--split auto: the dataset has a fixed test set ({fixed}), used as is"
+    return "patient", (
+        "--split auto: the dataset has no fixed test set, so validation and test are carved "
+        "from its images, grouped by patient"
+    )
+
+
 def make_splits(
     index: DatasetIndex,
     mode: str,
@@ -89,12 +121,11 @@ def make_splits(
     extra: list[Sample] | None = None,
 ) -> Splits:
     """The train/val/test splits of ``index`` (see the module docstring)."""
-    if mode not in SPLIT_MODES:
-        raise DatasetError(f"Invalid split {mode!r}. Only {', '.join(SPLIT_MODES)} are supported.")
+    mode, why = resolve_split(index, mode)
     rng = np.random.default_rng(seed)
     has_official = any(s.source_split == "TEST" for s in index.samples)
     pool = [s for s in index.samples if s.source_split in ("TRAIN", None)]
-    warnings: list[str] = []
+    warnings: list[str] = list(index.warnings)
     if mode == "official":
         if not has_official:
             raise DatasetError(
@@ -123,7 +154,7 @@ def make_splits(
             )
         )
     _check_disjoint(train, val, test)
-    return Splits(train, val, test, warnings)
+    return Splits(train, val, test, warnings, mode, why)
 
 
 def _check_disjoint(train: list[Sample], val: list[Sample], test: list[Sample]) -> None:

@@ -50,10 +50,25 @@ def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
 TaskOpt = typer.Option(
     None, "--task", help="multiclass (Normal/Bacteria/Virus/COVID-19) or binary."
 )
-SplitOpt = typer.Option(None, "--split", help="official (TEST is the test set) or patient.")
+SplitOpt = typer.Option(
+    None,
+    "--split",
+    help="official (the dataset's TEST is the test set), patient (test carved from the images, "
+    "grouped by patient) or auto (default: official when the data has a fixed test set, else "
+    "patient).",
+)
 EpochsOpt = typer.Option(None, "--epochs", help="Epochs (study: 20).")
-SizeOpt = typer.Option(None, "--image-size", help="Model input size in pixels (study: 224).")
-BatchOpt = typer.Option(None, "--batch-size", help="Batch size per process (study: 32).")
+SizeOpt = typer.Option(
+    None,
+    "--image-size",
+    help="Model input size in pixels (xrwatch's assumption: 224; the study does not state it).",
+)
+BatchOpt = typer.Option(
+    None,
+    "--batch-size",
+    help="Global batch size, divided across torchrun processes (xrwatch's assumption: 32; "
+    "the study does not state it).",
+)
 OutOpt = typer.Option(None, "--out", help="Runs folder (default: runs).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (splits, init, augmentation).")
@@ -70,6 +85,12 @@ WeightsOpt = typer.Option(None, "--weights", help="imagenet, chexnet or none.")
 ProgressOpt = typer.Option(None, "--progress/--no-progress", help="Rich progress bars.")
 ConfigOpt = typer.Option(
     None, "--config", help="TOML file (its train table) or a run's config.json."
+)
+PatientsOpt = typer.Option(
+    None,
+    "--patients",
+    help="CSV (X_ray_image_name, patientid) giving the patient of images whose names carry "
+    "none; default: covid_collection_patients.csv beside the data or in a folder beside it.",
 )
 SetOpt = typer.Option(None, "--set", help="Override any config field: KEY=VALUE (repeat).")
 
@@ -103,13 +124,16 @@ def train_command(
     image_size: int | None = SizeOpt,
     batch_size: int | None = BatchOpt,
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (study: 1e-3)."),
-    loss: str | None = typer.Option(None, "--loss", help="ce or focal."),
+    loss: str | None = typer.Option(
+        None, "--loss", help="ce or focal (gamma 2, no alpha: xrwatch's assumption)."
+    ),
     sampler: str | None = typer.Option(None, "--sampler", help="plain or weighted."),
     arch: str | None = ArchOpt,
     weights: str | None = WeightsOpt,
     imagenet_weights: str | None = ImagenetOpt,
     chexnet_weights: str | None = ChexnetOpt,
     extra: list[str] | None = ExtraOpt,
+    patients: str | None = PatientsOpt,
     strict: bool | None = StrictOpt,
     out: str | None = OutOpt,
     name: str | None = typer.Option(None, "--name", help="Run folder name under OUT."),
@@ -131,6 +155,12 @@ def train_command(
 
     A preset of the study (--experiment) or a custom one; flags, --config and --set
     override the preset. Needs the train extra.
+
+    The defaults are the recipe the study states (Adam 1e-3, x0.5 every 10 epochs, 20
+    epochs, flips p=0.5, rotation p=0.3) plus xrwatch's assumptions where it states nothing:
+    batch 32 (global), 224 px stretched bilinear, ImageNet normalisation, focal gamma 2
+    without alpha, all layers trained, no weight decay, rotation +-10 degrees, validation 10 %
+    of TRAIN grouped by patient (training.presets.ASSUMPTIONS; README).
     """
     _logging()
     _require_train()
@@ -141,8 +171,9 @@ def train_command(
         data=data, task=task, split=split, epochs=epochs, image_size=image_size,
         batch_size=batch_size, lr=lr, loss=loss, sampler=sampler, arch=arch, weights=weights,
         imagenet_weights=imagenet_weights, chexnet_weights=chexnet_weights, extra=extra,
-        strict=strict, out=out, name=name, device=device, seed=seed, workers=workers,
-        cache_dir=cache_dir, max_steps_per_epoch=max_steps_per_epoch, progress=progress,
+        patients=patients, strict=strict, out=out, name=name, device=device, seed=seed,
+        workers=workers, cache_dir=cache_dir, max_steps_per_epoch=max_steps_per_epoch,
+        progress=progress,
     )  # fmt: skip
     values = _overrides(config, set_, **flags)
     if resume is not None:
@@ -173,6 +204,7 @@ def reproduce_command(
     imagenet_weights: str | None = ImagenetOpt,
     chexnet_weights: str | None = ChexnetOpt,
     extra: list[str] | None = ExtraOpt,
+    patients: str | None = PatientsOpt,
     strict: bool | None = StrictOpt,
     device: str | None = DeviceOpt,
     seed: int | None = SeedOpt,
@@ -185,6 +217,9 @@ def reproduce_command(
 ) -> None:
     """Run the study's six experiments and write its Table 1.
 
+    Beside the study's own figures; settings the study does not state are xrwatch's
+    assumptions (see train --help).
+
     Each experiment runs in OUT/<NAME>; a finished one is reused, an interrupted one
     resumed. The table goes to OUT/table1.md and OUT/table1.csv. Needs the train extra.
     """
@@ -196,7 +231,8 @@ def reproduce_command(
     flags = dict(
         data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, out=out,
         task=task, split=split, arch=arch, weights=weights, imagenet_weights=imagenet_weights,
-        chexnet_weights=chexnet_weights, extra=extra, strict=strict, device=device, seed=seed,
+        chexnet_weights=chexnet_weights, extra=extra, patients=patients, strict=strict,
+        device=device, seed=seed,
         workers=workers, cache_dir=cache_dir, progress=progress,
     )  # fmt: skip
     md, csv_path = reproduce(_overrides(config, set_, **flags), only=only)
@@ -213,7 +249,9 @@ def dataset_command(
         ..., help="CoronaHack folder (or its CSV) or a folder per class."
     ),
     task: str = typer.Option("multiclass", "--task", help="multiclass or binary."),
-    split: str = typer.Option("official", "--split", help="official or patient."),
+    split: str = typer.Option(
+        "auto", "--split", help="official, patient or auto (by layout; the default)."
+    ),
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of the training images held out for validation."
     ),
@@ -221,6 +259,7 @@ def dataset_command(
         0.15, "--test-fraction", help="Share carved out as the test set (--split patient)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the carved splits."),
+    patients: Path | None = PatientsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Print a dataset's class counts per split.
@@ -231,7 +270,7 @@ def dataset_command(
     from training.data import index_dataset
     from training.splits import make_splits
 
-    index = index_dataset(data_dir, task)
+    index = index_dataset(data_dir, task, patients=patients)
     own = {
         s: index.counts(s)
         for s in ("TRAIN", "TEST")
@@ -243,14 +282,19 @@ def dataset_command(
         index, split, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
     )
     found = sum(1 for s in index.samples if s.path.is_file())
+    shared = splits.shared_patients()
     report: dict[str, Any] = {
         "data": str(data_dir),
         "layout": index.kind,
         "task": task,
         "classes": list(index.classes),
         "dataset_splits": own,
-        "split": split,
+        "split": splits.mode,
+        "split_why": splits.why,
         "splits": splits.counts(index.classes),
+        "patients": splits.patients(),
+        "shared_patients": len(shared),
+        "patients_csv": str(index.patients_csv) if index.patients_csv else None,
         "excluded": dict(index.excluded),
         "images": {"listed": len(index.samples), "found": found},
         "warnings": splits.warnings,
@@ -269,12 +313,22 @@ def dataset_command(
         table.add_row(name, *map(str, counts.values()), str(sum(counts.values())))
     table.add_section()
     for name, counts in report["splits"].items():
-        label = f"{name} (--split {split})"
+        label = f"{name} (--split {splits.mode})"
         table.add_row(label, *map(str, counts.values()), str(sum(counts.values())))
     console.print(table)
     for note, count in index.excluded.items():
         console.print(f"left out {count}: {note}", highlight=False, markup=False)
     console.print(f"image files found: {found} of {len(index.samples)} listed", highlight=False)
+    console.print(f"split: {splits.mode} ({splits.why})", highlight=False, markup=False)
+    per_split = ", ".join(f"{n} {c}" for n, c in report["patients"].items())
+    console.print(
+        f"patients: {per_split}; "
+        + (f"{len(shared)} in two splits" if shared else "no patient is in two splits"),
+        highlight=False,
+        markup=False,
+    )
+    if index.patients_csv:
+        console.print(f"patients table: {index.patients_csv}", highlight=False, markup=False)
     for w in splits.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
 
