@@ -52,6 +52,7 @@ from xrwatch.cli.evaluate_cmd import (  # noqa: E402
     write_outputs,
 )
 from xrwatch.engine import InferenceEngine  # noqa: E402
+from xrwatch.evaluation import BOOTSTRAP_REPLICATES  # noqa: E402
 from xrwatch.filehash import file_sha256  # noqa: E402
 
 logger = logging.getLogger("real_subset")
@@ -231,7 +232,11 @@ def summarise(rows: list[dict[str, Any]], out: Path) -> str:
                 f"{_cell(m['balanced_accuracy'])} | {_cell(m['macro_f1'])} | "
                 f"{_cell(m['auroc_macro'], pct=False)} |"
             )
-    lines += ["", "95 % CIs in brackets: bootstrap over patients (2,000 replicates).", ""]
+    lines += [
+        "",
+        f"95 % CIs in brackets: bootstrap over patients ({BOOTSTRAP_REPLICATES} replicates).",
+        "",
+    ]
     for r in rows:
         a = r["int8_agreement"]
         lines.append(

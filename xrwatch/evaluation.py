@@ -14,7 +14,10 @@ Confidence intervals resample **patients**, not images: images of one patient ar
 correlated, so resampling images would pretend to more evidence than there is. Each
 replicate draws as many patients as there are, with replacement, keeps all their images,
 and recomputes every metric; the interval is the 2.5th-97.5th percentile over the
-replicates where the metric is defined (``n_defined`` says how many that was).
+replicates where the metric is defined (``n_defined`` says how many that was). The draws
+are exactly those of :func:`xrwatch.metrics_ci.bootstrap_replicates` (same seed, same
+count), so accuracy, balanced accuracy and macro-F1 get the very intervals training
+reports; this module adds per-class and AUROC intervals on the same resamples.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from xrwatch.metrics_ci import N_BOOT
+
 logger = logging.getLogger(__name__)
 
-BOOTSTRAP_REPLICATES = 2000  # percentile CIs; the 2.5 % tails then rest on 50 replicates each
+BOOTSTRAP_REPLICATES = N_BOOT  # as training's intervals (xrwatch.metrics_ci)
 CI_LEVEL = 0.95
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro")
 PER_CLASS_KEYS = ("sensitivity", "ppv", "f1", "auroc")
@@ -124,15 +129,16 @@ def evaluate_with_ci(
     k = len(classes)
     point = point_metrics(y, p, k) if len(y) else None
     names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(names))]
     rng = np.random.default_rng(seed)
+    n_pat = len(names)
+    # times each patient is drawn, per replicate: the draws of metrics_ci.bootstrap_replicates
+    times = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=replicates) if n_pat else []
     draws: dict[str, list[float]] = {key: [] for key in SUMMARY_KEYS}
     class_draws: dict[tuple[str, int], list[float]] = {
         (key, i): [] for key in PER_CLASS_KEYS for i in range(k)
     }
-    for _ in range(replicates if len(y) else 0):
-        picked = rng.integers(0, len(members), size=len(members))
-        idx = np.concatenate([members[g] for g in picked])
+    for counts in times:
+        idx = np.repeat(np.arange(len(y)), counts[inverse])  # each image as often as its patient
         m = point_metrics(y[idx], p[idx], k)
         for key in SUMMARY_KEYS:
             if m[key] is not None:

@@ -97,3 +97,15 @@ def test_bad_shapes_are_refused() -> None:
         evaluate_with_ci([0, 1], np.eye(2), ["a"], ("x", "y"))
     with pytest.raises(ValueError, match="probabilities"):
         evaluate_with_ci([0, 1], np.eye(3), ["a", "b"], ("x", "y"))
+
+
+def test_summary_intervals_equal_training_intervals() -> None:
+    """The same resamples as xrwatch.metrics_ci: evaluate and training quote one interval."""
+    from xrwatch.metrics_ci import bootstrap_ci
+
+    y, probs = _random_case(11, n=90)
+    groups = [f"p{i // 2}" for i in range(len(y))]
+    ours = evaluate_with_ci(y, probs, groups, CLASSES, replicates=200, seed=3)
+    theirs = bootstrap_ci(y, probs.argmax(1), groups, 4, n_boot=200, seed=3)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert ours[key]["ci"] == pytest.approx(theirs[key])
