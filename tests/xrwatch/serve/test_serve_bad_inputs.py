@@ -154,8 +154,10 @@ def test_json_report_matches_csv_row(folders, daemons) -> None:
     assert d.stop() == 0
     for row in csv_rows(reports):
         rec = json.loads((reports / "json" / (row["file"] + ".json")).read_text())
-        for key in ("file", "sha256", "status", "label", "error", "model_sha256", "provider"):
+        for key in ("file", "sha256", "status", "label", "error", "model", "model_sha256",
+                    "provider"):  # fmt: skip
             assert (rec[key] or "") == row[key], key
+        assert row["model"].startswith("tinycnn-custom-fp32 (")  # every row names its model
         if row["status"] == "ok":
             probs = rec["probabilities"]
             assert set(probs) == {c[5:] for c in row if c.startswith("prob_")}
