@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/real_subset.py --out runs/real            # train + evidence
     .venv/bin/python benchmarks/real_subset.py --out runs/real --ship     # + package default
+    .venv/bin/python benchmarks/real_subset.py --out runs/real --reexport --ship  # re-export it
     .venv/bin/python benchmarks/real_subset.py --out runs/real --device cuda --models \
         resnet50:224,densenet121:224                                      # on a GPU
 
@@ -150,14 +151,14 @@ def _calibration_folder(run_dir: Path, tmp: Path) -> Path:
     return folder
 
 
-def export_run(run_dir: Path, out: Path) -> dict[str, Path]:
+def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict[str, Path]:
     """``best.pt`` → ``OUT/models/<NAME>.onnx`` (+ ``.int8.onnx``), verified by export."""
     from export.pipeline import ExportOptions, export_model, variant_path
 
     target = out / "models" / f"{run_dir.name}.onnx"
     ckpt_sha = file_sha256(run_dir / "best.pt")
     stamp = target.with_suffix(".source")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == ckpt_sha:
+    if not force and target.is_file() and stamp.is_file() and stamp.read_text().strip() == ckpt_sha:
         logger.info("%s: export of this best.pt found, reused", target)
     else:
         with tempfile.TemporaryDirectory(prefix="xrwatch-cal-") as tmp:
@@ -353,6 +354,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ship", action="store_true", help="copy the best model into the package")
     p.add_argument(
+        "--reexport",
+        action="store_true",
+        help="export again even when this best.pt was exported before (after export changed)",
+    )
+    p.add_argument(
         "--no-train",
         action="store_true",
         help="use unfinished runs as they are (their best.pt so far) instead of resuming them",
@@ -371,7 +377,7 @@ def main() -> int:
     for spec in args.models.split(","):
         arch, _, size = spec.partition(":")
         run_dir = train_run(arch, int(size or 224), args)
-        models = export_run(run_dir, out)
+        models = export_run(run_dir, out, force=args.reexport)
         results, agreement = evaluate_sets(run_dir, models, args)
         ckpt = load_checkpoint(run_dir / "best.pt")
         rows.append({
