@@ -132,7 +132,9 @@ def evaluate_with_ci(
     rng = np.random.default_rng(seed)
     n_pat = len(names)
     # times each patient is drawn, per replicate: the draws of metrics_ci.bootstrap_replicates
-    times = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=replicates) if n_pat else []
+    times: Any = (
+        rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=replicates) if n_pat else []
+    )
     draws: dict[str, list[float]] = {key: [] for key in SUMMARY_KEYS}
     class_draws: dict[tuple[str, int], list[float]] = {
         (key, i): [] for key in PER_CLASS_KEYS for i in range(k)
