@@ -83,7 +83,7 @@ def processor() -> str:
 
 
 def run_name(arch: str, size: int) -> str:
-    return f"{'RCE' if arch == 'resnet50' else 'DCE'}-{arch}-{size}"
+    return f"{ {'resnet50': 'RCE', 'densenet121': 'DCE'}.get(arch, 'CE') }-{arch}-{size}"
 
 
 def train_run(arch: str, size: int, args: argparse.Namespace) -> Path:
@@ -329,7 +329,8 @@ def model_card(r: dict[str, Any], precision: str, sha: str) -> str:
         "",
         "## Known shortcuts and limits",
         "",
-        "- Trained on 501 images; the figures above have wide intervals and say little about",
+        f"- Trained on {r['n_train']} images; the figures above have wide intervals and say "
+        "little about",
         "  other hospitals, devices or ages (the Kermany images are paediatric, Guangzhou).",
         "- COVID-19: 55 training-set images from few patients, from other sources than the",
         "  other classes (journal figures, other hospitals): the model can tell them apart",
@@ -384,6 +385,7 @@ def main() -> int:
             "name": run_dir.name, "run_dir": str(run_dir), "size": int(size or 224),
             "config": ckpt["config"], "best_epoch": ckpt["epoch"],
             "epochs_done": len(read_metrics_csv(run_dir / "metrics.csv")),
+            "n_train": len(load_labelled(run_dir / "splits" / "train.csv", "multiclass")),
             "checkpoint_sha256": file_sha256(run_dir / "best.pt"),
             "val_balanced_accuracy": ckpt["best_val_balanced_accuracy"],
             "wall": wall_time(run_dir), "models": {k: str(v) for k, v in models.items()},
