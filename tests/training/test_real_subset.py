@@ -52,7 +52,8 @@ def _row(name: str, val: float, fp32_mb: float, agreement: float, tmp: Path) -> 
         **{k: {"value": None, "ci": None} for k in
            ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro")}}}  # fmt: skip
     return {
-        "name": name, "run_dir": str(tmp), "best_epoch": 3, "epochs_done": 4, "n_train": 502, "config": cfg,
+        "name": name, "run_dir": str(tmp), "best_epoch": 3, "epochs_done": 4, "n_train": 502,
+        "config": cfg,
         "checkpoint_sha256": "0" * 64, "val_balanced_accuracy": val,
         "wall": {"seconds": 60.0}, "models": {k: str(v) for k, v in models.items()},
         "mb": {"fp32": fp32_mb, "int8": fp32_mb / 4},
