@@ -100,3 +100,17 @@ def test_no_model_and_no_default_is_a_usage_error(
     code = main(["evaluate", str(labelled)])
     assert code == EXIT_ERROR
     assert "no default model" in capsys.readouterr().err
+
+
+def test_evaluate_never_loads_torch(labelled: Path, tiny_onnx_model: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom xrwatch.cli import main\n"
+        f"rc = main(['evaluate', {str(labelled)!r}, '-m', {str(tiny_onnx_model)!r}, "
+        "'--replicates', '10', '--json'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\nraise SystemExit(rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
