@@ -1,7 +1,8 @@
 """The study's architectures with new classification heads.
 
 ``resnet50`` and ``densenet121`` are the study's; ``tinycnn`` is a small network for tests,
-demos and benchmarks of the plumbing (seconds to train on a CPU), never for results.
+demos and benchmarks of the plumbing (seconds to train on a CPU), and the CPU-only baseline
+that ``benchmarks/real_subset.py`` trains on real X-rays beside them (not the study's).
 Pretrained weights are loaded by :mod:`training.weights`.
 """
 
