@@ -173,7 +173,7 @@ def demo(
         help="After the real X-rays, also train, export and serve on synthetic data.",
     ),
 ) -> int:
-    """Classify real sample X-rays, then run the whole pipeline on synthetic data.
+    """Classify real sample X-rays, then run the pipeline on synthetic data.
 
     First the shipped default model classifies a few real chest X-rays shipped with
     xrwatch (predictions beside true labels; serving install is enough). Then, unless

@@ -223,7 +223,7 @@ def evaluate_command(
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0 = all)."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
-    """Evaluate an exported model on labelled images, with 95 % CIs over patients.
+    """Evaluate a model on labelled images, with 95 % CIs over patients.
 
     Accuracy, balanced accuracy, macro-F1, per-class sensitivity/PPV/F1, one-vs-rest
     AUROC and the confusion matrix; each CI comes from a bootstrap that resamples patients,
