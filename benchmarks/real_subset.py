@@ -261,8 +261,15 @@ def summarise(rows: list[dict[str, Any]], out: Path) -> str:
 
 
 def ship(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Copy the best-on-validation model that fits into ``xrwatch/models/`` with its card."""
-    for r in sorted(rows, key=lambda r: -r["val_balanced_accuracy"]):
+    """Copy the best-on-validation model that fits into ``xrwatch/models/`` with its card
+    (ranked by :mod:`training.ranking`: validation balanced accuracy, then the lower
+    validation loss, then the run path)."""
+    from training.ranking import RunScore, rank
+
+    def score(r: dict[str, Any]) -> RunScore:  # training's one rule: export --best, table1
+        return RunScore(r["run_dir"], r["val_balanced_accuracy"], r.get("val_loss"), ())
+
+    for r in rank(rows, score):
         if r["mb"]["fp32"] <= MAX_SHIP_MB:
             precision = "fp32"
         elif r["mb"]["int8"] <= MAX_SHIP_MB and r["int8_agreement"]["all"] >= MIN_INT8_AGREEMENT:
@@ -388,6 +395,7 @@ def main() -> int:
             "n_train": len(load_labelled(run_dir / "splits" / "train.csv", "multiclass")),
             "checkpoint_sha256": file_sha256(run_dir / "best.pt"),
             "val_balanced_accuracy": ckpt["best_val_balanced_accuracy"],
+            "val_loss": (ckpt["metrics"].get("val") or {}).get("loss"),
             "wall": wall_time(run_dir), "models": {k: str(v) for k, v in models.items()},
             "mb": {k: v.stat().st_size / 1e6 for k, v in models.items()},
             "int8_agreement": agreement, **results,
