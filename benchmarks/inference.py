@@ -299,10 +299,13 @@ def main() -> int:
         fp32 = ort_session(out, args.threads)
         int8 = ort_session(result.variant("int8").path, args.threads)
         p32, p8 = ort_probs(fp32, x), ort_probs(int8, x)
+        # labels in the model's own class order (a trained checkpoint's need not be sorted)
+        model_classes = list(result.meta.classes)
+        y_model = np.array([model_classes.index(classes[i]) for i in y])
         same = p32.argmax(1) == p8.argmax(1)
         top2 = np.sort(p32, axis=1)[:, -2:]
         decisive = (top2[:, 1] - top2[:, 0]) >= DECISIVE_MARGIN
-        fp32_pred = np.bincount(p32.argmax(1), minlength=len(classes))
+        fp32_pred = np.bincount(p32.argmax(1), minlength=len(model_classes))
         agreements.append(
             (
                 arch,
@@ -311,8 +314,8 @@ def main() -> int:
                 float(same[decisive].mean()) if decisive.any() else float("nan"),
                 int(decisive.sum()),
                 float(np.median(top2[:, 1] - top2[:, 0])),
-                float((p32.argmax(1) == y).mean()),
-                dict(zip(classes, fp32_pred.tolist(), strict=True)),
+                float((p32.argmax(1) == y_model).mean()),
+                dict(zip(model_classes, fp32_pred.tolist(), strict=True)),
                 trained,
             )
         )
