@@ -24,8 +24,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: rich never inserts line breaks into printed text (a terminal still wraps it
+# for the eye). Piped output, journald and log parsers get one message per line, whatever
+# the length of the paths in it; tables still lay out to the console's width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, some inputs failed
