@@ -29,6 +29,7 @@ import numpy as np
 from xrwatch.errors import ImageError, ModelError, ProviderError
 from xrwatch.filehash import file_sha256, read_and_hash
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
+from xrwatch.logs import native_stderr_to_log
 from xrwatch.modelmeta import ModelMeta, metadata_from_session
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
@@ -126,7 +127,8 @@ def _create_session(
             reason = unavailable
         else:
             try:
-                session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
+                with native_stderr_to_log():
+                    session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
             except Exception as exc:
                 raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
             if session.get_providers()[0] == CUDA_EP:
@@ -137,7 +139,8 @@ def _create_session(
         if require_gpu:
             raise ProviderError(f"{path}: a GPU was required but cannot be used: {reason}")
     try:
-        session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
+        with native_stderr_to_log():
+            session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
     except Exception as exc:
         raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
     return session, reason

@@ -20,6 +20,7 @@ from typing import Any
 
 from xrwatch.errors import ConfigError, ModelError, ModelMetadataError
 from xrwatch.filehash import file_sha256 as file_sha256  # re-exported: export uses it here
+from xrwatch.logs import native_stderr_to_log
 from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,8 @@ def read_model_metadata(path: str | Path) -> ModelMeta:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        with native_stderr_to_log():
+            session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelError(f"{p}: ONNX Runtime cannot load the model: {exc}") from exc
     return metadata_from_session(session, p, file_sha256(p))

@@ -9,9 +9,9 @@ daemon writes them, and the daemon is stopped cleanly. Needs the ``train`` extra
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
-import contextlib
 import os
 import shutil
 import tempfile

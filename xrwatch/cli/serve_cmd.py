@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from xrwatch.cli._app import app, console
+from xrwatch.cli._app import EXIT_ERROR, app, console, log_json_error
+from xrwatch.errors import XRWatchError
 from xrwatch.serve.config import ServeConfig
 
 
@@ -155,7 +156,13 @@ def serve(
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)
-    code = run_daemon(cfg)
+    try:
+        code = run_daemon(cfg)
+    except XRWatchError as exc:  # a start-up error (exit 2), in the format of the logs
+        if cfg.log_format != "json":
+            raise
+        log_json_error(str(exc), type(exc).__name__)
+        raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
 
 
