@@ -59,6 +59,7 @@ class Prediction:
     study_instance_uid: str | None = None  # DICOM only
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    accession_number: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -291,6 +292,7 @@ class InferenceEngine:
             study_instance_uid=getattr(meta, "study_instance_uid", None),
             series_instance_uid=getattr(meta, "series_instance_uid", None),
             sop_instance_uid=getattr(meta, "sop_instance_uid", None),
+            accession_number=getattr(meta, "accession_number", None),
         )
 
     def failure(self, file: str | Path, error: str, *, sha256: str | None = None) -> Prediction:

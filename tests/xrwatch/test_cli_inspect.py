@@ -38,7 +38,7 @@ def test_json_output_and_exit_status(
     assert code == 0
     out = capsys.readouterr().out
     data = json.loads(out)
-    assert [d["ok"] for d in data] == [True, True]
+    assert [d["status"] for d in data] == ["ok", "ok"]
     dcm, png = data
     assert dcm["kind"] == "dicom" and (dcm["width"], dcm["height"]) == (30, 40)
     assert dcm["photometric"] == "MONOCHROME1" and dcm["modality"] == "DX"
@@ -58,9 +58,9 @@ def test_a_failed_file_gives_exit_1_and_its_reason(
     assert code == 1
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert data[0]["ok"] is True
-    assert data[1]["ok"] is False and data[1]["error_type"] == "UnsupportedImageError"
-    assert "not a DICOM, PNG or JPEG" in data[1]["reason"]
+    assert data[0]["status"] == "ok"
+    assert data[1]["status"] == "error" and data[1]["error_type"] == "UnsupportedImageError"
+    assert "not a DICOM, PNG or JPEG" in data[1]["error"]
     assert "notes.txt" in captured.err
 
 

@@ -43,6 +43,7 @@ from xrwatch.errors import (
     TruncatedImageError,
     XRWatchError,
 )
+from xrwatch.fields import DICOM_IDS
 from xrwatch.filehash import read_and_hash
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch.serve import sdnotify
@@ -354,9 +355,7 @@ class Daemon:
             "error": work.error or None,
             "model_sha256": self.engine.model_sha256,
             "provider": self.engine.provider,
-            "SOPInstanceUID": getattr(meta, "sop_instance_uid", None),
-            "StudyInstanceUID": getattr(meta, "study_instance_uid", None),
-            "AccessionNumber": getattr(meta, "accession_number", None),
+            **{name: getattr(meta, name, None) for name in DICOM_IDS},
             "kind": getattr(meta, "kind", None),
             "modality": getattr(meta, "modality", None),
             "width": getattr(meta, "width", None),

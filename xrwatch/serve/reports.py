@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from xrwatch.errors import ReportWriteError
+from xrwatch.fields import DICOM_IDS
 from xrwatch.serve.ledger import Finished, Ledger
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "predictions.csv"
-UID_COLUMNS = ("SOPInstanceUID", "StudyInstanceUID", "AccessionNumber")
+UID_COLUMNS = DICOM_IDS
 
 
 def csv_columns(classes: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     errors = [row for row in rows if row["status"] == "error"]
     assert [e["file"] for e in errors] == ["not-an-xray.png"]
     dicoms = [row for row in rows if row["file"].endswith(".dcm")]
-    assert len(dicoms) == 4 and all(d["AccessionNumber"].startswith("DEMO") for d in dicoms)
+    assert len(dicoms) == 4 and all(d["accession_number"].startswith("DEMO") for d in dicoms)
     for path in (work / "reports").rglob("*"):
         if path.is_file():
             assert b"Demo^Synthetic" not in path.read_bytes(), path
