@@ -108,6 +108,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # Python warnings too: in the chosen format, not raw text
     for noisy in ("PIL", "watchdog", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The DICOM reader turns what pydicom warns about into its own errors naming the file;
