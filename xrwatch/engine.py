@@ -29,7 +29,7 @@ import numpy as np
 from xrwatch.errors import ImageError, ModelError, ProviderError
 from xrwatch.filehash import file_sha256, read_and_hash
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
-from xrwatch.logs import native_stderr_to_log
+from xrwatch.logs import native_stderr_to_log, printed_to_log
 from xrwatch.modelmeta import (
     DEFAULT_GRAPH_OPTIMIZATION,
     ModelMeta,
@@ -104,7 +104,8 @@ def cuda_unavailable_reason() -> str | None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
-            preload()
+            with printed_to_log():
+                preload()
         except Exception as exc:  # best effort; the session attempt decides
             logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
     return None

@@ -11,6 +11,7 @@ by :func:`native_stderr_to_log` and logged in the same format.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -146,6 +147,18 @@ def native_stderr_to_log(name: str = "onnxruntime") -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             _log_native_lines(logging.getLogger(name), captured.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def printed_to_log(name: str = "onnxruntime") -> Iterator[None]:
+    """Log, through logger ``name``, what Python code prints meanwhile (onnxruntime's
+    ``preload_dlls`` prints coloured warnings to stdout, which journald would also get)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        _log_native_lines(logging.getLogger(name), buffer.getvalue())
 
 
 def _log_native_lines(log: logging.Logger, text: str) -> None:
