@@ -56,14 +56,28 @@ def csv_columns(classes: list[str]) -> list[str]:
     ]
 
 
+# A spreadsheet takes a cell starting with one of these for a formula (OWASP, "CSV
+# Injection"): such text cells get a leading single quote, shown as text by Excel/LibreOffice.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(value: Any) -> str:
-    """One CSV cell: '' for None, floats to 6 decimals, never a line break (one row, one line)."""
+    """One CSV cell: '' for None, floats to 6 decimals, never a line break (one row, one line).
+
+    Text (file names, DICOM values) that a spreadsheet would run as a formula is prefixed
+    with ``'``; numbers are written as numbers. The JSON reports keep the exact text.
+    """
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.6f}"
+    if isinstance(value, (int, bool)):
+        return str(value)
+    text = str(value)
+    if text.startswith(FORMULA_STARTS):
+        text = "'" + text
     # One row per line, always: no embedded line breaks.
-    return str(value).replace("\r", " ").replace("\n", " ")
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def csv_row(record: dict[str, Any], columns: list[str]) -> list[str]:
