@@ -172,17 +172,48 @@ def _ago(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+STALE_AFTER_SECONDS = 30.0  # no heartbeat for this long: the daemon is stale (hung)
+
+
+def daemon_state(d: dict[str, Any], now: float, host: str) -> str:
+    """``alive``, ``stale`` (no recent heartbeat) or ``stopped`` (gone without a goodbye).
+
+    On this host the pid decides whether the process exists; a daemon on another host is
+    judged by its heartbeat only (``stale`` then may also mean stopped).
+    """
+    from xrwatch.serve.ledger import _pid_alive
+
+    if d["host"] == host and not _pid_alive(int(d["pid"])):
+        return "stopped"
+    if now - float(d["heartbeat_at"]) > STALE_AFTER_SECONDS:
+        return "stale"
+    return "alive"
+
+
+_STATE_TEXT = {
+    "alive": "alive",
+    "stale": "stale: no heartbeat for over {stale:.0f} s (hung, or stopped on another host)",
+    "stopped": "stopped: the process is gone (killed?); its files are taken over at the next start",
+}
+
+
 @app.command()
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     errors: int = typer.Option(5, "--errors", min=0, help="How many recent errors to show."),
 ) -> int:
-    """Show a daemon's counts, throughput and last errors.
+    """Show a daemon's counts, throughput, last errors and whether it is alive.
 
-    Read from the ledger in --state-dir; works while the daemon runs.
+    Read from the ledger in --state-dir; works while the daemon runs. Each daemon is
+    alive, stale (no heartbeat for 30 s) or stopped (its process is gone). Results
+    recorded but not written to the reports (e.g. a report that could not be written)
+    are listed too.
     """
+    import socket
+
     from xrwatch.errors import ConfigError
+    from xrwatch.safetext import printable
     from xrwatch.serve.ledger import Ledger
 
     if not (state_dir / "ledger.sqlite3").is_file():
@@ -194,18 +225,32 @@ def status(
         last_min, last_hour = ledger.finished_since(now - 60), ledger.finished_since(now - 3600)
         last_errors = ledger.last_errors(errors)
         daemons = ledger.daemons()
+        unreported, held = ledger.unreported_counts()
+        held_rows = ledger.held_reports(errors)
     finally:
         ledger.close()
+    host = socket.gethostname()
     data: dict[str, Any] = {
         "counts": {k: counts.get(k, 0) for k in ("ok", "error", "claimed")},
+        "unreported": {"total": unreported, "held": held},
         "throughput_per_minute": {
             "last_minute": last_min,
             "last_hour_avg": round(last_hour / 60, 2),
         },
         "daemons": [
-            {**d, "heartbeat_age_s": round(now - float(d["heartbeat_at"]), 1)} for d in daemons
+            {
+                **d,
+                "incoming": printable(str(d["incoming"])),
+                "heartbeat_age_s": round(now - float(d["heartbeat_at"]), 1),
+                "state": daemon_state(d, now, host),
+            }
+            for d in daemons
         ],
-        "last_errors": [{"time": _ago(t), "file": p, "error": e} for t, p, e in last_errors],
+        "last_errors": [
+            {"time": _ago(t), "file": printable(p), "error": printable(e)}
+            for t, p, e in last_errors
+        ],
+        "held_reports": [{"file": printable(p), "reason": printable(e)} for p, e in held_rows],
     }
     if as_json:
         console.print_json(json.dumps(data))
@@ -217,12 +262,22 @@ def status(
     console.print(
         f"throughput: {last_min} in the last minute, {last_hour} in the last hour", highlight=False
     )
+    if unreported:
+        console.print(
+            f"not in the reports yet: {unreported} result(s), {held} held back because their "
+            "report could not be written",
+            highlight=False,
+        )
+        for item in data["held_reports"]:
+            console.print(f"  {item['file']}: {item['reason']}", highlight=False, markup=False)
     if daemons:
         for d in data["daemons"]:
+            state = _STATE_TEXT[d["state"]].format(stale=STALE_AFTER_SECONDS)
             console.print(
-                f"daemon pid {d['pid']} on {d['host']} watching {d['incoming']}, "
-                f"heartbeat {d['heartbeat_age_s']} s ago",
+                f"daemon pid {d['pid']} on {d['host']} watching {d['incoming']}: {state} "
+                f"(heartbeat {d['heartbeat_age_s']} s ago)",
                 highlight=False,
+                markup=False,
             )
     else:
         console.print("no daemon running on this state dir", highlight=False)

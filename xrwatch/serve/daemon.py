@@ -7,17 +7,24 @@ inputs into the inference engine while the workers decode the next ones, records
 in the ledger, writes the reports and archives inputs.
 
 Lifecycle (after watchdog's ``watchmedo``): :meth:`Daemon.run` returns the exit status.
-SIGTERM, SIGINT and SIGHUP first neutralise further signals, so shutdown happens once, then
-set the stop flag that the loop checks between steps. (A flag rather than an exception
-raised from the handler: the handler can fire inside a ledger transaction or a report
-append, and finishing the step in flight is exactly what shutdown promises.) The daemon
-then stops claiming files, finishes the decodes and the batch in flight, flushes the
-reports, stops the observer (``stop(); join()``) and exits 0.
+SIGTERM and SIGINT first neutralise further signals, so shutdown happens once, then set the
+stop flag that the loop checks between steps. (A flag rather than an exception raised from
+the handler: the handler can fire inside a ledger transaction or a report append, and
+finishing the step in flight is exactly what shutdown promises.) The daemon then tells
+systemd ``STOPPING=1``, stops claiming files, finishes the decodes and the batch in flight,
+flushes the reports, stops the observer (``stop(); join()``) and exits 0. SIGHUP does not
+stop it (``Restart=on-failure`` would leave it down): it is logged and ignored, as there is
+nothing to reopen (logs go to stderr) and no setting that is safe to change while running.
+
+Liveness: a heartbeat thread sends systemd's ``WATCHDOG=1`` and the ledger heartbeat on
+time however busy the main thread is, as long as the main loop has shown progress within
+``LOOP_STALE_SECONDS`` (a hung loop stops the pings, and systemd restarts the daemon).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import logging
 import os
@@ -46,6 +53,7 @@ from xrwatch.errors import (
 from xrwatch.fields import DICOM_IDS
 from xrwatch.filehash import read_and_hash
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch.safetext import printable
 from xrwatch.serve import sdnotify
 from xrwatch.serve.archive import move_to_archive
 from xrwatch.serve.config import ServeConfig
@@ -63,7 +71,10 @@ EXIT_SOME_FAILED = 1
 HEARTBEAT_SECONDS = 5.0  # ledger heartbeat (claims of a silent daemon expire after the lease)
 STATUS_SECONDS = 10.0  # sd_notify STATUS= refresh
 RETRY_MAX_SECONDS = 30.0  # back-off ceiling when the engine, ledger or reports fail
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+LOOP_STALE_SECONDS = 60.0  # no loop progress this long: no more pings, /healthz 503
+HELD_RETRY_SECONDS = 60.0  # a row whose report could not be written is tried again after this
+ONCE_REPORT_TRIES = 3  # with --once, give up writing reports after this many failed tries
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Engine(Protocol):
@@ -161,6 +172,15 @@ class Daemon:
         self._next_heartbeat = self._next_watchdog = self._next_status = 0.0
         self._next_rescan = 0.0
         self._started = False
+        self._hup = threading.Event()
+        self._ledger_error: str | None = None  # the last outcome write failed with this
+        self._heartbeat_error: str | None = None  # the last ledger heartbeat failed with this
+        self._unreported = self._held = 0  # results not in the reports; of which held
+        self._report_error: str | None = None  # the last report write failed with this
+        self._report_failures = 0  # report writes failed in a row
+        self._beat_stop = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self.server: MetricsServer | None = None
 
     # -- start-up ----------------------------------------------------------------------
     def _check_paths(self) -> None:
@@ -193,6 +213,10 @@ class Daemon:
     def _start(self) -> None:
         cfg = self.config
         self._check_paths()
+        if cfg.metrics_port is not None:  # first: a port in use is a start-up error (exit 2)
+            self.server = MetricsServer(
+                self.metrics, cfg.metrics_host, cfg.metrics_port, self.health
+            )
         self.engine = self._engine_factory(cfg)
         self.classes = list(self.engine.classes)
         self.spec = self.engine.spec
@@ -206,8 +230,10 @@ class Daemon:
         )
         self.writer = ReportWriter(cfg.reports, self.classes)
         self.writer.check_writable()
+        self.writer.claim_for_model(cfg.model, self.engine.model_sha256)
         self.ledger = Ledger(cfg.state_path, lease_seconds=cfg.lease_seconds)
         self.ledger.register(self.incoming)
+        self.ledger.retry_held_reports()  # whatever held them may have been fixed
         self.metrics.model.info(
             {
                 "model": str(cfg.model.name),
@@ -231,7 +257,24 @@ class Daemon:
             return False  # a finished file still here must still be moved
         return self.ledger.is_finished(rel, st.st_size, st.st_mtime_ns)
 
+    def _close_early(self) -> None:
+        """Release what a failed start-up took (the metrics port, the reports share)."""
+        if self.server is not None:
+            self.server.stop()
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.release()
+        ledger = getattr(self, "ledger", None)
+        if ledger is not None:
+            with contextlib.suppress(Exception):
+                ledger.unregister()
+            ledger.close()
+
     # -- signals -----------------------------------------------------------------------
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._hup.set()  # logged by the loop, not here (the handler may interrupt logging)
+        self._wake.set()
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         for sig in _HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # shutdown happens once
@@ -304,7 +347,8 @@ class Daemon:
             return Work(cand, rel, "skip")  # another daemon holds it (or just finished it)
 
         def failed(reason: str) -> Work:
-            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=reason)
+            # reasons may quote DICOM values: no control characters reach logs or status
+            return Work(cand, rel, "error", row_id=row_id, sha256=sha, error=printable(reason))
 
         if error:
             return failed(error)
@@ -408,8 +452,10 @@ class Daemon:
         while True:
             try:
                 self.ledger.finish(outcomes)
+                self._ledger_error = None
                 break
             except Exception as exc:  # sqlite3.OperationalError: disk full, I/O error
+                self._ledger_error = f"cannot record outcomes in the ledger ({exc})"
                 logger.error(
                     "cannot record outcomes in the ledger (%s); retrying in %.0f s", exc, backoff
                 )
@@ -428,14 +474,23 @@ class Daemon:
 
     def _flush_reports(self) -> None:
         try:
-            rows = self.writer.flush(self.ledger)
+            rows = self.writer.flush(
+                self.ledger, hold_seconds=HELD_RETRY_SECONDS, progress=self._progress
+            )
         except (ReportWriteError, sqlite3.Error) as exc:
             logger.error("reports not written, will retry: %s", exc)
+            self._report_error = str(exc)
+            self._report_failures += 1
+            self.metrics.report_write_failures.inc()
             self._report_retry_at = time.monotonic() + self._report_backoff
             self._report_backoff = min(self._report_backoff * 2, RETRY_MAX_SECONDS)
+            self._count_unreported()
             return
+        self._report_error = None
+        self._report_failures = 0
         self._report_retry_at = 0.0
         self._report_backoff = 1.0
+        self._count_unreported()
         now = time.time()
         for row in rows:
             self.metrics.files.labels(row.state).inc()
@@ -464,23 +519,81 @@ class Daemon:
             except sqlite3.Error as exc:  # only bookkeeping: the move itself is done
                 logger.error("%s: cannot record the archive path: %s", rel, exc)
 
+    def _count_unreported(self) -> None:
+        try:
+            unreported, held = self.ledger.unreported_counts()
+        except sqlite3.Error:
+            return
+        self._unreported, self._held = unreported, held
+        self.metrics.unreported.set(unreported)
+
+    # -- health --------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        """What ``/healthz`` answers: (healthy, reason)."""
+        return health_check(
+            lambda: self._last_tick,
+            lambda: self.config.once or not self._started or self.watcher.alive(),
+            stale_after=LOOP_STALE_SECONDS,
+            problems=self._problems,
+            notes=self._notes,
+        )()
+
+    def _problems(self) -> list[str]:
+        found = []
+        if self._report_error is not None:
+            found.append(
+                f"results cannot be written to the reports ({self._report_error}); "
+                f"{self._unreported} result(s) held back"
+            )
+        for error in (self._ledger_error, self._heartbeat_error):
+            if error is not None:
+                found.append(error)
+        return found
+
+    def _notes(self) -> list[str]:
+        held = self._held
+        if not held:
+            return []
+        return [
+            f"{held} result(s) held back: their report could not be written "
+            "(see xrwatch status); the other files go on"
+        ]
+
     # -- the loop ----------------------------------------------------------------------
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 0.2))
-            self._tick_heartbeats()
+            self._progress()
+
+    def _progress(self) -> None:
+        """The main thread is working (the heartbeat thread pings while this is recent)."""
+        self._last_tick = time.monotonic()
 
     def _tick_heartbeats(self) -> None:
-        now = time.monotonic()
-        self._last_tick = now
+        self._progress()
         self.metrics.last_tick.set(time.time())
+
+    def _beat_loop(self) -> None:
+        """The heartbeat thread: watchdog pings, ledger heartbeat and STATUS= on time."""
+        tick = min(0.5, self._watchdog / 2) if self._watchdog is not None else 0.5
+        while not self._beat_stop.wait(tick):
+            self._beat()
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_tick > LOOP_STALE_SECONDS:
+            return  # the main loop is stuck: let systemd's watchdog see it
         if now >= self._next_heartbeat:
             try:
                 self.ledger.heartbeat()
+                self._heartbeat_error = None
             except Exception as exc:
                 logger.error("ledger heartbeat failed: %s", exc)
+                self._heartbeat_error = f"cannot write the ledger heartbeat ({exc})"
             self._next_heartbeat = now + HEARTBEAT_SECONDS
+        if not self.ready.is_set():
+            return  # systemd hears from us from READY=1 on
         if self._watchdog is not None and now >= self._next_watchdog:
             sdnotify.notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog
@@ -489,9 +602,11 @@ class Daemon:
             self._next_status = now + STATUS_SECONDS
 
     def status_line(self) -> str:
+        held = self._unreported if self._report_error else self._held
         return (
             f"{self.counts['ok']} ok, {self.counts['error']} errors since start; "
             f"{self._queue_depth()} waiting; provider {self.engine.provider}"
+            + (f"; {held} result(s) not written to the reports" if held else "")
         )
 
     def _queue_depth(self) -> int:
@@ -525,32 +640,29 @@ class Daemon:
     def run(self) -> int:
         """Start, serve until stopped (or, with ``once``, until the backlog is done)."""
         cfg = self.config
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._close_early()
+            raise
         self._started = True
         self._watchdog = sdnotify.watchdog_interval()
         now = time.monotonic()
+        self._last_tick = now
         self._next_heartbeat = self._next_watchdog = self._next_status = now
         self._next_rescan = now + cfg.rescan_interval
-        server: MetricsServer | None = None
-        previous = {
-            sig: signal.signal(sig, self._on_signal)
-            for sig in _HANDLED_SIGNALS
-            if threading.current_thread() is threading.main_thread()
-        }
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {sig: signal.signal(sig, self._on_signal) for sig in _HANDLED_SIGNALS}
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
+        self._beat_thread = threading.Thread(
+            target=self._beat_loop, name="xrwatch-heartbeat", daemon=True
+        )
+        self._beat_thread.start()
         pool = cf.ThreadPoolExecutor(cfg.workers, thread_name_prefix="xrwatch-decode")
         try:
-            if cfg.metrics_port is not None:
-                server = MetricsServer(
-                    self.metrics,
-                    cfg.metrics_host,
-                    cfg.metrics_port,
-                    health_check(
-                        lambda: self._last_tick,
-                        lambda: cfg.once or self.watcher.alive(),
-                        stale_after=60.0,
-                    ),
-                )
-                server.start()
+            if self.server is not None:
+                self.server.start()
             if not cfg.once:
                 self.watcher.start()
             backlog = self.watcher.scan()
@@ -565,23 +677,36 @@ class Daemon:
             self._loop(pool)
         finally:
             self._stop.set()
+            # at once, not after the drain: systemd then waits TimeoutStopSec, not WatchdogSec
+            sdnotify.notify("STOPPING=1\nSTATUS=stopping: finishing the files in flight")
             try:
                 self._drain()
             finally:
                 pool.shutdown(wait=True)
                 self.watcher.stop()
-                if server is not None:
-                    server.stop()
-                sdnotify.notify(f"STOPPING=1\nSTATUS=stopped: {self.status_line()}")
+                if self.server is not None:
+                    self.server.stop()
+                self._beat_stop.set()
+                self._beat_thread.join()
+                sdnotify.notify(f"STATUS=stopped: {self.status_line()}")
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 try:
                     self.ledger.unregister()
                 except Exception as exc:
                     logger.error("cannot unregister from the ledger: %s", exc)
+                self._count_unreported()
                 self.ledger.close()
+                self.writer.release()
         logger.info("stopped: %s", self.status_line())
-        if cfg.once and self.counts["error"]:
+        if self._unreported:
+            logger.error(
+                "%d result(s) are recorded in the ledger but not in %s (their report could not "
+                "be written); they are written at the next start",
+                self._unreported,
+                cfg.reports,
+            )
+        if cfg.once and (self.counts["error"] or self._unreported):
             return EXIT_SOME_FAILED
         return EXIT_OK
 
@@ -590,6 +715,13 @@ class Daemon:
         max_inflight = cfg.workers * 2 + cfg.batch_size
         while not self._stop.is_set():
             self._wake.clear()
+            self._tick_heartbeats()  # every pass, also when full batches keep coming
+            if self._hup.is_set():
+                self._hup.clear()
+                logger.info(
+                    "received SIGHUP: ignored (logs go to stderr, nothing to reopen; "
+                    "restart the service to apply a changed configuration or model)"
+                )
             self._collect()
             room = max_inflight - len(self._inflight)
             if room > 0:
@@ -611,11 +743,12 @@ class Daemon:
                 if not cfg.once:
                     self.watcher.ensure_alive()
                 self.watcher.scan()
+                if not self._report_retry_at:
+                    self._flush_reports()  # held rows that are due again
                 self._next_rescan = now + cfg.rescan_interval
-            self._tick_heartbeats()
             self.metrics.queue_depth.set(self._queue_depth())
             if cfg.once and not self._inflight and not self._batch and not len(self.tracker):
-                if self._report_retry_at:
+                if self._report_retry_at and self._report_failures < ONCE_REPORT_TRIES:
                     self._wake.wait(0.2)
                     continue
                 break

@@ -65,6 +65,12 @@ CREATE TABLE IF NOT EXISTS daemons (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after schema 1 was released: (table, column, declaration). Added to an
+# existing ledger at open; a ledger without them is still read by older versions.
+_ADDED_COLUMNS = (
+    ("files", "report_error", "TEXT"),  # why this row's report could not be written (held)
+    ("files", "report_retry_at", "REAL"),  # a held row is tried again from this time on
+)
 
 
 class LedgerError(XRWatchError):
@@ -107,6 +113,7 @@ class Ledger:
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             self._con().executescript(_SCHEMA)  # idempotent; executescript commits itself
+            self._add_columns()
             with self._tx() as con:
                 con.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -114,6 +121,13 @@ class Ledger:
                 )
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"{self.path}: cannot open the ledger database: {exc}") from exc
+
+    def _add_columns(self) -> None:
+        with self._tx() as con:
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     # -- connections -------------------------------------------------------------------
     def _con(self) -> sqlite3.Connection:
@@ -282,16 +296,59 @@ class Ledger:
 
     # -- reporting: reported 0 -> 2 (being written at a recorded CSV offset) -> 1 ----------
     def unreported(self, limit: int = 10_000) -> list[Finished]:
+        """Finished rows not yet in the reports, except held rows not yet due again."""
         rows = (
             self._con()
             .execute(
                 "SELECT id, path, sha256, state, record FROM files "
-                "WHERE reported=0 AND state IN ('ok', 'error') ORDER BY finished_at, id LIMIT ?",
-                (limit,),
+                "WHERE reported=0 AND state IN ('ok', 'error') "
+                "AND (report_retry_at IS NULL OR report_retry_at <= ?) "
+                "ORDER BY finished_at, id LIMIT ?",
+                (time.time(), limit),
             )
             .fetchall()
         )
         return [Finished(int(r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def hold_report(self, held: list[tuple[int, str]], retry_after: float) -> None:
+        """Rows ``(id, reason)`` whose report could not be written: set aside (the others go
+        on) and tried again ``retry_after`` seconds from now, and at every start."""
+        retry_at = time.time() + retry_after
+        with self._tx() as con:
+            con.executemany(
+                "UPDATE files SET report_error=?, report_retry_at=? WHERE id=?",
+                [(reason, retry_at, row_id) for row_id, reason in held],
+            )
+
+    def retry_held_reports(self) -> None:
+        """Make every held row due now (at start: whatever held it may have been fixed)."""
+        with self._tx() as con:
+            con.execute("UPDATE files SET report_retry_at=NULL WHERE report_retry_at IS NOT NULL")
+
+    def unreported_counts(self) -> tuple[int, int]:
+        """``(finished but not in the reports, of which held by a failed write)``."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT COUNT(*), COUNT(report_error) FROM files "
+                "WHERE reported IN (0, 2) AND state IN ('ok', 'error')"
+            )
+            .fetchone()
+        )
+        return int(row[0]), int(row[1])
+
+    def held_reports(self, n: int = 5) -> list[tuple[str, str]]:
+        """``(path, reason)`` of up to ``n`` rows whose report could not be written."""
+        rows = (
+            self._con()
+            .execute(
+                "SELECT path, report_error FROM files WHERE reported!=1 "
+                "AND report_error IS NOT NULL ORDER BY finished_at, id LIMIT ?",
+                (n,),
+            )
+            .fetchall()
+        )
+        return [(str(p), str(e)) for p, e in rows]
 
     def mark_reporting(self, row_ids: list[int], csv_path: str, offset: int) -> None:
         """Before appending rows: remember where the append starts, so that a writer killed
@@ -305,7 +362,10 @@ class Ledger:
 
     def mark_reported(self, row_ids: list[int]) -> None:
         with self._tx() as con:
-            con.executemany("UPDATE files SET reported=1 WHERE id=?", [(i,) for i in row_ids])
+            con.executemany(
+                "UPDATE files SET reported=1, report_error=NULL, report_retry_at=NULL WHERE id=?",
+                [(i,) for i in row_ids],
+            )
             con.execute("DELETE FROM meta WHERE key='report_pending'")
 
     def pending_report(self) -> tuple[str, int] | None:
