@@ -269,7 +269,9 @@ def status(
             highlight=False,
         )
         for item in data["held_reports"]:
-            console.print(f"  {item['file']}: {item['reason']}", highlight=False, markup=False)
+            console.print(
+                f"  {item['file']}: {item['reason']}", highlight=False, markup=False, soft_wrap=True
+            )
     if daemons:
         for d in data["daemons"]:
             state = _STATE_TEXT[d["state"]].format(stale=STALE_AFTER_SECONDS)
@@ -278,6 +280,7 @@ def status(
                 f"(heartbeat {d['heartbeat_age_s']} s ago)",
                 highlight=False,
                 markup=False,
+                soft_wrap=True,  # one line per daemon, whatever the width
             )
     else:
         console.print("no daemon running on this state dir", highlight=False)
