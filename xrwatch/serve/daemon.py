@@ -677,7 +677,7 @@ class Daemon:
             self._loop(pool)
         finally:
             self._stop.set()
-            # at once, not after the drain: systemd then waits TimeoutStopSec, not WatchdogSec
+            # at once, not after the drain: systemd knows we are stopping while we drain
             sdnotify.notify("STOPPING=1\nSTATUS=stopping: finishing the files in flight")
             try:
                 self._drain()
