@@ -203,7 +203,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     errors: int = typer.Option(5, "--errors", min=0, help="How many recent errors to show."),
 ) -> int:
-    """Show a daemon's counts, throughput, last errors and whether it is alive.
+    """Show whether a daemon is alive, its counts, throughput, last errors.
 
     Read from the ledger in --state-dir; works while the daemon runs. Each daemon is
     alive, stale (no heartbeat for 30 s) or stopped (its process is gone). Results

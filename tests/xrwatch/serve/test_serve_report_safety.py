@@ -132,3 +132,17 @@ def test_a_second_model_on_one_reports_folder_is_refused(
     assert d.stop() == 0
     r = run_once(incoming, reports, other, "--state-dir", str(tmp_path / "state2"))
     assert r.returncode == 0, r.stderr  # alone now: the folder is free for another model
+
+
+def test_once_exits_when_no_report_can_be_written(folders, tiny_onnx_model: Path) -> None:
+    incoming, reports = folders
+    make_png(incoming / "a.png", seed=1)
+    reports.mkdir()
+    (reports / "predictions.csv").mkdir()  # nothing can be appended: every write fails
+    r = run_once(incoming, reports, tiny_onnx_model)  # gives up after a few tries, exit 1
+    assert r.returncode == 1, r.stderr
+    assert "1 result(s) are recorded in the ledger but not in" in r.stderr, r.stderr
+    (reports / "predictions.csv").rmdir()
+    r = run_once(incoming, reports, tiny_onnx_model)  # the next start writes it
+    assert r.returncode == 0, r.stderr
+    assert [row["file"] for row in assert_csv_intact(reports)] == ["a.png"]
