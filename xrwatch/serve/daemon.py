@@ -360,7 +360,7 @@ class Daemon:
             if not self.config.once and waited < self.config.truncated_timeout:
                 self.ledger.release(row_id)
                 delay = min(max(self.config.stable_seconds, 0.5), 10.0)
-                return Work(cand, rel, "requeue", delay=delay, error=exc.reason)
+                return Work(cand, rel, "requeue", delay=delay, error=printable(exc.reason))
             self._truncated_since.pop(rel, None)
             reason = exc.reason
             if not self.config.once:
