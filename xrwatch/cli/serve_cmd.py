@@ -57,7 +57,9 @@ def serve(
         None,
         "--once/--no-once",
         help=_with_default(
-            "Process the backlog and exit: 0 if every file was ok, 1 if some failed", "once"
+            "Process the backlog and exit: 0 if every file was ok, 1 if some failed or a "
+            "result could not be written to the reports",
+            "once",
         ),
     ),
     poll_interval: float | None = typer.Option(

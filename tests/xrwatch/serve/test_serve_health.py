@@ -185,7 +185,8 @@ def test_stopping_is_sent_when_shutdown_starts(
     try:
         assert daemon.ready.wait(60)
         wait_for(lambda: calls, 30, "the first batch")
-        time.sleep(0.5)  # the workers decode the next files while the first batch is held
+        # while the first batch is held, the workers decode the next files: the drain's work
+        wait_for(lambda: any(f.done() for f in list(daemon._inflight)), 30, "a decoded file")
         daemon.request_stop()
     finally:
         release.set()
