@@ -93,10 +93,10 @@ def test_csv_has_no_formulas_and_logs_and_status_no_terminal_escapes(
     assert r.returncode == 1, r.stderr  # the CT is an error
     rows = {row["file"]: row for row in assert_csv_intact(reports)}
     assert sorted(rows) == sorted(["'" + n for n in names] + ["acc.dcm", "ct.dcm"])
-    assert rows["acc.dcm"]["AccessionNumber"] == "'=2+5"
+    assert rows["acc.dcm"]["accession_number"] == "'=2+5"
     for name in names:  # the JSON keeps the exact values
         assert json.loads(json_path(reports, name).read_text())["file"] == name
-    assert json.loads(json_path(reports, "acc.dcm").read_text())["AccessionNumber"] == "=2+5"
+    assert json.loads(json_path(reports, "acc.dcm").read_text())["accession_number"] == "=2+5"
     assert "\x1b" not in r.stderr and "CT\\x1b[2J" in r.stderr
     assert "\x1b" not in rows["ct.dcm"]["error"]
     out = _status(reports / ".xrwatch-state").stdout
