@@ -112,9 +112,8 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     logging.captureWarnings(True)  # Python warnings too: in the chosen format, not raw text
     for noisy in ("PIL", "watchdog", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    # The DICOM reader turns what pydicom warns about into its own errors naming the file;
-    # pydicom's warnings (without a file name) would only repeat them.
-    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
+    # pydicom's loggers are not set here: xrwatch.imageio.dicom routes them (it needs their
+    # warnings to detect truncation, and logs them at DEBUG with the file's name).
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -67,10 +67,14 @@ _LIBRARY_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "libjpeg")
 _CAPTURED: ContextVar[list[str] | None] = ContextVar("xrwatch_dicom_captured", default=None)
 
 
-class _LibraryLogRouter(logging.Handler):
-    """Collects pydicom's (and its plugins') log records for the file being read."""
+class _LibraryLogFilter(logging.Filter):
+    """Takes pydicom's (and its plugins') records out of the log; keeps their one-line text.
 
-    def emit(self, record: logging.LogRecord) -> None:
+    While a file is read the text is collected for that file (see
+    :func:`_capture_library_logs`); otherwise it is logged here at DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = " ".join(record.getMessage().split())  # one line, no traceback
         except Exception:  # a malformed record must not break a read
@@ -78,18 +82,26 @@ class _LibraryLogRouter(logging.Handler):
         captured = _CAPTURED.get()
         if captured is not None:
             captured.append(message)
-        else:  # pydicom used outside read_dicom (tests, training tools): keep it quiet too
+        else:  # pydicom used outside read_dicom (tests, training tools)
             logger.debug("%s: %s", record.name, message)
+        return False
+
+
+_FILTER = _LibraryLogFilter()
 
 
 def _route_library_logs() -> None:
-    router = _LibraryLogRouter(logging.DEBUG)
-    for name in _LIBRARY_LOGGERS:
+    """Put the filter on pydicom's loggers and their children (a filter on a logger does not
+    see its children's records). Repeated at each read: plugins create loggers when first
+    imported."""
+    manager = logging.getLogger().manager
+    names = [n for n in list(manager.loggerDict) if n.split(".")[0] in _LIBRARY_LOGGERS]
+    for name in {*names, *_LIBRARY_LOGGERS}:
         lib = logging.getLogger(name)
-        if not any(isinstance(h, _LibraryLogRouter) for h in lib.handlers):
-            lib.addHandler(router)
-        lib.propagate = False  # child loggers (pydicom.pixels...) stop here too
-        lib.setLevel(logging.WARNING)
+        if _FILTER not in lib.filters:
+            lib.addFilter(_FILTER)
+        if name in _LIBRARY_LOGGERS and lib.level != logging.WARNING:
+            lib.setLevel(logging.WARNING)  # warnings tell truncation; debug chatter is costly
 
 
 _WARNING_MODULES = "(" + "|".join(_LIBRARY_LOGGERS) + r")(\.|$)"
@@ -114,6 +126,7 @@ _route_library_logs()
 def _capture_library_logs(path: Path) -> Iterator[list[str]]:
     """Collect pydicom's log messages while reading ``path``; log them at DEBUG after."""
     _ignore_library_warnings()
+    _route_library_logs()
     captured: list[str] = []
     token = _CAPTURED.set(captured)
     try:
@@ -404,7 +417,32 @@ def _decode_j2k_reduced(
         return None
     if arr.dtype == np.uint16 and size.precision < 16:
         arr = arr >> (16 - size.precision)  # Pillow scales samples to 16 bits
-    return arr
+    return _centre_reduced(arr, levels, (size.height, size.width))
+
+
+def _centre_reduced(arr: np.ndarray, levels: int, full: tuple[int, int]) -> np.ndarray:
+    """Resample the reduced image so its samples evenly cover the full image, block-centred.
+
+    After ``levels`` wavelet levels, sample n lies at full-resolution position
+    ``n * 2**levels``, not at the centre of the block it stands for (where an area resize, or
+    JPEG's DCT scaling, puts it), and the last sample covers a partial block when a side is
+    not a multiple of ``2**levels``. Left alone, both shift every edge of the model input by
+    up to ~0.4 reduced pixels. Output sample j of n is taken (linear interpolation, edges
+    replicated) at full-resolution position ``(j + 0.5) * side / n - 0.5``; float32 out.
+    """
+    out = arr.astype(np.float32)
+    power = float(1 << levels)
+    for axis, side in enumerate(full):
+        n = out.shape[axis]
+        pos = ((np.arange(n) + 0.5) * (side / n) - 0.5) / power
+        pos = np.clip(pos, 0.0, n - 1.0)
+        lower = np.floor(pos).astype(np.intp)
+        upper = np.minimum(lower + 1, n - 1)
+        shape = [1, 1]
+        shape[axis] = n
+        frac = (pos - lower).astype(np.float32).reshape(shape)
+        out = np.take(out, lower, axis=axis) * (1 - frac) + np.take(out, upper, axis=axis) * frac
+    return out
 
 
 def _decode(path: Path, ds: Any, ts: str, frame: bytes | None) -> tuple[np.ndarray, str]:
