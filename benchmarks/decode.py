@@ -8,6 +8,13 @@ default model input needs (``PreprocessSpec().min_decode_side``), as serving doe
 JPEGs honour it. Prints a Markdown table that the README quotes, then what draft mode costs
 in quality: the mean |difference| between the model input from a draft decode and from a
 full decode, in 8-bit grey levels, for draft headrooms 1.0x, 1.5x (the default) and 2.0x.
+
+Then DICOM against pydicom: ``read_image`` vs pydicom's own ``dcmread(...).pixel_array``
+(decode only, no VOI) and vs the reference float64 VOI arithmetic (``voi.apply_*``, the path
+read_image used before the float32/lookup-table one), on the real DICOMs and two generated
+ones (a 3.7 MP 12-bit CR, native; a 14 MP 12-bit JPEG 2000 mammogram-sized image); and JPEG
+2000 decoded in full vs at reduced resolution (``min_side`` 224, and 336 as serving asks).
+The first line names the CPU, its ISA features and ONNX Runtime (:mod:`xrwatch.sysinfo`).
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from xrwatch.imageio import read_image
 from xrwatch.preprocess import PreprocessSpec
+from xrwatch.sysinfo import describe as describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xray")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip-raster", action="store_true", help="only the DICOM tables")
     args = parser.parse_args()
+    print(describe_machine())
+    print()
+    if not args.skip_raster:
+        raster_tables(args)
+    dicom_tables(args)
+
+
+def raster_tables(args: argparse.Namespace) -> None:
     need = PreprocessSpec().min_decode_side
     rows: list[tuple[str, str, int, tuple[float, ...]]] = []
     for path in sorted((args.data / "dicom").glob("*.dcm")):
@@ -162,6 +180,140 @@ def draft_quality(paths: list[Path], spec: PreprocessSpec) -> None:
             f"| {headroom:.1f} x size ({side} px) | {statistics.mean(diffs):.2f} "
             f"| {reduced}/{len(paths)} |"
         )
+
+
+def pydicom_read(path: Path) -> object:
+    """dcmread as read_image does (force, transfer syntax inferred for files without meta)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(path, force=True)
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        implicit, _ = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        )
+    return ds
+
+
+def reference_ms(path: Path, repeat: int) -> float:
+    """dcmread + pixel_array + the float64 reference VOI arithmetic (the old read_image)."""
+    import pydicom
+
+    from xrwatch.imageio.voi import (
+        apply_modality_lut,
+        apply_voi_lut,
+        apply_window,
+        robust_normalise,
+    )
+
+    def run() -> object:
+        ds: Any = pydicom_read(path)
+        values = apply_modality_lut(ds.pixel_array, ds)
+        if "VOILUTSequence" in ds:
+            out = apply_voi_lut(values, ds.VOILUTSequence[0], signed=bool(ds.PixelRepresentation))
+        elif "WindowCenter" in ds:
+            wc, ww = ds.WindowCenter, ds.WindowWidth
+            c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
+            w = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
+            out = apply_window(values, c, w, str(ds.get("VOILUTFunction", "") or "LINEAR"))
+        else:
+            out = robust_normalise(values)
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            out = 1.0 - out
+        return np.clip(np.asarray(out, np.float32), 0, 1)
+
+    return median_ms(run, repeat)
+
+
+def pydicom_ms(path: Path, repeat: int) -> float:
+    return median_ms(lambda: pydicom_read(path).pixel_array, repeat)  # type: ignore[attr-defined]
+
+
+def synthetic_dicoms(directory: Path) -> list[Path]:
+    """A 3.7 MP 12-bit CR (native, with a window) and a 14 MP 12-bit JPEG 2000 image."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.dicom_factory import write_dicom
+
+    def chest(rows: int, cols: int) -> np.ndarray:
+        y, x = np.mgrid[0:rows, 0:cols] / max(rows, cols)
+        body = np.exp(-(((x - 0.5) / 0.35) ** 2 + ((y - 0.55) / 0.45) ** 2))
+        noise = np.random.default_rng(0).normal(0, 40, (rows, cols))
+        return np.clip(600 + 2800 * body + 200 * np.sin(y * 90) + noise, 0, 4095).astype(np.uint16)
+
+    cr = write_dicom(
+        directory / "cr_3.7mp.dcm",
+        pixels=chest(2140, 1760),
+        bits_stored=12,
+        modality="CR",
+        rescale=(1.0, 0.0),
+        window=(2100, 3000),
+    )
+    j2k = write_dicom(
+        directory / "mg_14mp_j2k.dcm",
+        pixels=chest(4096, 3328),
+        bits_stored=12,
+        modality="MG",
+        photometric="MONOCHROME1",
+        transfer_syntax="1.2.840.10008.1.2.4.90",
+    )
+    return [cr, j2k]
+
+
+def dicom_tables(args: argparse.Namespace) -> None:
+    real = sorted((args.data / "dicom").glob("*.dcm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = real + synthetic_dicoms(Path(tmp))
+        print(f"DICOM: read_image vs pydicom, median of {args.repeat} runs per file")
+        print()
+        print(
+            "| file | what | pydicom dcmread+pixel_array ms | read_image ms | read_image / pydicom "
+            "| old float64 VOI path ms | speed-up vs old |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for path in paths:
+            ours = median_ms(lambda p=path: read_image(p), args.repeat)
+            theirs = pydicom_ms(path, args.repeat)
+            old = reference_ms(path, args.repeat)
+            print(
+                f"| {path.name[:28]} | {describe(path)} | {theirs:.1f} | {ours:.1f} "
+                f"| {ours / theirs:.2f}x | {old:.1f} | {old / ours:.1f}x |"
+            )
+        j2k = [
+            p for p in paths if (read_image(p).meta.transfer_syntax or "").endswith((".90", ".91"))
+        ]
+        spec = PreprocessSpec()
+        print()
+        print(
+            "JPEG 2000 at reduced resolution (OpenJPEG reduce), decode + resize to the model input:"
+        )
+        print()
+        print(
+            "| file | full ms | min_side 224: ms, decoded size | speed-up "
+            f"| min_side {spec.min_decode_side}: ms, decoded size | speed-up "
+            "| model input mean abs diff (of 255), 224 / 336 |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for path in j2k:
+            full_input = spec.apply(read_image(path).pixels)
+            full = median_ms(lambda p=path: spec.apply(read_image(p).pixels), args.repeat)
+            cells, diffs = [], []
+            for side in (224, spec.min_decode_side):
+                ms = median_ms(
+                    lambda p=path, s=side: spec.apply(read_image(p, min_side=s).pixels), args.repeat
+                )
+                decoded = read_image(path, min_side=side)
+                shape = f"{decoded.meta.decoded_width}x{decoded.meta.decoded_height}"
+                cells.append(f"{ms:.1f}, {shape} | {full / ms:.1f}x")
+                diffs.append(float(np.abs(spec.apply(decoded.pixels) - full_input).mean()) * 255)
+            print(
+                f"| {path.name[:28]} | {full:.1f} | {cells[0]} | {cells[1]} "
+                f"| {diffs[0]:.2f} / {diffs[1]:.2f} |"
+            )
 
 
 if __name__ == "__main__":

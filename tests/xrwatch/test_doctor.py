@@ -21,6 +21,9 @@ def test_json_lists_every_section(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)
     items = {(r["section"], r["item"]): r for r in rows}
     assert ("system", "python") in items
+    assert (
+        "AVX" in items[("system", "CPU")]["value"] or "none of" in items[("system", "CPU")]["value"]
+    )
     assert items[("packages", "pydicom")]["status"] == "ok"
     assert items[("packages", "onnxruntime")]["status"] in ("ok", "warn")
     assert ("onnxruntime", "providers") in items

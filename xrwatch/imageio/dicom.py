@@ -653,6 +653,7 @@ def _read_image(path: Path, ds: Any, max_pixels: int, min_side: int | None) -> D
             arr, decoded_photometric = _decode(path, ds, ts, frame)
         else:
             decoded_photometric = photometric
+        source_is_float = arr.dtype.kind not in "ui"
         bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0)
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
             out = _grayscale(path, ds, arr, photometric)
@@ -662,9 +663,10 @@ def _read_image(path: Path, ds: Any, max_pixels: int, min_side: int | None) -> D
             out = _colour(path, ds, arr, decoded_photometric)
             source_mode = f"{photometric} {bits_stored}-bit -> luminance"
         del arr
-        pixels = np.ascontiguousarray(out, dtype=np.float32)
-        np.clip(pixels, 0.0, 1.0, out=pixels)
-    if not math.isfinite(float(pixels.sum())):  # NaN survives clipping; never pass it on
+        pixels = np.ascontiguousarray(out, dtype=np.float32)  # already clipped to [0, 1]
+    # NaN survives clipping (float pixel data, or anything unforeseen): never pass it on.
+    # Integer pixels are mapped by finite numbers (checked), so only float data can hold it.
+    if source_is_float and not math.isfinite(float(pixels.sum())):
         raise ImageDecodeError(path, "decoding gave non-finite pixel values (NaN)")
     if inferred:
         source_mode += " (transfer syntax inferred)"

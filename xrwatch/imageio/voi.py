@@ -131,14 +131,17 @@ def apply_modality_lut(pixels: np.ndarray, ds: Any) -> np.ndarray:
     return values
 
 
+def _sample_step(size: int) -> int:
+    """Every step-th row and column: percentiles from <= ~1 MP, the same answer, faster."""
+    return max(1, math.ceil(math.sqrt(size / 1_000_000)))
+
+
 def robust_normalise(values: np.ndarray) -> np.ndarray:
     """Stretch the 0.5th..99.5th percentile of ``values`` to [0, 1] (the no-VOI fallback)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return x
-    step = max(
-        1, int(np.sqrt(x.size / 1_000_000))
-    )  # percentiles from <= ~1 MP: same answer, faster
+    step = _sample_step(x.size)
     lo, hi = (float(v) for v in np.percentile(x[::step, ::step], ROBUST_PERCENTILES))
     if hi <= lo:
         lo, hi = float(x.min()), float(x.max())
@@ -190,7 +193,7 @@ def _percentiles_from_counts(
 
 
 def _sample(stored: np.ndarray) -> np.ndarray:
-    step = max(1, int(np.sqrt(stored.size / 1_000_000)))  # as robust_normalise samples
+    step = _sample_step(stored.size)  # as robust_normalise samples
     return stored[::step, ::step] if stored.ndim == 2 else stored
 
 
@@ -272,10 +275,10 @@ def grayscale_to_unit(
             raise VOIError(
                 f"rescale/window give a non-finite mapping (scale {scale}, offset {offset})"
             )
-        out = stored.astype(np.float32)
+        out = stored.astype(np.float32)  # then in place: faster than a mixed-type ufunc
         out *= np.float32(scale)
         out += np.float32(offset)
-        return np.clip(out, 0.0, 1.0, out=out)
+        return np.clip(out, 0.0, 1.0, out=out)  # NaN in float pixel data stays NaN
 
     def to_unit(x: np.ndarray, data: np.ndarray) -> np.ndarray:
         values = to_modality(x)
@@ -286,7 +289,7 @@ def grayscale_to_unit(
 
     indexed = _table_index(stored)
     if indexed is None:
-        return np.asarray(to_unit(stored, stored), dtype=np.float32)
+        return np.clip(np.asarray(to_unit(stored, stored), dtype=np.float32), 0.0, 1.0)
     index, domain = indexed
     table = np.asarray(np.clip(to_unit(domain, stored), 0.0, 1.0), dtype=np.float32)
     return np.take(table, index)
