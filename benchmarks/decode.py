@@ -102,12 +102,63 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "xray")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-raster", action="store_true", help="only the DICOM tables")
+    parser.add_argument(
+        "--memory", action="store_true", help="also: peak RSS of one 100 MP decode (200 MB file)"
+    )
     args = parser.parse_args()
     print(describe_machine())
     print()
     if not args.skip_raster:
         raster_tables(args)
     dicom_tables(args)
+    if args.memory:
+        memory_table()
+
+
+_RSS_PROBE = """
+import resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from xrwatch.imageio import read_image
+from xrwatch.imageio.budget import estimate_decode_bytes
+data = Path(sys.argv[1]).read_bytes()  # the daemon holds the file's bytes (read_and_hash)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[2] == "read_image":
+    read_image(sys.argv[1], data=data)
+else:
+    sys.path.insert(0, sys.argv[3] + "/benchmarks")
+    from decode import reference_pixels
+    reference_pixels(Path(sys.argv[1]))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - before) / 1024, estimate_decode_bytes(100_000_000, 2) / 2**20)
+"""
+
+
+def memory_table() -> None:
+    """Peak RSS a 100 MP 12-bit native DICOM adds to a process, new path and old."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.dicom_factory import write_dicom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = np.random.default_rng(0).integers(0, 4096, (10000, 10000), dtype=np.uint16)
+        path = write_dicom(Path(tmp) / "100mp.dcm", pixels=raw, bits_stored=12, window=(2000, 3000))
+        del raw
+        print()
+        print("memory: peak RSS added by decoding one 100 MP 12-bit native DICOM (file bytes held)")
+        print()
+        print("| path | MiB above the file's bytes | budget estimate MiB |")
+        print("|---|---:|---:|")
+        for how in ("read_image", "old float64 VOI path"):
+            out = subprocess.run(
+                [sys.executable, "-c", _RSS_PROBE, str(path), how.split()[0], str(ROOT)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            print(f"| {how} | {float(out[0]):.0f} | {float(out[1]):.0f} |")
 
 
 def raster_tables(args: argparse.Namespace) -> None:
@@ -200,6 +251,11 @@ def pydicom_read(path: Path) -> object:
 
 def reference_ms(path: Path, repeat: int) -> float:
     """dcmread + pixel_array + the float64 reference VOI arithmetic (the old read_image)."""
+    return median_ms(lambda: reference_pixels(path), repeat)
+
+
+def reference_pixels(path: Path) -> np.ndarray:
+    """The old read_image arithmetic: float64 modality LUT, VOI, inversion, one at a time."""
     import pydicom
 
     from xrwatch.imageio.voi import (
@@ -209,23 +265,20 @@ def reference_ms(path: Path, repeat: int) -> float:
         robust_normalise,
     )
 
-    def run() -> object:
-        ds: Any = pydicom_read(path)
-        values = apply_modality_lut(ds.pixel_array, ds)
-        if "VOILUTSequence" in ds:
-            out = apply_voi_lut(values, ds.VOILUTSequence[0], signed=bool(ds.PixelRepresentation))
-        elif "WindowCenter" in ds:
-            wc, ww = ds.WindowCenter, ds.WindowWidth
-            c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
-            w = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
-            out = apply_window(values, c, w, str(ds.get("VOILUTFunction", "") or "LINEAR"))
-        else:
-            out = robust_normalise(values)
-        if ds.PhotometricInterpretation == "MONOCHROME1":
-            out = 1.0 - out
-        return np.clip(np.asarray(out, np.float32), 0, 1)
-
-    return median_ms(run, repeat)
+    ds: Any = pydicom_read(path)
+    values = apply_modality_lut(ds.pixel_array, ds)
+    if "VOILUTSequence" in ds:
+        out = apply_voi_lut(values, ds.VOILUTSequence[0], signed=bool(ds.PixelRepresentation))
+    elif "WindowCenter" in ds:
+        wc, ww = ds.WindowCenter, ds.WindowWidth
+        c = float(wc[0] if isinstance(wc, pydicom.multival.MultiValue) else wc)
+        w = float(ww[0] if isinstance(ww, pydicom.multival.MultiValue) else ww)
+        out = apply_window(values, c, w, str(ds.get("VOILUTFunction", "") or "LINEAR"))
+    else:
+        out = robust_normalise(values)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        out = 1.0 - out
+    return np.clip(np.asarray(out, np.float32), 0, 1)
 
 
 def pydicom_ms(path: Path, repeat: int) -> float:
@@ -242,7 +295,7 @@ def synthetic_dicoms(directory: Path) -> list[Path]:
     def chest(rows: int, cols: int) -> np.ndarray:
         y, x = np.mgrid[0:rows, 0:cols] / max(rows, cols)
         body = np.exp(-(((x - 0.5) / 0.35) ** 2 + ((y - 0.55) / 0.45) ** 2))
-        noise = np.random.default_rng(0).normal(0, 40, (rows, cols))
+        noise = np.random.default_rng(0).normal(0, 12, (rows, cols))
         return np.clip(600 + 2800 * body + 200 * np.sin(y * 90) + noise, 0, 4095).astype(np.uint16)
 
     cr = write_dicom(

@@ -324,8 +324,9 @@ def test_native_decode_holds_no_float64_image(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # file bytes (2 MB) + decoded uint16 (2 MB) + float32 result (4 MB) + slack
-    assert peak < 13 * 1_000_000, f"peak {peak / 1e6:.1f} MB"
+    # file bytes and decoded copies (2 MB each) + the float32 result (4 MB): ~12 MB; the
+    # float64 path peaked at 28 MB
+    assert peak < 20 * 1_000_000, f"peak {peak / 1e6:.1f} MB"
 
 
 # --- issue 13 item 13: codestream sizes checked before decoding; a memory budget -------------
