@@ -116,21 +116,26 @@ def main() -> None:
 
 
 _RSS_PROBE = """
-import resource, sys
+import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from xrwatch.imageio import read_image
 from xrwatch.imageio.budget import estimate_decode_bytes
+
+def peak_mib():  # VmHWM: this process's own peak (ru_maxrss survives exec from the parent)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 data = Path(sys.argv[1]).read_bytes()  # the daemon holds the file's bytes (read_and_hash)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mib()
 if sys.argv[2] == "read_image":
     read_image(sys.argv[1], data=data)
 else:
     sys.path.insert(0, sys.argv[3] + "/benchmarks")
     from decode import reference_pixels
     reference_pixels(Path(sys.argv[1]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - before) / 1024, estimate_decode_bytes(100_000_000, 2) / 2**20)
+print(peak_mib() - before, estimate_decode_bytes(100_000_000, 2) / 2**20)
 """
 
 

@@ -640,8 +640,14 @@ def _read_image(path: Path, ds: Any, max_pixels: int, min_side: int | None) -> D
     samples = 3 if photometric in COLOUR_PHOTOMETRICS else 1
     sample_bytes = (int(ds.get("BitsAllocated", 16) or 16) + 7) // 8
     reduce = _reduce_levels(size, min_side) if ts in _J2K_SYNTAXES else 0
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        reduce = 0
+    signed_pixels = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    stored_bits = int(ds.get("BitsStored", 0) or 0)
+    if (
+        photometric not in ("MONOCHROME1", "MONOCHROME2")
+        or signed_pixels
+        or (size is not None and stored_bits != size.precision)
+    ):
+        reduce = 0  # only where the reduced decode gives exactly what pydicom's would
     decode_pixels = (
         rows * cols if not reduce else math.ceil(rows / 2**reduce) * math.ceil(cols / 2**reduce)
     )
