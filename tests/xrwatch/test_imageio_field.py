@@ -386,20 +386,20 @@ def test_concurrent_decodes_are_bounded_by_the_budget(
     monkeypatch.setattr(dicom_reader, "DECODE_BUDGET", DecodeBudget(1))  # room for one at a time
     running, most = [0], [0]
     lock = threading.Lock()
-    real_decode = dicom_reader._decode
+    real_grayscale = dicom_reader._grayscale  # runs inside the reservation, as decoding does
 
-    def slow_decode(*args: Any) -> Any:
+    def slow_grayscale(*args: Any) -> Any:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
         time.sleep(0.02)
         try:
-            return real_decode(*args)
+            return real_grayscale(*args)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(dicom_reader, "_decode", slow_decode)
+    monkeypatch.setattr(dicom_reader, "_grayscale", slow_grayscale)
     threads = [threading.Thread(target=read_image, args=(path,)) for _ in range(4)]
     for t in threads:
         t.start()

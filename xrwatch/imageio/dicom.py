@@ -88,13 +88,18 @@ class _LibraryLogFilter(logging.Filter):
 
 
 _FILTER = _LibraryLogFilter()
+_LOGGERS_SEEN = -1  # size of logging's logger registry when the filter was last placed
 
 
 def _route_library_logs() -> None:
     """Put the filter on pydicom's loggers and their children (a filter on a logger does not
     see its children's records). Repeated at each read: plugins create loggers when first
     imported."""
+    global _LOGGERS_SEEN
     manager = logging.getLogger().manager
+    if len(manager.loggerDict) == _LOGGERS_SEEN:
+        return  # no logger created since the last look
+    _LOGGERS_SEEN = len(manager.loggerDict)
     names = [n for n in list(manager.loggerDict) if n.split(".")[0] in _LIBRARY_LOGGERS]
     for name in {*names, *_LIBRARY_LOGGERS}:
         lib = logging.getLogger(name)
@@ -478,6 +483,37 @@ def _decode(path: Path, ds: Any, ts: str, frame: bytes | None) -> tuple[np.ndarr
     return np.asarray(arr), photometric.upper()
 
 
+_LITTLE_ENDIAN_NATIVE = frozenset(
+    {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}
+)
+
+
+def _native_view(ds: Any, ts: str, rows: int, cols: int) -> np.ndarray | None:
+    """The stored values of plain little-endian grayscale data, without a copy; else None.
+
+    What pydicom's native decoder would return (it copies, then masks the bits above
+    BitsStored): 8/16-bit, one sample, unsigned (masked here only when a value needs it) or
+    signed with BitsStored = BitsAllocated. Anything else goes through pydicom.
+    """
+    if ts not in _LITTLE_ENDIAN_NATIVE or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    raw = ds.get("PixelData")
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", allocated) or allocated)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if not isinstance(raw, bytes) or allocated not in (8, 16) or not 1 <= stored <= allocated:
+        return None
+    if signed and stored != allocated:
+        return None  # needs sign extension: pydicom does it
+    if len(raw) < rows * cols * (allocated // 8):
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    arr = np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    if not signed and stored < allocated and int(arr.max()) >> stored:
+        arr = arr & np.asarray((1 << stored) - 1, dtype=dtype)  # overlay/garbage bits
+    return arr
+
+
 def _finite_value(path: Path, ds: Any, keyword: str, default: float) -> float:
     """A numeric attribute (first value if multi-valued), refused when NaN or infinite."""
     raw = ds.get(keyword)
@@ -655,6 +691,8 @@ def _read_image(path: Path, ds: Any, max_pixels: int, min_side: int | None) -> D
         arr = None
         if reduce and frame is not None and size is not None:
             arr = _decode_j2k_reduced(path, frame, size, reduce)
+        elif photometric in ("MONOCHROME1", "MONOCHROME2"):
+            arr = _native_view(ds, ts, rows, cols)
         if arr is None:
             arr, decoded_photometric = _decode(path, ds, ts, frame)
         else:
