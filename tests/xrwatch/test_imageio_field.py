@@ -447,3 +447,35 @@ def test_j2k_decodes_at_reduced_resolution_for_a_small_model(
         reduced_input = spec.apply(read_image(path, min_side=side).pixels)
         diff = float(np.abs(reduced_input - spec.apply(full.pixels)).mean()) * 255
         assert diff < limit, f"min_side {side}: model input differs by {diff:.2f}/255"
+
+
+def test_concurrent_png_decodes_share_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xrwatch.imageio import raster
+
+    path = tmp_path / "a.png"
+    Image.fromarray((gradient(64, 64, hi=255)).astype(np.uint8)).save(path)
+    monkeypatch.setattr(raster, "DECODE_BUDGET", DecodeBudget(1))
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = raster._to_unit_float
+
+    def slow(*args: Any) -> Any:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(raster, "_to_unit_float", slow)
+    threads = [threading.Thread(target=read_image, args=(path,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert most[0] == 1
