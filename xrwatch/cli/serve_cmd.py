@@ -125,6 +125,59 @@ def serve(
         "--log-level",
         help=_with_default("DEBUG, INFO, WARNING or ERROR", "log_level"),
     ),
+    dicom_port: int | None = typer.Option(
+        None,
+        "--dicom-port",
+        help="Receive images over DICOM (C-STORE, C-ECHO) on this port; needs --dicom-allow-ae.",
+        rich_help_panel="DICOM",
+    ),
+    dicom_host: str | None = typer.Option(
+        None,
+        "--dicom-host",
+        help=_with_default("Address the DICOM receiver listens on", "dicom_host"),
+        rich_help_panel="DICOM",
+    ),
+    ae_title: str | None = typer.Option(
+        None,
+        "--ae-title",
+        help=_with_default("Our AE title (called by senders, calling for results)", "ae_title"),
+        rich_help_panel="DICOM",
+    ),
+    dicom_allow_ae: list[str] | None = typer.Option(
+        None,
+        "--dicom-allow-ae",
+        help="Calling AE title allowed to send (repeat for several); others are refused.",
+        rich_help_panel="DICOM",
+    ),
+    dicom_allow_host: list[str] | None = typer.Option(
+        None,
+        "--dicom-allow-host",
+        help="Source address or network allowed to send (repeatable; default: any).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_accept_other: bool | None = typer.Option(
+        None,
+        "--dicom-accept-other/--no-dicom-accept-other",
+        help=_with_default(
+            "Accept CT, MR and other non-radiographs (reported as errors) instead of refusing "
+            "them at association",
+            "dicom_accept_other",
+        ),
+        rich_help_panel="DICOM",
+    ),
+    dicom_destination: list[str] | None = typer.Option(
+        None,
+        "--dicom-destination",
+        help="Send each result SR to AE@host:port by C-STORE (repeatable).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_sr: bool | None = typer.Option(
+        None,
+        "--dicom-sr/--no-dicom-sr",
+        help="Write a DICOM SR per classified DICOM into REPORTS/dicom (implied by "
+        "--dicom-port and --dicom-destination).",
+        rich_help_panel="DICOM",
+    ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
 
@@ -155,6 +208,14 @@ def serve(
         "metrics_port": metrics_port,
         "log_format": log_format,
         "log_level": log_level,
+        "dicom_port": dicom_port,
+        "dicom_host": dicom_host,
+        "ae_title": ae_title,
+        "dicom_allow_ae": dicom_allow_ae or None,
+        "dicom_allow_hosts": dicom_allow_host or None,
+        "dicom_accept_other": dicom_accept_other,
+        "dicom_destinations": dicom_destination or None,
+        "dicom_sr": dicom_sr,
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)

@@ -57,7 +57,7 @@ from xrwatch.safetext import printable
 from xrwatch.serve import sdnotify
 from xrwatch.serve.archive import move_to_archive
 from xrwatch.serve.config import ServeConfig
-from xrwatch.serve.ledger import Ledger, LedgerError
+from xrwatch.serve.ledger import FinishHook, Ledger, LedgerError
 from xrwatch.serve.metrics import Metrics, MetricsServer, health_check
 from xrwatch.serve.reports import ReportWriter
 from xrwatch.serve.stability import Candidate, StabilityTracker
@@ -75,6 +75,13 @@ LOOP_STALE_SECONDS = 60.0  # no loop progress this long: no more pings, /healthz
 HELD_RETRY_SECONDS = 60.0  # a row whose report could not be written is tried again after this
 ONCE_REPORT_TRIES = 3  # with --once, give up writing reports after this many failed tries
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Service(Protocol):
+    """Something that runs beside the loop (the DICOM node)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class Engine(Protocol):
@@ -181,6 +188,11 @@ class Daemon:
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
         self.server: MetricsServer | None = None
+        # Extensions (xrwatch.dicom): services run beside the loop, started once the watch
+        # is live and stopped first at shutdown; finish hooks run inside the ledger
+        # transaction that records outcomes.
+        self.services: list[Service] = []
+        self.finish_hooks: list[FinishHook] = []
 
     # -- start-up ----------------------------------------------------------------------
     def _check_paths(self) -> None:
@@ -251,6 +263,15 @@ class Daemon:
             poll_interval=cfg.poll_interval,
         )
         self._flush_reports()  # reconcile: finish any report append a crash interrupted
+        if cfg.dicom_enabled:
+            from xrwatch.dicom.node import attach
+
+            attach(self)
+
+    def offer_complete(self, path: Path) -> None:
+        """A file written complete into INCOMING by this process (e.g. a DICOM C-STORE)."""
+        self.tracker.offer(path, complete=True)
+        self._wake.set()
 
     def _known_finished(self, rel: str, st: os.stat_result) -> bool:
         if self.config.archive is not None:
@@ -451,7 +472,7 @@ class Daemon:
         backoff = 1.0
         while True:
             try:
-                self.ledger.finish(outcomes)
+                self.ledger.finish(outcomes, self.finish_hooks)
                 self._ledger_error = None
                 break
             except Exception as exc:  # sqlite3.OperationalError: disk full, I/O error
@@ -672,6 +693,8 @@ class Daemon:
                 cfg.incoming,
                 "processing them and exiting (--once)" if cfg.once else "watching for more",
             )
+            for service in self.services:
+                service.start()
             sdnotify.notify(f"READY=1\nSTATUS={self.status_line()}")
             self.ready.set()
             self._loop(pool)
@@ -679,6 +702,11 @@ class Daemon:
             self._stop.set()
             # at once, not after the drain: systemd knows we are stopping while we drain
             sdnotify.notify("STOPPING=1\nSTATUS=stopping: finishing the files in flight")
+            for service in reversed(self.services):
+                try:
+                    service.stop()
+                except Exception:
+                    logger.exception("stopping %s failed", type(service).__name__)
             try:
                 self._drain()
             finally:

@@ -22,7 +22,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +71,9 @@ _ADDED_COLUMNS = (
     ("files", "report_error", "TEXT"),  # why this row's report could not be written (held)
     ("files", "report_retry_at", "REAL"),  # a held row is tried again from this time on
 )
+
+
+FinishHook = Callable[[sqlite3.Connection, list[tuple[int, str, dict[str, Any]]]], None]
 
 
 class LedgerError(XRWatchError):
@@ -276,11 +279,17 @@ class Ledger:
                 (row_id, self.owner),
             )
 
-    def finish(self, outcomes: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
-        """Record outcomes ``(row_id, 'ok'|'error', record)`` in one transaction."""
+    def finish(
+        self,
+        outcomes: Iterable[tuple[int, str, dict[str, Any]]],
+        hooks: Iterable[FinishHook] = (),
+    ) -> None:
+        """Record outcomes ``(row_id, 'ok'|'error', record)`` in one transaction; each of
+        ``hooks`` runs inside it (e.g. to queue a DICOM result with its outcome)."""
         now = time.time()
+        rows = list(outcomes)
         with self._tx() as con:
-            for row_id, state, record in outcomes:
+            for row_id, state, record in rows:
                 con.execute(
                     "UPDATE files SET state=?, finished_at=?, error=?, record=? "
                     "WHERE id=? AND owner=? AND state='claimed'",
@@ -293,6 +302,8 @@ class Ledger:
                         self.owner,
                     ),
                 )
+            for hook in hooks:
+                hook(con, rows)
 
     # -- reporting: reported 0 -> 2 (being written at a recorded CSV offset) -> 1 ----------
     def unreported(self, limit: int = 10_000) -> list[Finished]:
