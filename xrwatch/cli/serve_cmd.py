@@ -260,6 +260,19 @@ _STATE_TEXT = {
 }
 
 
+def _dicom_status(state_dir: Path) -> dict[str, Any] | None:
+    """The DICOM node's counts from the ledger, or None when it never ran there."""
+    from xrwatch.dicom.outbox import Outbox
+
+    outbox = Outbox(state_dir / "ledger.sqlite3")
+    try:
+        if not outbox.has_tables():
+            return None
+        return {"results": outbox.result_counts(), "destinations": outbox.destination_counts()}
+    finally:
+        outbox.close()
+
+
 @app.command()
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
@@ -293,6 +306,7 @@ def status(
     finally:
         ledger.close()
     host = socket.gethostname()
+    dicom = _dicom_status(state_dir)
     data: dict[str, Any] = {
         "counts": {k: counts.get(k, 0) for k in ("ok", "error", "claimed")},
         "unreported": {"total": unreported, "held": held},
@@ -315,6 +329,8 @@ def status(
         ],
         "held_reports": [{"file": printable(p), "reason": printable(e)} for p, e in held_rows],
     }
+    if dicom is not None:
+        data["dicom"] = dicom
     if as_json:
         console.print_json(json.dumps(data))
         return 0
@@ -347,6 +363,23 @@ def status(
             )
     else:
         console.print("no daemon running on this state dir", highlight=False)
+    if dicom is not None:
+        r = dicom["results"]
+        console.print(
+            f"dicom: {r['received']} instances received; SRs {r['written']} written, "
+            f"{r['pending']} pending, {r['failed']} failed",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for dest, c in dicom["destinations"].items():
+            console.print(
+                f"  to {dest}: {c['sent']} sent, {c['pending']} pending, "
+                f"{c['failed_attempts']} failed attempts"
+                + (f" (last error: {printable(c['last_error'])})" if c["last_error"] else ""),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     if last_errors:
         console.print("last errors:", highlight=False)
         for item in data["last_errors"]:

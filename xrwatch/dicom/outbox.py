@@ -305,9 +305,9 @@ class Outbox:
                 "failed_attempts": int(failures or 0),
                 "last_error": None,
             }
-        for dest, err in self._con().execute(
-            "SELECT destination, last_error FROM dicom_outbox WHERE last_error IS NOT NULL "
-            "AND state='pending' GROUP BY destination HAVING id = MAX(id)"
+        for dest, err, _ in self._con().execute(  # SQLite: bare columns of the MAX row
+            "SELECT destination, last_error, MAX(id) FROM dicom_outbox "
+            "WHERE last_error IS NOT NULL AND state='pending' GROUP BY destination"
         ):
             if str(dest) in out:
                 out[str(dest)]["last_error"] = str(err)

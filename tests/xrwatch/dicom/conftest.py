@@ -58,8 +58,8 @@ def dcmtk() -> dict[str, str]:
 class Orthanc:
     """A real Orthanc on loopback ports, with its own storage (the test's PACS)."""
 
-    def __init__(self, binary: str, root: Path) -> None:
-        self.http_port, self.dicom_port = free_port(), free_port()
+    def __init__(self, binary: str, root: Path, dicom_port: int | None = None) -> None:
+        self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.root = root
         config = {
             "Name": "xrwatch-test",
@@ -124,12 +124,24 @@ class Orthanc:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    server = Orthanc(require_tool("Orthanc", "orthanc"), tmp_path / "orthanc")
-    try:
-        yield server
-    finally:
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """Start Orthanc servers (``dicom_port=`` to choose its DICOM port); stopped at the end."""
+    binary = require_tool("Orthanc", "orthanc")
+    made: list[Orthanc] = []
+
+    def factory(dicom_port: int | None = None) -> Orthanc:
+        server = Orthanc(binary, tmp_path / f"orthanc{len(made)}", dicom_port)
+        made.append(server)
+        return server
+
+    yield factory
+    for server in made:
         server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
+    return orthanc_factory()
 
 
 @pytest.fixture
