@@ -211,3 +211,28 @@ class ResultsWorker:
                 )
             self.on_sent(str(dest), ok)
         return len(due)
+
+
+def echo(dest: Destination, ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """C-ECHO ``dest`` as ``ae_title``: ``(answered with success, what happened)``."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if assoc.is_rejected:
+        return False, "association rejected (is our AE title allowed there?)"
+    if not assoc.is_established:
+        return False, "no association: nothing answers there, or it aborted"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = getattr(status, "Status", None)
+    if code is None:
+        return False, "no answer to the C-ECHO (timed out or connection lost)"
+    if code != 0x0000:
+        return False, f"C-ECHO answered with status 0x{code:04X}"
+    return True, "C-ECHO succeeded"

@@ -32,8 +32,7 @@ def check_ae_title(value: str, what: str) -> str:
     """``value`` when it is a valid AE title (1-16 printable characters, not only spaces)."""
     if not _AE_TITLE.match(value) or not value.strip():
         raise ConfigError(
-            f"serve: {what} must be 1 to 16 printable ASCII characters without a backslash, "
-            f"got {value!r}"
+            f"{what} must be 1 to 16 printable ASCII characters without a backslash, got {value!r}"
         )
     return value.strip()
 
@@ -42,10 +41,10 @@ def parse_destination(text: str, what: str = "destination") -> Destination:
     """Parse ``AE@host:port`` (an IPv6 host in brackets: ``AE@[::1]:104``)."""
     m = _DESTINATION.match(text.strip())
     if m is None:
-        raise ConfigError(f"serve: {what} must look like AE@host:port, got {text!r}")
+        raise ConfigError(f"{what} must look like AE@host:port, got {text!r}")
     port = int(m["port"])
     if not 1 <= port <= 65535:
-        raise ConfigError(f"serve: {what} {text!r}: port must be 1..65535, got {port}")
+        raise ConfigError(f"{what} {text!r}: port must be 1..65535, got {port}")
     ae = check_ae_title(m["ae"], f"{what} {text!r}: AE title")
     return Destination(ae, m["host"].strip("[]"), port)
 
@@ -67,7 +66,7 @@ def allowed_networks(
 
 def check_settings(cfg: Any) -> None:
     """Raise ConfigError for an unusable DICOM configuration of a ``ServeConfig``."""
-    check_ae_title(cfg.ae_title, "ae_title")
+    check_ae_title(cfg.ae_title, "serve: ae_title")
     if cfg.dicom_port is not None:
         if not 1 <= cfg.dicom_port <= 65535:
             raise ConfigError(f"serve: dicom_port must be 1..65535, got {cfg.dicom_port}")
@@ -82,7 +81,7 @@ def check_settings(cfg: Any) -> None:
                 "send (e.g. --dicom-allow-ae MODALITY1); every other caller is refused"
             )
     for ae in cfg.dicom_allow_ae:
-        check_ae_title(ae, "dicom_allow_ae")
+        check_ae_title(ae, "serve: dicom_allow_ae")
     allowed_networks(cfg.dicom_allow_hosts)
     for dest in cfg.dicom_destinations:
-        parse_destination(dest, "dicom_destinations")
+        parse_destination(dest, "serve: dicom_destinations")

@@ -15,6 +15,8 @@ from conftest import free_port
 from dicom_tools import sop_uid, storescu
 from serve_harness import ROOT, csv_rows, wait_for
 
+from xrwatch.cli._app import main
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,6 +34,7 @@ def test_srs_reach_orthanc_exactly_once_across_kill_9_mid_send(
 ) -> None:
     incoming, reports = folders
     sources = {sop_uid(f): f for f in real_dicoms}
+    assert main(["dicom-echo", orthanc.destination]) == 0  # the installer's check
     # The PACS already holds the images (the modality sent them there too).
     assert all(r.returncode == 0 for r in storescu(dcmtk, orthanc.dicom_port, real_dicoms))
     port, metrics_port = free_port(), free_port()
