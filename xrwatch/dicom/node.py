@@ -70,7 +70,7 @@ class DicomNode:
         if cfg.dicom_port is not None:
             self.receiver = Receiver(
                 incoming=daemon.incoming,
-                outbox=self.outbox,
+                outbox=Outbox(daemon.ledger.path, owner=daemon.ledger.owner, shared=True),
                 ae_title=cfg.ae_title,
                 host=cfg.dicom_host,
                 port=cfg.dicom_port,
@@ -84,7 +84,7 @@ class DicomNode:
             outbox=self.outbox,
             incoming=daemon.incoming,
             reports=cfg.reports,
-            model_name=cfg.model.name,
+            model_name=_model_name(daemon),
             ae_title=cfg.ae_title,
             destinations=destinations,
             on_written=self._written,
@@ -120,8 +120,18 @@ class DicomNode:
     def stop(self) -> None:
         if self.receiver is not None:
             self.receiver.stop()
+            self.receiver.outbox.close()
         self.worker.stop()
+        if self.daemon.config.once:  # no later start to finish them: do it now
+            self.worker.finish_due()
         self.outbox.close()
+
+
+def _model_name(daemon: Any) -> str:
+    """The model file's name, with ``<arch>-<experiment>-<precision>`` when known."""
+    meta = getattr(daemon.engine, "meta", None)
+    name = getattr(meta, "name", None)
+    return f"{daemon.config.model.name} ({name})" if name else str(daemon.config.model.name)
 
 
 def attach(daemon: Any) -> DicomNode:

@@ -127,21 +127,28 @@ def _pid_alive(pid: int) -> bool:
 class Outbox:
     """Access to the DICOM tables of the ledger at ``db`` (one connection per thread)."""
 
-    def __init__(self, db: Path, owner: str = "") -> None:
+    def __init__(self, db: Path, owner: str = "", *, shared: bool = False) -> None:
+        """``shared``: one connection for every thread (the caller serialises its use),
+        for callers on short-lived threads such as pynetdicom's association threads."""
         self.db = Path(db)
+        self._shared = shared
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self._local = threading.local()
+        self._connection: sqlite3.Connection | None = None
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
 
     def _con(self) -> sqlite3.Connection:
-        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        holder = self if self._shared else self._local
+        con: sqlite3.Connection | None = getattr(holder, "_connection", None)
         if con is None:
-            con = sqlite3.connect(self.db, timeout=30.0, isolation_level=None)
+            con = sqlite3.connect(
+                self.db, timeout=30.0, isolation_level=None, check_same_thread=not self._shared
+            )
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")  # an acknowledgement is a promise
             con.execute("PRAGMA busy_timeout=30000")
-            self._local.con = con
+            holder._connection = con
             with self._lock:
                 self._all.append(con)
         return con
@@ -166,6 +173,7 @@ class Outbox:
                 con.close()
             self._all.clear()
         self._local = threading.local()
+        self._connection = None
 
     def has_tables(self) -> bool:
         row = (

@@ -128,6 +128,15 @@ class ResultsWorker:
                 self.wake.wait(IDLE_SECONDS)
                 self.wake.clear()
 
+    def finish_due(self) -> None:
+        """Write and send what is due now, on the caller's thread (``--once``); what
+        fails waits for its back-off, i.e. for the next start."""
+        while self.write_due():
+            pass
+        for dest in self.destinations:
+            while self.send_due(dest):
+                pass
+
     # -- SRs ---------------------------------------------------------------------------
     def _source(self, due: DueResult) -> Path | None:
         for candidate in (self.incoming / due.source_path, due.archived_to):

@@ -155,3 +155,17 @@ def test_non_radiographs_are_refused_or_reported_as_errors_by_config(
     (row,) = [r for r in csv_rows(reports) if r["file"].endswith(f"/{ct_sop}.dcm")]
     assert row["status"] == "error" and "CT" in row["error"]
     assert len(list((reports / "dicom").rglob("*.SR.dcm"))) == 1  # the DX's; none for an error
+
+
+def test_once_with_dicom_sr_writes_the_srs_of_dropped_dicoms_before_exiting(
+    folders, tiny_onnx_model, real_dicoms
+) -> None:
+    from serve_harness import run_once
+
+    incoming, reports = folders
+    for f in real_dicoms[:2]:
+        (incoming / f.name).write_bytes(f.read_bytes())
+    done = run_once(incoming, reports, tiny_onnx_model, "--dicom-sr")
+    assert done.returncode == 0, done.stdout + done.stderr
+    srs = sorted((reports / "dicom").rglob("*.SR.dcm"))
+    assert sorted(p.name for p in srs) == sorted(f"{sop_uid(f)}.SR.dcm" for f in real_dicoms[:2])
