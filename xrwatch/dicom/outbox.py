@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS dicom_results (
     state           TEXT NOT NULL CHECK (state IN ('pending', 'written', 'failed')),
     sr_sop_uid      TEXT,
     sr_path         TEXT,                 -- relative to REPORTS
+    sc_path         TEXT,                 -- the heatmap overlay's, when the model has one
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     owner           TEXT,
@@ -54,7 +55,7 @@ CREATE INDEX IF NOT EXISTS dicom_results_due ON dicom_results (state, next_attem
 CREATE TABLE IF NOT EXISTS dicom_outbox (
     id              INTEGER PRIMARY KEY,
     file_id         INTEGER NOT NULL,
-    sr_sop_uid      TEXT NOT NULL,
+    sr_sop_uid      TEXT NOT NULL,        -- of the instance to send: the SR, or the overlay
     sr_path         TEXT NOT NULL,        -- relative to REPORTS
     destination     TEXT NOT NULL,        -- AE@host:port
     state           TEXT NOT NULL CHECK (state IN ('pending', 'sent')),
@@ -239,19 +240,21 @@ class Outbox:
         ]
 
     def result_written(
-        self, file_id: int, sr_sop_uid: str, sr_path: str, destinations: list[str]
+        self, file_id: int, written: list[tuple[str, str]], destinations: list[str]
     ) -> None:
-        """The SR is durably in REPORTS: queue it for every destination (one transaction)."""
+        """The SR (and overlay), ``[(SOP Instance UID, path)]``, are durably in REPORTS:
+        queue each for every destination, in one transaction."""
+        (sr_uid, sr_path), *others = written
         with self._tx() as con:
             con.execute(
-                "UPDATE dicom_results SET state='written', sr_sop_uid=?, sr_path=?, owner=NULL, "
-                "last_error=NULL WHERE file_id=?",
-                (sr_sop_uid, sr_path, file_id),
+                "UPDATE dicom_results SET state='written', sr_sop_uid=?, sr_path=?, sc_path=?, "
+                "owner=NULL, last_error=NULL WHERE file_id=?",
+                (sr_uid, sr_path, others[0][1] if others else None, file_id),
             )
             con.executemany(
                 "INSERT OR IGNORE INTO dicom_outbox (file_id, sr_sop_uid, sr_path, destination, "
                 "state) VALUES (?, ?, ?, ?, 'pending')",
-                [(file_id, sr_sop_uid, sr_path, d) for d in destinations],
+                [(file_id, uid, path, d) for uid, path in written for d in destinations],
             )
 
     def result_failed(self, file_id: int, attempts: int, error: str) -> None:

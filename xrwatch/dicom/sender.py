@@ -26,6 +26,7 @@ from pydicom import dcmread
 
 from xrwatch.dicom.files import write_durably
 from xrwatch.dicom.outbox import DueResult, Outbox
+from xrwatch.dicom.sc import build_sc
 from xrwatch.dicom.settings import Destination
 from xrwatch.dicom.sr import build_sr
 
@@ -149,7 +150,7 @@ class ResultsWorker:
         due = self.outbox.take_results()
         for item in due:
             try:
-                sr_uid, rel = self._write(item)
+                written = self._write(item)
             except Exception as exc:
                 attempts = item.attempts + 1
                 logger.error(
@@ -160,14 +161,14 @@ class ResultsWorker:
                 )
                 self.outbox.result_failed(item.file_id, attempts, str(exc))
                 continue
-            self.outbox.result_written(
-                item.file_id, sr_uid, rel, [str(d) for d in self.destinations]
-            )
-            logger.info("%s: SR written to %s", item.source_path, rel)
+            self.outbox.result_written(item.file_id, written, [str(d) for d in self.destinations])
+            for _, rel in written:
+                logger.info("%s: DICOM result written to %s", item.source_path, rel)
             self.on_written()
         return len(due)
 
-    def _write(self, item: DueResult) -> tuple[str, str]:
+    def _write(self, item: DueResult) -> list[tuple[str, str]]:
+        """Write the SR (and the overlay SC); ``[(SOP Instance UID, path in REPORTS)]``."""
         source_path = self._source(item)
         if source_path is None:
             raise FileNotFoundError(
@@ -180,18 +181,32 @@ class ResultsWorker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # highdicom's warnings quote patient names
             sr = build_sr(source, item.record, self.model_name)
-        buf = io.BytesIO()
-        sr.save_as(buf, enforce_file_format=True)
         rel = sr_relpath(item.record, item.source_sop_uid)
+        written = [self._save(sr, rel, source)]
+        heatmap = item.record.get("heatmap")
+        if heatmap:
+            png = self.reports / str(heatmap)
+            if png.is_file():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sc = build_sc(source, png, str(item.record.get("model_sha256") or ""))
+                written.append(self._save(sc, rel.replace(".SR.dcm", ".SC.dcm"), source))
+            else:
+                logger.warning("%s: its heatmap is gone; SR without overlay", item.source_path)
+        return written
+
+    def _save(self, ds: Any, rel: str, source: Any) -> tuple[str, str]:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
         target = self.reports / rel
         write_durably(target, buf.getvalue())
         back = dcmread(target)  # validate: a PACS will read exactly these bytes
         if (
-            back.SOPInstanceUID != sr.SOPInstanceUID
+            back.SOPInstanceUID != ds.SOPInstanceUID
             or back.StudyInstanceUID != source.StudyInstanceUID
         ):
-            raise ValueError(f"{target}: re-read SR does not match what was built")
-        return str(sr.SOPInstanceUID), rel
+            raise ValueError(f"{target}: re-read instance does not match what was built")
+        return str(ds.SOPInstanceUID), rel
 
     # -- sends -------------------------------------------------------------------------
     def send_due(self, dest: Destination) -> int:

@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from typing import Any
 
 import highdicom as hd
 from pydicom import Dataset
-from pydicom.uid import generate_uid
 
 import xrwatch
 
 logger = logging.getLogger(__name__)
 
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "xrwatch:dicom-results")
 SCHEME = "99XRW"  # private coding scheme designator (DICOM PS3.16: 99 prefix = local)
 SERIES_NUMBER = 9901  # SR series number: high, so viewers list it after the images
 MANUFACTURER = "xrwatch (research use only, not a medical device)"
@@ -47,13 +48,18 @@ def class_code(cls: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(f"XRW-C-{cls}"[:16], SCHEME, cls)
 
 
+def derived_uid(*parts: str) -> str:
+    """A ``2.25.`` UID from a name-based UUID (version 5, ISO/IEC 9834-8) of ``parts``:
+    unique to them, and the same each time they are the same."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
+
+
 def sr_uids(source_sop_uid: str, model_sha256: str) -> tuple[str, str]:
-    """``(series UID, SOP instance UID)`` of the SR for this source and model (2.25 UIDs)."""
-    series = generate_uid(
-        prefix=None, entropy_srcs=["xrwatch-sr-series", source_sop_uid, model_sha256]
+    """``(series UID, SOP instance UID)`` of the SR for this source and model."""
+    return (
+        derived_uid("sr-series", source_sop_uid, model_sha256),
+        derived_uid("sr", source_sop_uid, model_sha256),
     )
-    instance = generate_uid(prefix=None, entropy_srcs=["xrwatch-sr", source_sop_uid, model_sha256])
-    return str(series), str(instance)
 
 
 # Type 2 attributes (present, possibly empty) that highdicom copies into the SR; a source
@@ -71,7 +77,7 @@ _TYPE2 = (
 )
 
 
-def _evidence(source: Dataset) -> Dataset:
+def evidence(source: Dataset) -> Dataset:
     ds = copy.copy(source)  # shallow: the source is not changed
     for keyword in _TYPE2:
         if keyword not in ds:
@@ -105,10 +111,13 @@ def build_sr(source: Dataset, record: dict[str, Any], model_name: str) -> hd.sr.
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    for flag in record.get("flags") or []:
+    if record.get("flag"):  # e.g. low confidence, out of distribution
+        text = str(record["flag"])
+        if record.get("flag_reason"):
+            text += f": {record['flag_reason']}"
         items.append(
             hd.sr.TextContentItem(
-                name=FLAG, value=str(flag), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+                name=FLAG, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
             )
         )
     for name, value in (
@@ -125,7 +134,7 @@ def build_sr(source: Dataset, record: dict[str, Any], model_name: str) -> hd.sr.
     root.ContentSequence = hd.sr.ContentSequence(items)
     series_uid, sop_uid = sr_uids(str(source.SOPInstanceUID), model_sha)
     return hd.sr.ComprehensiveSR(
-        evidence=[_evidence(source)],
+        evidence=[evidence(source)],
         content=root,
         series_instance_uid=series_uid,
         series_number=SERIES_NUMBER,
