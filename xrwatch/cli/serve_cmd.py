@@ -158,11 +158,8 @@ def serve(
     dicom_accept_other: bool | None = typer.Option(
         None,
         "--dicom-accept-other/--no-dicom-accept-other",
-        help=_with_default(
-            "Accept CT, MR and other non-radiographs (reported as errors) instead of refusing "
-            "them at association",
-            "dicom_accept_other",
-        ),
+        help="Accept CT, MR and other non-radiographs (reported as errors) instead of "
+        "refusing them at association (default: refuse).",
         rich_help_panel="DICOM",
     ),
     dicom_destination: list[str] | None = typer.Option(
@@ -184,6 +181,10 @@ def serve(
     Each file gets exactly one row in REPORTS/predictions.csv (and a JSON file), across
     crashes and restarts. Every option can also be set in the serve table of --config;
     the command line wins.
+
+    With --dicom-port it is also a DICOM node: images received by C-STORE go through the
+    same path, and each result goes back as a DICOM SR (REPORTS/dicom, and to every
+    --dicom-destination).
     """
     from xrwatch.logs import configure_logging
     from xrwatch.serve.config import load_serve_config

@@ -107,7 +107,7 @@ def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
 ) -> None:
     incoming, reports = folders
     port = free_port()
-    files = _synthetic(tmp_path / "synthetic", 40)
+    files = _synthetic(tmp_path / "synthetic", 24)
     sops = {sop_uid(f) for f in files}
     d = daemons(incoming, reports, *_receiver_args(port)).start()
     ((option, group),) = storescu_groups(files)
@@ -116,7 +116,7 @@ def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
          str(port), *map(str, group)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    wait_for(lambda: d.log_text().count("received dicom/") >= 8, 60, "some instances received")
+    wait_for(lambda: d.log_text().count("received dicom/") >= 6, 60, "some instances received")
     d.kill9()  # mid-association: some acknowledged, one maybe half written, the rest not sent
     sender.wait(60)
     acknowledged = d.log_text().count("received dicom/")
