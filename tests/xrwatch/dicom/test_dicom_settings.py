@@ -93,3 +93,16 @@ def test_a_source_address_outside_the_allow_list_is_refused(
     peer = f"XRWATCH@127.0.0.1:{receiver.port}"
     assert main(["dicom-echo", peer, "--ae-title", "MODALITY"]) == 1
     assert "source address not in dicom_allow_hosts" in caplog.text
+
+
+def test_a_missing_tool_skips_or_fails_under_require_shared_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import require_tool
+
+    monkeypatch.delenv("XRWATCH_REQUIRE_SHARED_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y no-such-pkg"):
+        require_tool("no-such-tool-xrw", "no-such-pkg")
+    monkeypatch.setenv("XRWATCH_REQUIRE_SHARED_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="no-such-tool-xrw not found"):
+        require_tool("no-such-tool-xrw", "no-such-pkg")
