@@ -8,9 +8,6 @@ tests skip, or fail under ``XRWATCH_REQUIRE_SHARED_DATA=1`` (as CI runs them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,27 +21,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))  # serve_harness
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dicom_tools
 
-from dicom_tools import LOOPBACK
+from dicom_tools import LOOPBACK, free_port, require_tool
 from serve_harness import DaemonProc
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of ``name``; skip (fail under XRWATCH_REQUIRE_SHARED_DATA=1) when absent."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if path:
-        return path
-    reason = (
-        f"{name} not found: install the Debian package {package} (apt-get install -y {package})"
-    )
-    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(reason + " (required: XRWATCH_REQUIRE_SHARED_DATA=1)")
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

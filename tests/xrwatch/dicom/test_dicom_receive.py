@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port
-from dicom_tools import echoscu, sop_uid, storescu, storescu_groups
+from dicom_tools import echoscu, free_port, sop_uid, storescu, storescu_groups
 from pydicom.data import get_testdata_file
 from serve_harness import assert_csv_intact, csv_rows, wait_for
 

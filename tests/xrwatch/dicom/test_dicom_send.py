@@ -11,8 +11,7 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from conftest import free_port
-from dicom_tools import sop_uid, storescu
+from dicom_tools import free_port, sop_uid, storescu
 from serve_harness import ROOT, csv_rows, wait_for
 
 from xrwatch.cli._app import main

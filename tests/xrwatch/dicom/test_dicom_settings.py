@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from dicom_tools import free_port, require_tool
 
 from xrwatch.cli._app import main
 from xrwatch.dicom.outbox import Outbox, backoff
@@ -98,8 +98,6 @@ def test_a_source_address_outside_the_allow_list_is_refused(
 def test_a_missing_tool_skips_or_fails_under_require_shared_data(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from conftest import require_tool
-
     monkeypatch.delenv("XRWATCH_REQUIRE_SHARED_DATA", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install -y no-such-pkg"):
         require_tool("no-such-tool-xrw", "no-such-pkg")
