@@ -30,6 +30,7 @@ def dcmtk() -> dict[str, str]:
     return {
         "storescu": require_tool("storescu", "dcmtk"),
         "echoscu": require_tool("echoscu", "dcmtk"),
+        "dsrdump": require_tool("dsrdump", "dcmtk"),
     }
 
 

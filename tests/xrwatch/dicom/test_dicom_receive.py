@@ -99,6 +99,10 @@ def test_storescu_to_serve_gives_one_result_per_instance_and_an_sr(
         assert items["Model sha256"].TextValue == row["model_sha256"]
         image = items["Source image"].ReferencedSOPSequence[0]
         assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        # DCMTK's SR parser reads the document without a complaint
+        dump = subprocess.run([dcmtk["dsrdump"], str(path)], capture_output=True, text=True)
+        assert dump.returncode == 0 and "Comprehensive SR Document" in dump.stdout
+        assert not any(w in dump.stderr for w in ("E:", "W:", "F:")), dump.stderr
 
 
 def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
