@@ -219,7 +219,22 @@ class Outbox:
                         )
 
     # -- SRs to build ------------------------------------------------------------------
+    def _any_due(self, table: str, where: str = "", args: tuple[Any, ...] = ()) -> bool:
+        """A read without the write lock, so that an idle worker never blocks the daemon."""
+        row = (
+            self._con()
+            .execute(
+                f"SELECT 1 FROM {table} WHERE state='pending' AND next_attempt_at <= ? "
+                f"{where} LIMIT 1",
+                (time.time(), *args),
+            )
+            .fetchone()
+        )
+        return row is not None
+
     def take_results(self, limit: int = 16) -> list[DueResult]:
+        if not self._any_due("dicom_results"):
+            return []
         now = time.time()
         with self._tx() as con:
             rows = con.execute(
@@ -268,6 +283,8 @@ class Outbox:
 
     # -- sends -------------------------------------------------------------------------
     def take_sends(self, destination: str, limit: int = 32) -> list[DueSend]:
+        if not self._any_due("dicom_outbox", "AND destination=?", (destination,)):
+            return []
         now = time.time()
         with self._tx() as con:
             rows = con.execute(
