@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xrwatch import fields
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_received (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -86,13 +88,13 @@ def on_finish(con: sqlite3.Connection, outcomes: list[tuple[int, str, dict[str, 
     transaction that records its outcome."""
     now = time.time()
     for row_id, state, record in outcomes:
-        sop = record.get("SOPInstanceUID")
+        sop = record.get("sop_instance_uid")
         if state != "ok" or record.get("kind") != "dicom" or not sop:
             continue
         con.execute(
             "INSERT OR IGNORE INTO dicom_results (file_id, source_path, source_sop_uid, state, "
             "created_at) VALUES (?, ?, ?, 'pending', ?)",
-            (row_id, record["file"], sop, now),
+            (row_id, record[fields.FILE], sop, now),
         )
 
 

@@ -40,7 +40,7 @@ _FAULT_ENV = "XRWATCH_DICOM_FAULT"
 
 
 def sr_relpath(record: dict[str, Any], source_sop_uid: str) -> str:
-    return f"{SR_FOLDER}/{record.get('StudyInstanceUID') or 'unknown'}/{source_sop_uid}.SR.dcm"
+    return f"{SR_FOLDER}/{record.get('study_instance_uid') or 'unknown'}/{source_sop_uid}.SR.dcm"
 
 
 def send_datasets(

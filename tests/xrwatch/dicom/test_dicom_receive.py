@@ -62,14 +62,14 @@ def test_storescu_to_serve_gives_one_result_per_instance_and_an_sr(
     )
     assert d.stop() == 0
     rows = assert_csv_intact(reports)
-    assert Counter(r["SOPInstanceUID"] for r in rows) == Counter(set(sops))
+    assert Counter(r["sop_instance_uid"] for r in rows) == Counter(set(sops))
     assert {r["status"] for r in rows} == {"ok"}
     for row in rows:  # spooled under UIDs only
         spool, study, _series, name = row["file"].split("/")
         assert (spool, study, name) == (
             "dicom",
-            row["StudyInstanceUID"],
-            row["SOPInstanceUID"] + ".dcm",
+            row["study_instance_uid"],
+            row["sop_instance_uid"] + ".dcm",
         )
     log = d.log_text()
     assert "refused DICOM association from AE 'INTRUDER'" in log
@@ -89,7 +89,7 @@ def test_storescu_to_serve_gives_one_result_per_instance_and_an_sr(
         assert sr.SOPInstanceUID not in sops
         for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
             assert str(sr.get(keyword) or "") == str(source.get(keyword) or ""), keyword
-        row = next(r for r in rows if r["SOPInstanceUID"] == source.SOPInstanceUID)
+        row = next(r for r in rows if r["sop_instance_uid"] == source.SOPInstanceUID)
         items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
         assert items["Predicted class"].ConceptCodeSequence[0].CodeMeaning == row["label"]
         for key, value in row.items():
@@ -129,7 +129,7 @@ def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
     wait_for(lambda: len(csv_rows(reports)) >= len(files), 120, "every instance reported")
     assert d2.stop() == 0
     rows = assert_csv_intact(reports)
-    assert Counter(r["SOPInstanceUID"] for r in rows) == Counter(sops)
+    assert Counter(r["sop_instance_uid"] for r in rows) == Counter(sops)
     assert d2.log_text().count("was received before") >= acknowledged
     assert not list(incoming.rglob(".*.part")), "a partly received file was left behind"
 

@@ -43,8 +43,8 @@ def test_sr_and_overlay_sc_are_written_once_and_queued_per_destination(
     record = {
         "file": "a.dcm",
         "kind": "dicom",
-        "SOPInstanceUID": str(source.SOPInstanceUID),
-        "StudyInstanceUID": str(source.StudyInstanceUID),
+        "sop_instance_uid": str(source.SOPInstanceUID),
+        "study_instance_uid": str(source.StudyInstanceUID),
         "label": "Normal",
         "probabilities": {"Normal": 0.9, "COVID-19": 0.1},
         "model_sha256": "ab" * 32,
@@ -53,7 +53,7 @@ def test_sr_and_overlay_sc_are_written_once_and_queued_per_destination(
         "heatmap": "heatmaps/a.dcm.png",
     }
     _finish(ledger, "a.dcm", record)
-    _finish(ledger, "b.dcm", {**record, "file": "b.dcm", "SOPInstanceUID": "1.2.3"}, "error")
+    _finish(ledger, "b.dcm", {**record, "file": "b.dcm", "sop_instance_uid": "1.2.3"}, "error")
     worker = ResultsWorker(
         outbox=outbox, incoming=incoming, reports=reports, model_name="m.onnx",
         ae_title="XRWATCH", destinations=[PACS],
@@ -84,7 +84,7 @@ def test_a_vanished_source_is_retried_with_back_off(tmp_path: Path, real_dicoms)
     ledger = Ledger(tmp_path / "state")
     outbox = Outbox(ledger.path)
     outbox.create()
-    record = {"file": "gone.dcm", "kind": "dicom", "SOPInstanceUID": "1.2.3", "label": "x"}
+    record = {"file": "gone.dcm", "kind": "dicom", "sop_instance_uid": "1.2.3", "label": "x"}
     _finish(ledger, "gone.dcm", record)
     worker = ResultsWorker(
         outbox=outbox, incoming=tmp_path, reports=tmp_path / "rep", model_name="m",
