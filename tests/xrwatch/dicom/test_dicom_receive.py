@@ -172,3 +172,21 @@ def test_once_with_dicom_sr_writes_the_srs_of_dropped_dicoms_before_exiting(
     assert done.returncode == 0, done.stdout + done.stderr
     srs = sorted((reports / "dicom").rglob("*.SR.dcm"))
     assert sorted(p.name for p in srs) == sorted(f"{sop_uid(f)}.SR.dcm" for f in real_dicoms[:2])
+
+
+def test_with_archive_a_resent_instance_is_not_reprocessed_and_each_gets_one_sr(
+    folders, daemons, dcmtk, tmp_path
+) -> None:
+    incoming, reports = folders
+    archive = tmp_path / "archive"
+    port = free_port()
+    files = _synthetic(tmp_path / "synthetic", 3)
+    d = daemons(incoming, reports, *_receiver_args(port), "--archive", str(archive)).start()
+    assert all(r.returncode == 0 for r in storescu(dcmtk, port, files))
+    wait_for(lambda: len(list(archive.rglob("*.dcm"))) == len(files), 60, "archived inputs")
+    assert all(r.returncode == 0 for r in storescu(dcmtk, port, files))  # sent again
+    wait_for(lambda: d.log_text().count("was received before") >= len(files), 60, "dups")
+    wait_for(lambda: len(list((reports / "dicom").rglob("*.SR.dcm"))) == len(files), 60, "SRs")
+    assert d.stop() == 0
+    assert len(csv_rows(reports)) == len(files)
+    assert not list((incoming / "dicom").rglob("*.dcm"))  # moved, and not written again
