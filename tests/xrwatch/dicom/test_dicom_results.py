@@ -96,3 +96,26 @@ def test_a_vanished_source_is_retried_with_back_off(tmp_path: Path, real_dicoms)
     assert row[0] == 1 and "no longer in INCOMING" in row[1]
     outbox.close()
     ledger.close()
+
+
+def test_the_sr_of_an_archived_input_is_built_from_the_archive(
+    tmp_path: Path, real_dicoms: list[Path]
+) -> None:
+    ledger = Ledger(tmp_path / "state")
+    outbox = Outbox(ledger.path)
+    outbox.create()
+    moved = tmp_path / "archive" / "processed" / "a.dcm"
+    moved.parent.mkdir(parents=True)
+    shutil.copyfile(real_dicoms[0], moved)  # no longer in INCOMING
+    uid = str(pydicom.dcmread(moved, force=True, stop_before_pixels=True).SOPInstanceUID)
+    record = {"file": "a.dcm", "kind": "dicom", "sop_instance_uid": uid, "label": "x"}
+    ledger.set_archived(_finish(ledger, "a.dcm", record), str(moved))
+    worker = ResultsWorker(
+        outbox=outbox, incoming=tmp_path / "in", reports=tmp_path / "rep", model_name="m",
+        ae_title="XRWATCH", destinations=[],
+    )  # fmt: skip
+    assert worker.write_due() == 1
+    assert outbox.result_counts()["written"] == 1
+    assert len(list((tmp_path / "rep" / "dicom").rglob("*.SR.dcm"))) == 1
+    outbox.close()
+    ledger.close()
