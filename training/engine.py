@@ -360,7 +360,8 @@ def hold_run_folder(run_dir: Path) -> Iterator[None]:
             holder = fh.read().strip() or "unknown"
             raise ConfigError(
                 f"{run_dir} is in use by another training process ({holder}); wait for it "
-                "to finish or stop it (Ctrl-C saves last.pt) before --resume"
+                "to finish or stop it (Ctrl-C keeps last.pt, the last completed epoch) "
+                "before --resume"
             ) from None
         fh.seek(0)
         fh.truncate()
@@ -393,7 +394,9 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     np.random.seed(cfg.seed)
     # Weights first: a missing weight file stops the run before any folder is written.
     backbone = build_model(cfg.arch, len(TASK_CLASSES[cfg.task]))
-    if resume is None:
+    # --resume of a run stopped before its first epoch ended: nothing was saved, start afresh
+    fresh = resume is None or not (Path(resume) / "last.pt").is_file()
+    if fresh:
         load_pretrained(backbone, cfg.arch, cfg.weights, cfg)
 
     if resume is not None:
@@ -432,22 +435,24 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     )
 
     start_epoch, best = 1, -1.0
-    last_metrics: dict[str, Any] = {"val": None, "test": None, "train": None}
     history: list[dict[str, Any]] = []
-    if resume is not None:
+    if not fresh:
         ckpt = load_checkpoint(run_dir / "last.pt")
         backbone.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt.get("rng"))
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_balanced_accuracy"]
-        last_metrics = ckpt["metrics"]
-        history = [
+        # the epochs' rows as last.pt saw them (metrics.csv is written after last.pt)
+        history = ckpt.get("history") or [
             r for r in read_metrics_csv(run_dir / "metrics.csv") if r["epoch"] <= ckpt["epoch"]
         ]
         if d.main:
             logger.info("resuming %s after epoch %d of %d", run_dir, ckpt["epoch"], cfg.epochs)
+    elif resume is not None and d.main:
+        logger.info("%s: no last.pt (stopped before epoch 1 ended); starting at epoch 1", run_dir)
     train_model: nn.Module = model
     if d.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -455,17 +460,17 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
         )
 
     def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return make_checkpoint(
+        ckpt = make_checkpoint(
             arch=cfg.arch, classes=list(classes), task=cfg.task, experiment=cfg.experiment,
             preprocess=spec, config=cfg.to_dict(), model_state=backbone.state_dict(),
             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
             scaler_state=scaler.state_dict(), epoch=epoch, metrics=metrics,
             best_val_balanced_accuracy=best,
         )  # fmt: skip
+        return {**ckpt, "history": copy.deepcopy(history), "rng": _rng_state()}
 
     progress = _progress(cfg, d)
-    completed = started = start_epoch - 1
-    lr_at_start = _lr_state(optimizer, scheduler)
+    completed = start_epoch - 1
     try:
         with progress if progress is not None else nullcontext():
             epoch_bar = (
@@ -474,9 +479,6 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 else None
             )
             for epoch in range(start_epoch, cfg.epochs + 1):
-                # The learning rate as the epoch starts: a Ctrl-C checkpoint is labelled with
-                # the previous epoch, so it must not carry this epoch's scheduler step.
-                started, lr_at_start = epoch, _lr_state(optimizer, scheduler)
                 row = train_one_epoch(
                     train_model, data["train"], loss_fn, optimizer, scaler, cfg, device, d,
                     epoch, len(classes), _augment_generator(cfg.seed, epoch, d.rank), progress,
@@ -497,12 +499,13 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 improved = val["balanced_accuracy"] > best
                 if improved:
                     best = val["balanced_accuracy"]
-                last_metrics = metrics
                 if d.main:
+                    # last.pt is the epoch's commit point, so it is written last: a Ctrl-C
+                    # before it redoes this epoch whole, which rewrites best.pt the same way.
                     ckpt = checkpoint(epoch, metrics)
-                    save_checkpoint(ckpt, run_dir / "last.pt")
                     if improved:  # for export: without the optimizer state (2/3 of the size)
                         save_checkpoint(_without_resume_state(ckpt), run_dir / "best.pt")
+                    save_checkpoint(ckpt, run_dir / "last.pt")
                     write_metrics_csv(history, run_dir / "metrics.csv")
                     logger.info(
                         "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f "
@@ -520,16 +523,16 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
                 _barrier(d)
     except KeyboardInterrupt:
         if d.main:
-            # Weights as they are now, labelled with the last *completed* epoch: --resume
-            # redoes the interrupted epoch from here, at that epoch's learning rate.
-            if started > completed:
-                _restore_lr_state(optimizer, scheduler, lr_at_start)
-            save_checkpoint(checkpoint(completed, last_metrics),
-                            run_dir / "last.pt")  # fmt: skip
-            write_metrics_csv(history, run_dir / "metrics.csv")
+            # Nothing is saved here: last.pt already holds the last completed epoch (weights,
+            # optimizer, scheduler, RNG, metrics rows), and the partial epoch is discarded, so
+            # --resume redoes it whole and continues exactly as an uninterrupted run would.
             logger.warning(
-                "interrupted: saved %s; continue with xrwatch train --resume %s",
-                run_dir / "last.pt",
+                "interrupted during epoch %d: that epoch is discarded; %s; continue with "
+                "xrwatch train --resume %s",
+                completed + 1,
+                f"{run_dir / 'last.pt'} holds epoch {completed}"
+                if completed
+                else "no epoch had ended, so --resume starts at epoch 1",
                 run_dir,
             )
         raise
@@ -541,21 +544,22 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
 
 def _without_resume_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     """``best.pt``: what export needs; ``--resume`` reads ``last.pt``, which keeps the rest."""
-    return {**ckpt, "optimizer": None, "lr_scheduler": None, "scaler": None}
+    return {**ckpt, "optimizer": None, "lr_scheduler": None, "scaler": None, "rng": None}
 
 
-def _lr_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any
-) -> tuple[dict[str, Any], list[float]]:
-    return copy.deepcopy(scheduler.state_dict()), [g["lr"] for g in optimizer.param_groups]
+def _rng_state() -> dict[str, Any]:
+    """torch's global RNG state (CPU and CUDA). Epoch order and augmentation have their own
+    seeded generators; this covers anything else drawing from the global one."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def _restore_lr_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any, state: tuple[dict[str, Any], list[float]]
-) -> None:
-    scheduler.load_state_dict(state[0])
-    for group, lr in zip(optimizer.param_groups, state[1], strict=True):
-        group["lr"] = lr
+def _set_rng_state(state: dict[str, Any] | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def barrier() -> None:

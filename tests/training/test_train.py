@@ -117,28 +117,85 @@ def test_interrupt_then_resume_continues_the_same_run(
     assert all(torch.equal(last["model"][k], ref[k]) for k in ref)
 
 
-def test_interrupt_after_the_scheduler_step_keeps_the_epochs_learning_rate(
-    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    base = {**TINY, "data": str(tiny_synth), "epochs": 2, "lr_step": 1, "out": str(tmp_path)}
-    cfg = experiment_config("custom", {**base, "name": "run"})
-    real_evaluate = engine.evaluate
-    calls: list[int] = []
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = {**TINY, "data": str(tiny_synth), "epochs": 3, "lr_step": 1, "name": "reference"}
+    return train(experiment_config("custom", {**base, "out": str(tmp_path_factory.mktemp("r"))}))
 
-    def interrupted_in_second_validation(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 2:  # epoch 2 trained, its scheduler step taken, not yet checkpointed
+
+_TIMING = {"train_images_per_s", "epoch_seconds"}
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "validation"])
+def test_ctrl_c_mid_epoch_or_in_validation_then_resume_is_the_uninterrupted_run(
+    uninterrupted: Path, tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:  # fmt: skip
+    base = {**TINY, "data": str(tiny_synth), "epochs": 3, "lr_step": 1, "out": str(tmp_path)}
+    cfg = experiment_config("custom", {**base, "name": "run"})
+    real_epoch, real_augment, real_evaluate = (
+        engine.train_one_epoch,
+        engine.augment,
+        engine.evaluate,
+    )
+    state = {"epoch": 0, "steps": 0, "evals": 0}
+
+    def epoch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        state["epoch"], state["steps"] = args[8], 0
+        return real_epoch(*args, **kwargs)
+
+    def augment_then_stop(*args: Any, **kwargs: Any) -> torch.Tensor:
+        state["steps"] += 1
+        if state["epoch"] == 2 and state["steps"] == 3:  # two optimizer steps into epoch 2
+            raise KeyboardInterrupt
+        return real_augment(*args, **kwargs)
+
+    def evaluate_then_stop(*args: Any, **kwargs: Any) -> Any:
+        state["evals"] += 1
+        if state["evals"] == 2:  # epoch 2 trained and its scheduler step taken
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate", interrupted_in_second_validation)
+    monkeypatch.setattr(engine, "train_one_epoch", epoch)
+    if where == "mid-epoch":
+        monkeypatch.setattr(engine, "augment", augment_then_stop)
+    else:
+        monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    # labelled epoch 1, so --resume redoes epoch 2: at epoch 2's learning rate, not epoch 3's
-    assert ckpt["epoch"] == 1
-    assert ckpt["lr_scheduler"]["last_epoch"] == 1
-    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * cfg.lr_gamma)
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1"]
+    monkeypatch.setattr(engine, "augment", real_augment)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+
+    def strip(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+        return [{k: v for k, v in r.items() if k not in _TIMING} for r in rows]
+
+    assert strip(_rows(run / "metrics.csv")) == strip(_rows(uninterrupted / "metrics.csv"))
+    last, ref = load_checkpoint(run / "last.pt"), load_checkpoint(uninterrupted / "last.pt")
+    assert all(torch.equal(last["model"][k], ref["model"][k]) for k in ref["model"])
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert test["test"] == json.loads((uninterrupted / "test_metrics.json").read_text())["test"]
+
+
+def test_resume_of_a_run_stopped_before_its_first_epoch_ended_starts_at_epoch_1(
+    tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = {**TINY, "data": str(tiny_synth), "epochs": 1, "out": str(tmp_path)}
+    real_augment = engine.augment
+
+    def stop(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "augment", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(experiment_config("custom", {**base, "name": "run"}))
+    assert not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setattr(engine, "augment", real_augment)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
 def test_missing_and_unreadable_images_are_listed_or_stop_with_strict(
