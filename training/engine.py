@@ -204,20 +204,34 @@ def _write_skipped(failures: dict[str, str], path: Path) -> None:
 
 # --------------------------------------------------------------------------- batches
 def _epoch_order(
-    labels: torch.Tensor, cfg: TrainConfig, epoch: int, d: Dist, num_classes: int
+    labels: torch.Tensor, cfg: TrainConfig, epoch: int, num_classes: int
 ) -> torch.Tensor:
-    """This rank's sample order for ``epoch``: seeded, identical on all ranks, then sharded."""
+    """The sample order of ``epoch``: seeded, the same on every rank (:func:`_rank_batches`)."""
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     n = len(labels)
     if cfg.sampler == "weighted":
         # WeightedRandomSampler with 1/class-count weights: each class drawn equally often.
         counts = torch.bincount(labels.cpu(), minlength=num_classes).clamp(min=1).float()
         weights = 1.0 / counts[labels.cpu()]
-        order = torch.multinomial(weights, n, replacement=True, generator=g)
-    else:
-        order = torch.randperm(n, generator=g)
-    per_rank = n // d.world
-    return order[d.rank * per_rank : (d.rank + 1) * per_rank]
+        return torch.multinomial(weights, n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+def _rank_batches(order: torch.Tensor, batch_size: int, d: Dist) -> list[torch.Tensor]:
+    """This rank's batches: ``batch_size`` is the *global* batch (the recipe's), so each step
+    takes the next ``batch_size`` samples of the epoch's order and gives each of the ``d.world``
+    processes an equal share. DDP averages the gradients, so the step is that of one process
+    on the whole batch, at the same learning rate. A last short batch is shared out equally
+    (a remainder below ``d.world`` dropped); one under 2 images per process is dropped
+    (BatchNorm cannot train on one image)."""
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        per = len(chunk) // d.world
+        if per < 2:
+            break
+        out.append(chunk[d.rank * per : (d.rank + 1) * per])
+    return out
 
 
 def _augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
@@ -225,14 +239,6 @@ def _augment_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     ``--resume`` draws exactly the flips and rotations an uninterrupted run would."""
     state = np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-def _batches(order: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot train on one image
-            return
-        yield idx
 
 
 def augment(x: torch.Tensor, cfg: TrainConfig, g: torch.Generator) -> torch.Tensor:
@@ -344,6 +350,30 @@ def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> T
     return build_config(TrainConfig, values, source=str(path))
 
 
+def record_config(run_dir: Path, cfg: TrainConfig, *, event: str) -> None:
+    """Keep ``config.json`` the config that is running (e.g. after ``--resume --epochs N``);
+    each change is appended to ``config_history.jsonl`` (time, event, field: [old, new])."""
+    path = run_dir / "config.json"
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    new = cfg.to_dict()
+    changed = {k: [stored.get(k), v] for k, v in new.items() if stored.get(k) != v}
+    if not changed:
+        return
+    entry = {
+        "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "event": event,
+        "changed": changed,
+    }
+    with (run_dir / "config_history.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    write_json(path, new)
+    logger.info(
+        "%s: config.json updated (%s)",
+        run_dir,
+        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+    )
+
+
 @contextmanager
 def hold_run_folder(run_dir: Path) -> Iterator[None]:
     """An exclusive lock on ``run_dir`` for this process's lifetime in it: two processes
@@ -381,6 +411,12 @@ def train(cfg: TrainConfig, *, resume: str | Path | None = None) -> Path:
 def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> Path:
     device_kind = _resolve_device(cfg)
     d = _init_distributed(device_kind)
+    if cfg.batch_size % d.world:
+        raise ConfigError(
+            f"batch size {cfg.batch_size} is the global batch and must divide across the "
+            f"{d.world} processes: use a multiple of {d.world}"
+        )
+    cfg = replace(cfg, world_size=d.world)
     device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -404,6 +440,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
         cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
         if d.main and run_dir.is_dir():
             locks.enter_context(hold_run_folder(run_dir))
+            record_config(run_dir, cfg, event="resume")
     else:
         name = _broadcast(cfg.name or _default_name(cfg), d)
         cfg = replace(cfg, name=name)
@@ -419,7 +456,10 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
     _barrier(d)
 
     if d.main:
-        logger.info("run %s: %s on %s, %d process(es)", run_dir, cfg.experiment, device, d.world)
+        logger.info(
+            "run %s: %s on %s, %d process(es), global batch %d (%d per process)",
+            run_dir, cfg.experiment, device, d.world, cfg.batch_size, cfg.batch_size // d.world,
+        )  # fmt: skip
     classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
     spec = preprocess_spec(cfg)
     model: nn.Module = wrap(backbone, spec.to_dict()).to(device)
@@ -589,17 +629,15 @@ def train_one_epoch(
     progress: Any,
 ) -> dict[str, Any]:
     model.train()
-    order = _epoch_order(data.labels, cfg, epoch, d, num_classes)
-    n_batches = max(1, len(order) // cfg.batch_size + (len(order) % cfg.batch_size >= 2))
+    batches = _rank_batches(_epoch_order(data.labels, cfg, epoch, num_classes), cfg.batch_size, d)
     if cfg.max_steps_per_epoch:
-        n_batches = min(n_batches, cfg.max_steps_per_epoch)
+        batches = batches[: cfg.max_steps_per_epoch]
+    n_batches = max(1, len(batches))
     bar = progress.add_task(f"epoch {epoch}", total=n_batches, stats="") if progress else None
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    for step, idx in enumerate(_batches(order, cfg.batch_size)):
-        if step >= n_batches:
-            break
+    for step, idx in enumerate(batches):
         idx = idx.to(device)
         x = augment(data.images[idx].float(), cfg, gen)
         if device.type == "cuda" and cfg.channels_last:

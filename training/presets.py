@@ -55,7 +55,7 @@ class TrainConfig:
     sampler: Sampler = "plain"  # weighted = WeightedRandomSampler with 1/class-count weights
     # the recipe (the study's)
     epochs: int = 20
-    batch_size: int = 32  # per process under torchrun
+    batch_size: int = 32  # global: under torchrun divided across the processes (an assumption)
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
     lr_step: int = 10  # StepLR step_size, epochs
@@ -79,6 +79,7 @@ class TrainConfig:
     name: str | None = None  # run folder name (default: experiment-task-timestamp)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests, benchmarks)
     progress: bool = True  # rich progress bars (only on a terminal)
+    world_size: int = 1  # processes the run trained with (recorded by the run, not a setting)
 
     def __post_init__(self) -> None:
         checks = [

@@ -22,7 +22,7 @@ from xrwatch.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # Fields that may differ between a stored run and a re-invocation without changing results.
-_IRRELEVANT = {"progress", "workers", "cache_dir", "device", "name", "out"}
+_IRRELEVANT = {"progress", "workers", "cache_dir", "device", "name", "out", "world_size"}
 
 
 def _same_recipe(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:

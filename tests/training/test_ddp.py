@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,4 +41,6 @@ def test_torchrun_two_processes_gloo(synth_data: Path, tmp_path: Path) -> None:
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs, written once (by rank 0)
     assert proc.stdout.count("run folder:") == 1
-    assert "on cpu, 2 process(es)" in proc.stderr
+    assert "on cpu, 2 process(es), global batch 16 (8 per process)" in proc.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["batch_size"], config["world_size"]) == (16, 2)

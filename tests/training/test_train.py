@@ -198,6 +198,21 @@ def test_resume_of_a_run_stopped_before_its_first_epoch_ended_starts_at_epoch_1(
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
+def test_resume_with_more_epochs_updates_config_json_and_keeps_a_history(
+    tiny_synth: Path, tmp_path: Path
+) -> None:
+    base = {**TINY, "data": str(tiny_synth), "epochs": 1, "out": str(tmp_path), "name": "run"}
+    run = train(experiment_config("custom", base))
+    assert not (run / "config_history.jsonl").exists()
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert load_run_config(run).epochs == 2 and load_checkpoint(run / "last.pt")["epoch"] == 2
+    history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["event"] == "resume"
+    assert history[0]["changed"] == {"epochs": [1, 2]}
+    assert load_checkpoint(run / "best.pt")["config"]["epochs"] in (1, 2)
+
+
 def test_missing_and_unreadable_images_are_listed_or_stop_with_strict(
     tiny_synth: Path, tmp_path: Path
 ) -> None:

@@ -53,7 +53,12 @@ TaskOpt = typer.Option(
 SplitOpt = typer.Option(None, "--split", help="official (TEST is the test set) or patient.")
 EpochsOpt = typer.Option(None, "--epochs", help="Epochs (study: 20).")
 SizeOpt = typer.Option(None, "--image-size", help="Model input size in pixels (study: 224).")
-BatchOpt = typer.Option(None, "--batch-size", help="Batch size per process (study: 32).")
+BatchOpt = typer.Option(
+    None,
+    "--batch-size",
+    help="Global batch size, divided across torchrun processes (xrwatch's assumption: 32; "
+    "the study does not state it).",
+)
 OutOpt = typer.Option(None, "--out", help="Runs folder (default: runs).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (splits, init, augmentation).")
