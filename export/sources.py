@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from training.checkpoint import load_checkpoint
+from training.ranking import RunScore, comparable_groups, comparison_key, mixed_groups_message, rank
 from xrwatch.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,11 @@ class Candidate:
     experiment: str
     epoch: int
     classes: tuple[str, ...] = ()
+    val_loss: float | None = None  # at that epoch: the tie-breaker
+    key: tuple[tuple[str, Any], ...] = ()  # training.ranking.comparison_key
+
+    def run_score(self) -> RunScore:
+        return RunScore(str(self.path.parent), self.score, self.val_loss, self.key)
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def find_best(runs_dir: Path) -> Selection:
     """The run under ``runs_dir`` with the best validation balanced accuracy.
 
     Every ``best.pt`` below ``runs_dir`` is a candidate; unreadable ones are skipped with a
-    warning. Runs with different classes (tasks) are refused rather than ranked together.
-    Ties go to the later epoch, then the path (deterministic).
+    warning. Runs on different classes, data or splits are refused rather than ranked
+    together; ranking and ties follow :mod:`training.ranking`, as ``table1.md`` does.
     """
     if not runs_dir.is_dir():
         raise ConfigError(f"{runs_dir}: --best needs a folder of runs")
@@ -80,6 +86,7 @@ def find_best(runs_dir: Path) -> Selection:
         except ModelError as exc:
             logger.warning("skipping %s: %s", path, exc)
             continue
+        val = (ckpt.get("metrics") or {}).get("val") or {}
         candidates.append(
             Candidate(
                 path,
@@ -88,24 +95,19 @@ def find_best(runs_dir: Path) -> Selection:
                 ckpt["experiment"],
                 int(ckpt["epoch"]),
                 tuple(ckpt["classes"]),
+                val.get("loss"),
+                comparison_key(ckpt.get("config") or {}, ckpt["classes"]),
             )
         )
     if not candidates:
         raise ConfigError(f"{runs_dir}: no readable {BEST} checkpoints found below it")
-    by_classes: dict[tuple[str, ...], list[Candidate]] = {}
-    for c in candidates:
-        by_classes.setdefault(c.classes, []).append(c)
-    if len(by_classes) > 1:
-        # chance is 1/len(classes): a binary run's 0.8 and a 4-class run's 0.7 do not compare
-        kinds = "; ".join(
-            f"{', '.join(classes)} ({len(group)} run(s), e.g. {group[0].path.parent})"
-            for classes, group in by_classes.items()
-        )
+    groups = comparable_groups(candidates, Candidate.run_score)
+    if len(groups) > 1:
         raise ConfigError(
-            f"{runs_dir}: --best found runs with different classes, whose balanced "
-            f"accuracies are not comparable: {kinds}. Pass a folder that holds one task's runs"
+            f"{runs_dir}: --best: {mixed_groups_message(groups, Candidate.run_score)}\n"
+            "Pass a folder that holds one group's runs."
         )
-    ranked = sorted(candidates, key=lambda c: (-c.score, -c.epoch, str(c.path)))
+    ranked = rank(candidates, Candidate.run_score)
     best = ranked[0]
     reason = (
         f"run {best.path.parent} ({best.arch}, {best.experiment}, epoch {best.epoch}) has the "
@@ -114,4 +116,6 @@ def find_best(runs_dir: Path) -> Selection:
     if len(ranked) > 1:
         runner = ranked[1]
         reason += f"; next best {runner.path.parent} at {runner.score:.4f}"
+        if runner.score == best.score:
+            reason += " (a tie, broken by the lower validation loss, then the run path)"
     return Selection(best.path, reason, tuple(ranked))

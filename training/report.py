@@ -116,6 +116,30 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _as_key(value: Any) -> Any:
+    """A comparison key back from JSON (lists) to tuples."""
+    return tuple(_as_key(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _best_run(results: dict[str, dict[str, Any]]) -> tuple[str | None, str | None]:
+    """(the best experiment's name, None) or (None, why none is named)."""
+    from training.ranking import RunScore, comparable_groups, mixed_groups_message, rank
+
+    def score(name: str) -> RunScore:
+        r = results[name]
+        key = _as_key(r.get("comparison_key") or ())
+        return RunScore(str(r.get("run_dir") or name), r.get("val_balanced_accuracy"),
+                        r.get("val_loss"), key)  # fmt: skip
+
+    scored = [n for n, r in results.items() if r.get("val_balanced_accuracy") is not None]
+    if not scored:
+        return None, None
+    groups = comparable_groups(scored, score)
+    if len(groups) > 1:
+        return None, mixed_groups_message(groups, score).replace("\n", " ")
+    return rank(scored, score)[0], None
+
+
 def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
     """``table1.md`` and ``table1.csv``: Tr/Val/Tst accuracy of each experiment, the study's
     published figures beside them, and our extra metrics; names the best run."""
@@ -155,10 +179,9 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
         w.writeheader()
         for row in rows:
             w.writerow({k: ("" if row[k] is None else row[k]) for k in columns})
-    # The best run is chosen on validation, as the best epoch is and as `export --best`
-    # does: choosing on the test set would make its test figures optimistic.
-    scored = [r for r in rows if r["val_balanced_acc"] is not None]
-    best = max(scored, key=lambda r: r["val_balanced_acc"]) if scored else None
+    # The best run is chosen on validation by training.ranking, the rule `export --best`
+    # uses: choosing on the test set would make its test figures optimistic.
+    best, mixed = _best_run(results)
     lines = [
         "# Table 1: the study's six experiments, reproduced",
         "",
@@ -186,11 +209,15 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
     lines.append("")
     lines.append(f"Published test accuracy range over the six: {lo}–{hi} %.")
     if best is not None:
+        b = results[best]
         lines.append(
-            f"Best run by validation balanced accuracy (as `xrwatch export --best` picks): "
-            f"**{best['experiment']}** ({_pct(best['val_balanced_acc'])} % on validation, "
-            f"{_pct(best['test_balanced_acc'])} % on test), `{best['run_dir']}`."
+            f"Best run by validation balanced accuracy (as `xrwatch export --best` picks; ties "
+            f"go to the lower validation loss, then the run path): **{best}** "
+            f"({_pct(b.get('val_balanced_accuracy'))} % on validation, "
+            f"{_pct(b.get('test_balanced_accuracy'))} % on test), `{b.get('run_dir')}`."
         )
+    elif mixed:
+        lines.append(f"No best run named: {mixed}")
     md_path = out_dir / "table1.md"
     md_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_json(out_dir / "table1.json", results)

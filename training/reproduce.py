@@ -16,6 +16,7 @@ from typing import Any
 
 from training.engine import barrier, load_run_config, train
 from training.presets import EXPERIMENTS, experiment_config
+from training.ranking import comparison_key
 from training.report import write_table1
 from xrwatch.errors import ConfigError
 
@@ -51,6 +52,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "test_auroc_macro": test.get("auroc_macro"),
         "avg_train_accuracy": summary.get("avg_train_accuracy_over_epochs"),
         "avg_val_accuracy": summary.get("avg_val_accuracy_over_epochs"),
+        "val_loss": val.get("loss"),
+        "comparison_key": comparison_key(cfg, summary.get("classes") or ()),
     }
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from export.pipeline import ExportOptions, export_model
 from export.sources import find_best
 from tests.helpers.models import make_checkpoint
+from training.checkpoint import load_checkpoint
+from training.report import write_table1
+from training.reproduce import run_summary
 from xrwatch.cli._app import EXIT_OK, main
 from xrwatch.errors import ConfigError
 from xrwatch.modelmeta import file_sha256, read_model_metadata
@@ -50,10 +55,59 @@ def test_find_best_ranks_by_validation_balanced_accuracy(runs: Path) -> None:
     assert "next best" in selection.reason and "0.7900" in selection.reason
 
 
-def test_ties_go_to_the_later_epoch(tmp_path: Path) -> None:
-    make_checkpoint(tmp_path / "a" / "best.pt", val_balanced_accuracy=0.8, epoch=3, size=32)
-    make_checkpoint(tmp_path / "b" / "best.pt", val_balanced_accuracy=0.8, epoch=7, size=32)
-    assert find_best(tmp_path).path == tmp_path / "b" / "best.pt"
+def _run_folder(run: Path, **kwargs: Any) -> Path:
+    """A finished run folder as training leaves it: best.pt, config.json, test_metrics.json."""
+    make_checkpoint(run / "best.pt", **kwargs)
+    ckpt = load_checkpoint(run / "best.pt")
+    (run / "config.json").write_text(json.dumps(ckpt["config"]))
+    summary = {
+        "classes": ckpt["classes"],
+        "best_epoch": ckpt["epoch"],
+        "test": None,
+        "val_at_best": ckpt["metrics"]["val"],
+        "train_at_best": ckpt["metrics"]["train"],
+    }
+    (run / "test_metrics.json").write_text(json.dumps(summary))  # fmt: skip
+    return run
+
+
+def _table1_best(root: Path, names: list[str]) -> str:
+    md, _ = write_table1({n: run_summary(root / n) for n in names}, root)
+    line = next(x for x in md.read_text().splitlines() if x.startswith("Best run"))
+    return line.split("`")[-2]
+
+
+def test_a_tie_names_the_same_run_in_table1_and_export_best(tmp_path: Path) -> None:
+    # Equal validation balanced accuracy: the lower validation loss wins, wherever the run
+    # sits in the table and whatever its epoch; equal losses go to the run path's order.
+    _run_folder(tmp_path / "PRCE", val_balanced_accuracy=0.8, val_loss=0.9, epoch=9)
+    _run_folder(tmp_path / "PRCW", val_balanced_accuracy=0.8, val_loss=0.4, epoch=2, seed=1)
+    _run_folder(tmp_path / "PRFL", val_balanced_accuracy=0.7, val_loss=0.1, epoch=5, seed=2)
+    for names in (["PRCE", "PRCW", "PRFL"], ["PRFL", "PRCW", "PRCE"]):
+        assert _table1_best(tmp_path, names) == str(tmp_path / "PRCW")
+    selection = find_best(tmp_path)
+    assert selection.path == tmp_path / "PRCW" / "best.pt"
+    assert "a tie, broken by the lower validation loss" in selection.reason
+    same = tmp_path / "same"
+    _run_folder(same / "b", val_balanced_accuracy=0.8, val_loss=0.5, epoch=9)
+    _run_folder(same / "a", val_balanced_accuracy=0.8, val_loss=0.5, epoch=1, seed=1)
+    assert find_best(same).path == same / "a" / "best.pt"
+    assert _table1_best(same, ["b", "a"]) == str(same / "a")
+
+
+def test_runs_on_different_data_or_splits_are_not_ranked_together(tmp_path: Path) -> None:
+    _run_folder(tmp_path / "real", val_balanced_accuracy=0.6, data="data/coronahack")
+    _run_folder(tmp_path / "synth", val_balanced_accuracy=0.9, data="data/synth", seed=1)
+    _run_folder(tmp_path / "seed1", val_balanced_accuracy=0.7, data="data/synth", split_seed=1)
+    with pytest.raises(ConfigError, match="not comparable") as err:
+        find_best(tmp_path)
+    message = str(err.value)
+    assert "differ in data, seed" in message
+    assert "data data/coronahack; seed 0: 1 run(s)" in message
+    assert "data data/synth; seed 0: 1 run(s)" in message and "seed 1: 1 run(s)" in message
+    md, _ = write_table1({n: run_summary(tmp_path / n) for n in ("real", "synth")}, tmp_path)
+    assert "No best run named" in md.read_text()
+    assert find_best(tmp_path / "synth").path == tmp_path / "synth" / "best.pt"
 
 
 def test_export_best_writes_that_checkpoint(runs: Path, tmp_path: Path) -> None:
@@ -84,7 +138,9 @@ def test_runs_of_different_tasks_are_not_ranked_together(tmp_path: Path) -> None
     )
     with pytest.raises(ConfigError, match="not comparable") as err:
         find_best(tmp_path)
-    assert "Bacteria, Virus (1 run(s)" in str(err.value) and "multi" in str(err.value)
+    assert "differ in classes, task" in str(err.value)
+    assert "classes Bacteria, Virus; task binary: 1 run(s)" in str(err.value)
+    assert "multi" in str(err.value)
     assert find_best(tmp_path / "binary").path == tmp_path / "binary" / "best.pt"
 
 

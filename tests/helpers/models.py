@@ -25,8 +25,12 @@ def make_checkpoint(
     experiment: str = "custom",
     seed: int = 0,
     epoch: int = 1,
+    val_loss: float | None = None,
+    data: str = "synthetic-test-data",
+    split_seed: int = 0,
 ) -> Path:
-    """Write a checkpoint with seeded random weights to ``path`` and return it."""
+    """Write a checkpoint with seeded random weights to ``path`` and return it (``seed``
+    seeds the weights; ``data`` and ``split_seed`` are the config's data and split seed)."""
     import torch
 
     from training.checkpoint import make_checkpoint as assemble
@@ -43,14 +47,16 @@ def make_checkpoint(
             "accuracy": val_balanced_accuracy,
             "balanced_accuracy": val_balanced_accuracy,
             "macro_f1": val_balanced_accuracy,
+            "loss": val_loss,
         },
         "test": None,
         "train": {"accuracy": 0.9},
     }
     task = "multiclass" if len(classes) > 2 else "binary"
     config = TrainConfig(  # the complete config, as a training run writes it
-        data="synthetic-test-data", task=task, arch=arch,  # type: ignore[arg-type]
-        weights="none", experiment=experiment, image_size=size, seed=seed, epochs=max(epoch, 1),
+        data=data, task=task, arch=arch,  # type: ignore[arg-type]
+        weights="none", experiment=experiment, image_size=size, seed=split_seed,
+        epochs=max(epoch, 1),
     )  # fmt: skip
     ckpt = assemble(
         arch=arch,

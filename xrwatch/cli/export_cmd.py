@@ -23,7 +23,8 @@ def export_command(
     best: bool = typer.Option(
         False,
         "--best",
-        help="Pick the run under SOURCE with the best validation balanced accuracy.",
+        help="Pick the run under SOURCE with the best validation balanced accuracy (ties: "
+        "lower validation loss, then path); runs on different data or splits are refused.",
     ),
     verify_images: list[Path] = typer.Option(
         [], "--verify-images", help="Also verify on the images under this folder (repeatable)."
