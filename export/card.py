@@ -8,25 +8,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xrwatch.metrics_ci import coverage_note, format_ci
 from xrwatch.modelmeta import ModelMeta
 
 logger = logging.getLogger(__name__)
 
 
-def _metric_rows(metrics: Mapping[str, Any]) -> list[str]:
+def _metric_rows(metrics: Mapping[str, Any], classes: Sequence[str]) -> list[str]:
     rows = []
     for split in ("val", "test"):
         values = metrics.get(split)
         if not isinstance(values, Mapping):
-            rows.append(f"| {split} | not recorded | | |")
+            rows.append(f"| {split} | not recorded | | | |")
             continue
 
         def fmt(key: str, values: Mapping[str, Any] = values) -> str:
             v = values.get(key)
-            return f"{v:.4f}" if isinstance(v, (int, float)) else "-"
+            if not isinstance(v, (int, float)):
+                return "-"
+            ci = format_ci(values.get("ci95"), key, percent=False)
+            return f"{v:.4f} {ci}".strip()
 
+        covers = (
+            (coverage_note(values, classes).strip(" ()") or "all classes")
+            if values.get("per_class")
+            else "-"
+        )
         rows.append(
-            f"| {split} | {fmt('accuracy')} | {fmt('balanced_accuracy')} | {fmt('macro_f1')} |"
+            f"| {split} | {fmt('accuracy')} | {fmt('balanced_accuracy')} | {fmt('macro_f1')} "
+            f"| {covers} |"
         )
     return rows
 
@@ -94,9 +104,11 @@ def render_card(
         "",
         "## Metrics (from the checkpoint)",
         "",
-        "| split | accuracy | balanced accuracy | macro F1 |",
-        "|---|---|---|---|",
-        *_metric_rows(meta.metrics),
+        "In brackets: 95 % confidence interval, bootstrap over patients (seeded).",
+        "",
+        "| split | accuracy | balanced accuracy | macro F1 | classes |",
+        "|---|---|---|---|---|",
+        *_metric_rows(meta.metrics, meta.classes),
         "",
         "## Preprocessing",
         "",

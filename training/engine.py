@@ -53,6 +53,7 @@ from training.splits import Splits, make_splits, write_split_files
 from training.weights import load_pretrained
 from xrwatch.config import build_config
 from xrwatch.errors import ConfigError, DatasetError
+from xrwatch.metrics_ci import bootstrap_ci, coverage_note, format_ci, missing_classes
 from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -460,7 +461,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
             "run %s: %s on %s, %d process(es), global batch %d (%d per process)",
             run_dir, cfg.experiment, device, d.world, cfg.batch_size, cfg.batch_size // d.world,
         )  # fmt: skip
-    classes, data, _splits = _prepare_data(cfg, d, run_dir, device)
+    classes, data, splits = _prepare_data(cfg, d, run_dir, device)
     spec = preprocess_spec(cfg)
     model: nn.Module = wrap(backbone, spec.to_dict()).to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -577,7 +578,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
             )
         raise
 
-    _finish(cfg, d, run_dir, classes, data, backbone, model, loss_fn, device, history)
+    _finish(cfg, d, run_dir, classes, data, splits, backbone, model, loss_fn, device, history)
     _barrier(d)  # every rank returns only once rank 0 has written the run's artefacts
     return run_dir
 
@@ -686,13 +687,15 @@ def _finish(
     run_dir: Path,
     classes: tuple[str, ...],
     data: dict[str, SplitTensors],
+    splits: Splits,
     backbone: nn.Module,
     model: nn.Module,
     loss_fn: nn.Module,
     device: torch.device,
     history: list[dict[str, Any]],
 ) -> None:
-    """Test the best checkpoint; write test_metrics.json, curves.png, confusion_matrix.png."""
+    """Test the best checkpoint; write test_metrics.json, curves.png, confusion_matrix.png.
+    Validation and test figures get 95 % intervals by bootstrap over patients (seeded)."""
     _barrier(d)
     best_ckpt = load_checkpoint(run_dir / "best.pt")
     backbone.load_state_dict(best_ckpt["model"])
@@ -700,9 +703,17 @@ def _finish(
     if len(data["test"].labels):
         y, p, test_loss = evaluate(model, data["test"], loss_fn, cfg, device, d)
         test = classification_metrics(y, p, classes, loss=test_loss)
+        test["ci95"] = _ci(y, p, splits.test, classes, cfg.seed)
+    # validation again with the best weights: its per-image predictions give the interval
+    yv, pv, _ = evaluate(model, data["val"], loss_fn, cfg, device, d)
     if not d.main:
         return
+    val_at_best = {
+        **best_ckpt["metrics"]["val"],
+        "ci95": _ci(yv, pv, splits.val, classes, cfg.seed),
+    }
     best_ckpt["metrics"]["test"] = test
+    best_ckpt["metrics"]["val"] = val_at_best
     save_checkpoint(best_ckpt, run_dir / "best.pt")
     val_accs = [r["val_accuracy"] for r in history if r.get("val_accuracy") is not None]
     train_accs = [r["train_accuracy"] for r in history if r.get("train_accuracy") is not None]
@@ -713,7 +724,10 @@ def _finish(
         "best_epoch": best_ckpt["epoch"],
         "epochs": len(history),
         "test": test,
-        "val_at_best": best_ckpt["metrics"]["val"],
+        "test_classes_missing": missing_classes(test, classes) if test else list(classes),
+        "val_at_best": val_at_best,
+        # running accuracy over the epoch's augmented batches: no per-image predictions, so
+        # no interval
         "train_at_best": best_ckpt["metrics"]["train"],
         # The study's figure of merit: accuracy averaged over all epochs, for comparison.
         "avg_train_accuracy_over_epochs": float(np.mean(train_accs)) if train_accs else None,
@@ -726,8 +740,21 @@ def _finish(
     plot_confusion(shown["confusion_matrix"], classes, run_dir / "confusion_matrix.png",
                    f"{cfg.experiment}: best epoch {best_ckpt['epoch']}, {which} set")  # fmt: skip
     if test is not None:
+        ci = test["ci95"]
         logger.info(
-            "test (best epoch %d): acc %.3f bal.acc %.3f macro-F1 %.3f",
-            best_ckpt["epoch"], test["accuracy"], test["balanced_accuracy"], test["macro_f1"],
+            "test (best epoch %d): acc %.3f %s bal.acc %.3f %s macro-F1 %.3f (95%% CI, bootstrap "
+            "over %d patients)%s",
+            best_ckpt["epoch"], test["accuracy"], format_ci(ci, "accuracy", percent=False),
+            test["balanced_accuracy"], format_ci(ci, "balanced_accuracy", percent=False),
+            test["macro_f1"], ci["patients"], coverage_note(test, classes),
         )  # fmt: skip
     logger.info("run folder: %s", run_dir)
+
+
+def _ci(
+    y: np.ndarray, probs: np.ndarray, samples: list[Sample], classes: tuple[str, ...], seed: int
+) -> dict[str, Any]:
+    """95 % bootstrap-over-patients intervals; ``samples`` are the split's, in tensor order."""
+    return bootstrap_ci(
+        y, probs.argmax(axis=1), [s.group for s in samples], len(classes), seed=seed
+    )

@@ -1,8 +1,11 @@
 """The training config and the study's six experiments, as data. Torch-free.
 
-The study (Bolhassani 2021, arXiv:2105.08382) trained every experiment with one recipe:
-Adam lr 1e-3, StepLR every 10 epochs × 0.5, 20 epochs, batch 32, horizontal and vertical
-flips p=0.5, rotation p=0.3. The six experiments differ in four fields only, so each is one
+The study (Bolhassani 2021, arXiv:2105.08382) states one recipe for every experiment: Adam
+lr 1e-3, StepLR every 10 epochs × 0.5, 20 epochs, horizontal and vertical flips p=0.5,
+rotation p=0.3, a WeightedRandomSampler with 1/class-count weights (PRCW) and focal loss
+(PRFL, PDCXFL). Everything else it does not state; xrwatch's choices for those are its own
+**assumptions**, listed in :data:`ASSUMPTIONS` (shown by ``xrwatch train --help`` and the
+README), never "the study's". The six experiments differ in four fields only, so each is one
 row of :data:`EXPERIMENTS`; every field can still be overridden from the CLI.
 
 Name key: P = pretrained, R = ResNet50, D = DenseNet121, CX = CheXNet weights, CE = cross
@@ -38,7 +41,7 @@ class TrainConfig:
     data: str = ""  # DATA_DIR: CoronaHack layout or a folder per class
     task: Literal["multiclass", "binary"] = "multiclass"
     split: Literal["official", "patient"] = "official"  # see training.splits
-    val_fraction: float = 0.1  # of TRAIN, patient-grouped, stratified
+    val_fraction: float = 0.1  # of TRAIN, patient-grouped, stratified (assumption)
     test_fraction: float = 0.15  # of TRAIN, only for --split patient
     extra: tuple[str, ...] = ()  # DIR:LABEL folders added to TRAIN (the study's table 2)
     patients: str | None = None  # file name → patient CSV (default: found beside the data)
@@ -50,14 +53,14 @@ class TrainConfig:
     imagenet_weights: str | None = None  # a local torchvision ImageNet state_dict (offline)
     chexnet_weights: str | None = None  # CheXNet model.pth.tar (needed for weights=chexnet)
     loss: Loss = "ce"
-    focal_gamma: float = 2.0  # focal loss focusing parameter (0 = cross-entropy)
-    focal_alpha: tuple[float, ...] | None = None  # optional per-class weights of focal loss
+    focal_gamma: float = 2.0  # focal loss focusing parameter (assumption: the study gives none)
+    focal_alpha: tuple[float, ...] | None = None  # per-class α (assumption: none, see ASSUMPTIONS)
     sampler: Sampler = "plain"  # weighted = WeightedRandomSampler with 1/class-count weights
-    # the recipe (the study's)
+    # the recipe: the study's where it states it, else xrwatch's assumption (ASSUMPTIONS)
     epochs: int = 20
     batch_size: int = 32  # global: under torchrun divided across the processes (an assumption)
     lr: float = 1e-3  # Adam
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # assumption: the study states none
     lr_step: int = 10  # StepLR step_size, epochs
     lr_gamma: float = 0.5  # StepLR gamma
     hflip: float = 0.5  # probability of a horizontal flip
@@ -65,9 +68,9 @@ class TrainConfig:
     rotation_p: float = 0.3  # probability of a random rotation
     rotation_degrees: float = 10.0  # rotation angle drawn from ±this (the study gives no angle)
     # preprocessing (see xrwatch.preprocess.PreprocessSpec)
-    image_size: int = 224
-    resize: Literal["bilinear", "bicubic", "area"] = "bilinear"
-    aspect: Literal["stretch", "pad"] = "stretch"
+    image_size: int = 224  # assumption: the study states no input size
+    resize: Literal["bilinear", "bicubic", "area"] = "bilinear"  # assumption
+    aspect: Literal["stretch", "pad"] = "stretch"  # assumption
     # machinery
     seed: int = 0
     device: Device = "auto"
@@ -138,12 +141,48 @@ EXPERIMENT_NOTES: dict[str, str] = {
     "RCE": "ResNet50 from scratch, cross-entropy (the study's text says focal loss)",
 }
 
-# The study's published test accuracy: only the range over the six experiments is known to
-# us (the per-experiment Tr/Val/Tst figures were not available offline). Never invent them.
-PUBLISHED_TEST_ACCURACY_RANGE = (62.1, 80.2)  # percent
-PUBLISHED: dict[str, dict[str, float | None]] = {
-    name: {"train": None, "val": None, "test": None} for name in EXPERIMENTS
+# Settings the study does not state (see ../shared/STUDY.md): what xrwatch assumes, and how it
+# reads the study where the paper is ambiguous. Shown by `xrwatch train --help` and the README.
+ASSUMPTIONS: dict[str, str] = {
+    "batch_size": "32 (global batch; the study states no batch size)",
+    "image_size": "224 px (the study states no input size)",
+    "resize": "bilinear resize that stretches the image to a square (aspect 'stretch')",
+    "normalisation": "ImageNet mean/std, applied inside the model",
+    "focal loss": "γ = 2, no α: the paper writes FL = −α_t (1 − p_t)^γ log p_t but gives "
+    "neither value; xrwatch reads α as unused (set focal_alpha to weight classes)",
+    "frozen layers": "none: all layers are trained",
+    "weight_decay": "0 (the study states none)",
+    "rotation_degrees": "±10° (the study gives the probability 0.3, not the angle)",
+    "validation": "10 % of TRAIN, stratified by class, grouped by patient, seeded",
+    "RCE": "cross-entropy, as its name says; the paper's text describes it with focal loss",
+    "reported accuracy": "the paper's figures may be final-epoch or averaged over epochs (its "
+    "metric section says averaged); xrwatch reports the best epoch's (by validation balanced "
+    "accuracy) and the average over epochs for train and validation",
 }
+
+# The study's Table 1 (accuracy %, train/validation/test), from ../shared/STUDY.md.
+PUBLISHED: dict[str, dict[str, float | None]] = {
+    "PRCE": {"train": 81.06, "val": 65.39, "test": 62.1},
+    "PRCW": {"train": 86.06, "val": 73.43, "test": 80.2},
+    "PRFL": {"train": 85.84, "val": 75.0, "test": 75.5},
+    "PDCXCE": {"train": 85.28, "val": 76.062, "test": 80.0},
+    "PDCXFL": {"train": 87.95, "val": 73.87, "test": 75.56},
+    "RCE": {"train": 81.608, "val": 69.93, "test": 71.11},
+}
+# Its Table 2: after adding COVID-19 images from the internet (--extra DIR:COVID-19).
+PUBLISHED_WITH_EXTRA: dict[str, dict[str, float | None]] = {
+    "PRCE": {"train": 91.7, "val": 78.75, "test": 72.69},
+    "PDCXCE": {"train": 91.37, "val": 81.83, "test": 84.6},
+    "RCE": {"train": 88.48, "val": 80.26, "test": 71.11},
+}
+# Class totals as the paper states them, against the metadata CSV's (which xrwatch uses).
+PAPER_CLASS_TOTALS = {"Normal": 1575, "Bacteria": 2778, "Virus": 1494, "COVID-19": 82}
+CSV_CLASS_TOTALS = {"Normal": 1576, "Bacteria": 2777, "Virus": 1497, "COVID-19": 58}
+CLASS_TOTALS_NOTE = (
+    "Class totals differ between the paper (Normal 1,575, Bacteria 2,778, Virus 1,494, "
+    "COVID-19 82) and the CoronaHack metadata CSV xrwatch uses (1,576, 2,777 incl. "
+    "Streptococcus, 1,497 incl. SARS, 58); the paper does not explain the difference."
+)
 
 
 def experiment_config(name: str, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -53,6 +53,13 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "avg_train_accuracy": summary.get("avg_train_accuracy_over_epochs"),
         "avg_val_accuracy": summary.get("avg_val_accuracy_over_epochs"),
         "val_loss": val.get("loss"),
+        "val_accuracy_ci": (val.get("ci95") or {}).get("accuracy"),
+        "test_accuracy_ci": (test.get("ci95") or {}).get("accuracy"),
+        "test_balanced_accuracy_ci": (test.get("ci95") or {}).get("balanced_accuracy"),
+        "test_macro_f1_ci": (test.get("ci95") or {}).get("macro_f1"),
+        "test_classes_missing": summary.get("test_classes_missing"),
+        "classes": summary.get("classes"),
+        "extra": bool(cfg.get("extra")),
         "comparison_key": comparison_key(cfg, summary.get("classes") or ()),
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +47,19 @@ def test_metrics_known_case() -> None:
     assert m["per_class"]["D"]["auroc"] is None
     assert m["confusion_matrix"][0] == [3, 1, 0, 0]
     assert m["confusion_matrix"][2] == [1, 0, 1, 0]
+
+
+def test_bootstrap_metrics_agree_with_scikit_learn() -> None:
+    """xrwatch.metrics_ci (numpy only) computes what training.metrics (scikit-learn) does."""
+    from xrwatch.metrics_ci import metrics_from_confusion
+
+    rng = np.random.default_rng(3)
+    for n_classes, absent in ((4, 3), (3, None), (2, None)):
+        y = rng.integers(0, n_classes, 200)
+        if absent is not None:
+            y[y == absent] = 0  # a class with no image, as COVID-19 in the official TEST
+        probs = rng.random((200, n_classes))
+        ref = classification_metrics(y, probs, [f"c{i}" for i in range(n_classes)])
+        mine = metrics_from_confusion(np.array(ref["confusion_matrix"]))
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert float(mine[name]) == pytest.approx(ref[name]), name

@@ -36,3 +36,27 @@ def test_table1_names_the_best_run_by_validation_not_test(tmp_path: Path) -> Non
     assert [r["experiment"] for r in rows] == ["PRCE", "PRCW"]
     assert rows[1]["val_balanced_acc"] == "0.8"
     assert (tmp_path / "table1.json").is_file()
+
+
+def test_table1_shows_the_studys_figures_intervals_and_class_coverage(tmp_path: Path) -> None:
+    prce = {**_result(0.6, 0.5, "runs/PRCE"), "test_accuracy": 0.621,
+            "val_accuracy_ci": [0.55, 0.7], "test_accuracy_ci": [0.58312, 0.65901],
+            "test_balanced_accuracy_ci": [0.4, 0.6],
+            "test_classes_missing": ["COVID-19"],
+            "classes": ["Normal", "Bacteria", "Virus", "COVID-19"]}  # fmt: skip
+    md, csv_path = write_table1({"PRCE": prce, "PRCW": _result(0.7, 0.6, "runs/PRCW")}, tmp_path)
+    text = md.read_text()
+    assert "range" not in text  # the study's per-experiment figures, not a range
+    row = next(x for x in text.splitlines() if x.startswith("| PRCE"))
+    assert row.endswith("| 81.06 / 65.39 / 62.1 |")  # the study's Table 1, PRCE
+    assert "| 62.1 [58.3–65.9] |" in row and "80.0 [55.0–70.0]" in row
+    assert "Tst¹" in text
+    assert "¹ The test set holds no COVID-19 image: test figures cover Normal, Bacteria, " \
+        "Virus only" in text  # fmt: skip
+    assert "COVID-19 82" in text and "58" in text  # the class-total mismatch
+    assert "xrwatch's assumptions" in text and "focal loss: γ = 2, no α" in text
+    rows = {r["experiment"]: r for r in csv.DictReader(csv_path.open())}
+    assert rows["PRCE"]["published_test_acc"] == "62.1"
+    assert rows["PRCE"]["test_acc_ci_low"] == "0.58312"
+    assert rows["PRCE"]["test_classes_missing"] == "COVID-19"
+    assert rows["PRCW"]["published_val_acc"] == "73.43"

@@ -36,12 +36,23 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_short_run_learns_and_writes_a_complete_run_folder(
-    synth_data: Path, tmp_path: Path
+    synth_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = experiment_config("custom", {**TINY, "data": str(synth_data), "epochs": 4,
                                        "out": str(tmp_path), "name": "run"})  # fmt: skip
-    run = train(cfg)
+    with caplog.at_level("INFO"):
+        run = train(cfg)
     summary = json.loads((run / "test_metrics.json").read_text())
+    # official split: no COVID-19 test image, and every figure that is shown says so
+    assert summary["test_classes_missing"] == ["COVID-19"]
+    assert "covers Normal, Bacteria, Virus only: no COVID-19 image" in caplog.text
+    # 95 % intervals by bootstrap over the split's patients
+    for part, metrics in (("test", summary["test"]), ("val", summary["val_at_best"])):
+        ci = metrics["ci95"]
+        groups = {r["group"] for r in _rows(run / "splits" / f"{part}.csv")}
+        assert (ci["unit"], ci["patients"], ci["seed"]) == ("patient", len(groups), cfg.seed)
+        for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+            assert ci[name][0] <= metrics[name] <= ci[name][1], (part, name)
     # chance is 1/3 balanced accuracy (the official TEST set has three classes)
     assert summary["test"]["balanced_accuracy"] > 0.7, summary["test"]
     assert summary["val_at_best"]["balanced_accuracy"] > 0.7

@@ -25,6 +25,7 @@ import typer
 
 from xrwatch.cli._app import app, console
 from xrwatch.errors import ConfigError, XRWatchError, require_extra
+from xrwatch.metrics_ci import coverage_note
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +216,9 @@ def _run(work: Path, epochs: int, keep: bool) -> int:
     result = export_model(ExportOptions(source=run_dir / "best.pt", output=model))
     metrics: dict[str, Any] = result.meta.metrics.get("test") or {}
     bal = metrics.get("balanced_accuracy")
+    covers = coverage_note(metrics, result.meta.classes)
     _step(3, f"exported and verified {model} (classes {', '.join(result.meta.classes)}; "
-             f"test balanced accuracy {bal:.2f})  [{time.monotonic() - t0:.0f} s]"
+             f"test balanced accuracy {bal:.2f}{covers})  [{time.monotonic() - t0:.0f} s]"
              if isinstance(bal, float) else f"exported and verified {model}")  # fmt: skip
 
     inbox, reports = work / "inbox", work / "reports"
