@@ -49,7 +49,7 @@ from training.report import (
     write_json,
     write_metrics_csv,
 )
-from training.splits import Splits, make_splits, write_split_files
+from training.splits import Splits, make_splits, resolve_split, write_split_files
 from training.weights import load_pretrained
 from xrwatch.config import build_config
 from xrwatch.errors import ConfigError, DatasetError
@@ -341,6 +341,17 @@ def _default_name(cfg: TrainConfig) -> str:
     return f"{cfg.experiment}-{cfg.task}-{stamp}"
 
 
+def resolve_split_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``split = auto`` resolved for its data's layout (official when it has a
+    fixed test set, else patient), so config.json records the split that ran."""
+    if cfg.split != "auto" or not cfg.data:
+        return cfg
+    mode, why = resolve_split(index_dataset(cfg.data, cfg.task, patients=cfg.patients), "auto")
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("split: %s (%s)", mode, why)
+    return replace(cfg, split=mode)  # type: ignore[arg-type]
+
+
 def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The config of an existing run folder (``config.json``), with ``overrides``."""
     path = run_dir / "config.json"
@@ -417,7 +428,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
             f"batch size {cfg.batch_size} is the global batch and must divide across the "
             f"{d.world} processes: use a multiple of {d.world}"
         )
-    cfg = replace(cfg, world_size=d.world)
+    cfg = replace(resolve_split_config(cfg), world_size=d.world)
     device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -40,7 +40,7 @@ class TrainConfig:
     # what to train on
     data: str = ""  # DATA_DIR: CoronaHack layout or a folder per class
     task: Literal["multiclass", "binary"] = "multiclass"
-    split: Literal["official", "patient"] = "official"  # see training.splits
+    split: Literal["auto", "official", "patient"] = "auto"  # by layout; see training.splits
     val_fraction: float = 0.1  # of TRAIN, patient-grouped, stratified (assumption)
     test_fraction: float = 0.15  # of TRAIN, only for --split patient
     extra: tuple[str, ...] = ()  # DIR:LABEL folders added to TRAIN (the study's table 2)

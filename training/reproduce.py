@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.engine import barrier, load_run_config, train
+from training.engine import barrier, load_run_config, resolve_split_config, train
 from training.presets import EXPERIMENTS, experiment_config
 from training.ranking import comparison_key
 from training.report import write_table1
@@ -75,7 +75,9 @@ def reproduce(overrides: dict[str, Any], *, only: list[str] | None = None) -> tu
     main = int(os.environ.get("RANK", "0")) == 0
     for name in names:
         barrier()  # under torchrun, no rank looks at a run folder another is creating
-        cfg = experiment_config(name, {**overrides, "name": name, "out": str(out)})
+        cfg = resolve_split_config(
+            experiment_config(name, {**overrides, "name": name, "out": str(out)})
+        )
         run_dir = out / name
         if (run_dir / "config.json").is_file():
             stored = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))

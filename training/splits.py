@@ -4,6 +4,8 @@
   holds no COVID-19 image, so COVID-19 is never tested (a warning says so).
 * ``patient``: validation *and* test are carved from TRAIN, so COVID-19 is tested too
   (CoronaHack's own TEST is then not used).
+* ``auto`` (the default): ``official`` when the dataset has a fixed test set (CoronaHack's
+  TEST, or ``DATA/test/<Class>``), else ``patient`` (a plain folder per class).
 
 Carving works on patient groups (:func:`training.data.patient_group`; Kermany patients are
 qualified by the CoronaHack split, as Kermany numbers train and test patients separately): a
@@ -27,8 +29,8 @@ from xrwatch.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-SplitMode = Literal["official", "patient"]
-SPLIT_MODES: tuple[SplitMode, ...] = ("official", "patient")
+SplitMode = Literal["auto", "official", "patient"]
+SPLIT_MODES: tuple[SplitMode, ...] = ("auto", "official", "patient")
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -38,6 +40,8 @@ class Splits:
     val: list[Sample]
     test: list[Sample]
     warnings: list[str] = field(default_factory=list)
+    mode: str = ""  # the split used (official or patient), ``auto`` resolved
+    why: str = ""  # why that split: asked for, or chosen by layout
 
     def by_name(self) -> dict[str, list[Sample]]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -92,6 +96,21 @@ def carve(
     return rest, carved
 
 
+def resolve_split(index: DatasetIndex, mode: str) -> tuple[str, str]:
+    """``(official|patient, why)``: ``auto`` picks the split that works for the layout."""
+    if mode not in SPLIT_MODES:
+        raise DatasetError(f"Invalid split {mode!r}. Only {', '.join(SPLIT_MODES)} are supported.")
+    if mode != "auto":
+        return mode, f"--split {mode} as asked"
+    if any(s.source_split == "TEST" for s in index.samples):
+        fixed = "CoronaHack's TEST" if index.kind == "coronahack" else "DATA/test/<Class>"
+        return "official", f"--split auto: the dataset has a fixed test set ({fixed}), used as is"
+    return "patient", (
+        "--split auto: the dataset has no fixed test set, so validation and test are carved "
+        "from its images, grouped by patient"
+    )
+
+
 def make_splits(
     index: DatasetIndex,
     mode: str,
@@ -102,8 +121,7 @@ def make_splits(
     extra: list[Sample] | None = None,
 ) -> Splits:
     """The train/val/test splits of ``index`` (see the module docstring)."""
-    if mode not in SPLIT_MODES:
-        raise DatasetError(f"Invalid split {mode!r}. Only {', '.join(SPLIT_MODES)} are supported.")
+    mode, why = resolve_split(index, mode)
     rng = np.random.default_rng(seed)
     has_official = any(s.source_split == "TEST" for s in index.samples)
     pool = [s for s in index.samples if s.source_split in ("TRAIN", None)]
@@ -136,7 +154,7 @@ def make_splits(
             )
         )
     _check_disjoint(train, val, test)
-    return Splits(train, val, test, warnings)
+    return Splits(train, val, test, warnings, mode, why)
 
 
 def _check_disjoint(train: list[Sample], val: list[Sample], test: list[Sample]) -> None:

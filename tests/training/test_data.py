@@ -96,6 +96,13 @@ def test_folder_per_class_and_extra(shared_xray: Path) -> None:
     assert index.counts() == {"Normal": 30, "Bacteria": 33, "Virus": 33, "COVID-19": 34}
     with pytest.raises(DatasetError, match="--split patient"):
         make_splits(index, "official", val_fraction=0.1, test_fraction=0.1, seed=0)
+    # the default picks the split that works for the layout, and says which and why
+    auto = make_splits(index, "auto", val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert auto.mode == "patient" and "no fixed test set" in auto.why
+    assert auto.test and auto.shared_patients() == []
+    coronahack = index_dataset(shared_xray / "coronahack", "multiclass")
+    official = make_splits(coronahack, "auto", val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert official.mode == "official" and "CoronaHack's TEST" in official.why
     extra = extra_samples(f"{shared_xray / 'real' / 'COVID-19'}:COVID-19", "multiclass")
     assert len(extra) == 34 and {s.label for s in extra} == {"COVID-19"}
     with pytest.raises(DatasetError, match="not a class"):

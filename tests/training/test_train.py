@@ -331,9 +331,12 @@ def test_folder_per_class_with_dicom_trains(shared_xray: Path, tmp_path: Path) -
     for i, src in enumerate(dicoms):  # one patient folder per DICOM, filed as Normal
         (data / "Normal" / f"patient{i}").mkdir()
         (data / "Normal" / f"patient{i}" / src.name).symlink_to(src)
-    cfg = experiment_config("custom", {**TINY, "data": str(data), "split": "patient",
-                                       "epochs": 1, "out": str(tmp_path / "runs")})  # fmt: skip
+    # the defaults: no --split needed, the layout has no fixed test set so it is carved
+    cfg = experiment_config("custom", {**TINY, "data": str(data), "epochs": 1,
+                                       "out": str(tmp_path / "runs")})  # fmt: skip
+    assert cfg.split == "auto"
     run = train(cfg)
+    assert json.loads((run / "config.json").read_text())["split"] == "patient"
     assert not (run / "skipped_files.csv").exists()
     listed = [r["path"] for part in ("train", "val", "test")
               for r in _rows(run / "splits" / f"{part}.csv")]  # fmt: skip

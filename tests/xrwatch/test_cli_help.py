@@ -45,3 +45,12 @@ def test_help_exits_0(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([name, "--help"] if name else ["--help"]) == 0
     out = capsys.readouterr().out
     assert "Usage" in out
+
+
+def test_train_help_names_xrwatchs_assumptions(capsys: pytest.CaptureFixture[str]) -> None:
+    """Settings the study does not state are called xrwatch's, never the study's."""
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "xrwatch's assumptions where it states nothing" in out
+    assert "study: 224" not in out and "study: 32" not in out
+    assert "Global batch size" in out

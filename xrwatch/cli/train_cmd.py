@@ -50,9 +50,19 @@ def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
 TaskOpt = typer.Option(
     None, "--task", help="multiclass (Normal/Bacteria/Virus/COVID-19) or binary."
 )
-SplitOpt = typer.Option(None, "--split", help="official (TEST is the test set) or patient.")
+SplitOpt = typer.Option(
+    None,
+    "--split",
+    help="official (the dataset's TEST is the test set), patient (test carved from the images, "
+    "grouped by patient) or auto (default: official when the data has a fixed test set, else "
+    "patient).",
+)
 EpochsOpt = typer.Option(None, "--epochs", help="Epochs (study: 20).")
-SizeOpt = typer.Option(None, "--image-size", help="Model input size in pixels (study: 224).")
+SizeOpt = typer.Option(
+    None,
+    "--image-size",
+    help="Model input size in pixels (xrwatch's assumption: 224; the study does not state it).",
+)
 BatchOpt = typer.Option(
     None,
     "--batch-size",
@@ -114,7 +124,9 @@ def train_command(
     image_size: int | None = SizeOpt,
     batch_size: int | None = BatchOpt,
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (study: 1e-3)."),
-    loss: str | None = typer.Option(None, "--loss", help="ce or focal."),
+    loss: str | None = typer.Option(
+        None, "--loss", help="ce or focal (gamma 2, no alpha: xrwatch's assumption)."
+    ),
     sampler: str | None = typer.Option(None, "--sampler", help="plain or weighted."),
     arch: str | None = ArchOpt,
     weights: str | None = WeightsOpt,
@@ -143,6 +155,12 @@ def train_command(
 
     A preset of the study (--experiment) or a custom one; flags, --config and --set
     override the preset. Needs the train extra.
+
+    The defaults are the recipe the study states (Adam 1e-3, x0.5 every 10 epochs, 20
+    epochs, flips p=0.5, rotation p=0.3) plus xrwatch's assumptions where it states nothing:
+    batch 32 (global), 224 px stretched bilinear, ImageNet normalisation, focal gamma 2
+    without alpha, all layers trained, no weight decay, rotation +-10 degrees, validation 10 %
+    of TRAIN grouped by patient (training.presets.ASSUMPTIONS; README).
     """
     _logging()
     _require_train()
@@ -199,6 +217,9 @@ def reproduce_command(
 ) -> None:
     """Run the study's six experiments and write its Table 1.
 
+    Beside the study's own figures; settings the study does not state are xrwatch's
+    assumptions (see train --help).
+
     Each experiment runs in OUT/<NAME>; a finished one is reused, an interrupted one
     resumed. The table goes to OUT/table1.md and OUT/table1.csv. Needs the train extra.
     """
@@ -228,7 +249,9 @@ def dataset_command(
         ..., help="CoronaHack folder (or its CSV) or a folder per class."
     ),
     task: str = typer.Option("multiclass", "--task", help="multiclass or binary."),
-    split: str = typer.Option("official", "--split", help="official or patient."),
+    split: str = typer.Option(
+        "auto", "--split", help="official, patient or auto (by layout; the default)."
+    ),
     val_fraction: float = typer.Option(
         0.1, "--val-fraction", help="Share of the training images held out for validation."
     ),
@@ -266,7 +289,8 @@ def dataset_command(
         "task": task,
         "classes": list(index.classes),
         "dataset_splits": own,
-        "split": split,
+        "split": splits.mode,
+        "split_why": splits.why,
         "splits": splits.counts(index.classes),
         "patients": splits.patients(),
         "shared_patients": len(shared),
@@ -289,12 +313,13 @@ def dataset_command(
         table.add_row(name, *map(str, counts.values()), str(sum(counts.values())))
     table.add_section()
     for name, counts in report["splits"].items():
-        label = f"{name} (--split {split})"
+        label = f"{name} (--split {splits.mode})"
         table.add_row(label, *map(str, counts.values()), str(sum(counts.values())))
     console.print(table)
     for note, count in index.excluded.items():
         console.print(f"left out {count}: {note}", highlight=False, markup=False)
     console.print(f"image files found: {found} of {len(index.samples)} listed", highlight=False)
+    console.print(f"split: {splits.mode} ({splits.why})", highlight=False, markup=False)
     per_split = ", ".join(f"{n} {c}" for n, c in report["patients"].items())
     console.print(
         f"patients: {per_split}; "
