@@ -57,7 +57,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "test_accuracy_ci": (test.get("ci95") or {}).get("accuracy"),
         "test_balanced_accuracy_ci": (test.get("ci95") or {}).get("balanced_accuracy"),
         "test_macro_f1_ci": (test.get("ci95") or {}).get("macro_f1"),
-        "test_classes_missing": summary.get("test_classes_missing"),
+        "test_classes_missing": summary.get("test_classes_missing") if test else [],
         "classes": summary.get("classes"),
         "extra": bool(cfg.get("extra")),
         "comparison_key": comparison_key(cfg, summary.get("classes") or ()),
