@@ -107,6 +107,11 @@ def serve(
         "--workers",
         help=_with_default("Threads that read and decode files while the model runs", "workers"),
     ),
+    max_file_mb: int | None = typer.Option(
+        None,
+        "--max-file-mb",
+        help=_with_default("Larger files get an error row without being read (MiB)", "max_file_mb"),
+    ),
     provider: str | None = typer.Option(
         None,
         "--provider",
@@ -205,6 +210,7 @@ def serve(
         "batch_size": batch_size,
         "max_wait": max_wait,
         "workers": workers,
+        "max_file_mb": max_file_mb,
         "provider": provider,
         "metrics_port": metrics_port,
         "log_format": log_format,

@@ -36,6 +36,8 @@ class ServeConfig:
     batch_size: int = 8  # files per inference call
     max_wait: float = 0.25  # seconds a partial batch waits for more files
     workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
+    # a larger file is an error row, never read: 100 MP at 16 bits (the pixel limit) is 200 MB
+    max_file_mb: int = 256
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider
     lease_seconds: float = 30.0  # claims of a daemon on another host silent this long are retaken
     ignore: tuple[str, ...] = ()  # extra glob patterns to ignore, on top of DEFAULT_IGNORE
@@ -60,6 +62,8 @@ class ServeConfig:
                 raise ConfigError(f"serve: {name} must be > 0, got {getattr(self, name)!r}")
         if self.batch_size < 1 or self.workers < 1:
             raise ConfigError("serve: batch_size and workers must be at least 1")
+        if self.max_file_mb < 1:
+            raise ConfigError(f"serve: max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"serve: metrics_port must be 0..65535, got {self.metrics_port}")
         if self.dicom_enabled:

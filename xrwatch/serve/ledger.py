@@ -6,8 +6,9 @@ one daemon), then an outcome (``ok`` or ``error``) with its report record, and f
 ``reported=1`` once its CSV row is on disk. Claims are taken inside ``BEGIN IMMEDIATE``
 against a UNIQUE key, so two daemons on one state dir never process the same file twice.
 
-A claim whose owner is gone (a dead pid on this host; no heartbeat for ``lease_seconds``
-from another host) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
+A claim whose owner is gone (on this host: its pid is dead or now belongs to another
+process, told apart by the process start time; from another host: no heartbeat for
+``lease_seconds``) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
 again after the restart; it never reached the reports, because outcomes are committed here
 before any report row is written.
 """
@@ -41,6 +42,8 @@ CREATE TABLE IF NOT EXISTS files (
     sha256      TEXT NOT NULL,     -- '' when the bytes could not be read
     size        INTEGER NOT NULL,
     mtime_ns    INTEGER NOT NULL,
+    ctime_ns    INTEGER,           -- with inode: a same-size-and-mtime replacement differs
+    inode       INTEGER,
     state       TEXT NOT NULL CHECK (state IN ('claimed', 'ok', 'error')),
     owner       TEXT,
     seen_at     REAL,
@@ -59,6 +62,7 @@ CREATE TABLE IF NOT EXISTS daemons (
     owner        TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
     pid          INTEGER NOT NULL,
+    proc_start   TEXT,             -- boot id + the pid's start time: a reused pid differs
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
     incoming     TEXT NOT NULL
@@ -70,6 +74,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _ADDED_COLUMNS = (
     ("files", "report_error", "TEXT"),  # why this row's report could not be written (held)
     ("files", "report_retry_at", "REAL"),  # a held row is tried again from this time on
+    ("files", "ctime_ns", "INTEGER"),  # with inode: a same-size-and-mtime replacement differs
+    ("files", "inode", "INTEGER"),
+    ("daemons", "proc_start", "TEXT"),  # boot id + start time: a reused pid differs
 )
 
 
@@ -89,6 +96,21 @@ class Finished:
     sha256: str
     state: str
     record: dict[str, Any]
+
+
+def process_start(pid: int) -> str | None:
+    """``boot_id:starttime`` of ``pid`` (Linux), None when unknown or the pid is dead.
+
+    A pid alone does not name a process: in a container a restarted daemon usually gets
+    the very pid of the one that died.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) "
+    return f"{boot}:{fields[19].decode()}" if len(fields) > 19 else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -176,8 +198,17 @@ class Ledger:
         now = time.time()
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO daemons VALUES (?, ?, ?, ?, ?, ?)",
-                (self.owner, self._host, os.getpid(), now, now, str(incoming)),
+                "INSERT OR REPLACE INTO daemons (owner, host, pid, proc_start, started_at, "
+                "heartbeat_at, incoming) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.owner,
+                    self._host,
+                    os.getpid(),
+                    process_start(os.getpid()),
+                    now,
+                    now,
+                    os.fsencode(str(incoming)).decode("utf-8", "replace"),
+                ),
             )
 
     def heartbeat(self) -> None:
@@ -196,31 +227,63 @@ class Ledger:
         if owner is None:
             return True
         row = con.execute(
-            "SELECT host, pid, heartbeat_at FROM daemons WHERE owner=?", (owner,)
+            "SELECT host, pid, heartbeat_at, proc_start FROM daemons WHERE owner=?", (owner,)
         ).fetchone()
         if row is None:
             return True
-        host, pid, heartbeat_at = row
+        host, pid, heartbeat_at, proc_start = row
         silent = time.time() - float(heartbeat_at)
         if host == self._host:
-            # On this host the pid decides: a live daemon busy with a long batch keeps its
-            # claims. The long silence bound only covers a dead daemon's pid being reused.
-            return not _pid_alive(int(pid)) or silent > 10 * self.lease_seconds
+            # On this host the process decides: a live daemon busy with a long batch keeps
+            # its claims. A pid now held by another process (ours, after a container
+            # restart) is told apart by its start time; the long silence bound only covers
+            # ledgers written before start times were recorded.
+            if not _pid_alive(int(pid)):
+                return True
+            if proc_start is not None and process_start(int(pid)) not in (None, proc_start):
+                return True
+            return silent > 10 * self.lease_seconds
         return bool(silent > self.lease_seconds)
 
     # -- files -------------------------------------------------------------------------
-    def is_finished(self, path: str, size: int, mtime_ns: int) -> bool:
-        """Fast path: a finished row with this path, size and mtime exists (no hashing)."""
+    def is_finished(self, path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
+        """Fast path: the content last finished at ``path`` had this size, mtime, ctime and
+        inode (no hashing). A replacement keeping size and mtime has another ctime/inode."""
         row = (
             self._con()
             .execute(
-                "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? "
-                "AND state IN ('ok', 'error') LIMIT 1",
-                (path, size, mtime_ns),
+                "SELECT size, mtime_ns, ctime_ns, inode FROM files WHERE path=? "
+                "AND state IN ('ok', 'error') ORDER BY finished_at DESC, id DESC LIMIT 1",
+                (path,),
             )
             .fetchone()
         )
-        return row is not None
+        return row is not None and tuple(row) == (size, mtime_ns, ctime_ns, inode)
+
+    def seen_again(
+        self, row_id: int, size: int, mtime_ns: int, ctime_ns: int, inode: int
+    ) -> dict[str, Any] | None:
+        """A finished row's content is at its path again: note its stat (for the fast
+        path) and make it the path's latest. Returns its record when another content had
+        been finished at that path since (A, then B, then A again: the JSON must say A)."""
+        with self._tx() as con:
+            row = con.execute("SELECT path, record FROM files WHERE id=?", (row_id,)).fetchone()
+            if row is None:
+                return None
+            path, record = row
+            latest = con.execute(
+                "SELECT id FROM files WHERE path=? AND state IN ('ok', 'error') "
+                "ORDER BY finished_at DESC, id DESC LIMIT 1",
+                (path,),
+            ).fetchone()
+            newer = latest is not None and int(latest[0]) != row_id
+            con.execute(
+                "UPDATE files SET size=?, mtime_ns=?, ctime_ns=?, inode=?"
+                + (", finished_at=?" if newer else "")
+                + " WHERE id=?",
+                (size, mtime_ns, ctime_ns, inode, *((time.time(),) if newer else ()), row_id),
+            )
+        return json.loads(record) if newer and record else None
 
     def finished_row(self, path: str, identity: str) -> tuple[int, str, str | None] | None:
         """``(id, state, archived_to)`` when (path, identity) is finished, else None."""
@@ -243,6 +306,8 @@ class Ledger:
         size: int,
         mtime_ns: int,
         seen_at: float,
+        ctime_ns: int | None = None,
+        inode: int | None = None,
     ) -> int | None:
         """Claim (path, identity) for this daemon; return the row id, or None if another
         daemon holds it or it is already finished."""
@@ -254,9 +319,21 @@ class Ledger:
             ).fetchone()
             if row is None:
                 cur = con.execute(
-                    "INSERT INTO files (path, identity, sha256, size, mtime_ns, state, owner, "
-                    "seen_at, claimed_at) VALUES (?, ?, ?, ?, ?, 'claimed', ?, ?, ?)",
-                    (path, identity, sha256, size, mtime_ns, self.owner, seen_at, now),
+                    "INSERT INTO files (path, identity, sha256, size, mtime_ns, ctime_ns, inode, "
+                    "state, owner, seen_at, claimed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'claimed', ?, ?, ?)",
+                    (
+                        path,
+                        identity,
+                        sha256,
+                        size,
+                        mtime_ns,
+                        ctime_ns,
+                        inode,
+                        self.owner,
+                        seen_at,
+                        now,
+                    ),
                 )
                 return int(cur.lastrowid or 0)
             row_id, state, owner = int(row[0]), str(row[1]), row[2]
@@ -266,8 +343,9 @@ class Ledger:
                 return None
             logger.info("taking over %s: its claim by %s is stale", path, owner)
             con.execute(
-                "UPDATE files SET owner=?, claimed_at=?, size=?, mtime_ns=?, seen_at=? WHERE id=?",
-                (self.owner, now, size, mtime_ns, seen_at, row_id),
+                "UPDATE files SET owner=?, claimed_at=?, size=?, mtime_ns=?, ctime_ns=?, inode=?, "
+                "seen_at=? WHERE id=?",
+                (self.owner, now, size, mtime_ns, ctime_ns, inode, seen_at, row_id),
             )
             return row_id
 

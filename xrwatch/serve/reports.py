@@ -30,6 +30,7 @@ from typing import Any
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS
 from xrwatch.serve.ledger import Finished, Ledger
+from xrwatch.serve.safefs import make_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def json_path(reports: Path, rel: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
         # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
@@ -315,6 +316,16 @@ class ReportWriter:
             fh.write(header + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+    def refresh_json(self, rel: str, record: dict[str, Any]) -> None:
+        """Rewrite the JSON report of ``rel`` (its earlier content is back under its name)."""
+        try:
+            with self._locked():
+                write_json_atomic(json_path(self.reports, rel), record)
+        except OSError as exc:
+            raise ReportWriteError(
+                f"{json_path(self.reports, rel)}: cannot write the report ({exc.strerror or exc})"
+            ) from exc
 
     def flush(
         self,
