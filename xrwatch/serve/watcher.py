@@ -86,6 +86,7 @@ class FolderWatcher:
 
     def start(self) -> None:
         """Schedule the watch (call :meth:`scan` after this for the backlog)."""
+        self.stop()  # a previous watch, even one that failed to start, is given back
         observer: BaseObserver = (
             PollingObserver(timeout=self._poll_interval) if self.poll else inotify_observer()
         )
@@ -106,12 +107,14 @@ class FolderWatcher:
                 observer.join()
         except Exception as exc:  # a half-started observer: nothing left to stop
             logger.debug("stopping the observer: %s", exc)
-        # watchdog closes an inotify instance only from its reader thread; one whose
-        # thread never ran (a failed start) would keep its descriptors
-        fd = getattr(observer, "_inotify_fd", None)
-        if fd is not None and not fd.is_alive():
+        # An inotify observer starts its reader thread (an inotify descriptor and a pipe)
+        # when it is built, and stops it only when its own thread ran: after a failed
+        # start, stop it here, or every retry would keep three descriptors and a thread.
+        reader = getattr(observer, "_inotify_fd", None)
+        if reader is not None and reader.is_alive():
             with contextlib.suppress(Exception):
-                fd.close()
+                reader.stop()
+                reader.join(5.0)
 
     def alive(self) -> bool:
         """Whether the watch still runs (an inotify watch ends when its folder is removed)."""
