@@ -31,7 +31,8 @@ def test_non_utf8_names_are_reported_escaped_and_never_stop_the_daemon(folders, 
     wait_for(lambda: len(csv_rows(reports)) == 4, 60, "rows for the new files")
     assert d.stop() == 0
     rows = {r["file"]: r for r in assert_csv_intact(reports)}
-    assert sorted(rows) == ["Gr\\xf6\\xdfe.png", "M\\xfcller.png", "plain.png", "sub/\\xe9t\\xe9.png"]
+    expected = ["Gr\\xf6\\xdfe.png", "M\\xfcller.png", "plain.png", "sub/\\xe9t\\xe9.png"]
+    assert sorted(rows) == expected
     assert rows["M\\xfcller.png"]["status"] == "ok"
     assert rows["sub/\\xe9t\\xe9.png"]["status"] == "error"
     assert json.loads((reports / "json" / "M\\xfcller.png.json").read_text())["status"] == "ok"
