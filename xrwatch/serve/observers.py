@@ -1,10 +1,11 @@
 """watchdog observers that walk a folder tree without recursion.
 
 watchdog walks a watched tree recursively (``os.walk`` before Python 3.12 for inotify,
-its own ``DirectorySnapshot.walk`` for polling): a tree about a thousand folders deep,
-present at start or moved in, raises ``RecursionError`` in the observer. These
-subclasses replace only those walks with an iterative one; everything else is
-watchdog's. (Folders deeper than :data:`xrwatch.serve.watcher.MAX_DEPTH` are still
+when watching and for the events of a folder moved in; its own ``DirectorySnapshot.walk``
+for polling): a tree about a thousand folders deep, present at start or moved in, raises
+``RecursionError`` in the observer. These subclasses (and the two event generators the
+inotify emitter calls, replaced by equivalents) walk iteratively instead; everything else
+is watchdog's. (Folders deeper than :data:`xrwatch.serve.watcher.MAX_DEPTH` are still
 watched, cheaply, but their files are not read: see the watcher.)
 """
 
@@ -16,6 +17,8 @@ import stat
 from collections.abc import Iterator
 from typing import Any, AnyStr
 
+import watchdog.observers.inotify as _inotify_module
+from watchdog.events import DirCreatedEvent, DirMovedEvent, FileCreatedEvent, FileMovedEvent
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import (
     InotifyConstants,
@@ -48,6 +51,31 @@ def walk(top: AnyStr) -> Iterator[tuple[AnyStr, list[AnyStr], list[AnyStr]]]:
             continue
         yield root, dirs, files
         stack.extend(os.path.join(root, d) for d in reversed(dirs))
+
+
+def _sub_created_events(src_dir_path: Any) -> Iterator[DirCreatedEvent | FileCreatedEvent]:
+    """watchdog's ``generate_sub_created_events``, walking iteratively."""
+    for root, directories, filenames in walk(src_dir_path):
+        for directory in directories:
+            yield DirCreatedEvent(os.path.join(root, directory), is_synthetic=True)
+        for filename in filenames:
+            yield FileCreatedEvent(os.path.join(root, filename), is_synthetic=True)
+
+
+def _sub_moved_events(src_dir_path: Any, dest_dir_path: Any) -> Iterator[Any]:
+    """watchdog's ``generate_sub_moved_events``, walking iteratively."""
+    for root, directories, filenames in walk(dest_dir_path):
+        for name, cls in [(d, DirMovedEvent) for d in directories] + [
+            (f, FileMovedEvent) for f in filenames
+        ]:
+            full_path = os.path.join(root, name)
+            renamed = src_dir_path + full_path[len(dest_dir_path) :] if src_dir_path else ""
+            yield cls(renamed, full_path, is_synthetic=True)
+
+
+# the inotify emitter looks these up in its module when a folder is moved in
+_inotify_module.generate_sub_created_events = _sub_created_events  # type: ignore[assignment]
+_inotify_module.generate_sub_moved_events = _sub_moved_events  # type: ignore[assignment]
 
 
 class _WatchGroup(InotifyWatchGroup):

@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+import pytest
 from serve_harness import assert_csv_intact, csv_rows, make_png, png_bytes, wait_for
 
 from xrwatch.serve.watcher import MAX_DEPTH
@@ -60,6 +61,9 @@ def test_line_breaks_in_names_are_escaped_and_never_collide(folders, daemons) ->
         assert (reports / "json" / f"{name}.json").is_file(), name
 
 
+_OBSERVER_ARGS = {"inotify": (), "poll": ("--poll", "--poll-interval", "0.2")}
+
+
 def _make_deep(top: Path, levels: int) -> None:
     """``top/d/d/.../d`` ``levels`` deep, a file at depth 2 and one at the bottom."""
     top.mkdir(parents=True)
@@ -108,11 +112,12 @@ def _check_deep_rows(reports: Path, prefix: str) -> None:
     assert not any(name.endswith("bottom.png") for name in rows)
 
 
-def test_deep_tree_present_at_start(folders, daemons) -> None:
+@pytest.mark.parametrize("observer", ["inotify", "poll"])
+def test_deep_tree_present_at_start(folders, daemons, observer: str) -> None:
     incoming, reports = folders
     _make_deep(incoming / "t", 1000)
     try:
-        d = daemons(incoming, reports).start()
+        d = daemons(incoming, reports, *_OBSERVER_ARGS[observer]).start()
         wait_for(lambda: len(csv_rows(reports)) == 2, 60, "two rows")
         make_png(incoming / "later.png", seed=3)  # the watch is alive
         wait_for(lambda: len(csv_rows(reports)) == 3, 60, "a row for a later file")
@@ -122,10 +127,11 @@ def test_deep_tree_present_at_start(folders, daemons) -> None:
         _remove_deep(incoming / "t")
 
 
-def test_deep_tree_moved_in_while_polling(folders, daemons, tmp_path: Path) -> None:
+@pytest.mark.parametrize("observer", ["inotify", "poll"])
+def test_deep_tree_moved_in(folders, daemons, tmp_path: Path, observer: str) -> None:
     incoming, reports = folders
     _make_deep(tmp_path / "built", 1000)
-    d = daemons(incoming, reports, "--poll", "--poll-interval", "0.2").start()
+    d = daemons(incoming, reports, *_OBSERVER_ARGS[observer]).start()
     try:
         os.rename(tmp_path / "built", incoming / "t")
         wait_for(lambda: len(csv_rows(reports)) == 2, 60, "two rows")
