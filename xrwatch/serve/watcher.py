@@ -119,11 +119,13 @@ class FolderWatcher:
     def alive(self) -> bool:
         """Whether the watch still runs (an inotify watch ends when its folder is removed)."""
         obs = self._observer
+        reader = getattr(obs, "_inotify_fd", None)  # inotify: the thread that reads events
         return (
             obs is not None
             and obs.is_alive()
             and bool(obs.emitters)
             and all(e.is_alive() for e in obs.emitters)
+            and (reader is None or reader.is_alive())
         )
 
     def ensure_alive(self) -> None:

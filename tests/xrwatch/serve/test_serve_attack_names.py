@@ -175,3 +175,47 @@ def test_failed_watch_starts_leak_no_descriptors(tmp_path: Path, monkeypatch) ->
     assert counts[-1] <= counts[0], counts
     assert not watcher.alive()
     assert not [t for t in threading.enumerate() if type(t).__name__ == "InotifyFD"]
+
+
+def test_observer_thread_death_is_loud_and_the_watch_restarts(
+    folders, tiny_onnx_model: Path, monkeypatch, caplog
+) -> None:
+    """The thread that reads inotify events dies of an exception (here injected into the
+    handling of a new folder): logged at CRITICAL, and the watch is started again, so that
+    later files are found by events (the rescan interval is far longer than the test)."""
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+    from xrwatch.serve.observers import _WatchGroup
+
+    incoming, reports = folders
+    calls: list[bytes] = []
+    original = _WatchGroup._recursive_simulate
+
+    def fail_once(self: _WatchGroup, src_path: bytes) -> list:  # type: ignore[type-arg]
+        calls.append(src_path)
+        if len(calls) == 1:
+            raise RuntimeError("injected: the event reader fails")
+        return original(self, src_path)
+
+    monkeypatch.setattr(_WatchGroup, "_recursive_simulate", fail_once)
+    config = ServeConfig(
+        incoming, tiny_onnx_model, reports, stable_seconds=0.2, max_wait=0.05,
+        rescan_interval=600,
+    )  # fmt: skip
+    daemon = Daemon(config)
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(daemon.run()))
+    runner.start()
+    try:
+        wait_for(daemon.ready.is_set, 60, "the daemon to be ready")
+        (incoming / "sub").mkdir()  # the reader thread dies handling this
+        wait_for(lambda: any(r.levelname == "CRITICAL" and "died" in r.getMessage()
+                             for r in caplog.records), 30, "the death logged")  # fmt: skip
+        wait_for(lambda: any("starting it again" in r.getMessage() for r in caplog.records),
+                 30, "the watch restarted")  # fmt: skip
+        make_png(incoming / "sub" / "later.png", seed=1)
+        wait_for(lambda: len(csv_rows(reports)) == 1, 60, "a file found by the new watch")
+    finally:
+        daemon.request_stop()
+        runner.join(30)
+    assert result == [0]
