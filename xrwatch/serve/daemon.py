@@ -166,7 +166,9 @@ def _kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-PNG_HEAD_BYTES = len(PNG_SIGNATURE) + 25  # the signature and the IHDR chunk (the size)
+# the signature, the IHDR chunk (the size) and the next chunk's length and type: shorter,
+# Pillow cannot tell a PNG still being written from a broken one
+PNG_HEAD_BYTES = len(PNG_SIGNATURE) + 25 + 8
 
 
 def too_short_to_identify(data: bytes) -> bool:

@@ -152,20 +152,23 @@ def test_files_written_in_pieces_get_one_outcome(folders, daemons, tmp_path: Pat
     png = png_bytes(seed=1)
     (incoming / "head.dcm").write_bytes(dicom[:100])  # a DICOM head, closed
     (incoming / "sig.png").write_bytes(png[:8])  # just the PNG signature, closed
+    (incoming / "ihdr.png").write_bytes(png[:35])  # the signature and the header chunk
     (incoming / "empty.png").write_bytes(b"")  # created, filled later
-    wait_for(lambda: sum("waiting for the rest" in e["message"] for e in d.log_events()) >= 3,
-             60, "the three waits logged")  # fmt: skip
+    wait_for(lambda: sum("waiting for the rest" in e["message"] for e in d.log_events()) >= 4,
+             60, "the four waits logged")  # fmt: skip
     time.sleep(1.0)
     (incoming / "head.dcm").write_bytes(dicom)
     (incoming / "sig.png").write_bytes(png)
+    (incoming / "ihdr.png").write_bytes(png)
     (incoming / "empty.png").write_bytes(png_bytes(seed=2))
-    wait_for(lambda: len(csv_rows(reports)) >= 3, 60, "three rows")
+    wait_for(lambda: len(csv_rows(reports)) >= 4, 60, "four rows")
     time.sleep(1.0)
     assert d.stop() == 0
     rows = assert_csv_intact(reports)
     assert sorted((r["file"], r["status"]) for r in rows) == [
         ("empty.png", "ok"),
         ("head.dcm", "ok"),
+        ("ihdr.png", "ok"),
         ("sig.png", "ok"),
     ]
 
