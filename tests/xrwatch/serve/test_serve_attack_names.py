@@ -9,6 +9,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from serve_harness import assert_csv_intact, csv_rows, make_png, png_bytes, wait_for
 
@@ -219,3 +220,19 @@ def test_observer_thread_death_is_loud_and_the_watch_restarts(
         daemon.request_stop()
         runner.join(30)
     assert result == [0]
+
+
+def test_escaped_names_are_plain_text_and_never_collide() -> None:
+    from xrwatch.serve.names import escape_name
+
+    rng = np.random.default_rng(0)
+    alphabet = [b"a", b".", b"\\", b"n", b"x", b"f", b"c", b"\n", b"\r", b"\t", b"\x1b",
+                b"\xfc", b"\xc3\xbc", b"\xc2\x85", b"\xe2\x80\xa8", b"\x7f", b" "]  # fmt: skip
+    names = {b"".join(rng.choice(alphabet, size=rng.integers(1, 6))) for _ in range(20_000)}
+    escaped = {escape_name(os.fsdecode(n)) for n in names}
+    assert len(escaped) == len(names)  # injective
+    for text in escaped:
+        text.encode("utf-8")  # storable in SQLite, CSV and JSON
+        assert text.isprintable(), text
+    assert escape_name("Müller.png") == "Müller.png"
+    assert escape_name(os.fsdecode(b"M\xfcller.png")) == "M\\xfcller.png"
