@@ -251,3 +251,35 @@ def test_a_dead_daemon_whose_pid_is_reused_does_not_hold_its_files(folders, daem
     wait_for(lambda: len(csv_rows(reports)) == 1, 60, "the file the dead daemon had claimed")
     assert d.stop() == 0
     assert assert_csv_intact(reports)[0]["status"] == "ok"
+
+
+def test_rows_from_before_ctime_and_inode_were_recorded_are_not_reported_again(
+    folders, daemons
+) -> None:
+    """A ledger written by an older version has no ctime/inode: the first start reads and
+    hashes those files once more, finds their content finished, and reports nothing."""
+    incoming, reports = folders
+    for i in range(3):
+        make_png(incoming / f"f{i}.png", seed=i)
+    d = daemons(incoming, reports).start()
+    wait_for(lambda: len(csv_rows(reports)) == 3, 60, "three rows")
+    assert d.stop() == 0
+    con = sqlite3.connect(reports / "state" / "ledger.sqlite3", timeout=30)
+    try:
+        con.execute("UPDATE files SET ctime_ns=NULL, inode=NULL")
+        con.commit()
+
+        def unrecorded() -> int:
+            return int(con.execute("SELECT COUNT(*) FROM files WHERE inode IS NULL").fetchone()[0])
+
+        d2 = daemons(incoming, reports).start()
+        # seen again: their stat is recorded now, so the next scans skip them unread
+        wait_for(lambda: unrecorded() == 0, 60, "the files seen again")
+    finally:
+        con.close()
+    make_png(incoming / "new.png", seed=9)
+    wait_for(lambda: len(csv_rows(reports)) == 4, 60, "the new file's row")
+    assert d2.stop() == 0
+    assert sorted(r["file"] for r in assert_csv_intact(reports)) == [
+        "f0.png", "f1.png", "f2.png", "new.png",
+    ]  # fmt: skip
