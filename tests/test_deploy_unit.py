@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "deploy" / "xrwatch.service"
@@ -27,10 +28,7 @@ HARDENING = {
 
 
 def _analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze not installed (apt-get install systemd; .ci/run does)")
-    return tool
+    return require_tool("systemd-analyze", "systemd")
 
 
 def _checkable_copy(tmp_path: Path) -> Path:

@@ -6,7 +6,6 @@ memory budget and JPEG 2000 decoded at reduced resolution."""
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from tests.helpers.dicom_factory import build_dataset, gradient, write_dicom
+from tests.helpers.tools import require_tool
 from xrwatch.errors import ImageDecodeError, ImageTooLargeError
 from xrwatch.imageio import dicom as dicom_reader
 from xrwatch.imageio import read_image
@@ -39,7 +39,6 @@ from xrwatch.imageio.voi import (
 from xrwatch.preprocess import PreprocessSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-DCMTK = shutil.which("dcm2pnm") is not None and shutil.which("dcmcjpeg") is not None
 
 
 def _frame(ds: Any) -> bytes:
@@ -117,7 +116,6 @@ def test_scan_end_patch_leaves_lossless_jpeg_alone() -> None:
     assert patch_jpeg_scan_end(_frame(pydicom.dcmread(source))) is None
 
 
-@pytest.mark.skipif(not DCMTK, reason="DCMTK (dcmcjpeg, dcmdjpeg) not installed")
 def test_dcmtk_12_bit_extended_with_scan_end_zero_matches_dcmtk(tmp_path: Path) -> None:
     """DCMTK encodes 12-bit JPEG extended; Se is set to 0; DCMTK's own decode of that file,
     written as Explicit VR Little Endian, is the reference."""
@@ -125,14 +123,16 @@ def test_dcmtk_12_bit_extended_with_scan_end_zero_matches_dcmtk(tmp_path: Path) 
     raw = (2048 + 1500 * np.sin(x / 9.0) * np.cos(y / 13.0)).astype(np.uint16)
     native = write_dicom(tmp_path / "native.dcm", pixels=raw, bits_stored=12, window=(2048, 4000))
     jpeg = tmp_path / "jpeg.dcm"
-    subprocess.run(["dcmcjpeg", "+ee", str(native), str(jpeg)], check=True, timeout=60)
+    dcmcjpeg = require_tool("dcmcjpeg", "dcmtk")
+    subprocess.run([dcmcjpeg, "+ee", str(native), str(jpeg)], check=True, timeout=60)
     ds = pydicom.dcmread(jpeg)
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.51"
     ds.PixelData = encapsulate([_set_scan_end_zero(_frame(ds))])
     ds.save_as(tmp_path / "se0.dcm")
     decoded_by_dcmtk = tmp_path / "dcmtk.dcm"
+    dcmdjpeg = require_tool("dcmdjpeg", "dcmtk")
     subprocess.run(
-        ["dcmdjpeg", "+te", str(tmp_path / "se0.dcm"), str(decoded_by_dcmtk)],
+        [dcmdjpeg, "+te", str(tmp_path / "se0.dcm"), str(decoded_by_dcmtk)],
         check=True,
         timeout=60,
     )
@@ -170,7 +170,6 @@ def test_presentation_lut_shape_sets_polarity(
     np.testing.assert_allclose(read_image(path).pixels, expected, atol=1e-6)
 
 
-@pytest.mark.skipif(shutil.which("dcm2pnm") is None, reason="DCMTK's dcm2pnm not installed")
 @pytest.mark.parametrize(
     ("photometric", "shape"),
     [("MONOCHROME2", None), ("MONOCHROME2", "INVERSE"), ("MONOCHROME1", "INVERSE")],
@@ -187,8 +186,9 @@ def test_polarity_matches_dcmtk(tmp_path: Path, photometric: str, shape: str | N
         extra=extra,
     )
     pgm = tmp_path / "s.pgm"
+    dcm2pnm = require_tool("dcm2pnm", "dcmtk")
     subprocess.run(
-        ["dcm2pnm", "--write-16-bit-pnm", "+Wi", "1", str(path), str(pgm)], check=True, timeout=60
+        [dcm2pnm, "--write-16-bit-pnm", "+Wi", "1", str(path), str(pgm)], check=True, timeout=60
     )
     dcmtk = np.asarray(Image.open(pgm)).astype(np.float64) / 65535.0
     np.testing.assert_allclose(read_image(path).pixels, dcmtk, atol=1e-3)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import pydicom
-import pytest
 
 LOOPBACK = "127.0.0.1"
 # storescu proposes uncompressed syntaxes unless told; a real modality is configured the
@@ -63,19 +60,6 @@ def echoscu(tools: dict[str, str], port: int, aet: str, aec: str = "XRWATCH") ->
         [tools["echoscu"], "-aet", aet, "-aec", aec, LOOPBACK, str(port)],
         capture_output=True, timeout=60,
     ).returncode  # fmt: skip
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of ``name``; skip (fail under XRWATCH_REQUIRE_SHARED_DATA=1) when absent."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
-    if path:
-        return path
-    reason = (
-        f"{name} not found: install the Debian package {package} (apt-get install -y {package})"
-    )
-    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(reason + " (required: XRWATCH_REQUIRE_SHARED_DATA=1)")
-    pytest.skip(reason)
 
 
 def free_port() -> int:
