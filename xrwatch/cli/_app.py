@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from itertools import pairwise
 
 import typer
 from rich.console import Console
@@ -64,7 +65,7 @@ def _json_errors(argv: list[str] | None) -> bool:
     may be that it does not parse). ``serve`` reports its own errors when the format comes
     from its config file."""
     args = sys.argv[1:] if argv is None else argv
-    pairs = zip(args, [*args[1:], ""], strict=True)
+    pairs = pairwise(args)  # each argument with the next; none when bare
     return "--log-format=json" in args or ("--log-format", "json") in pairs
 
 
