@@ -21,8 +21,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))  # serve_harness
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dicom_tools
 
-from dicom_tools import LOOPBACK, free_port, require_tool
+from dicom_tools import LOOPBACK, free_port
 from serve_harness import DaemonProc
+
+from tests.helpers.tools import require_tool
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dicom_tools import free_port, require_tool
+from dicom_tools import free_port
 
+from tests.helpers.tools import require_tool
 from xrwatch.cli._app import main
 from xrwatch.dicom.outbox import Outbox, backoff
 from xrwatch.dicom.scp import Receiver
