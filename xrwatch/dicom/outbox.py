@@ -145,8 +145,11 @@ class Outbox:
         holder = self if self._shared else self._local
         con: sqlite3.Connection | None = getattr(holder, "_connection", None)
         if con is None:
+            # Each thread uses only its own connection (or, shared, the caller serialises
+            # use); check_same_thread=False lets close() at stop, on whichever thread stops
+            # the node, close the connections that the worker threads opened.
             con = sqlite3.connect(
-                self.db, timeout=30.0, isolation_level=None, check_same_thread=not self._shared
+                self.db, timeout=30.0, isolation_level=None, check_same_thread=False
             )
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=FULL")  # an acknowledgement is a promise
@@ -171,6 +174,7 @@ class Outbox:
         self._con().executescript(SCHEMA)
 
     def close(self) -> None:
+        """Close every thread's connection; call once the threads using them have stopped."""
         with self._lock:
             for con in self._all:
                 con.close()

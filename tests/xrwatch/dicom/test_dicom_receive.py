@@ -170,6 +170,9 @@ def test_once_with_dicom_sr_writes_the_srs_of_dropped_dicoms_before_exiting(
         (incoming / f.name).write_bytes(f.read_bytes())
     done = run_once(incoming, reports, tiny_onnx_model, "--dicom-sr")
     assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout + done.stderr  # a clean stop logs no error (the node's close)
+    assert "ERROR" not in log and '"level": "error"' not in log, log
+    assert "Traceback" not in log, log
     srs = sorted((reports / "dicom").rglob("*.SR.dcm"))
     assert sorted(p.name for p in srs) == sorted(f"{sop_uid(f)}.SR.dcm" for f in real_dicoms[:2])
 
