@@ -54,6 +54,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "avg_val_accuracy": summary.get("avg_val_accuracy_over_epochs"),
         "val_loss": val.get("loss"),
         "val_accuracy_ci": (val.get("ci95") or {}).get("accuracy"),
+        "val_balanced_accuracy_ci": (val.get("ci95") or {}).get("balanced_accuracy"),
         "test_accuracy_ci": (test.get("ci95") or {}).get("accuracy"),
         "test_balanced_accuracy_ci": (test.get("ci95") or {}).get("balanced_accuracy"),
         "test_macro_f1_ci": (test.get("ci95") or {}).get("macro_f1"),

@@ -32,6 +32,15 @@ def test_table1_names_the_best_run_by_validation_not_test(tmp_path: Path) -> Non
     text = md.read_text()
     assert "Best run by validation balanced accuracy" in text
     assert "**PRCW** (80.0 % on validation, 70.0 % on test), `runs/PRCW`" in text
+    lines = text.splitlines()
+    header = next(x for x in lines if x.startswith("| Exp."))
+    column = [c.strip() for c in header.split("|")].index("Val bal. acc")
+    shown = {
+        x.split("|")[1].strip(): x.split("|")[column].strip()
+        for x in lines[lines.index(header) + 2 :]
+        if x.startswith("| PRC")
+    }
+    assert shown == {"PRCE": "60.0", "PRCW": "80.0"}  # the figure the best run is chosen by
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["experiment"] for r in rows] == ["PRCE", "PRCW"]
     assert rows[1]["val_balanced_acc"] == "0.8"
