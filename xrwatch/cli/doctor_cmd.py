@@ -275,8 +275,15 @@ def _ort_checks(*, cuda: bool) -> list[Check]:
         import onnxruntime as ort
     except ImportError as exc:
         return [Check("onnxruntime", "import", f"fails: {exc}", "fail")]
+    # get_device() names what the package was built for, not a device found on this machine
+    build = str(ort.get_device())
+    if build.startswith("GPU"):
+        where = "the CUDA session row" if cuda else "run doctor without --no-cuda"
+        build = f"{build} (CUDA): can use an NVIDIA GPU; whether one is usable here: {where}"
+    else:
+        build = f"{build}: runs on the CPU only"
     rows = [
-        Check("onnxruntime", "device", str(ort.get_device()), "info"),
+        Check("onnxruntime", "build", build, "info"),
         Check("onnxruntime", "providers", ", ".join(ort.get_available_providers()), "ok"),
     ]
     if cuda:
