@@ -122,7 +122,8 @@ def _table(item: Inspection) -> Any:
     m = item.meta
     size = f"{m['width']} x {m['height']}"
     if (m["decoded_width"], m["decoded_height"]) != (m["width"], m["height"]):
-        size += f"  (decoded at {m['decoded_width']} x {m['decoded_height']}, draft mode)"
+        how = "draft mode" if m["kind"] == "jpeg" else "reduced resolution"  # JPEG 2000
+        size += f"  (decoded at {m['decoded_width']} x {m['decoded_height']}, {how})"
     ts = m.get("transfer_syntax")
     rows = [
         ("status", "ok" if item.ok else f"[red]failed: {item.error_type}[/]"),
