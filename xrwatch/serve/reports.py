@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -147,8 +148,24 @@ def json_path(reports: Path, rel: str) -> Path:
     return path
 
 
+def _not_a_folder(folder: Path) -> Path | None:
+    """The first component of ``folder`` that exists but is not a folder, if any."""
+    for part in (*reversed(folder.parents), folder):
+        if not part.is_dir():
+            return part if os.path.lexists(part) else None
+    return None
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
+    try:
+        make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
+    except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
+        blocking = _not_a_folder(path.parent)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
+        ) from exc
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
         # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON

@@ -65,6 +65,8 @@ def test_a_report_that_cannot_be_written_is_held_and_shown(folders, tiny_onnx_mo
     assert r.returncode == 1, r.stderr  # exits, and says not everything was reported
     assert sorted(row["file"] for row in csv_rows(reports)) == ["b0.png", "b1.png", "b2.png"]
     assert "sub/a.png: report not written" in r.stderr
+    assert f"{reports / 'json' / 'sub'} is not a folder" in r.stderr  # what is in the way
+    assert "File exists" not in r.stderr
     assert "1 result(s) are recorded in the ledger but not in" in r.stderr
     state = reports / ".xrwatch-state"
     data = json.loads(_status(state, "--json").stdout)
