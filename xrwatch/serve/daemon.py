@@ -786,8 +786,9 @@ class Daemon:
 
     def status_line(self) -> str:
         held = self._unreported if self._report_error else self._held
+        errors = self.counts["error"]
         return (
-            f"{self.counts['ok']} ok, {self.counts['error']} errors since start; "
+            f"{self.counts['ok']} ok, {errors} error{'' if errors == 1 else 's'} since start; "
             f"{self._queue_depth()} waiting; provider {self.engine.provider}"
             + (f"; {held} result(s) not written to the reports" if held else "")
         )

@@ -129,7 +129,8 @@ def test_status_reports_counts_and_last_errors(folders, tiny_onnx_model: Path) -
     incoming, reports = folders
     make_png(incoming / "a.png", seed=1)
     (incoming / "b.png").write_text("text")
-    run_once(incoming, reports, tiny_onnx_model)
+    done = run_once(incoming, reports, tiny_onnx_model)
+    assert "stopped: 1 ok, 1 error since start" in done.stderr  # not "1 errors"
     state = reports / ".xrwatch-state"
     r = subprocess.run(
         [sys.executable, "-m", "xrwatch", "status", "--state-dir", str(state), "--json"],
