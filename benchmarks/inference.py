@@ -51,6 +51,7 @@ from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoin
 from training.models import build_model, model_from_checkpoint, wrap  # noqa: E402
 from xrwatch.engine import expand_inputs  # noqa: E402
 from xrwatch.preprocess import PreprocessSpec, load_model_input  # noqa: E402
+from xrwatch.sysinfo import describe  # noqa: E402
 
 logger = logging.getLogger("benchmarks.inference")
 
@@ -219,6 +220,7 @@ def main() -> int:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep models here")
     args = parser.parse_args()
+    print(describe())  # the CPU, its ISA features and ONNX Runtime: what the figures need
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

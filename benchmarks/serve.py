@@ -102,6 +102,9 @@ def main() -> int:
     ap.add_argument("--stable-seconds", type=float, default=2.0)
     ap.add_argument("--max-wait", type=float, default=0.25)
     args = ap.parse_args()
+    from xrwatch.sysinfo import describe
+
+    print(describe())  # the CPU, its ISA features and ONNX Runtime: what the figures need
 
     sources = sorted(p for p in SHARED.rglob("*") if p.is_file())
     if not sources:

@@ -37,6 +37,7 @@ from training.models import build_model, wrap
 from training.presets import TrainConfig
 from training.synth import synth_image
 from xrwatch.preprocess import PreprocessSpec
+from xrwatch.sysinfo import describe
 
 TRAIN_IMAGES = 5286  # CoronaHack TRAIN rows (5,284 once the 2 ARDS images are left out)
 EVAL_IMAGES = 624 + 529  # official TEST + a 10 % validation split, every epoch
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    print(describe())  # the CPU, its ISA features and ONNX Runtime: what the figures need
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:

@@ -66,6 +66,8 @@ def build_metadata(
         mm.KEY_CHECKPOINT_SHA256: checkpoint_sha256,
         mm.KEY_VERSION: __version__,
         mm.KEY_CREATED_AT: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        # export verifies at this level (export.verify.onnx_probabilities); serving uses it
+        mm.KEY_GRAPH_OPTIMIZATION: mm.DEFAULT_GRAPH_OPTIMIZATION,
     }
 
 

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,12 +122,31 @@ def variant_path(output: Path, precision: str) -> Path:
     return output if precision == "fp32" else output.with_name(f"{output.stem}.{precision}.onnx")
 
 
+def require_completed_epoch(ckpt: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint saved before its first epoch finished (a run interrupted early).
+
+    Its weights are the initial ones and it has no validation metrics: exported, it would
+    pass verification (ONNX matches torch) and be served as if it were a trained model.
+    """
+    epoch = int(ckpt.get("epoch") or 0)
+    val = (ckpt.get("metrics") or {}).get("val")
+    if epoch >= 1 and val:
+        return
+    found = f"epoch {epoch}" + ("" if val else ", no validation metrics")
+    raise ConfigError(
+        f"{path}: no completed training epoch ({found}): the run was interrupted before "
+        "its first epoch finished, so this model is untrained and unmeasured. Finish at least "
+        "one epoch (xrwatch train --resume RUN_FOLDER) and export again"
+    )
+
+
 def export_model(options: ExportOptions) -> ExportResult:
     """Run the whole export; raises an :class:`~xrwatch.errors.XRWatchError` on failure."""
     options.validate()
     selection = find_best(options.source) if options.best else resolve_source(options.source)
     logger.info("exporting %s (%s)", selection.path, selection.reason)
     ckpt = load_checkpoint(selection.path)
+    require_completed_epoch(ckpt, selection.path)
     checkpoint_sha256 = file_sha256(selection.path)
     model = model_from_checkpoint(ckpt)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])

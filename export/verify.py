@@ -21,6 +21,7 @@ from torch import nn
 
 from xrwatch.errors import ImageError, ModelError
 from xrwatch.inputs import expand_inputs
+from xrwatch.modelmeta import DEFAULT_GRAPH_OPTIMIZATION, ort_optimization_level
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
@@ -139,12 +140,17 @@ def torch_probabilities(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def onnx_probabilities(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Probabilities from ONNX Runtime (CPU), through the engine's own session code."""
+def onnx_probabilities(
+    path: Path, inputs: np.ndarray, level: str = DEFAULT_GRAPH_OPTIMIZATION
+) -> np.ndarray:
+    """Probabilities from ONNX Runtime (CPU) at graph-optimisation ``level``: the level the
+    metadata records and serving uses (:mod:`xrwatch.modelmeta`)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort_optimization_level(level)
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportVerificationError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
     out = [

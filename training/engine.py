@@ -428,7 +428,7 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
             f"batch size {cfg.batch_size} is the global batch and must divide across the "
             f"{d.world} processes: use a multiple of {d.world}"
         )
-    cfg = replace(resolve_split_config(cfg), world_size=d.world)
+    cfg = replace(cfg, world_size=d.world)
     device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -452,8 +452,11 @@ def _train(cfg: TrainConfig, *, resume: str | Path | None, locks: ExitStack) -> 
         cfg = replace(cfg, name=run_dir.name, out=str(run_dir.parent))
         if d.main and run_dir.is_dir():
             locks.enter_context(hold_run_folder(run_dir))
+        cfg = resolve_split_config(cfg)  # when its config.json says auto
+        if d.main and run_dir.is_dir():
             record_config(run_dir, cfg, event="resume")
     else:
+        cfg = resolve_split_config(cfg)  # config.json records the split that runs
         name = _broadcast(cfg.name or _default_name(cfg), d)
         cfg = replace(cfg, name=name)
         run_dir = Path(cfg.out) / name

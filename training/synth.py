@@ -3,7 +3,9 @@
 ``write_synthetic(out, scale=1.0)`` writes ``Chest_xray_Corona_Metadata.csv`` and
 ``train/``/``test/`` JPEGs with the real dataset's row types in the real proportions (scale
 1.0 = the real 5,910 images) and Kermany-style file names (``personN_bacteria_K.jpeg``,
-``IM-NNNN-0001.jpeg``), so splits group patients exactly as on the real data.
+``IM-NNNN-0001.jpeg``), so splits group patients exactly as on the real data. The other
+images (journal-figure names, as COVID-19's are) get their patient from
+``covid_collection_patients.csv``, written beside the metadata as the real dataset has one.
 
 Each image is a chest-like phantom (two dark lung fields, a bright mediastinum, noise and a
 random exposure) carrying a class-dependent pattern that survives flips and rotations:
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from training.data import PATIENTS_CSV
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ def write_synthetic(
     root = Path(out)
     rng = np.random.default_rng(seed)
     rows: list[list[str]] = []
+    patients: list[list[str]] = []  # the names that carry no patient id
     person, normal_id, other_id = 1, 1, 1
     counts: dict[str, int] = {"TRAIN": 0, "TEST": 0}
     for split, label, label1, label2, real_count in REAL_ROWS:
@@ -133,6 +138,7 @@ def write_synthetic(
                     name = f"person{person}_{tag}_{other_id}.jpeg"
                 else:  # COVID-19, SARS, ARDS: journal-figure style names, one series each
                     name = f"{label2.lower()}-p{person}x-fig{k % 3 + 1}-day{other_id}.jpeg"
+                    patients.append([name, f"synth-{person}"])
                 other_id += 1
                 k += 1
                 pixels = synth_image(kind, image_size, rng)
@@ -149,5 +155,7 @@ def write_synthetic(
         )  # fmt: skip
         for i, row in enumerate(rows):
             w.writerow([i, *row])
+    with (root / PATIENTS_CSV).open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["X_ray_image_name", "patientid"], *patients])
     logger.info("wrote %d synthetic images to %s", len(rows), root)
     return counts

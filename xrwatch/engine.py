@@ -29,7 +29,13 @@ import numpy as np
 from xrwatch.errors import ImageError, ModelError, ProviderError
 from xrwatch.filehash import file_sha256, read_and_hash
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
-from xrwatch.modelmeta import ModelMeta, metadata_from_session
+from xrwatch.logs import native_stderr_to_log, printed_to_log
+from xrwatch.modelmeta import (
+    DEFAULT_GRAPH_OPTIMIZATION,
+    ModelMeta,
+    metadata_from_session,
+    ort_optimization_level,
+)
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,7 @@ class Prediction:
     study_instance_uid: str | None = None  # DICOM only
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    accession_number: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,20 +104,39 @@ def cuda_unavailable_reason() -> str | None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
-            preload()
+            with printed_to_log():
+                preload()
         except Exception as exc:  # best effort; the session attempt decides
             logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
     return None
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int) -> Any:
+def _session_options(
+    intra_op_threads: int, inter_op_threads: int, level: str = DEFAULT_GRAPH_OPTIMIZATION
+) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (all cores)
     options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = ort_optimization_level(level)
     return options
+
+
+def optimization_caveat(meta: ModelMeta, provider: str) -> str | None:
+    """Why results may differ from the ones export verified, or None.
+
+    Export verifies on ONNX Runtime's CPU provider at ``meta.graph_optimization``; serving
+    uses that level, but another provider has other kernels and fusions, which matters
+    for int8 (some top-1 answers change).
+    """
+    if provider == CPU_EP or meta.precision != "int8":
+        return None
+    return (
+        f"{meta.path}: this int8 model was verified on {CPU_EP} at graph optimisation level "
+        f"{meta.graph_optimization!r}; on {provider} its results may differ from the verified "
+        "ones (some top-1 answers can change); use --cpu, or the fp32/fp16 model on a GPU"
+    )
 
 
 def _create_session(
@@ -126,7 +152,8 @@ def _create_session(
             reason = unavailable
         else:
             try:
-                session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
+                with native_stderr_to_log():
+                    session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
             except Exception as exc:
                 raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
             if session.get_providers()[0] == CUDA_EP:
@@ -137,7 +164,8 @@ def _create_session(
         if require_gpu:
             raise ProviderError(f"{path}: a GPU was required but cannot be used: {reason}")
     try:
-        session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
+        with native_stderr_to_log():
+            session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
     except Exception as exc:
         raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
     return session, reason
@@ -174,6 +202,14 @@ class InferenceEngine:
             path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
         )
         self.meta: ModelMeta = metadata_from_session(self._session, path, self.model_sha256)
+        if self.meta.graph_optimization != DEFAULT_GRAPH_OPTIMIZATION:
+            # the level the model was verified at: results then match export's verification
+            options = _session_options(
+                intra_op_threads, inter_op_threads, self.meta.graph_optimization
+            )
+            self._session, why = _create_session(
+                path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
+            )
         self._check_signature()
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider: str = self.providers[0]
@@ -188,6 +224,9 @@ class InferenceEngine:
             self.provider,
             why,
         )
+        caveat = optimization_caveat(self.meta, self.provider)
+        if caveat:
+            logger.warning("%s", caveat)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -288,6 +327,7 @@ class InferenceEngine:
             study_instance_uid=getattr(meta, "study_instance_uid", None),
             series_instance_uid=getattr(meta, "series_instance_uid", None),
             sop_instance_uid=getattr(meta, "sop_instance_uid", None),
+            accession_number=getattr(meta, "accession_number", None),
         )
 
     def failure(self, file: str | Path, error: str, *, sha256: str | None = None) -> Prediction:

@@ -20,6 +20,7 @@ from typing import Any
 
 from xrwatch.errors import ConfigError, ModelError, ModelMetadataError
 from xrwatch.filehash import file_sha256 as file_sha256  # re-exported: export uses it here
+from xrwatch.logs import native_stderr_to_log
 from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ KEY_METRICS = "xrwatch.metrics"
 KEY_CHECKPOINT_SHA256 = "xrwatch.checkpoint_sha256"
 KEY_VERSION = "xrwatch.version"
 KEY_CREATED_AT = "xrwatch.created_at"
+# Optional (older models lack it): ONNX Runtime's graph-optimisation level the model was
+# verified at, which serving then uses too. int8 results depend on it: fusions at "all"
+# compute (slightly) differently from "basic", enough to change some top-1 answers.
+KEY_GRAPH_OPTIMIZATION = "xrwatch.graph_optimization"
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+DEFAULT_GRAPH_OPTIMIZATION = "all"  # what serving always used before the key existed
 
 # Every key export writes; all are required at load.
 METADATA_KEYS = (
@@ -76,6 +83,7 @@ class ModelMeta:
     model_sha256: str
     metrics: Mapping[str, Any] = field(default_factory=dict)  # {"val": {...}, "test": {...}}
     format_version: str = FORMAT_VERSION
+    graph_optimization: str = DEFAULT_GRAPH_OPTIMIZATION  # verified at; serving uses it too
 
     @property
     def name(self) -> str:
@@ -99,6 +107,7 @@ class ModelMeta:
             "model_sha256": self.model_sha256,
             "metrics": dict(self.metrics),
             "format_version": self.format_version,
+            "graph_optimization": self.graph_optimization,
         }
 
 
@@ -163,6 +172,13 @@ def parse_metadata(
     if not isinstance(metrics, dict):
         raise ModelMetadataError(f"{where}: {KEY_METRICS} must be a JSON object")
 
+    level = props.get(KEY_GRAPH_OPTIMIZATION, DEFAULT_GRAPH_OPTIMIZATION)
+    if level not in GRAPH_OPTIMIZATIONS:
+        raise ModelMetadataError(
+            f"{where}: {KEY_GRAPH_OPTIMIZATION} must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, "
+            f"found {level!r}"
+        )
+
     return ModelMeta(
         path=where,
         classes=tuple(classes),
@@ -178,7 +194,21 @@ def parse_metadata(
         model_sha256=model_sha256,
         metrics=metrics,
         format_version=props[KEY_FORMAT_VERSION],
+        graph_optimization=level,
     )
+
+
+def ort_optimization_level(name: str) -> Any:
+    """The ``onnxruntime.GraphOptimizationLevel`` of a :data:`GRAPH_OPTIMIZATIONS` name."""
+    import onnxruntime as ort
+
+    levels = ort.GraphOptimizationLevel
+    return {
+        "disable": levels.ORT_DISABLE_ALL,
+        "basic": levels.ORT_ENABLE_BASIC,
+        "extended": levels.ORT_ENABLE_EXTENDED,
+        "all": levels.ORT_ENABLE_ALL,
+    }[name]
 
 
 def metadata_from_session(session: Any, path: str | Path, model_sha256: str = "") -> ModelMeta:
@@ -197,7 +227,8 @@ def read_model_metadata(path: str | Path) -> ModelMeta:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        with native_stderr_to_log():
+            session = ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise ModelError(f"{p}: ONNX Runtime cannot load the model: {exc}") from exc
     return metadata_from_session(session, p, file_sha256(p))

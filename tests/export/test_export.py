@@ -157,6 +157,26 @@ def test_existing_model_survives_a_failed_export(
     assert out.read_bytes() == before
 
 
+def test_a_run_interrupted_before_its_first_epoch_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.checkpoint import save_checkpoint
+
+    # what training's Ctrl-C handler writes when no epoch has finished: last.pt only,
+    # epoch 0, no metrics
+    run = tmp_path / "run"
+    ckpt = load_checkpoint(make_checkpoint(run / "last.pt", size=32, epoch=0))
+    ckpt["metrics"] = {"val": None, "test": None, "train": None}
+    save_checkpoint(ckpt, run / "last.pt")
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(ConfigError, match="no completed training epoch"):
+        export_model(ExportOptions(source=run, output=out))
+    assert main(["export", str(run), "-o", str(out)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"{run / 'last.pt'}: no completed training epoch (epoch 0, no validation" in err
+    assert not out.exists()
+
+
 def test_option_errors(tmp_path: Path) -> None:
     ckpt = make_checkpoint(tmp_path / "run" / "best.pt", size=32)
     with pytest.raises(ConfigError, match="calibration"):

@@ -140,3 +140,14 @@ def test_dataset_and_synth_commands_do_not_import_torch(shared_xray: Path, tmp_p
     assert out.returncode == 0, out.stderr
     assert '"TRAIN"' in out.stdout and '"Bacteria": 2535' in out.stdout
     assert (tmp_path / "s" / "Chest_xray_Corona_Metadata.csv").is_file()
+
+
+def test_synth_data_groups_every_image_by_patient_without_a_warning(tmp_path: Path) -> None:
+    from training.synth import write_synthetic
+
+    write_synthetic(tmp_path, scale=0.02, image_size=16, seed=0)
+    index = index_dataset(tmp_path, "multiclass")
+    assert index.patients_csv == tmp_path / "covid_collection_patients.csv"
+    assert not [w for w in index.warnings if "patient id" in w]
+    covid = [s for s in index.samples if s.fine == "COVID-19"]
+    assert covid and all(s.group.startswith("collection:synth-") for s in covid)

@@ -3,7 +3,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from training.report import write_table1
+from xrwatch.cli._app import main
 
 
 def _result(val_bal: float, test_bal: float, run_dir: str) -> dict[str, object]:
@@ -32,6 +35,15 @@ def test_table1_names_the_best_run_by_validation_not_test(tmp_path: Path) -> Non
     text = md.read_text()
     assert "Best run by validation balanced accuracy" in text
     assert "**PRCW** (80.0 % on validation, 70.0 % on test), `runs/PRCW`" in text
+    lines = text.splitlines()
+    header = next(x for x in lines if x.startswith("| Exp."))
+    column = [c.strip() for c in header.split("|")].index("Val bal. acc")
+    shown = {
+        x.split("|")[1].strip(): x.split("|")[column].strip()
+        for x in lines[lines.index(header) + 2 :]
+        if x.startswith("| PRC")
+    }
+    assert shown == {"PRCE": "60.0", "PRCW": "80.0"}  # the figure the best run is chosen by
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["experiment"] for r in rows] == ["PRCE", "PRCW"]
     assert rows[1]["val_balanced_acc"] == "0.8"
@@ -60,3 +72,22 @@ def test_table1_shows_the_studys_figures_intervals_and_class_coverage(tmp_path: 
     assert rows["PRCE"]["test_acc_ci_low"] == "0.58312"
     assert rows["PRCE"]["test_classes_missing"] == "COVID-19"
     assert rows["PRCW"]["published_val_acc"] == "73.43"
+
+
+def test_reproduce_says_it_wrote_table1_json_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import training.reproduce
+
+    def table_only(
+        overrides: dict[str, object], only: list[str] | None = None
+    ) -> tuple[Path, Path]:
+        return write_table1({"PRCE": _result(0.6, 0.5, "runs/PRCE")}, tmp_path)
+
+    monkeypatch.setattr(training.reproduce, "reproduce", table_only)
+    assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path)]) == 0
+    wrote = capsys.readouterr().out.replace("\n", "")
+    assert f"wrote {tmp_path / 'table1.md'}, {tmp_path / 'table1.csv'} and " in wrote
+    assert str(tmp_path / "table1.json") in wrote and (tmp_path / "table1.json").is_file()
+    assert main(["reproduce", "--help"]) == 0
+    assert "table1.json" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -69,8 +70,8 @@ def test_short_run_learns_and_writes_a_complete_run_folder(
     ):
         assert (run / name).is_file(), name  # fmt: skip
     assert len(_rows(run / "metrics.csv")) == 4
-    # config.json is complete: it rebuilds the same config
-    assert load_run_config(run) == cfg
+    # config.json is complete: it rebuilds the same config, --split auto resolved
+    assert load_run_config(run) == dataclasses.replace(cfg, split="official")
     # best.pt is self-describing, and rebuilding it gives the test metrics back
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["epoch"] == summary["best_epoch"] and ckpt["metrics"]["test"] == summary["test"]

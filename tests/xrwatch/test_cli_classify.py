@@ -207,3 +207,30 @@ def test_csv_is_one_line_per_file_and_formats_like_the_daemon_report() -> None:
     assert rows[0]["confidence"] == "0.750000" and rows[0]["prob_Virus"] == "0.250000"
     assert rows[1]["error"] == "pixel data does not decode: line two"
     assert rows[1]["prob_Normal"] == "" and rows[1]["label"] == ""
+
+
+def test_csv_neutralises_spreadsheet_formulas_in_text_cells(
+    tmp_path: Path,
+    tiny_onnx_model: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = ["=HYPERLINK(1).png", "+1.png", "-1.png", "@SUM(A1).png", "\tx.png"]
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # relative names: the file cell starts with the name itself
+    code, out, _ = run(
+        ["classify", "--model", str(tiny_onnx_model), "--format", "csv", "--", *names], capsys
+    )
+    assert code == EXIT_OK
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert sorted(r["file"] for r in rows) == sorted("'" + n for n in names)
+    assert all(float(r["confidence"]) > 0 for r in rows)  # numbers stay numbers
+    code, out, _ = run(
+        ["classify", "--model", str(tiny_onnx_model), "--format", "json", "--", *names], capsys
+    )
+    assert sorted(r["file"] for r in json.loads(out)) == sorted(names)  # JSON stays exact
+    from xrwatch.serve.reports import csv_cell
+
+    assert csv_cell("-0.5") == "'-0.5" and csv_cell(-0.5) == "-0.500000" and csv_cell(3) == "3"
+    assert csv_cell("a=b") == "a=b" and csv_cell("\rx") == "' x"

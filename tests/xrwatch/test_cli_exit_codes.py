@@ -68,3 +68,12 @@ def test_error_message_keeps_brackets_in_paths(
     state = tmp_path / "[bold]state"
     assert main(["status", "--state-dir", str(state)]) == EXIT_ERROR
     assert f"{state}: no ledger here" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_bare_command_prints_help_and_exits_2_without_traceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "xrwatch"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == EXIT_ERROR, result.stderr
+    assert "Usage" in result.stdout and "Commands" in result.stdout
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr

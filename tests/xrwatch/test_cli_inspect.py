@@ -38,7 +38,7 @@ def test_json_output_and_exit_status(
     assert code == 0
     out = capsys.readouterr().out
     data = json.loads(out)
-    assert [d["ok"] for d in data] == [True, True]
+    assert [d["status"] for d in data] == ["ok", "ok"]
     dcm, png = data
     assert dcm["kind"] == "dicom" and (dcm["width"], dcm["height"]) == (30, 40)
     assert dcm["photometric"] == "MONOCHROME1" and dcm["modality"] == "DX"
@@ -58,9 +58,9 @@ def test_a_failed_file_gives_exit_1_and_its_reason(
     assert code == 1
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert data[0]["ok"] is True
-    assert data[1]["ok"] is False and data[1]["error_type"] == "UnsupportedImageError"
-    assert "not a DICOM, PNG or JPEG" in data[1]["reason"]
+    assert data[0]["status"] == "ok"
+    assert data[1]["status"] == "error" and data[1]["error_type"] == "UnsupportedImageError"
+    assert "not a DICOM, PNG or JPEG" in data[1]["error"]
     assert "notes.txt" in captured.err
 
 
@@ -116,3 +116,18 @@ def test_file_names_with_brackets_are_shown_as_they_are(
     out, err = (text.replace("\n", "") for text in capsys.readouterr())  # long paths fold
     assert str(bad) in out
     assert f"{bad}:" in err
+
+
+def test_a_reduced_jpeg_2000_decode_is_not_called_draft_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydicom.uid import JPEG2000Lossless
+
+    y, x = np.mgrid[0:512, 0:512]
+    pixels = (2000 + 1000 * np.sin(x / 37.0) * np.cos(y / 53.0)).astype(np.uint16)
+    path = write_dicom(
+        tmp_path / "j.dcm", pixels=pixels, bits_stored=12, transfer_syntax=JPEG2000Lossless
+    )
+    assert main(["inspect", "--size", "64", str(path)]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "reduced resolution" in out and "draft" not in out

@@ -21,6 +21,9 @@ def test_json_lists_every_section(capsys: pytest.CaptureFixture[str]) -> None:
     rows = json.loads(capsys.readouterr().out)
     items = {(r["section"], r["item"]): r for r in rows}
     assert ("system", "python") in items
+    assert (
+        "AVX" in items[("system", "CPU")]["value"] or "none of" in items[("system", "CPU")]["value"]
+    )
     assert items[("packages", "pydicom")]["status"] == "ok"
     assert items[("packages", "onnxruntime")]["status"] in ("ok", "warn")
     assert ("onnxruntime", "providers") in items
@@ -124,3 +127,14 @@ def test_cuda_check_without_a_cuda_build(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     check = cuda_session_check()
     assert check.value.startswith("no: this onnxruntime build has no CUDA provider")
+
+
+def test_onnxruntime_row_names_the_build_not_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(ort, "get_device", lambda: "GPU")  # a CUDA build, on any machine
+    rows = {c.item: c.value for c in collect_checks(cuda=False) if c.section == "onnxruntime"}
+    assert "device" not in rows
+    assert rows["build"].startswith("GPU (CUDA): can use an NVIDIA GPU; whether one is usable")
+    monkeypatch.setattr(ort, "get_device", lambda: "CPU")
+    rows = {c.item: c.value for c in collect_checks(cuda=False) if c.section == "onnxruntime"}
+    assert rows["build"] == "CPU: runs on the CPU only"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from itertools import pairwise
 
 import typer
 from rich.console import Console
@@ -24,8 +25,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: rich never inserts line breaks into printed text (a terminal still wraps it
+# for the eye). Piped output, journald and log parsers get one message per line, whatever
+# the length of the paths in it; tables still lay out to the console's width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, some inputs failed
@@ -56,6 +60,46 @@ _USAGE_ERROR: type[Exception] = next(
 )
 
 
+def _json_errors(argv: list[str] | None) -> bool:
+    """Whether the command line asks for JSON logs (looked at without parsing it: the error
+    may be that it does not parse). ``serve`` reports its own errors when the format comes
+    from its config file."""
+    args = sys.argv[1:] if argv is None else argv
+    pairs = pairwise(args)  # each argument with the next; none when bare
+    return "--log-format=json" in args or ("--log-format", "json") in pairs
+
+
+def _report(message: str, argv: list[str] | None, *, error_type: str = "") -> None:
+    """An error that ends the command, on stderr in the format the logs use.
+
+    With ``--log-format json`` it is one JSON log record, so that every stderr line of a
+    JSON-logging daemon parses; otherwise one plain line, with journald's error priority
+    prefix when stderr is the journal.
+    """
+    from xrwatch import logs
+
+    if _json_errors(argv):
+        log_json_error(message, error_type)
+        return
+    prefix = "<3>" if logs.stderr_is_journal() else ""
+    # escaped: file names may hold [brackets] that rich would take for markup
+    err_console.print(f"{prefix}[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+def log_json_error(message: str, error_type: str = "") -> None:
+    """One JSON record at level error on stderr, whatever logging was set up before."""
+    from xrwatch.logs import JournalFormatter, JsonFormatter, stderr_is_journal
+
+    record = logging.makeLogRecord(
+        {"name": "xrwatch", "levelno": logging.ERROR, "levelname": "ERROR", "msg": message}
+    )
+    if error_type:
+        record.error_type = error_type
+    formatter = JournalFormatter(JsonFormatter()) if stderr_is_journal() else JsonFormatter()
+    sys.stderr.write(formatter.format(record) + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status."""
     from xrwatch.cli import commands  # noqa: F401  (registers the commands)
@@ -66,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print("interrupted")
         return EXIT_INTERRUPTED
     except XRWatchError as exc:
-        # escaped: file names may hold [brackets] that rich would take for markup
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        _report(str(exc), argv, error_type=type(exc).__name__)
         return EXIT_ERROR
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except _USAGE_ERROR as exc:  # unknown command or option, bad value, missing argument
-        exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+        if _json_errors(argv):
+            _report(f"usage: {exc.format_message()}", argv)  # type: ignore[attr-defined]
+        else:
+            exc.show(file=sys.stderr)  # type: ignore[attr-defined]
         return EXIT_ERROR
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else EXIT_ERROR

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from xrwatch import fields
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
 from xrwatch.defaults import resolve_model
 from xrwatch.engine import InferenceEngine, Prediction
@@ -31,18 +32,7 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-CSV_FIELDS = (
-    "file",
-    "status",
-    "label",
-    "confidence",
-    "error",
-    "sha256",
-    "model_sha256",
-    "study_instance_uid",
-    "series_instance_uid",
-    "sop_instance_uid",
-)
+CSV_FIELDS = fields.PREDICTION
 
 
 def render_json(predictions: Sequence[Prediction]) -> str:
@@ -54,7 +44,7 @@ def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str
     """One row per file; a ``p_<class>`` column per class, in the model's class order."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CSV_FIELDS, *(f"prob_{c}" for c in classes)])
+    writer.writerow([*CSV_FIELDS, *(fields.prob_column(c) for c in classes)])
     for p in predictions:
         d = p.to_dict()
         probs = [csv_cell(p.probabilities.get(c)) for c in classes]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from xrwatch.cli import (  # noqa: F401
     classify_cmd,
     demo_cmd,
+    dicom_cmd,
     doctor_cmd,
     evaluate_cmd,
     export_cmd,

@@ -12,6 +12,7 @@ daemon writes them, and the daemon is stopped cleanly. Needs the ``train`` extra
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import typer
 
 from xrwatch.cli._app import app, console
-from xrwatch.errors import XRWatchError, require_extra
+from xrwatch.errors import ConfigError, XRWatchError, require_extra
 from xrwatch.metrics_ci import coverage_note
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 DEMO_IMAGE_SIZE = 64  # synthetic images and model input, pixels
 DEMO_SCALE = 0.05  # of the real dataset's 5,910 images: ~300
 DEMO_EPOCHS = 6
+# Everything the demo creates in its folder; --no-keep removes these and nothing else.
+DEMO_ENTRIES = ("data", "runs", "model.onnx", "model.md", "inbox", "reports", "tmp.dcm", "tmp.png")
 
 
 def _write_demo_dicom(path: Path, pixels: np.ndarray, n: int) -> None:
@@ -155,6 +158,41 @@ def run_real_demo() -> int:
     return 0
 
 
+def prepare_workdir(workdir: Path | None) -> tuple[Path, bool]:
+    """The demo's folder and whether the demo created it.
+
+    A folder that already holds something is refused: the demo would mix its files with
+    the user's, and ``--no-keep`` must never remove what the demo did not create.
+    """
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="xrwatch-demo-")), True
+    if workdir.exists() or workdir.is_symlink():
+        if not workdir.is_dir():
+            raise ConfigError(f"{workdir}: --workdir must be a folder, found a file")
+        if any(workdir.iterdir()):
+            raise ConfigError(
+                f"{workdir}: --workdir is not empty; the demo needs a new or empty folder "
+                "so that its files are not mixed with yours"
+            )
+        return workdir, False
+    workdir.mkdir(parents=True)
+    return workdir, True
+
+
+def remove_demo_files(work: Path, created: bool) -> None:
+    """Remove what the demo created in ``work`` (:data:`DEMO_ENTRIES`), nothing else; and
+    ``work`` itself only if the demo created it and it is empty now."""
+    for name in DEMO_ENTRIES:
+        path = work / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_symlink() or path.exists():
+            path.unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            work.rmdir()  # fails, keeping it, if anything else is in it
+
+
 def _step(n: int, text: str) -> None:
     console.print(f"[bold cyan]{n}.[/] {text}", soft_wrap=True)
 
@@ -162,10 +200,16 @@ def _step(n: int, text: str) -> None:
 @app.command()
 def demo(
     workdir: Path | None = typer.Option(
-        None, "--workdir", help="Folder to work in (default: a new temporary folder)."
+        None,
+        "--workdir",
+        help="A new or empty folder to work in (default: a new temporary folder).",
     ),
     epochs: int = typer.Option(DEMO_EPOCHS, "--epochs", help="Training epochs."),
-    keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep the folder afterwards."),
+    keep: bool = typer.Option(
+        True,
+        "--keep/--no-keep",
+        help="Keep the demo's files afterwards (--no-keep removes only what the demo created).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Show INFO logs of every step."),
     synthetic: bool = typer.Option(
         True,
@@ -188,8 +232,7 @@ def demo(
     if not synthetic:
         raise typer.Exit(real_code)
     require_extra("train", "torch", "torchvision", "onnx", "sklearn", "matplotlib")
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="xrwatch-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, created = prepare_workdir(workdir)
     t_start = time.monotonic()
     console.print(
         f"[bold]xrwatch demo[/] in {work}  (synthetic data; research use only, "
@@ -200,7 +243,7 @@ def demo(
         code = _run(work, epochs, keep)
     finally:
         if not keep:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_demo_files(work, created)
     console.print(f"done in {time.monotonic() - t_start:.0f} s")
     raise typer.Exit(code)
 
@@ -325,7 +368,7 @@ def _run(work: Path, epochs: int, keep: bool) -> int:
         )
     _step(6, "daemon stopped cleanly (finished its batch, flushed the reports)")
     if not keep:
-        console.print("(the demo folder is removed now; --keep keeps it to look at)")
+        console.print("(the demo's files are removed now; --keep keeps them to look at)")
         return 0
     console.print(
         "\nNext: look at the reports, then serve a folder of your own:\n"

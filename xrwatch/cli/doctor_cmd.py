@@ -1,8 +1,9 @@
 """``xrwatch doctor``: what this installation can do, in one table.
 
-Python and package versions, ONNX Runtime providers and whether a CUDA session can really
-be created (and why not), the DICOM pixel-data plugins per transfer syntax, and whether
-torch is installed. torch is looked up, never imported.
+Python and package versions, the CPU and its ISA features (AVX2, AVX-512, VNNI, AMX),
+ONNX Runtime providers and whether a CUDA session can really be created (and why not), the
+DICOM pixel-data plugins per transfer syntax, and whether torch is installed. torch is
+looked up, never imported.
 """
 
 from __future__ import annotations
@@ -210,6 +211,13 @@ def cuda_session_check() -> Check:
     return Check("onnxruntime", "CUDA session", f"no: {cuda_failure_reason(log)}", "warn")
 
 
+def _cpu_check() -> Check:
+    """The CPU and the ISA features int8/fp32 inference speed depends on (xrwatch.sysinfo)."""
+    from xrwatch.sysinfo import describe_cpu
+
+    return Check("system", "CPU", describe_cpu(), "info")
+
+
 def _gpu_driver() -> Check:
     try:
         with open("/proc/driver/nvidia/version", encoding="utf-8") as fh:
@@ -224,6 +232,7 @@ def collect_checks(*, cuda: bool = True) -> list[Check]:
     checks = [
         Check("system", "python", f"{platform.python_version()} ({sys.executable})", "info"),
         Check("system", "platform", platform.platform(), "info"),
+        _cpu_check(),
         _gpu_driver(),
         Check("packages", "xrwatch", __version__, "ok"),
     ]
@@ -289,8 +298,15 @@ def _ort_checks(*, cuda: bool) -> list[Check]:
         import onnxruntime as ort
     except ImportError as exc:
         return [Check("onnxruntime", "import", f"fails: {exc}", "fail")]
+    # get_device() names what the package was built for, not a device found on this machine
+    build = str(ort.get_device())
+    if build.startswith("GPU"):
+        where = "the CUDA session row" if cuda else "run doctor without --no-cuda"
+        build = f"{build} (CUDA): can use an NVIDIA GPU; whether one is usable here: {where}"
+    else:
+        build = f"{build}: runs on the CPU only"
     rows = [
-        Check("onnxruntime", "device", str(ort.get_device()), "info"),
+        Check("onnxruntime", "build", build, "info"),
         Check("onnxruntime", "providers", ", ".join(ort.get_available_providers()), "ok"),
     ]
     if cuda:
@@ -334,7 +350,8 @@ def doctor_command(
 ) -> int:
     """Show what this installation can do, in one table.
 
-    Python and package versions, the ONNX Runtime providers and whether a CUDA session
+    Python and package versions, the CPU and its ISA features (AVX2, AVX-512, VNNI, AMX:
+    what int8 speed depends on), the ONNX Runtime providers and whether a CUDA session
     really works (and why not), the DICOM pixel-data plugins, and whether torch is
     installed. Exit 1 if something serving needs is missing.
     """

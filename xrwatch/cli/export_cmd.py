@@ -37,7 +37,9 @@ def export_command(
         0.95, "--min-int8-agreement", help="Fail unless int8 top-1 agrees with fp32 this often."
     ),
     fp16: bool = typer.Option(False, "--fp16", help="Also write <stem>.fp16.onnx (for GPUs)."),
-    card: bool = typer.Option(True, "--card/--no-card", help="Write the model card model.md."),
+    card: bool = typer.Option(
+        True, "--card/--no-card", help="Write the model card <stem>.md (model.md for model.onnx)."
+    ),
     triton: Path | None = typer.Option(
         None, "--triton", help="Also add the model to this Triton model repository."
     ),

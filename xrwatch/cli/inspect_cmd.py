@@ -13,6 +13,7 @@ import numpy as np
 import typer
 from rich.markup import escape
 
+from xrwatch import fields
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console, err_console
 from xrwatch.errors import ConfigError, ImageError
 from xrwatch.inputs import expand_inputs
@@ -38,16 +39,16 @@ class Inspection:
     def to_dict(self) -> dict[str, Any]:
         meta = dict(self.meta)
         meta.pop("path", None)
-        return {
-            "path": self.path,
-            "ok": self.ok,
+        return {  # names from xrwatch.fields, as classify and the daemon use them
+            fields.FILE: self.path,
+            fields.STATUS: "ok" if self.ok else "error",
             **meta,
             "transfer_syntax_name": _syntax_name(meta.get("transfer_syntax")),
             "decode_ms": None if self.decode_ms is None else round(self.decode_ms, 3),
             **{k: round(v, 6) for k, v in self.stats.items()},
             "preview": self.preview,
-            "error_type": self.error_type,
-            "reason": self.reason,
+            fields.ERROR_TYPE: self.error_type,
+            fields.ERROR: self.reason,
         }
 
 
@@ -121,7 +122,8 @@ def _table(item: Inspection) -> Any:
     m = item.meta
     size = f"{m['width']} x {m['height']}"
     if (m["decoded_width"], m["decoded_height"]) != (m["width"], m["height"]):
-        size += f"  (decoded at {m['decoded_width']} x {m['decoded_height']}, draft mode)"
+        how = "draft mode" if m["kind"] == "jpeg" else "reduced resolution"  # JPEG 2000
+        size += f"  (decoded at {m['decoded_width']} x {m['decoded_height']}, {how})"
     ts = m.get("transfer_syntax")
     rows = [
         ("status", "ok" if item.ok else f"[red]failed: {item.error_type}[/]"),

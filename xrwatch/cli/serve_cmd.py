@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from xrwatch.cli._app import app, console
+from xrwatch.cli._app import EXIT_ERROR, app, console, log_json_error
+from xrwatch.errors import XRWatchError
 from xrwatch.serve.config import ServeConfig
 
 
@@ -56,7 +57,9 @@ def serve(
         None,
         "--once/--no-once",
         help=_with_default(
-            "Process the backlog and exit: 0 if every file was ok, 1 if some failed", "once"
+            "Process the backlog and exit: 0 if every file was ok, 1 if some failed or a "
+            "result could not be written to the reports",
+            "once",
         ),
     ),
     poll_interval: float | None = typer.Option(
@@ -104,6 +107,11 @@ def serve(
         "--workers",
         help=_with_default("Threads that read and decode files while the model runs", "workers"),
     ),
+    max_file_mb: int | None = typer.Option(
+        None,
+        "--max-file-mb",
+        help=_with_default("Larger files get an error row without being read (MiB)", "max_file_mb"),
+    ),
     provider: str | None = typer.Option(
         None,
         "--provider",
@@ -122,12 +130,66 @@ def serve(
         "--log-level",
         help=_with_default("DEBUG, INFO, WARNING or ERROR", "log_level"),
     ),
+    dicom_port: int | None = typer.Option(
+        None,
+        "--dicom-port",
+        help="Receive images over DICOM (C-STORE, C-ECHO) on this port; needs --dicom-allow-ae.",
+        rich_help_panel="DICOM",
+    ),
+    dicom_host: str | None = typer.Option(
+        None,
+        "--dicom-host",
+        help=_with_default("Address the DICOM receiver listens on", "dicom_host"),
+        rich_help_panel="DICOM",
+    ),
+    ae_title: str | None = typer.Option(
+        None,
+        "--ae-title",
+        help=_with_default("Our AE title (called by senders, calling for results)", "ae_title"),
+        rich_help_panel="DICOM",
+    ),
+    dicom_allow_ae: list[str] | None = typer.Option(
+        None,
+        "--dicom-allow-ae",
+        help="Calling AE title allowed to send (repeat for several); others are refused.",
+        rich_help_panel="DICOM",
+    ),
+    dicom_allow_host: list[str] | None = typer.Option(
+        None,
+        "--dicom-allow-host",
+        help="Source address or network allowed to send (repeatable; default: any).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_accept_other: bool | None = typer.Option(
+        None,
+        "--dicom-accept-other/--no-dicom-accept-other",
+        help="Accept CT, MR and other non-radiographs (reported as errors) instead of "
+        "refusing them at association (default: refuse).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_destination: list[str] | None = typer.Option(
+        None,
+        "--dicom-destination",
+        help="Send each result SR to AE@host:port by C-STORE (repeatable).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_sr: bool | None = typer.Option(
+        None,
+        "--dicom-sr/--no-dicom-sr",
+        help="Write a DICOM SR per classified DICOM into REPORTS/dicom (implied by "
+        "--dicom-port and --dicom-destination).",
+        rich_help_panel="DICOM",
+    ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
 
     Each file gets exactly one row in REPORTS/predictions.csv (and a JSON file), across
     crashes and restarts. Every option can also be set in the serve table of --config;
     the command line wins.
+
+    With --dicom-port it is also a DICOM node: images received by C-STORE go through the
+    same path, and each result goes back as a DICOM SR (REPORTS/dicom, and to every
+    --dicom-destination).
     """
     from xrwatch.logs import configure_logging
     from xrwatch.serve.config import load_serve_config
@@ -148,14 +210,29 @@ def serve(
         "batch_size": batch_size,
         "max_wait": max_wait,
         "workers": workers,
+        "max_file_mb": max_file_mb,
         "provider": provider,
         "metrics_port": metrics_port,
         "log_format": log_format,
         "log_level": log_level,
+        "dicom_port": dicom_port,
+        "dicom_host": dicom_host,
+        "ae_title": ae_title,
+        "dicom_allow_ae": dicom_allow_ae or None,
+        "dicom_allow_hosts": dicom_allow_host or None,
+        "dicom_accept_other": dicom_accept_other,
+        "dicom_destinations": dicom_destination or None,
+        "dicom_sr": dicom_sr,
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)
-    code = run_daemon(cfg)
+    try:
+        code = run_daemon(cfg)
+    except XRWatchError as exc:  # a start-up error (exit 2), in the format of the logs
+        if cfg.log_format != "json":
+            raise
+        log_json_error(str(exc), type(exc).__name__)
+        raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
 
 
@@ -165,17 +242,61 @@ def _ago(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+STALE_AFTER_SECONDS = 30.0  # no heartbeat for this long: the daemon is stale (hung)
+
+
+def daemon_state(d: dict[str, Any], now: float, host: str) -> str:
+    """``alive``, ``stale`` (no recent heartbeat) or ``stopped`` (gone without a goodbye).
+
+    On this host the pid decides whether the process exists; a daemon on another host is
+    judged by its heartbeat only (``stale`` then may also mean stopped).
+    """
+    from xrwatch.serve.ledger import _pid_alive
+
+    if d["host"] == host and not _pid_alive(int(d["pid"])):
+        return "stopped"
+    if now - float(d["heartbeat_at"]) > STALE_AFTER_SECONDS:
+        return "stale"
+    return "alive"
+
+
+_STATE_TEXT = {
+    "alive": "alive",
+    "stale": "stale: no heartbeat for over {stale:.0f} s (hung, or stopped on another host)",
+    "stopped": "stopped: the process is gone (killed?); its files are taken over at the next start",
+}
+
+
+def _dicom_status(state_dir: Path) -> dict[str, Any] | None:
+    """The DICOM node's counts from the ledger, or None when it never ran there."""
+    from xrwatch.dicom.outbox import Outbox
+
+    outbox = Outbox(state_dir / "ledger.sqlite3")
+    try:
+        if not outbox.has_tables():
+            return None
+        return {"results": outbox.result_counts(), "destinations": outbox.destination_counts()}
+    finally:
+        outbox.close()
+
+
 @app.command()
 def status(
     state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
     errors: int = typer.Option(5, "--errors", min=0, help="How many recent errors to show."),
 ) -> int:
-    """Show a daemon's counts, throughput and last errors.
+    """Show whether a daemon is alive, its counts, throughput, last errors.
 
-    Read from the ledger in --state-dir; works while the daemon runs.
+    Read from the ledger in --state-dir; works while the daemon runs. Each daemon is
+    alive, stale (no heartbeat for 30 s) or stopped (its process is gone). Results
+    recorded but not written to the reports (e.g. a report that could not be written)
+    are listed too.
     """
+    import socket
+
     from xrwatch.errors import ConfigError
+    from xrwatch.safetext import printable
     from xrwatch.serve.ledger import Ledger
 
     if not (state_dir / "ledger.sqlite3").is_file():
@@ -187,19 +308,36 @@ def status(
         last_min, last_hour = ledger.finished_since(now - 60), ledger.finished_since(now - 3600)
         last_errors = ledger.last_errors(errors)
         daemons = ledger.daemons()
+        unreported, held = ledger.unreported_counts()
+        held_rows = ledger.held_reports(errors)
     finally:
         ledger.close()
+    host = socket.gethostname()
+    dicom = _dicom_status(state_dir)
     data: dict[str, Any] = {
         "counts": {k: counts.get(k, 0) for k in ("ok", "error", "claimed")},
+        "unreported": {"total": unreported, "held": held},
         "throughput_per_minute": {
             "last_minute": last_min,
             "last_hour_avg": round(last_hour / 60, 2),
         },
         "daemons": [
-            {**d, "heartbeat_age_s": round(now - float(d["heartbeat_at"]), 1)} for d in daemons
+            {
+                **d,
+                "incoming": printable(str(d["incoming"])),
+                "heartbeat_age_s": round(now - float(d["heartbeat_at"]), 1),
+                "state": daemon_state(d, now, host),
+            }
+            for d in daemons
         ],
-        "last_errors": [{"time": _ago(t), "file": p, "error": e} for t, p, e in last_errors],
+        "last_errors": [
+            {"time": _ago(t), "file": printable(p), "error": printable(e)}
+            for t, p, e in last_errors
+        ],
+        "held_reports": [{"file": printable(p), "reason": printable(e)} for p, e in held_rows],
     }
+    if dicom is not None:
+        data["dicom"] = dicom
     if as_json:
         console.print_json(json.dumps(data))
         return 0
@@ -210,15 +348,45 @@ def status(
     console.print(
         f"throughput: {last_min} in the last minute, {last_hour} in the last hour", highlight=False
     )
+    if unreported:
+        console.print(
+            f"not in the reports yet: {unreported} result(s), {held} held back because their "
+            "report could not be written",
+            highlight=False,
+        )
+        for item in data["held_reports"]:
+            console.print(
+                f"  {item['file']}: {item['reason']}", highlight=False, markup=False, soft_wrap=True
+            )
     if daemons:
         for d in data["daemons"]:
+            state = _STATE_TEXT[d["state"]].format(stale=STALE_AFTER_SECONDS)
             console.print(
-                f"daemon pid {d['pid']} on {d['host']} watching {d['incoming']}, "
-                f"heartbeat {d['heartbeat_age_s']} s ago",
+                f"daemon pid {d['pid']} on {d['host']} watching {d['incoming']}: {state} "
+                f"(heartbeat {d['heartbeat_age_s']} s ago)",
                 highlight=False,
+                markup=False,
+                soft_wrap=True,  # one line per daemon, whatever the width
             )
     else:
         console.print("no daemon running on this state dir", highlight=False)
+    if dicom is not None:
+        r = dicom["results"]
+        console.print(
+            f"dicom: {r['received']} instances received; SRs {r['written']} written, "
+            f"{r['pending']} pending, {r['failed']} failed",
+            highlight=False,
+            soft_wrap=True,
+        )
+        for dest, c in dicom["destinations"].items():
+            console.print(
+                f"  to {dest}: {c['sent']} sent, {c['pending']} pending, "
+                f"{c['failed_attempts']} failed attempts"
+                + (f" (last error: {printable(c['last_error'])})" if c["last_error"] else ""),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
     if last_errors:
         console.print("last errors:", highlight=False)
         for item in data["last_errors"]:

@@ -196,7 +196,7 @@ def reproduce_command(
     epochs: int | None = EpochsOpt,
     image_size: int | None = SizeOpt,
     batch_size: int | None = BatchOpt,
-    out: str = typer.Option("runs", "--out", help="Runs folder; table1.md/csv go here."),
+    out: str = typer.Option("runs", "--out", help="Runs folder; table1.md/csv/json go here."),
     task: str | None = TaskOpt,
     split: str | None = SplitOpt,
     arch: str | None = ArchOpt,
@@ -221,7 +221,8 @@ def reproduce_command(
     assumptions (see train --help).
 
     Each experiment runs in OUT/<NAME>; a finished one is reused, an interrupted one
-    resumed. The table goes to OUT/table1.md and OUT/table1.csv. Needs the train extra.
+    resumed. The table goes to OUT/table1.md, table1.csv and table1.json. Needs the
+    train extra.
     """
     _logging()
     _require_train()
@@ -240,7 +241,7 @@ def reproduce_command(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     console.print(md.read_text(encoding="utf-8"), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {md} and {csv_path}", markup=False)
+    console.print(f"wrote {md}, {csv_path} and {md.with_suffix('.json')}", markup=False)
 
 
 @app.command("dataset")

@@ -29,7 +29,8 @@ def read_image(
     """Decode ``path`` to a float32 2-D array in [0, 1] plus report metadata.
 
     ``min_side`` is a hint: the caller needs no more than this many pixels on the shorter
-    side, so a large JPEG may be decoded at reduced scale (Pillow draft mode).
+    side, so a large JPEG may be decoded at reduced scale (Pillow draft mode), and a large
+    JPEG 2000 DICOM frame at reduced resolution (OpenJPEG's reduce).
     ``max_pixels`` refuses images larger than this before their pixels are allocated.
     ``data``: the file's bytes when the caller already read them (to hash them, see
     :func:`xrwatch.filehash.read_and_hash`); the file is then not read again, and ``path``
@@ -41,7 +42,7 @@ def read_image(
     if kind == "dicom":
         from xrwatch.imageio import dicom
 
-        return dicom.read_dicom(p, max_pixels=max_pixels, data=data)
+        return dicom.read_dicom(p, max_pixels=max_pixels, data=data, min_side=min_side)
     if kind in ("png", "jpeg"):
         from xrwatch.imageio import raster
 

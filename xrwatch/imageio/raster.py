@@ -17,6 +17,7 @@ from xrwatch.errors import (
     TruncatedImageError,
     UnsupportedImageError,
 )
+from xrwatch.imageio.budget import DECODE_BUDGET, estimate_decode_bytes
 from xrwatch.imageio.types import DecodedImage, ImageKind, ImageMeta
 
 logger = logging.getLogger(__name__)
@@ -109,23 +110,27 @@ def read_raster(
             # whose result still covers the requested size (shorter side >= min_side).
             scale = min(width, height) / min_side
             img.draft(img.mode, (math.ceil(width / scale), math.ceil(height / scale)))
-        try:
-            img.load()
-        except OSError as exc:
-            msg = str(exc)
-            if "truncated" in msg.lower() or "premature" in msg.lower():
-                raise TruncatedImageError(path, f"truncated {kind.upper()} data: {msg}") from None
-            raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {msg}") from None
-        except Exception as exc:  # zlib.error, SyntaxError (bad CRC), ValueError ...
-            raise ImageDecodeError(path, f"{kind.upper()} data does not decode: {exc}") from None
-        try:
-            oriented = ImageOps.exif_transpose(img)
-        except Exception as exc:  # malformed EXIF must not stop the image
-            logger.warning("%s: ignoring malformed EXIF orientation: %s", path, exc)
-            oriented = img
-        if oriented is not img and oriented.size != img.size:
-            width, height = height, width
-        pixels = _to_unit_float(oriented, path)
+        sample_bytes = 4 if img.mode in ("I", "F") else 2 if "16" in img.mode else 1
+        need = estimate_decode_bytes(img.size[0] * img.size[1], sample_bytes, len(img.getbands()))
+        what = kind.upper()
+        with DECODE_BUDGET.reserve(need):  # shared with DICOM decodes in other threads
+            try:
+                img.load()
+            except OSError as exc:
+                msg = str(exc)
+                if "truncated" in msg.lower() or "premature" in msg.lower():
+                    raise TruncatedImageError(path, f"truncated {what} data: {msg}") from None
+                raise ImageDecodeError(path, f"{what} data does not decode: {msg}") from None
+            except Exception as exc:  # zlib.error, SyntaxError (bad CRC), ValueError ...
+                raise ImageDecodeError(path, f"{what} data does not decode: {exc}") from None
+            try:
+                oriented = ImageOps.exif_transpose(img)
+            except Exception as exc:  # malformed EXIF must not stop the image
+                logger.warning("%s: ignoring malformed EXIF orientation: %s", path, exc)
+                oriented = img
+            if oriented is not img and oriented.size != img.size:
+                width, height = height, width
+            pixels = _to_unit_float(oriented, path)
     pixels = np.ascontiguousarray(pixels)  # already float32 in [0, 1]
     meta = ImageMeta(
         path=str(path),

@@ -1,14 +1,16 @@
 """``--archive DIR``: processed inputs move to ``DIR/processed/…``, failed ones to
 ``DIR/failed/…``, each keeping its path relative to INCOMING. An existing file is never
-overwritten: the new one gets a ``.1``, ``.2``… suffix before its extension."""
+overwritten: the new one gets a ``.1``, ``.2``… suffix before its extension. Only the
+inode that was classified is moved (:func:`xrwatch.serve.safefs.move_verified`)."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import shutil
+from collections.abc import Sequence
 from pathlib import Path
+
+from xrwatch.serve.safefs import FileId, move_verified
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +32,10 @@ def archive_destination(archive: Path, rel: str, ok: bool) -> Path:
         n += 1
 
 
-def move_to_archive(source: Path, archive: Path, rel: str, ok: bool) -> Path:
-    """Move ``source`` into the archive (across filesystems too) and return where it went."""
-    dest = archive_destination(archive, rel, ok)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        # link + unlink: atomic and never overwrites (link fails if dest appeared meanwhile)
-        os.link(source, dest, follow_symlinks=False)
-        os.unlink(source)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EEXIST):
-            raise
-        if exc.errno == errno.EEXIST:
-            return move_to_archive(source, archive, rel, ok)
-        shutil.move(str(source), str(dest))
-    return dest
+def move_to_archive(
+    incoming: Path, parts: Sequence[str], expected: FileId, archive: Path, rel: str, ok: bool
+) -> Path | None:
+    """Move ``incoming/parts`` into the archive (across filesystems too) and return where it
+    went; None when the name no longer holds the inode ``expected`` (left for processing).
+    ``rel`` is the escaped name (:mod:`xrwatch.serve.names`) the archive path keeps."""
+    return move_verified(incoming, parts, expected, lambda: archive_destination(archive, rel, ok))

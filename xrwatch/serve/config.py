@@ -37,6 +37,8 @@ class ServeConfig:
     batch_size: int = 8  # files per inference call
     max_wait: float = 0.25  # seconds a partial batch waits for more files
     workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
+    # a larger file is an error row, never read: 100 MP at 16 bits (the pixel limit) is 200 MB
+    max_file_mb: int = 256
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider
     lease_seconds: float = 30.0  # claims of a daemon on another host silent this long are retaken
     ignore: tuple[str, ...] = ()  # extra glob patterns to ignore, on top of DEFAULT_IGNORE
@@ -44,6 +46,15 @@ class ServeConfig:
     metrics_host: str = "127.0.0.1"  # address for the metrics server
     log_format: Literal["text", "json"] = "text"  # json: one object per line (journald/ELK)
     log_level: str = "INFO"
+    # -- DICOM node (xrwatch.dicom); off unless dicom_port, dicom_destinations or dicom_sr --
+    dicom_port: int | None = None  # C-STORE/C-ECHO SCP on this port (above 1024: no root)
+    dicom_host: str = "0.0.0.0"  # address the SCP listens on
+    ae_title: str = "XRWATCH"  # our AE title: called AE of the SCP, calling AE of sends
+    dicom_allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to send (required)
+    dicom_allow_hosts: tuple[str, ...] = ()  # source addresses/networks allowed; () = any
+    dicom_accept_other: bool = False  # accept CT, MR ... too (then reported as errors)
+    dicom_destinations: tuple[str, ...] = ()  # send each SR to AE@host:port (C-STORE)
+    dicom_sr: bool = False  # write REPORTS/dicom SRs even without port or destinations
 
     def __post_init__(self) -> None:
         positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")
@@ -52,8 +63,19 @@ class ServeConfig:
                 raise ConfigError(f"serve: {name} must be > 0, got {getattr(self, name)!r}")
         if self.batch_size < 1 or self.workers < 1:
             raise ConfigError("serve: batch_size and workers must be at least 1")
+        if self.max_file_mb < 1:
+            raise ConfigError(f"serve: max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"serve: metrics_port must be 0..65535, got {self.metrics_port}")
+        if self.dicom_enabled:
+            from xrwatch.dicom.settings import check_settings
+
+            check_settings(self)
+
+    @property
+    def dicom_enabled(self) -> bool:
+        """Whether the DICOM node runs (receiver, SR writer or sender)."""
+        return self.dicom_port is not None or bool(self.dicom_destinations) or self.dicom_sr
 
     @property
     def state_path(self) -> Path:

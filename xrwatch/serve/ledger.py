@@ -6,8 +6,9 @@ one daemon), then an outcome (``ok`` or ``error``) with its report record, and f
 ``reported=1`` once its CSV row is on disk. Claims are taken inside ``BEGIN IMMEDIATE``
 against a UNIQUE key, so two daemons on one state dir never process the same file twice.
 
-A claim whose owner is gone (a dead pid on this host; no heartbeat for ``lease_seconds``
-from another host) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
+A claim whose owner is gone (on this host: its pid is dead or now belongs to another
+process, told apart by the process start time; from another host: no heartbeat for
+``lease_seconds``) is taken over, so a file claimed by a daemon killed with ``kill -9`` is processed
 again after the restart; it never reached the reports, because outcomes are committed here
 before any report row is written.
 """
@@ -22,7 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ CREATE TABLE IF NOT EXISTS files (
     sha256      TEXT NOT NULL,     -- '' when the bytes could not be read
     size        INTEGER NOT NULL,
     mtime_ns    INTEGER NOT NULL,
+    ctime_ns    INTEGER,           -- with inode: a same-size-and-mtime replacement differs
+    inode       INTEGER,
     state       TEXT NOT NULL CHECK (state IN ('claimed', 'ok', 'error')),
     owner       TEXT,
     seen_at     REAL,
@@ -59,12 +62,25 @@ CREATE TABLE IF NOT EXISTS daemons (
     owner        TEXT PRIMARY KEY,
     host         TEXT NOT NULL,
     pid          INTEGER NOT NULL,
+    proc_start   TEXT,             -- boot id + the pid's start time: a reused pid differs
     started_at   REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
     incoming     TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Columns added after schema 1 was released: (table, column, declaration). Added to an
+# existing ledger at open; a ledger without them is still read by older versions.
+_ADDED_COLUMNS = (
+    ("files", "report_error", "TEXT"),  # why this row's report could not be written (held)
+    ("files", "report_retry_at", "REAL"),  # a held row is tried again from this time on
+    ("files", "ctime_ns", "INTEGER"),  # with inode: a same-size-and-mtime replacement differs
+    ("files", "inode", "INTEGER"),
+    ("daemons", "proc_start", "TEXT"),  # boot id + start time: a reused pid differs
+)
+
+
+FinishHook = Callable[[sqlite3.Connection, list[tuple[int, str, dict[str, Any]]]], None]
 
 
 class LedgerError(XRWatchError):
@@ -80,6 +96,21 @@ class Finished:
     sha256: str
     state: str
     record: dict[str, Any]
+
+
+def process_start(pid: int) -> str | None:
+    """``boot_id:starttime`` of ``pid`` (Linux), None when unknown or the pid is dead.
+
+    A pid alone does not name a process: in a container a restarted daemon usually gets
+    the very pid of the one that died.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) "
+    return f"{boot}:{fields[19].decode()}" if len(fields) > 19 else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -107,6 +138,7 @@ class Ledger:
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             self._con().executescript(_SCHEMA)  # idempotent; executescript commits itself
+            self._add_columns()
             with self._tx() as con:
                 con.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -114,6 +146,13 @@ class Ledger:
                 )
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"{self.path}: cannot open the ledger database: {exc}") from exc
+
+    def _add_columns(self) -> None:
+        with self._tx() as con:
+            for table, column, decl in _ADDED_COLUMNS:
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     # -- connections -------------------------------------------------------------------
     def _con(self) -> sqlite3.Connection:
@@ -159,8 +198,17 @@ class Ledger:
         now = time.time()
         with self._tx() as con:
             con.execute(
-                "INSERT OR REPLACE INTO daemons VALUES (?, ?, ?, ?, ?, ?)",
-                (self.owner, self._host, os.getpid(), now, now, str(incoming)),
+                "INSERT OR REPLACE INTO daemons (owner, host, pid, proc_start, started_at, "
+                "heartbeat_at, incoming) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.owner,
+                    self._host,
+                    os.getpid(),
+                    process_start(os.getpid()),
+                    now,
+                    now,
+                    os.fsencode(str(incoming)).decode("utf-8", "replace"),
+                ),
             )
 
     def heartbeat(self) -> None:
@@ -179,31 +227,63 @@ class Ledger:
         if owner is None:
             return True
         row = con.execute(
-            "SELECT host, pid, heartbeat_at FROM daemons WHERE owner=?", (owner,)
+            "SELECT host, pid, heartbeat_at, proc_start FROM daemons WHERE owner=?", (owner,)
         ).fetchone()
         if row is None:
             return True
-        host, pid, heartbeat_at = row
+        host, pid, heartbeat_at, proc_start = row
         silent = time.time() - float(heartbeat_at)
         if host == self._host:
-            # On this host the pid decides: a live daemon busy with a long batch keeps its
-            # claims. The long silence bound only covers a dead daemon's pid being reused.
-            return not _pid_alive(int(pid)) or silent > 10 * self.lease_seconds
+            # On this host the process decides: a live daemon busy with a long batch keeps
+            # its claims. A pid now held by another process (ours, after a container
+            # restart) is told apart by its start time; the long silence bound only covers
+            # ledgers written before start times were recorded.
+            if not _pid_alive(int(pid)):
+                return True
+            if proc_start is not None and process_start(int(pid)) not in (None, proc_start):
+                return True
+            return silent > 10 * self.lease_seconds
         return bool(silent > self.lease_seconds)
 
     # -- files -------------------------------------------------------------------------
-    def is_finished(self, path: str, size: int, mtime_ns: int) -> bool:
-        """Fast path: a finished row with this path, size and mtime exists (no hashing)."""
+    def is_finished(self, path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
+        """Fast path: the content last finished at ``path`` had this size, mtime, ctime and
+        inode (no hashing). A replacement keeping size and mtime has another ctime/inode."""
         row = (
             self._con()
             .execute(
-                "SELECT 1 FROM files WHERE path=? AND size=? AND mtime_ns=? "
-                "AND state IN ('ok', 'error') LIMIT 1",
-                (path, size, mtime_ns),
+                "SELECT size, mtime_ns, ctime_ns, inode FROM files WHERE path=? "
+                "AND state IN ('ok', 'error') ORDER BY finished_at DESC, id DESC LIMIT 1",
+                (path,),
             )
             .fetchone()
         )
-        return row is not None
+        return row is not None and tuple(row) == (size, mtime_ns, ctime_ns, inode)
+
+    def seen_again(
+        self, row_id: int, size: int, mtime_ns: int, ctime_ns: int, inode: int
+    ) -> dict[str, Any] | None:
+        """A finished row's content is at its path again: note its stat (for the fast
+        path) and make it the path's latest. Returns its record when another content had
+        been finished at that path since (A, then B, then A again: the JSON must say A)."""
+        with self._tx() as con:
+            row = con.execute("SELECT path, record FROM files WHERE id=?", (row_id,)).fetchone()
+            if row is None:
+                return None
+            path, record = row
+            latest = con.execute(
+                "SELECT id FROM files WHERE path=? AND state IN ('ok', 'error') "
+                "ORDER BY finished_at DESC, id DESC LIMIT 1",
+                (path,),
+            ).fetchone()
+            newer = latest is not None and int(latest[0]) != row_id
+            con.execute(
+                "UPDATE files SET size=?, mtime_ns=?, ctime_ns=?, inode=?"
+                + (", finished_at=?" if newer else "")
+                + " WHERE id=?",
+                (size, mtime_ns, ctime_ns, inode, *((time.time(),) if newer else ()), row_id),
+            )
+        return json.loads(record) if newer and record else None
 
     def finished_row(self, path: str, identity: str) -> tuple[int, str, str | None] | None:
         """``(id, state, archived_to)`` when (path, identity) is finished, else None."""
@@ -226,6 +306,8 @@ class Ledger:
         size: int,
         mtime_ns: int,
         seen_at: float,
+        ctime_ns: int | None = None,
+        inode: int | None = None,
     ) -> int | None:
         """Claim (path, identity) for this daemon; return the row id, or None if another
         daemon holds it or it is already finished."""
@@ -237,9 +319,21 @@ class Ledger:
             ).fetchone()
             if row is None:
                 cur = con.execute(
-                    "INSERT INTO files (path, identity, sha256, size, mtime_ns, state, owner, "
-                    "seen_at, claimed_at) VALUES (?, ?, ?, ?, ?, 'claimed', ?, ?, ?)",
-                    (path, identity, sha256, size, mtime_ns, self.owner, seen_at, now),
+                    "INSERT INTO files (path, identity, sha256, size, mtime_ns, ctime_ns, inode, "
+                    "state, owner, seen_at, claimed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'claimed', ?, ?, ?)",
+                    (
+                        path,
+                        identity,
+                        sha256,
+                        size,
+                        mtime_ns,
+                        ctime_ns,
+                        inode,
+                        self.owner,
+                        seen_at,
+                        now,
+                    ),
                 )
                 return int(cur.lastrowid or 0)
             row_id, state, owner = int(row[0]), str(row[1]), row[2]
@@ -249,8 +343,9 @@ class Ledger:
                 return None
             logger.info("taking over %s: its claim by %s is stale", path, owner)
             con.execute(
-                "UPDATE files SET owner=?, claimed_at=?, size=?, mtime_ns=?, seen_at=? WHERE id=?",
-                (self.owner, now, size, mtime_ns, seen_at, row_id),
+                "UPDATE files SET owner=?, claimed_at=?, size=?, mtime_ns=?, ctime_ns=?, inode=?, "
+                "seen_at=? WHERE id=?",
+                (self.owner, now, size, mtime_ns, ctime_ns, inode, seen_at, row_id),
             )
             return row_id
 
@@ -262,11 +357,17 @@ class Ledger:
                 (row_id, self.owner),
             )
 
-    def finish(self, outcomes: Iterable[tuple[int, str, dict[str, Any]]]) -> None:
-        """Record outcomes ``(row_id, 'ok'|'error', record)`` in one transaction."""
+    def finish(
+        self,
+        outcomes: Iterable[tuple[int, str, dict[str, Any]]],
+        hooks: Iterable[FinishHook] = (),
+    ) -> None:
+        """Record outcomes ``(row_id, 'ok'|'error', record)`` in one transaction; each of
+        ``hooks`` runs inside it (e.g. to queue a DICOM result with its outcome)."""
         now = time.time()
+        rows = list(outcomes)
         with self._tx() as con:
-            for row_id, state, record in outcomes:
+            for row_id, state, record in rows:
                 con.execute(
                     "UPDATE files SET state=?, finished_at=?, error=?, record=? "
                     "WHERE id=? AND owner=? AND state='claimed'",
@@ -279,19 +380,64 @@ class Ledger:
                         self.owner,
                     ),
                 )
+            for hook in hooks:
+                hook(con, rows)
 
     # -- reporting: reported 0 -> 2 (being written at a recorded CSV offset) -> 1 ----------
     def unreported(self, limit: int = 10_000) -> list[Finished]:
+        """Finished rows not yet in the reports, except held rows not yet due again."""
         rows = (
             self._con()
             .execute(
                 "SELECT id, path, sha256, state, record FROM files "
-                "WHERE reported=0 AND state IN ('ok', 'error') ORDER BY finished_at, id LIMIT ?",
-                (limit,),
+                "WHERE reported=0 AND state IN ('ok', 'error') "
+                "AND (report_retry_at IS NULL OR report_retry_at <= ?) "
+                "ORDER BY finished_at, id LIMIT ?",
+                (time.time(), limit),
             )
             .fetchall()
         )
         return [Finished(int(r[0]), r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def hold_report(self, held: list[tuple[int, str]], retry_after: float) -> None:
+        """Rows ``(id, reason)`` whose report could not be written: set aside (the others go
+        on) and tried again ``retry_after`` seconds from now, and at every start."""
+        retry_at = time.time() + retry_after
+        with self._tx() as con:
+            con.executemany(
+                "UPDATE files SET report_error=?, report_retry_at=? WHERE id=?",
+                [(reason, retry_at, row_id) for row_id, reason in held],
+            )
+
+    def retry_held_reports(self) -> None:
+        """Make every held row due now (at start: whatever held it may have been fixed)."""
+        with self._tx() as con:
+            con.execute("UPDATE files SET report_retry_at=NULL WHERE report_retry_at IS NOT NULL")
+
+    def unreported_counts(self) -> tuple[int, int]:
+        """``(finished but not in the reports, of which held by a failed write)``."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT COUNT(*), COUNT(report_error) FROM files "
+                "WHERE reported IN (0, 2) AND state IN ('ok', 'error')"
+            )
+            .fetchone()
+        )
+        return int(row[0]), int(row[1])
+
+    def held_reports(self, n: int = 5) -> list[tuple[str, str]]:
+        """``(path, reason)`` of up to ``n`` rows whose report could not be written."""
+        rows = (
+            self._con()
+            .execute(
+                "SELECT path, report_error FROM files WHERE reported!=1 "
+                "AND report_error IS NOT NULL ORDER BY finished_at, id LIMIT ?",
+                (n,),
+            )
+            .fetchall()
+        )
+        return [(str(p), str(e)) for p, e in rows]
 
     def mark_reporting(self, row_ids: list[int], csv_path: str, offset: int) -> None:
         """Before appending rows: remember where the append starts, so that a writer killed
@@ -305,7 +451,10 @@ class Ledger:
 
     def mark_reported(self, row_ids: list[int]) -> None:
         with self._tx() as con:
-            con.executemany("UPDATE files SET reported=1 WHERE id=?", [(i,) for i in row_ids])
+            con.executemany(
+                "UPDATE files SET reported=1, report_error=NULL, report_retry_at=NULL WHERE id=?",
+                [(i,) for i in row_ids],
+            )
             con.execute("DELETE FROM meta WHERE key='report_pending'")
 
     def pending_report(self) -> tuple[str, int] | None:

@@ -1,8 +1,13 @@
 """Prometheus metrics and ``/healthz`` for ``--metrics-port`` (prometheus-client).
 
 Metrics live in their own registry, so several daemons in one process (tests) never clash.
-``/healthz`` answers 200 while the daemon's loop has ticked within ``stale_after`` seconds
-and its watch is alive, else 503.
+``/healthz`` answers 200 while the daemon's loop has ticked within ``stale_after`` seconds,
+its watch is alive, results can be written to the reports and the ledger can be written;
+else 503 with the reason. (See :meth:`xrwatch.serve.daemon.Daemon.health`.)
+
+The server bounds what idle or slow clients can hold: a connection silent for
+``IDLE_TIMEOUT`` seconds is closed, and at most ``MAX_CONNECTIONS`` are served at once
+(more are closed at once), so it never keeps a thread per idle connection.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,9 +29,13 @@ from prometheus_client import (
     generate_latest,
 )
 
+from xrwatch.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+IDLE_TIMEOUT = 5.0  # seconds a connection may stay silent (a scrape takes milliseconds)
+MAX_CONNECTIONS = 16  # connections served at once; more are closed without an answer
 
 
 class Metrics:
@@ -54,6 +64,17 @@ class Metrics:
         self.last_tick = Gauge(
             "xrwatch_loop_last_tick_timestamp_seconds", "Last loop tick", registry=self.registry
         )
+        self.unreported = Gauge(
+            "xrwatch_results_unreported",
+            "Results recorded in the ledger but not yet in the reports (held back because "
+            "their report could not be written, or waiting for the next write)",
+            registry=self.registry,
+        )
+        self.report_write_failures = Counter(
+            "xrwatch_report_write_failures",
+            "Attempts to write reports that failed (whole writes and single held rows)",
+            registry=self.registry,
+        )
         for outcome in ("ok", "error"):
             self.files.labels(outcome)
 
@@ -71,6 +92,8 @@ class MetricsServer:
         registry = metrics.registry
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = IDLE_TIMEOUT  # applied to the socket: idle connections are closed
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
@@ -89,8 +112,14 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 logger.debug("metrics: " + format, *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        try:
+            self._server = _BoundedServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen on {host}:{port} "
+                f"({exc.strerror or exc}); another process (a second daemon?) may be using "
+                "it: choose another port (metrics_port) or stop that process"
+            ) from exc
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="xrwatch-metrics", daemon=True
@@ -103,20 +132,55 @@ class MetricsServer:
         )
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join()
         self._server.server_close()
-        self._thread.join()
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS at once."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            logger.debug("metrics: %d connections open; closing a new one", MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def health_check(
-    last_tick: Callable[[], float], watch_alive: Callable[[], bool], stale_after: float
+    last_tick: Callable[[], float],
+    watch_alive: Callable[[], bool],
+    stale_after: float,
+    problems: Callable[[], list[str]] = list,
+    notes: Callable[[], list[str]] = list,
 ) -> Callable[[], tuple[bool, str]]:
+    """``/healthz``: unhealthy when the loop is stale, the watch is dead or ``problems()``
+    names any; healthy otherwise, with ``notes()`` (e.g. rows held back) after ``ok``."""
+
     def check() -> tuple[bool, str]:
         age = time.monotonic() - last_tick()
         if age > stale_after:
             return False, f"unhealthy: main loop last ticked {age:.0f} s ago"
         if not watch_alive():
             return False, "unhealthy: the folder watch has stopped"
-        return True, "ok"
+        found = problems()
+        if found:
+            return False, "unhealthy: " + "; ".join(found)
+        extra = notes()
+        return True, "ok" + "".join(f"; {n}" for n in extra)
 
     return check

@@ -15,23 +15,28 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from xrwatch.errors import ReportWriteError
+from xrwatch.fields import DICOM_IDS
 from xrwatch.serve.ledger import Finished, Ledger
+from xrwatch.serve.safefs import make_dirs
 
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "predictions.csv"
-UID_COLUMNS = ("SOPInstanceUID", "StudyInstanceUID", "AccessionNumber")
+UID_COLUMNS = DICOM_IDS
 
 
 def csv_columns(classes: list[str]) -> list[str]:
@@ -56,14 +61,28 @@ def csv_columns(classes: list[str]) -> list[str]:
     ]
 
 
+# A spreadsheet takes a cell starting with one of these for a formula (OWASP, "CSV
+# Injection"): such text cells get a leading single quote, shown as text by Excel/LibreOffice.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(value: Any) -> str:
-    """One CSV cell: '' for None, floats to 6 decimals, never a line break (one row, one line)."""
+    """One CSV cell: '' for None, floats to 6 decimals, never a line break (one row, one line).
+
+    Text (file names, DICOM values) that a spreadsheet would run as a formula is prefixed
+    with ``'``; numbers are written as numbers. The JSON reports keep the exact text.
+    """
     if value is None:
         return ""
     if isinstance(value, float):
         return f"{value:.6f}"
+    if isinstance(value, (int, bool)):
+        return str(value)
+    text = str(value)
+    if text.startswith(FORMULA_STARTS):
+        text = "'" + text
     # One row per line, always: no embedded line breaks.
-    return str(value).replace("\r", " ").replace("\n", " ")
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def csv_row(record: dict[str, Any], columns: list[str]) -> list[str]:
@@ -77,16 +96,81 @@ def csv_row(record: dict[str, Any], columns: list[str]) -> list[str]:
     return row
 
 
+# -- JSON report names: safe by construction ----------------------------------------------
+# A report name is the input's relative path plus ".json", folders kept, unless a component
+# would be unsafe; then that component becomes "<first bytes>~<32 hex of its sha256>":
+# - a file name whose ".json" name would exceed NAME_MAX (255 bytes);
+# - a folder named "*.json", which would collide with the report of a file beside it
+#   ("x" -> "x.json" versus "x.json/y" -> "x.json/y.json");
+# - any name that already looks hashed ("*~<32 hex>"), so that no plain name can equal a
+#   hashed one.
+# Names are thus distinct for distinct inputs, and no report file is ever a report folder.
+# A path deeper than JSON_MAX_DEPTH folders, or whose report path would come near PATH_MAX,
+# is stored flat: "json/~<hash of the whole path>/<its file name>.json".
+NAME_MAX = 255
+PATH_BUDGET = 4000  # bytes of an absolute report path (PATH_MAX is 4096 on Linux)
+JSON_MAX_DEPTH = 32  # folders kept in json/ below which a report is stored flat
+_KEEP = 100  # bytes of a long or unsafe name kept, for people, before its hash
+_HASHED = re.compile(r"~[0-9a-f]{32}$")
+
+
+def _digest(kind: str, text: str) -> str:
+    data = kind.encode() + b"\0" + os.fsencode(text)
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _hashed(kind: str, name: str) -> str:
+    keep = os.fsencode(name)[:_KEEP].decode("utf-8", "ignore")  # a whole-character prefix
+    return f"{keep}~{_digest(kind, name)}"
+
+
+def _file_name(name: str) -> str:
+    if len(os.fsencode(name)) + 5 > NAME_MAX or _HASHED.search(name):
+        return _hashed("file", name) + ".json"
+    return name + ".json"
+
+
+def _folder_name(name: str) -> str:
+    if name.endswith(".json") or _HASHED.search(name) or len(os.fsencode(name)) > NAME_MAX:
+        return _hashed("folder", name)
+    return name
+
+
 def json_path(reports: Path, rel: str) -> Path:
-    """``REPORTS/json/<relative path>.json``: keeps subfolders, so names never collide."""
-    return reports / "json" / (rel + ".json")
+    """Where the JSON report of INCOMING/``rel`` goes: ``REPORTS/json/<rel>.json``, with
+    unsafe components hashed (see above); distinct inputs never share a report path."""
+    parts = [p for p in rel.split("/") if p]
+    base = reports / "json"
+    name = _file_name(parts[-1]) if parts else _hashed("file", rel) + ".json"
+    folders = [_folder_name(p) for p in parts[:-1]]
+    path = base.joinpath(*folders, name)
+    if len(folders) > JSON_MAX_DEPTH or len(os.fsencode(str(path))) > PATH_BUDGET:
+        return base / ("~" + _digest("path", rel)) / name
+    return path
+
+
+def _not_a_folder(folder: Path) -> Path | None:
+    """The first component of ``folder`` that exists but is not a folder, if any."""
+    for part in (*reversed(folder.parents), folder):
+        if not part.is_dir():
+            return part if os.path.lexists(part) else None
+    return None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
+    except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
+        blocking = _not_a_folder(path.parent)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
+        ) from exc
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
             json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
             fh.write("\n")
             fh.flush()
@@ -117,6 +201,7 @@ class ReportWriter:
         self.columns = csv_columns(classes)
         self.csv_path = self.reports / CSV_NAME
         self._lock_path = self.reports / ".predictions.lock"
+        self._writers_fd: int | None = None
 
     def check_writable(self) -> None:
         """Fail at start, clearly, when the reports folder cannot be written."""
@@ -131,6 +216,54 @@ class ReportWriter:
             raise ReportWriteError(
                 f"{self.reports}: reports folder is not writable ({exc.strerror or exc})"
             ) from exc
+
+    def claim_for_model(self, model: Path, model_sha256: str) -> None:
+        """Refuse to share this reports folder with a running daemon of another model.
+
+        Every daemon writing here holds a shared ``flock`` on ``.writers.lock`` while it
+        runs; the first one records its model in ``.writers.json``. A daemon whose model
+        differs from the one recorded while others hold the lock is refused (ConfigError):
+        two models on one folder would interleave rows with different columns.
+        """
+        from xrwatch.errors import ConfigError
+
+        lock_path = self.reports / ".writers.lock"
+        info_path = self.reports / ".writers.json"
+        mine = {"model": str(model), "model_sha256": model_sha256, "pid": os.getpid()}
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            with self._locked():  # one daemon at a time gets here
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    alone = True
+                except BlockingIOError:
+                    alone = False
+                if alone:
+                    write_json_atomic(info_path, mine)
+                else:
+                    try:
+                        other = json.loads(info_path.read_text(encoding="utf-8"))
+                    except (OSError, ValueError):
+                        other = {}
+                    if other.get("model_sha256") not in (None, model_sha256):
+                        raise ConfigError(
+                            f"{self.reports}: another xrwatch daemon (pid {other.get('pid')}) "
+                            f"writes reports here with model {other.get('model')} (sha256 "
+                            f"{str(other.get('model_sha256'))[:12]}...); this one has model "
+                            f"{model} (sha256 {model_sha256[:12]}...). Give each model its own "
+                            "--reports folder, or stop the other daemon first"
+                        )
+                fcntl.flock(fd, fcntl.LOCK_SH)  # held while this daemon runs
+        except BaseException:
+            os.close(fd)
+            raise
+        self._writers_fd = fd
+
+    def release(self) -> None:
+        """Give up this daemon's share of the reports folder (at exit)."""
+        fd, self._writers_fd = self._writers_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -202,10 +335,31 @@ class ReportWriter:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def flush(self, ledger: Ledger) -> list[Finished]:
+    def refresh_json(self, rel: str, record: dict[str, Any]) -> None:
+        """Rewrite the JSON report of ``rel`` (its earlier content is back under its name)."""
+        try:
+            with self._locked():
+                write_json_atomic(json_path(self.reports, rel), record)
+        except OSError as exc:
+            raise ReportWriteError(
+                f"{json_path(self.reports, rel)}: cannot write the report ({exc.strerror or exc})"
+            ) from exc
+
+    def flush(
+        self,
+        ledger: Ledger,
+        *,
+        hold_seconds: float = 60.0,
+        progress: Callable[[], None] | None = None,
+    ) -> list[Finished]:
         """Write every finished-but-unreported ledger row; return the rows written.
 
-        Raises :class:`ReportWriteError` (rows stay unreported and are retried later).
+        A row whose JSON report cannot be written while others can is *held*: set aside in
+        the ledger with its reason, tried again after ``hold_seconds`` and at every start,
+        so that it never blocks the rows after it. When nothing can be written (disk full,
+        folder unwritable), raises :class:`ReportWriteError` and every row stays unreported,
+        to be retried later. ``progress`` is called after each JSON file (a long flush is
+        work, not a hang).
         """
         try:
             self.reports.mkdir(parents=True, exist_ok=True)  # recreated if someone removed it
@@ -216,18 +370,42 @@ class ReportWriter:
                     return []
                 self._ensure_header()
                 dirs: set[Path] = set()
+                written: list[Finished] = []
+                failed: list[tuple[Finished, str]] = []
                 for row in rows:
                     target = json_path(self.reports, row.path)
-                    write_json_atomic(target, row.record)
-                    dirs.add(target.parent)
+                    try:
+                        write_json_atomic(target, row.record)
+                    except (OSError, ValueError) as exc:
+                        reason = exc.strerror if isinstance(exc, OSError) else None
+                        failed.append((row, f"{target}: {reason or exc}"))
+                    else:
+                        written.append(row)
+                        dirs.add(target.parent)
+                    if progress is not None:
+                        progress()
+                if failed and not written:
+                    self._check_json_writable()  # raises when no report can be written at all
+                if failed:
+                    for row, reason in failed:
+                        logger.error(
+                            "%s: report not written (%s); the other files go on, this one is "
+                            "retried in %.0f s and at the next start",
+                            row.path,
+                            reason,
+                            hold_seconds,
+                        )
+                    ledger.hold_report([(r.id, why) for r, why in failed], hold_seconds)
+                if not written:
+                    return []
                 for d in dirs:
                     _fsync_dir(d)
                 buf = io.StringIO()
                 writer = csv.writer(buf, lineterminator="\n")
-                for row in rows:
+                for row in written:
                     writer.writerow(csv_row(row.record, self.columns))
-                data = buf.getvalue().encode("utf-8")
-                ids = [r.id for r in rows]
+                data = buf.getvalue().encode("utf-8", "backslashreplace")
+                ids = [r.id for r in written]
                 offset = self.csv_path.stat().st_size
                 ledger.mark_reporting(ids, str(self.csv_path), offset)
                 try:
@@ -241,12 +419,19 @@ class ReportWriter:
                         ledger.reset_reporting()
                     raise
                 ledger.mark_reported(ids)
-                return rows
+                return written
         except OSError as exc:
             raise ReportWriteError(
                 f"{self.reports}: cannot write reports ({exc.strerror or exc}); "
                 "outcomes are kept in the ledger and will be written on the next try"
             ) from exc
+
+    def _check_json_writable(self) -> None:
+        """Raise OSError when no JSON report can be written (rather than one bad row)."""
+        folder = self.reports / "json"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / f".write-test-{os.getpid()}.json", {})
+        os.unlink(folder / f".write-test-{os.getpid()}.json")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

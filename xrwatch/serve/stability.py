@@ -2,8 +2,10 @@
 
 A candidate is *ready* when it was closed after writing (inotify ``IN_CLOSE_WRITE``) or
 moved in by a rename, and has not changed since; or when its size and mtime have not
-changed for ``stable_seconds``. Readiness is necessary, not sufficient: the daemon still
-runs the foundation's truncation checks, and a truncated file goes back here to wait.
+changed for ``stable_seconds``. "Changed" compares size, mtime, ctime and inode, so a
+replacement with the same size and mtime (``cp -p``, rsync, unzip) counts. Readiness is
+necessary, not sufficient: the daemon still runs the foundation's truncation checks, and a
+truncated file goes back here to wait.
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def signature(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must stay the same for a file to be unchanged: size, mtime, ctime, inode."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 @dataclass
 class _Entry:
-    size: int
-    mtime_ns: int
+    sig: tuple[int, int, int, int]  # signature(lstat)
     changed_at: float  # monotonic time of the last observed change
     seen_at: float  # wall time the file was first seen (for latency figures)
     complete: bool  # closed after writing / renamed in, with no change since
@@ -34,6 +40,8 @@ class Candidate:
     size: int
     mtime_ns: int
     seen_at: float
+    ctime_ns: int = 0
+    ino: int = 0
 
 
 class StabilityTracker:
@@ -70,16 +78,15 @@ class StabilityTracker:
             entry = self._entries.get(path)
             if entry is None:
                 self._entries[path] = _Entry(
-                    st.st_size,
-                    st.st_mtime_ns,
+                    signature(st),
                     now,
                     seen_at if seen_at is not None else time.time(),
                     complete,
                     now + delay,
                 )
                 return
-            if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                entry.size, entry.mtime_ns, entry.changed_at = st.st_size, st.st_mtime_ns, now
+            if signature(st) != entry.sig:
+                entry.sig, entry.changed_at = signature(st), now
                 entry.complete = complete
             elif complete:
                 entry.complete = True
@@ -111,10 +118,14 @@ class StabilityTracker:
             with self._lock:
                 if self._entries.get(path) is not entry:
                     continue
-                if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
-                    entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+                if signature(st) != entry.sig:
+                    entry.sig = signature(st)
                     entry.changed_at, entry.complete = now, False
                     continue
                 del self._entries[path]
-            out.append(Candidate(path, st.st_size, st.st_mtime_ns, entry.seen_at))
+            out.append(
+                Candidate(
+                    path, st.st_size, st.st_mtime_ns, entry.seen_at, st.st_ctime_ns, st.st_ino
+                )
+            )
         return out

@@ -112,6 +112,7 @@ class DaemonProc:
         self._sockdir = tempfile.mkdtemp(prefix="xrw", dir="/tmp")
         self.sock_path = os.path.join(self._sockdir, "n")
         self.messages: list[str] = []
+        self.stamped: list[tuple[float, str]] = []  # (time.monotonic() received, message)
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
 
@@ -140,6 +141,7 @@ class DaemonProc:
                 if self.proc is not None and self.proc.poll() is not None:
                     time.sleep(0.05)
                 continue
+            self.stamped.append((time.monotonic(), data.decode()))
             self.messages.append(data.decode())
 
     def wait_ready(self, timeout: float = 60.0) -> None:

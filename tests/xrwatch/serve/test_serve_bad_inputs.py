@@ -109,9 +109,9 @@ def test_no_patient_name_id_or_birth_date_in_reports_or_logs(folders, daemons) -
     rows = {r["file"]: r for r in csv_rows(reports)}
     ok = rows["patient.dcm"]
     assert ok["status"] == "ok"
-    assert ok["AccessionNumber"] == "ACC-42"
-    assert ok["StudyInstanceUID"] == "1.2.826.0.1.3680043.8.498.1"
-    assert ok["SOPInstanceUID"] == "1.2.826.0.1.3680043.8.498.2"
+    assert ok["accession_number"] == "ACC-42"
+    assert ok["study_instance_uid"] == "1.2.826.0.1.3680043.8.498.1"
+    assert ok["sop_instance_uid"] == "1.2.826.0.1.3680043.8.498.2"
     assert rows["patient_ct.dcm"]["status"] == "error"
 
     secrets = [

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from serve_harness import ROOT, assert_csv_intact, csv_rows, make_png, run_once, wait_for
 
 from xrwatch.errors import ConfigError
-from xrwatch.serve.config import ServeConfig, load_serve_config
+from xrwatch.serve.config import ServeConfig, field_names, load_serve_config
 from xrwatch.serve.daemon import Daemon
 
 
@@ -128,7 +129,8 @@ def test_status_reports_counts_and_last_errors(folders, tiny_onnx_model: Path) -
     incoming, reports = folders
     make_png(incoming / "a.png", seed=1)
     (incoming / "b.png").write_text("text")
-    run_once(incoming, reports, tiny_onnx_model)
+    done = run_once(incoming, reports, tiny_onnx_model)
+    assert "stopped: 1 ok, 1 error since start" in done.stderr  # not "1 errors"
     state = reports / ".xrwatch-state"
     r = subprocess.run(
         [sys.executable, "-m", "xrwatch", "status", "--state-dir", str(state), "--json"],
@@ -237,6 +239,10 @@ def test_deploy_example_config_is_valid() -> None:
     defaults = ServeConfig(Path("i"), Path("m"), Path("r"))
     for name in ("stable_seconds", "rescan_interval", "batch_size", "max_wait", "workers"):
         assert getattr(config, name) == getattr(defaults, name), name
+    # the example names every key (commented where the default is not the deployment's)
+    text = (ROOT / "deploy" / "xrwatch.toml").read_text()
+    named = set(re.findall(r"^#? *(\w+) *=", text, flags=re.MULTILINE))
+    assert set(field_names()) - named == set()
     unit = (ROOT / "deploy" / "xrwatch.service").read_text()
     for line in (
         "Type=notify",

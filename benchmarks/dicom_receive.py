@@ -1,0 +1,196 @@
+"""Benchmark the DICOM receiver against the folder: instances/s received and classified
+over C-STORE vs. the same files dropped into INCOMING, in the same run.
+
+    .venv/bin/python benchmarks/dicom_receive.py [--instances 200] [--model M.onnx]
+
+The instances are the real DICOMs in ``../shared/data/xray/dicom`` (CR, DX, SC; JPEG,
+JPEG 2000 and uncompressed), cycled with new SOP Instance UIDs so that each is a new
+instance. Each phase runs a fresh ``xrwatch serve`` (same options) and measures from the
+first byte sent (or dropped) to the last report JSON written:
+
+1. folder: the files are copied into INCOMING (temp name, then rename), as fast as possible;
+2. C-STORE: DCMTK's ``storescu`` sends them to ``--dicom-port`` (one association per
+   transfer syntax family), as a modality would; the daemon also writes an SR per
+   instance (REPORTS/dicom), which competes for the same CPUs.
+
+Needs ``storescu`` (Debian package dcmtk) and the train extra (to build the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from serve import Daemon, build_model, count_json  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "xray" / "dicom"
+STORESCU_OPTION = {  # storescu proposes uncompressed syntaxes unless told
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.57": "-xs",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_instances(n: int, out: Path) -> dict[str, list[Path]]:
+    """``n`` instances (new UIDs) grouped by the storescu option for their syntax."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    sources = sorted(SHARED.glob("*.dcm"))
+    groups: dict[str, list[Path]] = defaultdict(list)
+    out.mkdir(parents=True)
+    for i in range(n):
+        ds = pydicom.dcmread(sources[i % len(sources)], force=True)
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        if getattr(ds, "file_meta", None) is not None and "TransferSyntaxUID" in ds.file_meta:
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+            ts = str(ds.file_meta.TransferSyntaxUID)
+        else:
+            ts = ""
+        path = out / f"i{i:05d}.dcm"
+        ds.save_as(path)
+        groups[STORESCU_OPTION.get(ts, "-x=")].append(path)
+    return groups
+
+
+def wait_reports(reports: Path, n: int, timeout: float = 1800) -> float:
+    deadline = time.monotonic() + timeout
+    while count_json(reports) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out: {count_json(reports)} of {n} reports")
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def folder_phase(work: Path, files: list[Path], model: Path, common: list[str]) -> float:
+    """Drop ``files`` into INCOMING (temp name, rename); instances/s to the last report."""
+    incoming, reports = work / "in", work / "rep"
+    incoming.mkdir(parents=True)
+    d = Daemon(incoming, reports, model, common)
+    t0 = time.perf_counter()
+    for p in files:
+        tmp = incoming / f".{p.name}.tmp"
+        shutil.copyfile(p, tmp)
+        os.replace(tmp, incoming / p.name)
+    t1 = wait_reports(reports, len(files))
+    d.stop()
+    rate = len(files) / (t1 - t0)
+    print(f"  folder:  {rate:6.1f} instances/s (drop -> last report)")
+    return rate
+
+
+def dicom_phase(
+    work: Path, groups: dict[str, list[Path]], model: Path, common: list[str], storescu: str
+) -> float:
+    """storescu to the receiver; instances/s from the first send to the last report."""
+    incoming, reports = work / "in", work / "rep"
+    incoming.mkdir(parents=True)
+    port = free_port()
+    receiver = ["--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "BENCH"]
+    d = Daemon(incoming, reports, model, [*common, *receiver])
+    n = sum(len(g) for g in groups.values())
+    t0 = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            [storescu, option, "-aet", "BENCH", "-aec", "XRWATCH", "127.0.0.1", str(port),
+             *map(str, group)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for option, group in sorted(groups.items())
+    ]  # fmt: skip
+    for s in senders:
+        _, err = s.communicate()
+        if s.returncode != 0:
+            raise SystemExit(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    t_sent = time.perf_counter()
+    t1 = wait_reports(reports, n)
+    srs = 0
+    while srs < n and time.perf_counter() - t1 < 600:
+        srs = sum(1 for _ in (reports / "dicom").rglob("*.SR.dcm"))
+        time.sleep(0.05)
+    t_sr = time.perf_counter()
+    d.stop()
+    rate = n / (t1 - t0)
+    print(f"  C-STORE: {rate:6.1f} instances/s (first send -> last report); all acknowledged "
+          f"after {t_sent - t0:.1f} s, all {srs} SRs written after {t_sr - t0:.1f} s")  # fmt: skip
+    return rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--instances", type=int, default=200, help="instances per phase")
+    ap.add_argument("--model", type=Path, help="exported model (default: build --arch)")
+    ap.add_argument("--arch", default="tinycnn", help="architecture to build when no --model")
+    ap.add_argument("--size", type=int, default=224, help="input size when building")
+    ap.add_argument("--rounds", type=int, default=2, help="folder/C-STORE pairs, alternated")
+    args = ap.parse_args()
+    storescu = shutil.which("storescu")
+    if storescu is None or not SHARED.is_dir():
+        print(
+            "needs storescu (apt-get install dcmtk) and ../shared/data/xray/dicom", file=sys.stderr
+        )
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="xrwatch-dicom-bench-"))
+    try:
+        model = args.model or build_model(args.arch, args.size, work / "model" / "model.onnx")
+        groups = make_instances(args.instances, work / "instances")
+        files = [p for g in groups.values() for p in g]
+        total_mib = sum(p.stat().st_size for p in files) / 2**20
+        syntaxes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(groups.items()))
+        print(f"CPU: {cpu_model()} ({os.cpu_count()} CPUs); model {model.name} "
+              f"({args.arch}, {args.size}px); {len(files)} instances, {total_mib:.1f} MiB; "
+              f"storescu groups {syntaxes}")  # fmt: skip
+        common = ["--batch-size", "8", "--workers", "2"]
+        folder_rates, dicom_rates = [], []
+        for r in range(args.rounds):  # alternated, so load from elsewhere hits both
+            folder_rates.append(folder_phase(work / f"f{r}", files, model, common))
+            dicom_rates.append(dicom_phase(work / f"d{r}", groups, model, common, storescu))
+        f_mean = sum(folder_rates) / len(folder_rates)
+        d_mean = sum(dicom_rates) / len(dicom_rates)
+        print(f"folder:  {f_mean:6.1f} instances/s (rounds: "
+              f"{', '.join(f'{x:.1f}' for x in folder_rates)})")  # fmt: skip
+        print(f"C-STORE: {d_mean:6.1f} instances/s (rounds: "
+              f"{', '.join(f'{x:.1f}' for x in dicom_rates)})")  # fmt: skip
+        print(f"C-STORE / folder = {d_mean / f_mean:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,14 @@
+"""The DICOM node of ``xrwatch serve``: receive images over the network, send results back.
+
+It feeds and drains the folder daemon through its ledger and never classifies anything
+itself; the daemon's loop stays the one place that claims, infers and records.
+
+- :mod:`.scp`       C-STORE/C-ECHO receiver -> durable files in ``INCOMING/dicom/<UIDs>``
+- :mod:`.outbox`    the ledger's DICOM tables: received UIDs, pending results, sends
+- :mod:`.sr`, :mod:`.sc`   a result as a Comprehensive SR; its heatmap as a Secondary Capture
+- :mod:`.sender`    background thread: write SRs into ``REPORTS/dicom``, C-STORE them out
+- :mod:`.node`      wires these into a :class:`xrwatch.serve.daemon.Daemon` (``attach``)
+- :mod:`.settings`  checks of the DICOM options, ``AE@host:port``
+
+This package never imports torch.
+"""

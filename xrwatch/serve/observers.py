@@ -1,0 +1,152 @@
+"""watchdog observers that walk a folder tree without recursion.
+
+watchdog walks a watched tree recursively (``os.walk`` before Python 3.12 for inotify,
+when watching and for the events of a folder moved in; its own ``DirectorySnapshot.walk``
+for polling): a tree about a thousand folders deep, present at start or moved in, raises
+``RecursionError`` in the observer. These subclasses (and the two event generators the
+inotify emitter calls, replaced by equivalents) walk iteratively instead; everything else
+is watchdog's. (Folders deeper than :data:`xrwatch.serve.watcher.MAX_DEPTH` are still
+watched, cheaply, but their files are not read: see the watcher.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterator
+from typing import Any, AnyStr
+
+import watchdog.observers.inotify as _inotify_module
+from watchdog.events import DirCreatedEvent, DirMovedEvent, FileCreatedEvent, FileMovedEvent
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.inotify import (
+    InotifyConstants,
+    InotifyEmitter,
+    InotifyEvent,
+    InotifyObserver,
+    InotifyWatchGroup,
+    Mask,
+)
+from watchdog.observers.polling import PollingEmitter
+from watchdog.utils.dirsnapshot import DirectorySnapshot
+
+
+def walk(top: AnyStr) -> Iterator[tuple[AnyStr, list[AnyStr], list[AnyStr]]]:
+    """``os.walk(top)`` (top-down, links not followed), with a stack instead of recursion."""
+    stack = [top]
+    while stack:
+        root = stack.pop()
+        dirs: list[AnyStr] = []
+        files: list[AnyStr] = []
+        try:
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                    except OSError:
+                        is_dir = False
+                    (dirs if is_dir else files).append(entry.name)
+        except OSError:
+            continue
+        yield root, dirs, files
+        stack.extend(os.path.join(root, d) for d in reversed(dirs))
+
+
+def _sub_created_events(src_dir_path: Any) -> Iterator[DirCreatedEvent | FileCreatedEvent]:
+    """watchdog's ``generate_sub_created_events``, walking iteratively."""
+    for root, directories, filenames in walk(src_dir_path):
+        for directory in directories:
+            yield DirCreatedEvent(os.path.join(root, directory), is_synthetic=True)
+        for filename in filenames:
+            yield FileCreatedEvent(os.path.join(root, filename), is_synthetic=True)
+
+
+def _sub_moved_events(src_dir_path: Any, dest_dir_path: Any) -> Iterator[Any]:
+    """watchdog's ``generate_sub_moved_events``, walking iteratively."""
+    for root, directories, filenames in walk(dest_dir_path):
+        for name, cls in [(d, DirMovedEvent) for d in directories] + [
+            (f, FileMovedEvent) for f in filenames
+        ]:
+            full_path = os.path.join(root, name)
+            renamed = src_dir_path + full_path[len(dest_dir_path) :] if src_dir_path else ""
+            yield cls(renamed, full_path, is_synthetic=True)
+
+
+# the inotify emitter looks these up in its module when a folder is moved in
+_inotify_module.generate_sub_created_events = _sub_created_events  # type: ignore[assignment]
+_inotify_module.generate_sub_moved_events = _sub_moved_events  # type: ignore[assignment]
+
+
+class _WatchGroup(InotifyWatchGroup):
+    def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
+        events = []
+        for root, dirnames, filenames in walk(src_path):
+            wd_root = self._active_callbacks_by_path.get(root)
+            if wd_root is None:
+                continue
+            for dirname in dirnames:
+                mask = Mask(InotifyConstants.IN_CREATE | InotifyConstants.IN_ISDIR)
+                events.append(InotifyEvent(wd_root, mask, 0, dirname))
+            for filename in filenames:
+                events.append(InotifyEvent(wd_root, InotifyConstants.IN_CREATE, 0, filename))
+        return events
+
+    def _add_all_callbacks(self, path: bytes) -> None:
+        is_dir = os.path.isdir(path)
+        self._add_callback(path)
+        if is_dir and self.is_recursive:
+            for root, dirnames, _ in walk(path):
+                for dirname in dirnames:
+                    self._add_callback(os.path.join(root, dirname))
+
+
+class _InotifyEmitter(InotifyEmitter):
+    def on_thread_start(self) -> None:
+        self._inotify = _WatchGroup(
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=self.watch.follow_symlink,
+        )
+
+
+class _Snapshot(DirectorySnapshot):
+    def walk(self, root: str) -> Iterator[tuple[str, os.stat_result]]:
+        stack = [root]
+        while stack:
+            folder = stack.pop()
+            try:
+                names = [entry.name for entry in self.listdir(folder)]
+            except OSError:
+                continue  # gone or replaced meanwhile: empty, as watchdog treats it
+            for name in names:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):
+                    st = self.stat(path)
+                    yield path, st
+                    if self.recursive and stat.S_ISDIR(st.st_mode):
+                        stack.append(path)
+
+
+class _PollingEmitter(PollingEmitter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._take_snapshot = lambda: _Snapshot(
+            self.watch.path, recursive=self.watch.is_recursive, stat=os.lstat
+        )
+
+
+class PollingObserver(BaseObserver):
+    """watchdog's ``PollingObserver``, walking iteratively."""
+
+    def __init__(self, *, timeout: float = 1.0) -> None:
+        super().__init__(_PollingEmitter, timeout=timeout)
+
+
+def inotify_observer() -> BaseObserver:
+    """watchdog's ``InotifyObserver``, walking iteratively."""
+    observer = InotifyObserver()
+    observer._emitter_class = _InotifyEmitter
+    return observer
