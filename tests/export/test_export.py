@@ -57,7 +57,8 @@ def test_file_format(full_export: ExportResult) -> None:
     outputs = {
         o.name: [d.dim_value for d in o.type.tensor_type.shape.dim][1:] for o in model.graph.output
     }
-    assert outputs == {"logits": [4], "probabilities": [4]}
+    # 64 px through four 2x poolings: a 4 x 4 class activation map per class
+    assert outputs == {"logits": [4], "probabilities": [4], "cam": [4, 4, 4]}
 
 
 def test_metadata_written_per_contract(full_export: ExportResult) -> None:

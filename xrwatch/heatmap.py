@@ -1,0 +1,118 @@
+"""Heatmap overlay PNGs from the model's ``cam`` output.
+
+The overlay is the model-input image (what the network saw, after preprocessing) in grey,
+with the predicted class's activation map - upsampled bilinearly to the input size, its
+negative part cut off and scaled to [0, 1] per image - as a colour overlay, and a legend
+strip: the colour scale and the label with its probability. Nothing from the file or its
+DICOM header is drawn, and the PNG carries no text chunks.
+
+The map shows where the evidence for the predicted class was strongest *relative to the
+rest of this image*. It is not a segmentation, not a measure of certainty and not proof
+of what caused the prediction.
+
+Files are written atomically (temporary file in the same folder, fsync, rename): a reader
+never sees a partial PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+ALPHA = 0.45  # weight of the colour map where the activation is highest
+LEGEND_HEIGHT = 18  # pixels of the legend strip under the image
+MIN_SIDE = 256  # small model inputs are enlarged (nearest) so the overlay is readable
+
+# A perceptual "turbo"-like ramp: dark blue -> cyan -> green -> yellow -> red.
+_STOPS = np.array(
+    [
+        [48, 18, 59],
+        [50, 136, 189],
+        [63, 208, 152],
+        [171, 221, 60],
+        [253, 174, 50],
+        [215, 48, 39],
+        [122, 4, 3],
+    ],
+    dtype=np.float64,
+)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """float array in [0, 1] -> uint8 RGB (..., 3)."""
+    v = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)
+    lo = np.floor(v).astype(int)
+    hi = np.minimum(lo + 1, len(_STOPS) - 1)
+    t = (v - lo)[..., None]
+    return (_STOPS[lo] * (1 - t) + _STOPS[hi] * t).round().astype(np.uint8)
+
+
+def upsample(cam: np.ndarray, size: int) -> np.ndarray:
+    """A class map (h x w) -> size x size, bilinear, negative part 0, scaled to [0, 1]."""
+    img = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
+    up = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    up = np.maximum(up, 0.0)
+    peak = up.max()
+    return up / peak if peak > 0 else up
+
+
+def render_overlay(pixels: np.ndarray, cam: np.ndarray, caption: str) -> Image.Image:
+    """The overlay of ``cam`` (h x w, one class) on ``pixels`` (S x S in [0, 1])."""
+    gray = np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 1.0)
+    size = gray.shape[0]
+    heat = upsample(cam, size)
+    colour = colormap(heat).astype(np.float64)
+    base = np.repeat((gray * 255.0)[..., None], 3, axis=2)
+    weight = (ALPHA * heat)[..., None]
+    rgb = (base * (1 - weight) + colour * weight).round().astype(np.uint8)
+    image = Image.fromarray(rgb, mode="RGB")
+    if size < MIN_SIDE:
+        factor = -(-MIN_SIDE // size)
+        image = image.resize((size * factor, size * factor), Image.Resampling.NEAREST)
+    width = image.width
+    canvas = Image.new("RGB", (width, image.height + LEGEND_HEIGHT), (0, 0, 0))
+    canvas.paste(image, (0, 0))
+    bar_w = max(width // 4, 32)
+    ramp = colormap(np.linspace(0.0, 1.0, bar_w))[None].repeat(LEGEND_HEIGHT - 8, axis=0)
+    canvas.paste(Image.fromarray(ramp, mode="RGB"), (4, image.height + 4))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((bar_w + 8, image.height + 3), f"low-high  {caption}", fill=(255, 255, 255))
+    return canvas
+
+
+def heatmap_path(root: Path, rel: str) -> Path:
+    """``ROOT/<relative path>.png``: the input's own relative path, nothing else."""
+    return Path(root) / (rel + ".png")
+
+
+def write_png_atomic(image: Image.Image, path: Path) -> Path:
+    """Write ``image`` as PNG to ``path`` atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_heatmap(
+    root: Path, rel: str, pixels: np.ndarray, cam: np.ndarray, label: str, confidence: float
+) -> Path:
+    """Render and atomically write the overlay of one result; returns its path."""
+    caption = f"{label} p={confidence:.2f} (CAM)"
+    return write_png_atomic(render_overlay(pixels, cam, caption), heatmap_path(root, rel))
