@@ -524,7 +524,7 @@ class InferenceEngine:
         rel = path.name
         if root is not None:
             try:
-                rel = path.relative_to(root).as_posix()
+                rel = path.resolve().relative_to(root.resolve()).as_posix()
             except ValueError:
                 pass
         best = int(np.argmax(row))

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 ALPHA = 0.45  # weight of the colour map where the activation is highest
 LEGEND_HEIGHT = 18  # pixels of the legend strip under the image
-MIN_SIDE = 256  # small model inputs are enlarged (nearest) so the overlay is readable
+MIN_SIDE = 128  # smaller model inputs are enlarged (nearest) so the overlay is readable
+PNG_COMPRESS_LEVEL = 1  # zlib level: 1 writes ~3x faster than the default 6, files ~20 % bigger
 
 # A perceptual "turbo"-like ramp: dark blue -> cyan -> green -> yellow -> red.
 _STOPS = np.array(
@@ -46,13 +47,20 @@ _STOPS = np.array(
 )
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-    """float array in [0, 1] -> uint8 RGB (..., 3)."""
-    v = np.clip(values, 0.0, 1.0) * (len(_STOPS) - 1)
+def _ramp(n: int) -> np.ndarray:
+    v = np.linspace(0.0, 1.0, n) * (len(_STOPS) - 1)
     lo = np.floor(v).astype(int)
     hi = np.minimum(lo + 1, len(_STOPS) - 1)
-    t = (v - lo)[..., None]
+    t = (v - lo)[:, None]
     return (_STOPS[lo] * (1 - t) + _STOPS[hi] * t).round().astype(np.uint8)
+
+
+_LUT = _ramp(256)  # 256 colours: indexing is much faster than interpolating per pixel
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """float array in [0, 1] -> uint8 RGB (..., 3)."""
+    return _LUT[(np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)]
 
 
 def upsample(cam: np.ndarray, size: int) -> np.ndarray:
@@ -66,13 +74,12 @@ def upsample(cam: np.ndarray, size: int) -> np.ndarray:
 
 def render_overlay(pixels: np.ndarray, cam: np.ndarray, caption: str) -> Image.Image:
     """The overlay of ``cam`` (h x w, one class) on ``pixels`` (S x S in [0, 1])."""
-    gray = np.clip(np.asarray(pixels, dtype=np.float64), 0.0, 1.0)
+    gray = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
     size = gray.shape[0]
-    heat = upsample(cam, size)
-    colour = colormap(heat).astype(np.float64)
-    base = np.repeat((gray * 255.0)[..., None], 3, axis=2)
+    heat = upsample(cam, size).astype(np.float32)
+    colour = colormap(heat).astype(np.float32)
     weight = (ALPHA * heat)[..., None]
-    rgb = (base * (1 - weight) + colour * weight).round().astype(np.uint8)
+    rgb = ((gray * 255.0)[..., None] * (1 - weight) + colour * weight + 0.5).astype(np.uint8)
     image = Image.fromarray(rgb, mode="RGB")
     if size < MIN_SIDE:
         factor = -(-MIN_SIDE // size)
@@ -99,7 +106,7 @@ def write_png_atomic(image: Image.Image, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG")
+            image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
