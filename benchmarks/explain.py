@@ -97,7 +97,7 @@ def assemble_non_chest(folder: Path, seed: int = 0) -> None:
         page = Image.new("L", (size, size), bg)
         draw = ImageDraw.Draw(page)
         for line in range(28):
-            words = " ".join("lorem ipsum dolor sit amet".split()[: 2 + (line * 7 + i) % 4])
+            words = " ".join(["lorem", "ipsum", "dolor", "sit", "amet"][: 2 + (line * 7 + i) % 4])
             draw.text((12, 8 + line * 18), f"{line:02d} {words} {rng.integers(1e6)}", fill=fg)
         _save(folder, "text", f"page_{i}", np.asarray(page))
     for i in range(3):
@@ -170,6 +170,9 @@ def main() -> int:
     engine = InferenceEngine(args.model, use_gpu=False, intra_op_threads=args.threads)
     if not engine.has_guard:
         print(f"{args.model} has no scope guard (export it from a run folder with splits)")
+        if engine.has_cam and not args.no_timing:
+            time_heatmaps(engine, expand_inputs([args.real])[: args.timing_images], args.repeats)
+            return 0
         return 2
     guard = engine.meta.guard or {}
     print(f"model {args.model.name}: {engine.meta.arch}, {engine.spec.size} px, guard {guard}")
