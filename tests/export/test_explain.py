@@ -73,3 +73,15 @@ def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
     np.testing.assert_allclose(probs, softmax(logits, cal["temperature"]), atol=1e-5)
     assert (probs.argmax(1) == logits.argmax(1)).all()
     assert json.loads(json.dumps(meta.to_dict()))["guard"]["method"] == "mahalanobis"
+
+
+def test_int8_keeps_the_guard_in_float(fitted_run: Path) -> None:
+    """Quantizing the Mahalanobis distance to 8 bits could move it across its threshold."""
+    from export.quantize import _guard_only_nodes
+
+    model = onnx.load(str(fitted_run / "model.onnx"))
+    names = set(_guard_only_nodes(model))
+    by_name = {n.name: n for n in model.graph.node}
+    ops = {by_name[n].op_type for n in names}
+    assert "MatMul" in ops or "Gemm" in ops  # (features - mean) @ whitening
+    assert "Conv" not in ops and "Softmax" not in ops  # the classifier is not touched
