@@ -182,6 +182,11 @@ def main() -> int:
     n_flag = sum(f for _, f, _ in rows)
     print(f"\nreal chest X-rays flagged out_of_scope: {n_flag}/{len(rows)} = "
           f"{n_flag / max(len(rows), 1):.1%} (target <= 3%)")  # fmt: skip
+    by_folder: dict[str, list[bool]] = {}
+    for path, f, _ in rows:
+        by_folder.setdefault(path.relative_to(args.real).parts[0], []).append(f)
+    for folder, values in sorted(by_folder.items()):
+        print(f"  {folder:12s} {sum(values)}/{len(values)} flagged")
     for path, f, why in rows:
         if f:
             print(f"  flagged: {path.relative_to(args.real)}: {why}")
