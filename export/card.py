@@ -124,16 +124,99 @@ def render_card(
         "",
         *(f"- {line}" for line in verification),
         "",
+        *_explain_lines(meta),
         "## Limitations",
         "",
         "- Trained on public research data; performance on other hospitals, devices, ages and",
         "  disease mixes is unknown.",
         "- The CoronaHack COVID-19 images come from different sources than the other classes,",
         "  so a model can separate them by shortcut (format, contrast) rather than pathology.",
-        "- A confident output is not a correct output; there is no out-of-distribution check.",
+        "- A confident output is not a correct output, even calibrated; the scope guard"
+        if meta.guard is not None
+        else "- A confident output is not a correct output; there is no out-of-distribution check.",
+        *(
+            [
+                "  catches inputs unlike the training images, not every wrong answer on a",
+                "  genuine chest X-ray.",
+            ]
+            if meta.guard is not None
+            else []
+        ),
         "",
     ]
     return "\n".join(lines)
+
+
+def _explain_lines(meta: ModelMeta) -> list[str]:
+    """Card sections on heatmaps, calibration and the scope guard (when the model has them)."""
+    lines: list[str] = []
+    if meta.cam is not None:
+        shape = meta.cam.get("shape", [])
+        lines += [
+            "## Heatmaps (class activation maps)",
+            "",
+            f"Output `cam` ({' x '.join(str(d) for d in ['N', *shape])}): for each class, the "
+            f"last feature map (`{meta.cam.get('layer')}`) weighted by that class's head "
+            "weights (CAM, Zhou et al. 2016; equal to Grad-CAM for this architecture, checked "
+            "against pytorch-grad-cam in the tests). Serving upsamples the predicted class's "
+            "map and overlays it on the model input.",
+            "",
+            "What it is: where, in this image, the evidence for the predicted class was "
+            "strongest relative to the rest of the image, at the resolution of the last "
+            "feature map. What it is not: not a segmentation of a finding, not a measure of "
+            "certainty, not proof of what caused the prediction; a map on the image border, "
+            "a marker or text points to a shortcut, not to disease.",
+            "",
+        ]
+    cal = meta.calibration
+    if cal is not None:
+        lines += [
+            "## Calibration",
+            "",
+            f"Temperature scaling fitted on the validation split: T = "
+            f"{float(cal.get('temperature', 1.0)):.4f}, inside the graph "
+            "(`probabilities` = softmax(`logits` / T); the top-1 class never changes).",
+            "",
+            f"| split | images | ECE before ({cal.get('bins', 15)} bins) | ECE after |",
+            "|---|---|---|---|",
+        ]
+        for split in ("val", "test"):
+            e = (cal.get("ece") or {}).get(split)
+            if isinstance(e, dict):
+                lines.append(
+                    f"| {split} | {e.get('n')} | {float(e['before']):.4f} | "
+                    f"{float(e['after']):.4f} |"
+                )
+        lines += [
+            "",
+            f"Results whose calibrated top probability is below "
+            f"{cal.get('low_confidence')} are flagged `low_confidence` (overridable in the "
+            "serve config and by `classify --low-confidence`).",
+            "",
+        ]
+    guard = meta.guard
+    if guard is not None:
+        test = guard.get("test_pass_rate")
+        lines += [
+            "## Scope guard (out_of_scope)",
+            "",
+            f"Output `ood_score`: Mahalanobis distance of the pooled `{guard.get('layer')}` "
+            f"features ({guard.get('features')} values) to those of the "
+            f"{guard.get('n_train')} training images (Ledoit-Wolf covariance, constants in "
+            "the graph), divided by the threshold at which "
+            f"{float(guard.get('target_pass_rate', 0)):.0%} of the {guard.get('n_val')} "
+            f"validation images pass (measured: {float(guard.get('val_pass_rate', 0)):.1%}"
+            + (f"; test split {float(test):.1%}" if isinstance(test, (int, float)) else "")
+            + "). Output `contrast`: the input's standard deviation; below "
+            f"{guard.get('min_contrast')} the image is blank or constant. Either makes a "
+            "result `out_of_scope`, and so do DICOM headers naming another modality, body "
+            "part or a lateral view. Flagged results keep their probabilities.",
+            "",
+            "Measured rates on real chest X-rays and non-chest images: see the README "
+            "(`benchmarks/explain.py`); they depend on the model.",
+            "",
+        ]
+    return lines
 
 
 def write_card(path: Path, text: str) -> Path:

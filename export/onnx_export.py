@@ -1,11 +1,13 @@
 """Tracing a checkpoint's model into one ONNX file and stamping xrwatch's metadata into it.
 
 The graph takes ``image`` (float32 N x 1 x H x W in [0, 1]; N dynamic) and returns
-``logits`` and ``probabilities`` (float32 N x C). Channel replication and normalisation are
-part of the traced module (:class:`training.models.NormalizedClassifier`), so they are part
-of the graph. We use the torch.export-based exporter (``dynamo=True``, the default since
-torch 2.9): it folds BatchNorm into the convolutions and emits a clean opset-18 graph; the
-weights are embedded (no external data file).
+``logits`` and ``probabilities`` (float32 N x C), plus ``cam``, ``ood_score`` and
+``contrast`` when the module is an :class:`export.explain.ExplainedClassifier`. Channel
+replication and normalisation are part of the traced module
+(:class:`training.models.NormalizedClassifier`), so they are part of the graph. We use the
+torch.export-based exporter (``dynamo=True``, the default since torch 2.9): it folds
+BatchNorm into the convolutions and emits a clean opset-18 graph; the weights are embedded
+(no external data file).
 """
 
 from __future__ import annotations
@@ -89,8 +91,18 @@ def save_single_file(model: onnx.ModelProto, path: Path) -> None:
 def export_fp32(
     model: nn.Module, *, size: int, path: Path, metadata: dict[str, str], opset: int = OPSET
 ) -> None:
-    """Export eval-mode ``model`` (N x 1 x size x size → logits) to ``path`` with ``metadata``."""
-    wrapped = WithProbabilities(model).eval()
+    """Export eval-mode ``model`` to ``path`` with ``metadata``.
+
+    ``model`` maps N x 1 x size x size to logits (exported with softmax probabilities), or is
+    an :class:`export.explain.ExplainedClassifier`, exported with all its outputs.
+    """
+    from export.explain import ExplainedClassifier
+
+    wrapped: nn.Module
+    if isinstance(model, ExplainedClassifier):
+        wrapped, output_names = model.eval(), list(model.output_names)
+    else:
+        wrapped, output_names = WithProbabilities(model).eval(), ["logits", "probabilities"]
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with torch.no_grad(), warnings.catch_warnings():
@@ -100,7 +112,7 @@ def export_fp32(
             (example,),
             dynamo=True,
             input_names=["image"],
-            output_names=["logits", "probabilities"],
+            output_names=output_names,
             dynamic_shapes={"image": {0: batch}},
             opset_version=opset,
             external_data=False,

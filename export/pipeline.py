@@ -19,6 +19,15 @@ import numpy as np
 
 from export import card as model_card
 from export import triton as triton_repo
+from export.explain import CalibratedLogits, ExplainedClassifier, FeatureNet
+from export.fitting import (
+    GUARD_PASS_RATE,
+    LOW_CONFIDENCE,
+    MIN_CONTRAST,
+    Fitted,
+    find_splits,
+    fit_extras,
+)
 from export.onnx_export import OPSET, build_metadata, export_fp32
 from export.quantize import convert_fp16, quantize_int8
 from export.sources import Selection, find_best, resolve_source
@@ -27,8 +36,10 @@ from export.verify import (
     InputSet,
     VerifyReport,
     check_onnx,
+    check_split,
     collect_images,
     compare,
+    compare_extras,
     concat,
     onnx_probabilities,
     random_inputs,
@@ -37,6 +48,7 @@ from export.verify import (
 )
 from training.checkpoint import load_checkpoint
 from training.models import model_from_checkpoint
+from xrwatch import modelmeta as mm
 from xrwatch.errors import ConfigError
 from xrwatch.modelmeta import ModelMeta, file_sha256, read_model_metadata
 from xrwatch.preprocess import PreprocessSpec
@@ -69,6 +81,11 @@ class ExportOptions:
     min_int8_agreement: float = INT8_MIN_AGREEMENT
     max_calibration_images: int = MAX_CALIBRATION_IMAGES
     opset: int = OPSET
+    fit: bool = True  # temperature + scope guard from the run's splits, when it has them
+    splits: Path | None = None  # folder with train/val/test.csv; default RUN/splits
+    guard_pass_rate: float = GUARD_PASS_RATE
+    min_contrast: float = MIN_CONTRAST
+    low_confidence: float = LOW_CONFIDENCE
 
     def validate(self) -> None:
         if self.output.suffix != ".onnx":
@@ -90,6 +107,12 @@ class ExportOptions:
             )
         if not 0.0 <= self.min_int8_agreement <= 1.0:
             raise ConfigError("--min-int8-agreement must be in [0, 1]")
+        if not 0.5 <= self.guard_pass_rate <= 1.0:
+            raise ConfigError("--guard-pass-rate must be in [0.5, 1]")
+        if not 0.0 <= self.low_confidence < 1.0:
+            raise ConfigError("--low-confidence must be in [0, 1)")
+        if self.splits is not None and not self.splits.is_dir():
+            raise ConfigError(f"{self.splits}: no such splits folder")
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,7 @@ class ExportResult:
     card: Path | None = None
     triton: Path | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    reliability: Path | None = None  # the reliability diagram in the run folder
 
     def variant(self, precision: str) -> ExportedVariant:
         for v in self.variants:
@@ -150,25 +174,30 @@ def export_model(options: ExportOptions) -> ExportResult:
     checkpoint_sha256 = file_sha256(selection.path)
     model = model_from_checkpoint(ckpt)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
+    net = FeatureNet(model).eval()
+    fitted = _fit(options, selection.path, net, spec, tuple(ckpt["classes"]))
+    explained = ExplainedClassifier(
+        net,
+        temperature=fitted.temperature if fitted else 1.0,
+        guard=fitted.guard if fitted else None,
+    ).eval()
 
     inputs = random_inputs(spec.size)
     if options.verify_images:
         inputs = concat(inputs, collect_images(options.verify_images, spec))
-    reference = torch_probabilities(model, inputs.arrays)
+    check_split(model, net, inputs.arrays)
+    reference = torch_probabilities(CalibratedLogits(explained), inputs.arrays)
+    metadata = build_metadata(ckpt, checkpoint_sha256=checkpoint_sha256, precision="fp32")
+    metadata.update(_extra_metadata(explained, spec.size, len(ckpt["classes"]), fitted))
 
     options.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".xrwatch-export-", dir=options.output.parent))
     try:
         staged: list[tuple[str, Path, VerifyReport]] = []
         fp32 = staging / options.output.name
-        export_fp32(
-            model,
-            size=spec.size,
-            path=fp32,
-            metadata=build_metadata(ckpt, checkpoint_sha256=checkpoint_sha256, precision="fp32"),
-            opset=options.opset,
-        )
+        export_fp32(explained, size=spec.size, path=fp32, metadata=metadata, opset=options.opset)
         check_onnx(fp32)
+        compare_extras(explained, fp32, inputs.arrays)
         fp32_probs = onnx_probabilities(fp32, inputs.arrays)
         report = compare(
             fp32_probs,
@@ -230,7 +259,66 @@ def export_model(options: ExportOptions) -> ExportResult:
         meta=meta,
         card=card_path,
         triton=triton_dir,
+        reliability=fitted.reliability_png if fitted else None,
     )
+
+
+def _fit(
+    options: ExportOptions,
+    checkpoint: Path,
+    net: FeatureNet,
+    spec: PreprocessSpec,
+    classes: tuple[str, ...],
+) -> Fitted | None:
+    """Temperature and guard from the run's splits; None (with one log line) without them."""
+    if not options.fit:
+        logger.info("--no-fit: exporting without calibration and scope guard")
+        return None
+    splits = find_splits(checkpoint, options.splits)
+    if splits is None:
+        logger.warning(
+            "%s: no splits/train.csv and val.csv beside the checkpoint (pass --splits): "
+            "exporting without calibration and scope guard (no low_confidence or "
+            "out_of_scope flags)",
+            checkpoint.parent,
+        )
+        return None
+    return fit_extras(
+        net,
+        spec,
+        classes,
+        splits,
+        run_dir=checkpoint.parent,
+        guard_pass_rate=options.guard_pass_rate,
+        min_contrast=options.min_contrast,
+        low_confidence=options.low_confidence,
+    )
+
+
+def _extra_metadata(
+    explained: ExplainedClassifier, size: int, n_classes: int, fitted: Fitted | None
+) -> dict[str, str]:
+    """The optional ``xrwatch.cam`` / ``calibration`` / ``guard`` metadata strings."""
+    import json
+
+    import torch
+
+    with torch.no_grad():
+        cam = explained(torch.zeros(1, 1, size, size))[2]
+    out = {
+        mm.KEY_CAM: json.dumps(
+            {
+                "output": "cam",
+                "method": "CAM (Zhou et al. 2016): last feature map weighted by the head",
+                "layer": explained.net.layer_name,
+                "shape": [n_classes, int(cam.shape[2]), int(cam.shape[3])],
+            }
+        )
+    }
+    if fitted is not None:
+        out[mm.KEY_CALIBRATION] = json.dumps(fitted.calibration_meta, sort_keys=True)
+        out[mm.KEY_GUARD] = json.dumps(fitted.guard_meta, sort_keys=True)
+    return out
 
 
 def _int8(

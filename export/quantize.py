@@ -67,6 +67,9 @@ def quantize_int8(
     source = onnx.load(str(fp32_path))
     props = _metadata(source)
     softmax = [n.name for n in source.graph.node if n.op_type == "Softmax"]
+    guard = _guard_only_nodes(source)  # distances and statistics stay float
+    if guard:
+        logger.info("int8: %d scope-guard node(s) kept in float", len(guard))
     converted = batchnorm_to_depthwise_conv(source) if rewrite_batchnorm else 0
     if converted:
         logger.info("int8: %d unfoldable BatchNorm(s) rewritten as depthwise 1x1 Conv", converted)
@@ -85,13 +88,37 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=softmax,
+            nodes_to_exclude=softmax + guard,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
         model = onnx.load(str(quantized))
     _restamp(model, props, "int8")
     save_single_file(model, out_path)
     logger.info("quantized %s to int8 with %d calibration images", fp32_path.name, len(calibration))
+
+
+GUARD_OUTPUTS = ("ood_score", "contrast")
+
+
+def _guard_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that compute only the guard outputs (not logits, probabilities,
+    cam): quantizing a Mahalanobis distance to 8 bits would move it across its threshold."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+
+    def ancestors(outputs: list[str]) -> set[str]:
+        seen: set[str] = set()
+        stack = [producer[o] for o in outputs if o in producer]
+        while stack:
+            node = stack.pop()
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            stack.extend(producer[i] for i in node.input if i in producer)
+        return seen
+
+    names = [o.name for o in model.graph.output]
+    guard = ancestors([n for n in names if n in GUARD_OUTPUTS])
+    return sorted(guard - ancestors([n for n in names if n not in GUARD_OUTPUTS]))
 
 
 def batchnorm_to_depthwise_conv(model: onnx.ModelProto) -> int:

@@ -140,6 +140,47 @@ def torch_probabilities(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+CAM_TOLERANCE = 1e-3  # max |cam_onnx - cam_torch| relative to the largest |cam_torch|
+SPLIT_TOLERANCE = 1e-4  # max |logit| difference of the split model vs the checkpoint's
+
+
+def check_split(model: nn.Module, net: nn.Module, inputs: np.ndarray) -> None:
+    """The model split at its feature map (:class:`export.explain.FeatureNet`) must compute
+    the checkpoint model's logits; raises :class:`ExportVerificationError` otherwise."""
+    x = torch.from_numpy(inputs[:RUN_BATCH])
+    with torch.no_grad():
+        expected = model(x)
+        got = net(x)[1]
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((expected - got).abs().max()) / scale
+    if not diff <= SPLIT_TOLERANCE:
+        raise ExportVerificationError(
+            f"the model split at its last feature map computes other logits than the "
+            f"checkpoint's model (relative difference {diff:.2e} > {SPLIT_TOLERANCE:g})"
+        )
+
+
+def compare_extras(explained: nn.Module, path: Path, inputs: np.ndarray) -> None:
+    """``cam`` (and ``ood_score``, ``contrast``) of the ONNX model at ``path`` against torch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()][2:]
+    x = inputs[:RUN_BATCH]
+    got = session.run(names, {"image": x})
+    with torch.no_grad():
+        expected = [t.numpy() for t in explained(torch.from_numpy(x))[2:]]
+    for name, g, e in zip(names, got, expected, strict=True):
+        scale = max(float(np.abs(e).max()), 1e-6)
+        diff = float(np.abs(g - e).max()) / scale
+        if not diff <= CAM_TOLERANCE:
+            raise ExportVerificationError(
+                f"{path}: output {name!r} differs from torch by {diff:.2e} (relative; "
+                f"tolerance {CAM_TOLERANCE:g})"
+            )
+        logger.info("verified %s: output %s within %.1e of torch", path.name, name, diff)
+
+
 def onnx_probabilities(
     path: Path, inputs: np.ndarray, level: str = DEFAULT_GRAPH_OPTIMIZATION
 ) -> np.ndarray:

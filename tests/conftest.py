@@ -49,3 +49,14 @@ def tiny_onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers.models import make_tiny_onnx
 
     return make_tiny_onnx(tmp_path_factory.mktemp("tiny_onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def fitted_run(tmp_path_factory: pytest.TempPathFactory, shared_xray: Path) -> Path:
+    """A run folder with a briefly trained tinycnn (64 px, real images) and RUN/model.onnx
+    exported with cam, temperature and scope guard fitted on the run's splits."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from tests.helpers.models import train_and_export
+
+    return train_and_export(tmp_path_factory.mktemp("fitted"), shared_xray / "real")

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from xrwatch import flags
 from xrwatch.errors import ImageError, ModelError, ProviderError
 from xrwatch.filehash import file_sha256, read_and_hash
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
@@ -45,6 +46,9 @@ CPU_EP = "CPUExecutionProvider"
 INPUT_NAME = "image"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
+CAM = "cam"  # optional outputs (DEVELOPERS.md: ONNX model metadata)
+OOD_SCORE = "ood_score"
+CONTRAST = "contrast"
 
 Status = Literal["ok", "error"]
 
@@ -65,6 +69,10 @@ class Prediction:
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
     accession_number: str | None = None
+    flag: str = ""  # "", "low_confidence" or "out_of_scope" (xrwatch.flags); ok results only
+    flag_reason: str | None = None
+    ood_score: float | None = None  # the scope guard's score (> 1 = out of scope)
+    heatmap: str | None = None  # path of the overlay PNG, when one was written
 
     @property
     def ok(self) -> bool:
@@ -74,6 +82,16 @@ class Prediction:
         d = asdict(self)
         d["probabilities"] = dict(self.probabilities)
         return d
+
+
+@dataclass(frozen=True)
+class BatchOutputs:
+    """Everything the model computed for a batch; optional outputs are None when absent."""
+
+    probabilities: np.ndarray  # N x C
+    cam: np.ndarray | None = None  # N x C x h x w
+    ood_score: np.ndarray | None = None  # N
+    contrast: np.ndarray | None = None  # N
 
 
 def _cuda_driver_present() -> bool:
@@ -182,12 +200,14 @@ class InferenceEngine:
         require_gpu: bool = False,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        low_confidence: float | None = None,
     ) -> None:
         """Load ``model_path``.
 
         ``use_gpu``: try CUDA first (falls back to CPU); ``require_gpu``: raise
         :class:`ProviderError` instead of falling back. Thread counts of 0 leave ONNX
-        Runtime's defaults. Raises :class:`ModelError` (or :class:`ModelMetadataError`)
+        Runtime's defaults. ``low_confidence`` overrides the model's threshold for the
+        ``low_confidence`` flag. Raises :class:`ModelError` (or :class:`ModelMetadataError`)
         naming the file when the model cannot be used.
         """
         path = Path(model_path)
@@ -211,6 +231,7 @@ class InferenceEngine:
                 path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
             )
         self._check_signature()
+        self._init_extras(low_confidence)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider: str = self.providers[0]
         logger.info(
@@ -265,6 +286,37 @@ class InferenceEngine:
                 f"{len(self.classes)} classes"
             )
 
+    def _init_extras(self, low_confidence: float | None) -> None:
+        """Which optional outputs (heatmaps, guard) and thresholds this model has."""
+        outputs = {o.name for o in self._session.get_outputs()}
+        meta = self.meta
+        self.has_cam = CAM in outputs and meta.cam is not None
+        self.has_guard = {OOD_SCORE, CONTRAST} <= outputs and meta.guard is not None
+        model_low = (meta.calibration or {}).get("low_confidence")
+        if low_confidence is not None and not 0.0 <= low_confidence < 1.0:
+            raise ValueError(f"low_confidence must be in [0, 1), got {low_confidence}")
+        self.low_confidence: float | None = (
+            low_confidence if low_confidence is not None else _as_float(model_low)
+        )
+        self.min_contrast = _as_float((meta.guard or {}).get("min_contrast"))
+        missing = meta.missing_optional
+        if missing or not self.has_cam or (meta.guard is not None and not self.has_guard):
+            logger.warning(
+                "model %s lacks %s (exported by an older xrwatch?): %s",
+                self.path.name,
+                ", ".join(missing) or "the outputs its metadata names",
+                "; ".join(
+                    part
+                    for part, off in (
+                        ("no heatmaps", not self.has_cam),
+                        ("probabilities not calibrated", meta.calibration is None),
+                        ("no out_of_scope flags", not self.has_guard),
+                        ("no low_confidence flags", self.low_confidence is None),
+                    )
+                    if off
+                ),
+            )
+
     # -- arrays --------------------------------------------------------------------------
 
     def _as_input(self, batch: np.ndarray) -> np.ndarray:
@@ -288,6 +340,43 @@ class InferenceEngine:
             raise ModelError(f"{self.path}: inference failed: {exc}") from exc
         return np.asarray(logits, np.float32), np.asarray(probs, np.float32)
 
+    def predict_outputs(self, batch: np.ndarray) -> BatchOutputs:
+        """Probabilities plus the optional outputs (``cam``, guard) the model has."""
+        names = [PROBABILITIES]
+        if self.has_cam:
+            names.append(CAM)
+        if self.has_guard:
+            names += [OOD_SCORE, CONTRAST]
+        try:
+            values = self._session.run(names, {INPUT_NAME: self._as_input(batch)})
+        except Exception as exc:  # onnxruntime's errors are untyped
+            raise ModelError(f"{self.path}: inference failed: {exc}") from exc
+        out = {n: np.asarray(v, np.float32) for n, v in zip(names, values, strict=True)}
+        return BatchOutputs(
+            probabilities=out[PROBABILITIES],
+            cam=out.get(CAM),
+            ood_score=out.get(OOD_SCORE),
+            contrast=out.get(CONTRAST),
+        )
+
+    def flag(
+        self,
+        confidence: float,
+        *,
+        ood_score: float | None = None,
+        contrast: float | None = None,
+        meta: Any = None,
+    ) -> tuple[str, str]:
+        """``(flag, reason)`` of an ok result (see :mod:`xrwatch.flags`)."""
+        return flags.decide(
+            confidence,
+            ood_score=ood_score if self.has_guard else None,
+            contrast=contrast if self.has_guard else None,
+            image_meta=meta if self.has_guard else None,  # header evidence only with a guard
+            low_confidence=self.low_confidence,
+            min_contrast=self.min_contrast,
+        )
+
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (float32 N x C, columns in :attr:`classes` order).
 
@@ -307,20 +396,30 @@ class InferenceEngine:
         *,
         sha256: str | None = None,
         meta: Any = None,
+        ood_score: float | None = None,
+        contrast: float | None = None,
+        heatmap: str | None = None,
     ) -> Prediction:
         """An ``ok`` :class:`Prediction` from one row of :meth:`predict_arrays`.
 
-        ``meta`` is the :class:`~xrwatch.imageio.ImageMeta` of the file (for DICOM UIDs).
+        ``meta`` is the :class:`~xrwatch.imageio.ImageMeta` of the file (for DICOM UIDs and
+        header evidence of the scope guard); ``ood_score``/``contrast`` the guard's outputs.
         """
         row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
         if row.shape[0] != len(self.classes):
             raise ValueError(f"expected {len(self.classes)} probabilities, got {row.shape[0]}")
         best = int(np.argmax(row))
+        confidence = float(row[best])
+        flag, reason = self.flag(confidence, ood_score=ood_score, contrast=contrast, meta=meta)
         return Prediction(
             file=str(file),
             status="ok",
             label=self.classes[best],
-            confidence=float(row[best]),
+            confidence=confidence,
+            flag=flag,
+            flag_reason=reason or None,
+            ood_score=ood_score if self.has_guard else None,
+            heatmap=heatmap,
             probabilities={c: float(p) for c, p in zip(self.classes, row, strict=True)},
             sha256=sha256,
             model_sha256=self.model_sha256,
@@ -357,12 +456,20 @@ class InferenceEngine:
             return self.failure(path, f"unexpected error: {type(exc).__name__}: {exc}", sha256=sha)
         return pixels, meta, sha
 
-    def predict_paths(self, paths: Iterable[str | Path], batch_size: int = 8) -> list[Prediction]:
+    def predict_paths(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 8,
+        *,
+        heatmaps: Path | None = None,
+        root: Path | None = None,
+    ) -> list[Prediction]:
         """One :class:`Prediction` per path, in order; unreadable files get ``status="error"``.
 
         Files are read through :func:`load_model_input` with the model's own spec and run
         ``batch_size`` at a time. Only a failure of the model itself raises
-        (:class:`ModelError`).
+        (:class:`ModelError`). With ``heatmaps`` (and a model with a ``cam`` output), each
+        ok file's overlay goes to ``heatmaps/<path relative to root>.png``.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -372,9 +479,21 @@ class InferenceEngine:
         def flush() -> None:
             if not pending:
                 return
-            probs = self.predict_arrays(np.stack([item[2] for item in pending]))
-            for (index, path, _, meta, sha), row in zip(pending, probs, strict=True):
-                results[index] = self.prediction(path, row, sha256=sha, meta=meta)
+            out = self.predict_outputs(np.stack([item[2] for item in pending]))
+            for i, (index, path, pixels, meta, sha) in enumerate(pending):
+                row = out.probabilities[i]
+                heatmap = None
+                if heatmaps is not None and out.cam is not None:
+                    heatmap = self._write_heatmap(heatmaps, path, root, pixels, row, out.cam[i])
+                results[index] = self.prediction(
+                    path,
+                    row,
+                    sha256=sha,
+                    meta=meta,
+                    ood_score=_item(out.ood_score, i),
+                    contrast=_item(out.contrast, i),
+                    heatmap=heatmap,
+                )
             pending.clear()
 
         for raw in paths:
@@ -391,6 +510,41 @@ class InferenceEngine:
         flush()
         return [r for r in results if r is not None]
 
+    def _write_heatmap(
+        self,
+        folder: Path,
+        path: Path,
+        root: Path | None,
+        pixels: np.ndarray,
+        row: np.ndarray,
+        cam: np.ndarray,
+    ) -> str | None:
+        from xrwatch.heatmap import write_heatmap
+
+        rel = path.name
+        if root is not None:
+            try:
+                rel = path.resolve().relative_to(root.resolve()).as_posix()
+            except ValueError:
+                pass
+        best = int(np.argmax(row))
+        try:
+            written = write_heatmap(
+                folder, rel, pixels, cam[best], self.classes[best], float(row[best])
+            )
+        except OSError as exc:
+            logger.error("%s: cannot write its heatmap: %s", path, exc)
+            return None
+        return str(written)
+
     def describe(self) -> dict[str, Any]:
         """Model and provider facts, for logs, reports and health endpoints."""
         return {**self.meta.to_dict(), "provider": self.provider, "providers": list(self.providers)}
+
+
+def _as_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _item(values: np.ndarray | None, index: int) -> float | None:
+    return None if values is None else float(values[index])

@@ -32,8 +32,17 @@ DETECTED_AT = "detected_at"  # daemon: when the file was first seen
 # IDs or birth dates).
 DICOM_IDS = ("study_instance_uid", "series_instance_uid", "sop_instance_uid", "accession_number")
 
+# How far to trust an ok result, and where the model looked (xrwatch.flags, xrwatch.heatmap).
+FLAG = "flag"  # "", "low_confidence" or "out_of_scope"; a flagged result stays ok
+FLAG_REASON = "flag_reason"  # why it was flagged; empty when not
+OOD_SCORE = "ood_score"  # the scope guard's score (> 1 = out of scope); empty without a guard
+HEATMAP = "heatmap"  # the overlay PNG's path (daemon: relative to REPORTS); empty when none
+EXPLANATION = (FLAG, FLAG_REASON, OOD_SCORE, HEATMAP)
+
 # What a prediction says, in classify's and the daemon's outputs alike.
-PREDICTION = (FILE, STATUS, LABEL, CONFIDENCE, ERROR, SHA256, MODEL_SHA256, *DICOM_IDS)
+PREDICTION = (
+    FILE, STATUS, LABEL, CONFIDENCE, ERROR, SHA256, MODEL_SHA256, *DICOM_IDS, *EXPLANATION,
+)  # fmt: skip
 
 # Every fact about the image itself (inspect shows them all; the daemon a few).
 IMAGE = tuple(f.name for f in dataclasses.fields(ImageMeta) if f.name != "path")

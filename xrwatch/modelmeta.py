@@ -5,8 +5,10 @@ serving reads them from ``session.get_modelmeta().custom_metadata_map`` so it ne
 the ``onnx`` package nor torch. Serving takes class names and preprocessing *only* from
 here, so a model cannot be served with the wrong classes or the wrong input size.
 
-A model lacking any of the keys is refused with :class:`~xrwatch.errors.ModelMetadataError`
-naming the file and the missing keys.
+A model lacking any of the required keys is refused with
+:class:`~xrwatch.errors.ModelMetadataError` naming the file and the missing keys. The
+optional keys (:data:`OPTIONAL_KEYS`: heatmaps, calibration, scope guard) came later; a
+model without them still loads and serves, without heatmaps and flags.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ KEY_GRAPH_OPTIMIZATION = "xrwatch.graph_optimization"
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 DEFAULT_GRAPH_OPTIMIZATION = "all"  # what serving always used before the key existed
 
-# Every key export writes; all are required at load.
+# Optional (JSON objects); see DEVELOPERS.md. Absent in models exported before they existed.
+KEY_CAM = "xrwatch.cam"
+KEY_CALIBRATION = "xrwatch.calibration"
+KEY_GUARD = "xrwatch.guard"
+OPTIONAL_KEYS = (KEY_CAM, KEY_CALIBRATION, KEY_GUARD)
+
+# Every key export always writes; all are required at load.
 METADATA_KEYS = (
     KEY_FORMAT_VERSION,
     KEY_CLASSES,
@@ -84,6 +92,20 @@ class ModelMeta:
     metrics: Mapping[str, Any] = field(default_factory=dict)  # {"val": {...}, "test": {...}}
     format_version: str = FORMAT_VERSION
     graph_optimization: str = DEFAULT_GRAPH_OPTIMIZATION  # verified at; serving uses it too
+    cam: Mapping[str, Any] | None = None  # xrwatch.cam: the graph has a ``cam`` output
+    calibration: Mapping[str, Any] | None = None  # temperature, ECE, low_confidence
+    guard: Mapping[str, Any] | None = None  # ood_score/contrast thresholds
+
+    @property
+    def missing_optional(self) -> tuple[str, ...]:
+        """The optional keys this model lacks (older exports)."""
+        return tuple(
+            key
+            for key, value in zip(
+                OPTIONAL_KEYS, (self.cam, self.calibration, self.guard), strict=True
+            )
+            if value is None
+        )
 
     @property
     def name(self) -> str:
@@ -108,6 +130,9 @@ class ModelMeta:
             "metrics": dict(self.metrics),
             "format_version": self.format_version,
             "graph_optimization": self.graph_optimization,
+            "cam": dict(self.cam) if self.cam is not None else None,
+            "calibration": dict(self.calibration) if self.calibration is not None else None,
+            "guard": dict(self.guard) if self.guard is not None else None,
         }
 
 
@@ -178,6 +203,12 @@ def parse_metadata(
             f"{where}: {KEY_GRAPH_OPTIMIZATION} must be one of {', '.join(GRAPH_OPTIMIZATIONS)}, "
             f"found {level!r}"
         )
+    optional: dict[str, dict[str, Any] | None] = {}
+    for key in OPTIONAL_KEYS:
+        value = _json_field(where, key, props[key]) if key in props else None
+        if value is not None and not isinstance(value, dict):
+            raise ModelMetadataError(f"{where}: {key} must be a JSON object")
+        optional[key] = value
 
     return ModelMeta(
         path=where,
@@ -195,6 +226,9 @@ def parse_metadata(
         metrics=metrics,
         format_version=props[KEY_FORMAT_VERSION],
         graph_optimization=level,
+        cam=optional[KEY_CAM],
+        calibration=optional[KEY_CALIBRATION],
+        guard=optional[KEY_GUARD],
     )
 
 

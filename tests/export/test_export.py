@@ -14,6 +14,7 @@ import torch
 import export.pipeline as pipeline
 from export.pipeline import ExportOptions, ExportResult, export_model
 from export.verify import ExportVerificationError
+from tests.helpers.cam import assert_cam_matches_grad_cam
 from tests.helpers.models import make_checkpoint
 from training.checkpoint import load_checkpoint
 from training.models import model_from_checkpoint
@@ -57,7 +58,8 @@ def test_file_format(full_export: ExportResult) -> None:
     outputs = {
         o.name: [d.dim_value for d in o.type.tensor_type.shape.dim][1:] for o in model.graph.output
     }
-    assert outputs == {"logits": [4], "probabilities": [4]}
+    # 64 px through four 2x poolings: a 4 x 4 class activation map per class
+    assert outputs == {"logits": [4], "probabilities": [4], "cam": [4, 4, 4]}
 
 
 def test_metadata_written_per_contract(full_export: ExportResult) -> None:
@@ -103,9 +105,10 @@ def test_parity_with_torch_on_real_images(
 
 @pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
 def test_parity_study_architectures(arch: str, tmp_path: Path, shared_xray: Path) -> None:
-    """The study's networks (random weights, 64 px) export within tolerance on real images."""
+    """The study's networks (random weights, 96 px: 3 x 3 feature maps) export within
+    tolerance on real images, and their ``cam`` output matches pytorch-grad-cam's."""
     images = shared_xray / "real" / "Virus"
-    ckpt = make_checkpoint(tmp_path / "best.pt", arch=arch, size=64, seed=1)
+    ckpt = make_checkpoint(tmp_path / "best.pt", arch=arch, size=96, seed=1)
     result = export_model(
         ExportOptions(source=ckpt, output=tmp_path / "m.onnx", verify_images=(images,), card=False)
     )
@@ -121,6 +124,7 @@ def test_parity_study_architectures(arch: str, tmp_path: Path, shared_xray: Path
     np.testing.assert_allclose(onnx_logits, logits, rtol=1e-3, atol=1e-3 * np.abs(logits).max())
     np.testing.assert_allclose(onnx_probs, probs, atol=1e-4)
     assert (onnx_probs.argmax(1) == probs.argmax(1)).all()
+    assert_cam_matches_grad_cam(ckpt, result.variant("fp32").path, files[:3], 96)
 
 
 def test_failed_verification_leaves_no_file(

@@ -106,3 +106,23 @@ def make_tiny_onnx(
     )
     export_model(ExportOptions(source=ckpt, output=out_path, card=False))
     return out_path
+
+
+def train_and_export(root: Path, images: Path, *, size: int = 64, epochs: int = 4) -> Path:
+    """Train a tinycnn briefly on the real images under ``images`` (a folder per class) and
+    export it with everything fitted on the run's splits (temperature, scope guard, cam).
+
+    Returns the run folder; the model is ``RUN/model.onnx``. Tens of seconds on a CPU.
+    """
+    from export.pipeline import ExportOptions, export_model
+    from training.engine import train
+    from training.presets import TrainConfig
+
+    cfg = TrainConfig(  # a real (tiny) training run, so the run folder has its splits
+        data=str(images), arch="tinycnn", weights="none", split="patient", val_fraction=0.25,
+        test_fraction=0.2, epochs=epochs, image_size=size, batch_size=16, lr=3e-3,
+        out=str(root), name="run", workers=1, device="cpu", seed=0,
+    )  # fmt: skip
+    run = train(cfg)
+    export_model(ExportOptions(source=run, output=run / "model.onnx", card=True))
+    return run

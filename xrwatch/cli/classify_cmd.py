@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -35,6 +36,12 @@ class OutputFormat(str, Enum):
 CSV_FIELDS = fields.PREDICTION
 
 
+def common_root(files: Sequence[Path]) -> Path:
+    """The deepest folder holding every file: heatmap names are paths relative to it."""
+    parents = [str(f.resolve().parent) for f in files]
+    return Path(os.path.commonpath(parents)) if parents else Path(".")
+
+
 def render_json(predictions: Sequence[Prediction]) -> str:
     """A JSON list with one object per file (:meth:`Prediction.to_dict`)."""
     return json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False)
@@ -60,9 +67,10 @@ def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> N
     table.add_column("status")
     table.add_column("label")
     table.add_column("confidence", justify="right")
+    table.add_column("flag")
     for c in classes:
         table.add_column(escape(c), justify="right")
-    table.add_column("error", overflow="fold")
+    table.add_column("error / flag reason", overflow="fold")
     for p in predictions:
         probs = [f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in classes]
         table.add_row(
@@ -70,8 +78,9 @@ def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> N
             "ok" if p.ok else "[red]error[/]",
             escape(p.label or ""),
             f"{p.confidence:.3f}" if p.confidence is not None else "",
+            f"[yellow]{p.flag}[/]" if p.flag else "",
             *probs,
-            escape(p.error or ""),
+            escape(p.error or p.flag_reason or ""),
         )
     # piped output is not wrapped to 80 columns: one file per line stays greppable
     out = console if console.is_terminal else Console(width=max(console.width, 200))
@@ -96,23 +105,46 @@ def classify_command(
     threads: int = typer.Option(
         0, "--threads", min=0, help="ONNX Runtime intra-op threads (0 = all cores)."
     ),
+    heatmaps: Path | None = typer.Option(
+        None,
+        "--heatmaps",
+        help="Write a heatmap overlay PNG per classified file under this folder "
+        "(<path relative to the inputs>.png; models exported with a cam output).",
+    ),
+    low_confidence: float | None = typer.Option(
+        None,
+        "--low-confidence",
+        min=0.0,
+        max=0.999,
+        help="Flag low_confidence below this top probability (default: the model's).",
+    ),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
     """Classify X-ray files and folders with an exported model.
 
     Prints one result per file, as a table, CSV or JSON. A file that cannot be read gets
     status error with its reason and does not stop the rest. Exit 1 if any file failed.
+    An ok result may carry a flag: low_confidence, or out_of_scope (the input does not
+    look like a frontal chest X-ray); its probabilities are still given.
     """
     configure_logging(log_level)
     if cpu and require_gpu:
         raise ConfigError("--cpu and --require-gpu contradict each other")
     engine = InferenceEngine(
-        resolve_model(model), use_gpu=not cpu, require_gpu=require_gpu, intra_op_threads=threads
+        resolve_model(model),
+        use_gpu=not cpu,
+        require_gpu=require_gpu,
+        intra_op_threads=threads,
+        low_confidence=low_confidence,
     )
     files = expand_inputs(paths)
     if not files:
         raise ConfigError(f"no files found under {', '.join(str(p) for p in paths)}")
-    predictions = engine.predict_paths(files, batch_size=batch_size)
+    if heatmaps is not None and not engine.has_cam:
+        logger.warning("%s has no cam output: no heatmaps are written", engine.path)
+    predictions = engine.predict_paths(
+        files, batch_size=batch_size, heatmaps=heatmaps, root=common_root(files)
+    )
     if fmt is OutputFormat.json:
         typer.echo(render_json(predictions))
     elif fmt is OutputFormat.csv:

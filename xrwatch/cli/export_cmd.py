@@ -48,12 +48,28 @@ def export_command(
         "fp32", "--triton-precision", help="Which exported variant Triton serves."
     ),
     triton_max_batch: int = typer.Option(32, "--triton-max-batch", help="max_batch_size."),
+    fit: bool = typer.Option(
+        True,
+        "--fit/--no-fit",
+        help="Fit temperature scaling and the scope guard on the run's splits (RUN/splits).",
+    ),
+    splits: Path | None = typer.Option(
+        None, "--splits", help="Folder with train.csv/val.csv/test.csv (default: RUN/splits)."
+    ),
+    guard_pass_rate: float = typer.Option(
+        0.98, "--guard-pass-rate", help="Share of validation images the scope guard passes."
+    ),
+    low_confidence: float = typer.Option(
+        0.5, "--low-confidence", help="Flag low_confidence below this calibrated probability."
+    ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
     """Export a checkpoint to a verified ONNX model.
 
     One self-describing file, verified against torch, plus on request int8/fp16 variants,
-    a model card and a Triton model repository. Needs the train extra.
+    a model card and a Triton model repository. The graph also outputs class activation
+    maps (cam); when the run folder has its splits, temperature scaling and the scope guard
+    are fitted on them and go into the graph too. Needs the train extra.
     """
     configure_logging(log_level)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
@@ -76,6 +92,10 @@ def export_command(
             triton_name=triton_name,
             triton_precision=triton_precision,
             triton_max_batch=triton_max_batch,
+            fit=fit,
+            splits=splits,
+            guard_pass_rate=guard_pass_rate,
+            low_confidence=low_confidence,
         )
     )
     console.print(f"source: {result.selection.path}", highlight=False, markup=False)
@@ -83,6 +103,8 @@ def export_command(
     for variant in result.variants:
         console.print(f"wrote {variant.path} ({variant.precision})", highlight=False, markup=False)
         console.print(f"  {variant.report.summary()}", highlight=False, markup=False)
+    if result.reliability is not None:
+        console.print(f"reliability diagram: {result.reliability}", highlight=False, markup=False)
     if result.card is not None:
         console.print(f"model card: {result.card}", highlight=False, markup=False)
     if result.triton is not None:

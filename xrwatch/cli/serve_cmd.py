@@ -180,6 +180,19 @@ def serve(
         "--dicom-port and --dicom-destination).",
         rich_help_panel="DICOM",
     ),
+    heatmaps: bool | None = typer.Option(
+        None,
+        "--heatmaps/--no-heatmaps",
+        help=_with_default(
+            "Write REPORTS/heatmaps/<relative path>.png per ok file (models with a cam output)",
+            "heatmaps",
+        ),
+    ),
+    low_confidence: float | None = typer.Option(
+        None,
+        "--low-confidence",
+        help="Flag low_confidence below this top probability (default: the model's threshold).",
+    ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
 
@@ -223,6 +236,8 @@ def serve(
         "dicom_accept_other": dicom_accept_other,
         "dicom_destinations": dicom_destination or None,
         "dicom_sr": dicom_sr,
+        "heatmaps": heatmaps,
+        "low_confidence": low_confidence,
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)

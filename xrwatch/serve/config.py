@@ -55,6 +55,8 @@ class ServeConfig:
     dicom_accept_other: bool = False  # accept CT, MR ... too (then reported as errors)
     dicom_destinations: tuple[str, ...] = ()  # send each SR to AE@host:port (C-STORE)
     dicom_sr: bool = False  # write REPORTS/dicom SRs even without port or destinations
+    heatmaps: bool = True  # REPORTS/heatmaps/<relative path>.png, for models with a cam output
+    low_confidence: float | None = None  # flag threshold; default: the model's own
 
     def __post_init__(self) -> None:
         positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")
@@ -65,6 +67,8 @@ class ServeConfig:
             raise ConfigError("serve: batch_size and workers must be at least 1")
         if self.max_file_mb < 1:
             raise ConfigError(f"serve: max_file_mb must be at least 1, got {self.max_file_mb}")
+        if self.low_confidence is not None and not 0.0 <= self.low_confidence < 1.0:
+            raise ConfigError(f"serve: low_confidence must be in [0, 1), got {self.low_confidence}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"serve: metrics_port must be 0..65535, got {self.metrics_port}")
         if self.dicom_enabled:

@@ -78,6 +78,7 @@ LOOP_STALE_SECONDS = 60.0  # no loop progress this long: no more pings, /healthz
 HELD_RETRY_SECONDS = 60.0  # a row whose report could not be written is tried again after this
 ONCE_REPORT_TRIES = 3  # with --once, give up writing reports after this many failed tries
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HEATMAPS_DIR = "heatmaps"  # REPORTS/heatmaps/<relative path>.png
 
 
 class Service(Protocol):
@@ -109,7 +110,15 @@ def load_engine(config: ServeConfig) -> Engine:
         config.model,
         use_gpu=config.provider != "cpu",
         require_gpu=config.provider == "cuda",
+        low_confidence=config.low_confidence,
     )
+
+
+@dataclass(frozen=True)
+class _Probabilities:
+    """Outputs of an engine that has only ``predict_arrays`` (no cam, no guard)."""
+
+    probabilities: np.ndarray
 
 
 # -- what a worker returns ---------------------------------------------------------------
@@ -574,6 +583,10 @@ class Daemon:
             "modality": getattr(meta, "modality", None),
             "width": getattr(meta, "width", None),
             "height": getattr(meta, "height", None),
+            "flag": "",
+            "flag_reason": None,
+            "ood_score": None,
+            "heatmap": None,  # relative to REPORTS
             "detected_at": datetime.fromtimestamp(work.cand.seen_at, timezone.utc)
             .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
@@ -586,17 +599,59 @@ class Daemon:
             record["probabilities"] = {c: float(p) for c, p in zip(self.classes, row, strict=True)}
         return record
 
+    def _explain(self, record: dict[str, Any], work: Work, out: Any, i: int) -> None:
+        """Add the flag and, when enabled, write the heatmap of one ok result."""
+        flag = getattr(self.engine, "flag", None)
+        ood = getattr(out, "ood_score", None)
+        contrast = getattr(out, "contrast", None)
+        record["ood_score"] = float(ood[i]) if ood is not None else None
+        if flag is not None:
+            record["flag"], reason = flag(
+                record["confidence"],
+                ood_score=record["ood_score"],
+                contrast=float(contrast[i]) if contrast is not None else None,
+                meta=work.meta,
+            )
+            record["flag_reason"] = reason or None
+        cam = getattr(out, "cam", None)
+        if not self.config.heatmaps or cam is None or work.array is None:
+            return
+        from xrwatch.heatmap import write_heatmap
+
+        best = self.classes.index(record["label"])
+        try:
+            path = write_heatmap(
+                self.config.reports / HEATMAPS_DIR,
+                work.rel,
+                np.asarray(work.array).reshape(self.spec.size, self.spec.size),
+                cam[i][best],
+                record["label"],
+                record["confidence"],
+            )
+        except OSError as exc:  # the result stands without its picture
+            logger.error("%s: cannot write its heatmap: %s", work.rel, exc)
+            return
+        record["heatmap"] = path.relative_to(self.config.reports).as_posix()
+
     # -- batches -----------------------------------------------------------------------
-    def _infer(self, inputs: list[Work]) -> np.ndarray:
-        """Run the engine; on failure log and retry with back-off (the files stay claimed)."""
+    def _infer(self, inputs: list[Work]) -> Any:
+        """Run the engine; on failure log and retry with back-off (the files stay claimed).
+
+        Returns the engine's ``BatchOutputs`` (probabilities, cam, guard scores), or for an
+        engine without ``predict_outputs`` an object with just ``probabilities``.
+        """
         backoff = 1.0
+        predict = getattr(self.engine, "predict_outputs", None)
         while True:
             try:
                 t0 = time.perf_counter()
-                arrays = [w.array for w in inputs if w.array is not None]
-                probs = self.engine.predict_arrays(np.stack(arrays))
+                arrays = np.stack([w.array for w in inputs if w.array is not None])
+                if predict is not None:
+                    out = predict(arrays)
+                else:
+                    out = _Probabilities(self.engine.predict_arrays(arrays))
                 self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-                return probs
+                return out
             except (ModelError, MemoryError, RuntimeError) as exc:
                 if self._stop.is_set() and backoff > RETRY_MAX_SECONDS:
                     raise
@@ -611,9 +666,11 @@ class Daemon:
         inputs = [w for w in batch if w.kind == "input"]
         outcomes: list[tuple[int, str, dict[str, Any]]] = []
         if inputs:
-            probs = self._infer(inputs)
-            for w, p in zip(inputs, probs, strict=True):
-                outcomes.append((w.row_id, "ok", self._record(w, p)))
+            out = self._infer(inputs)
+            for i, w in enumerate(inputs):
+                record = self._record(w, out.probabilities[i])
+                self._explain(record, w, out, i)
+                outcomes.append((w.row_id, "ok", record))
         for w in batch:
             if w.kind == "error":
                 logger.warning("%s: error: %s", w.rel, w.error)
@@ -664,6 +721,8 @@ class Daemon:
         now = time.time()
         for row in rows:
             self.metrics.files.labels(row.state).inc()
+            if row.record.get("flag"):
+                self.metrics.flagged.labels(row.record["flag"]).inc()
             detected = row.record.get("detected_at")
             if detected:
                 seen = datetime.fromisoformat(str(detected).replace("Z", "+00:00")).timestamp()

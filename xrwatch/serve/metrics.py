@@ -75,8 +75,16 @@ class Metrics:
             "Attempts to write reports that failed (whole writes and single held rows)",
             registry=self.registry,
         )
+        self.flagged = Counter(
+            "xrwatch_flagged_files",
+            "Files reported ok but flagged (low_confidence, out_of_scope)",
+            ["flag"],
+            registry=self.registry,
+        )
         for outcome in ("ok", "error"):
             self.files.labels(outcome)
+        for flag in ("low_confidence", "out_of_scope"):
+            self.flagged.labels(flag)
 
 
 class MetricsServer:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from xrwatch.errors import ReportWriteError
-from xrwatch.fields import DICOM_IDS
+from xrwatch.fields import DICOM_IDS, EXPLANATION
 from xrwatch.serve.ledger import Finished, Ledger
 from xrwatch.serve.safefs import make_dirs
 
@@ -58,6 +58,7 @@ def csv_columns(classes: list[str]) -> list[str]:
         "modality",
         "width",
         "height",
+        *EXPLANATION,
     ]
 
 

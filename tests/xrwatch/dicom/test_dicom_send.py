@@ -40,6 +40,7 @@ def test_srs_reach_orthanc_exactly_once_across_kill_9_mid_send(
     args = (
         "--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "MODALITY",
         "--dicom-destination", orthanc.destination,
+        "--no-heatmaps",  # one send per source: the SR (with heatmaps an SC follows it)
     )  # fmt: skip
     # First run dies right after Orthanc acknowledged the first SR, before the ledger
     # recorded it: the worst moment for "never sent twice".
@@ -92,7 +93,7 @@ def test_unreachable_destination_is_retried_with_back_off_across_a_restart(
     dest = f"ORTHANC@127.0.0.1:{pacs_port}"
     args = (
         "--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "MODALITY",
-        "--dicom-destination", dest,
+        "--dicom-destination", dest, "--no-heatmaps",  # SRs only: one send per source
     )  # fmt: skip
     d = daemons(incoming, reports, *args).start()  # the PACS is down
     assert all(r.returncode == 0 for r in storescu(dcmtk, port, files))

@@ -158,9 +158,9 @@ def test_stopping_is_sent_when_shutdown_starts(
 
     def engine_factory(config: ServeConfig) -> Any:
         engine = load_engine(config)
-        real = engine.predict_arrays
+        real = engine.predict_outputs  # the daemon's inference call
 
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def predict(batch: np.ndarray) -> Any:
             calls.append(len(batch))
             if len(calls) == 1:
                 release.wait(60)  # the first batch holds until the test has asked for the stop
@@ -169,7 +169,7 @@ def test_stopping_is_sent_when_shutdown_starts(
             events.append("predict")
             return real(batch)
 
-        engine.predict_arrays = predict
+        engine.predict_outputs = predict
         return engine
 
     for i in range(12):

@@ -1,0 +1,183 @@
+"""The module that is exported: class scores plus heatmaps, calibration and the scope guard.
+
+:class:`ExplainedClassifier` splits a checkpoint's model at its last feature map ``F``
+(N x K x h x w, after the last ReLU) and global-average-pooled head ``W``, ``b``, and returns
+
+* ``logits`` = ``W · mean_xy(F) + b`` (identical to the checkpoint's model),
+* ``probabilities`` = ``softmax(logits / T)``, ``T`` the temperature fitted on validation
+  (1 when not calibrated; argmax is unchanged by any ``T > 0``),
+* ``cam`` (N x C x h x w) = ``Σ_k W[c, k] F[k]``: class activation mapping (Zhou et al.
+  2016) for every class; for a network with global average pooling and one linear layer it
+  equals Grad-CAM before its ReLU, up to the factor ``h·w``,
+* with a guard, ``ood_score`` (N): the Mahalanobis distance of ``mean_xy(F)`` to the
+  training images' pooled features, divided by the threshold chosen on validation (> 1 =
+  out of scope), and ``contrast`` (N): the standard deviation of the input image (a blank
+  or constant image has ~0).
+
+The statistics are buffers, so they become constants of the ONNX graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.models import NormalizedClassifier, TinyCNN
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "probabilities", "cam")
+GUARD_OUTPUTS = ("ood_score", "contrast")
+
+
+def split_backbone(model: NormalizedClassifier) -> tuple[nn.Module, nn.Linear, str]:
+    """``(features, head, name)``: the module producing the last feature map (non-negative,
+    after the last ReLU), the linear head applied to its spatial mean, and a name for it."""
+    from torchvision.models import DenseNet, ResNet
+
+    b = model.backbone
+    if isinstance(b, ResNet):
+        trunk = nn.Sequential(
+            b.conv1, b.bn1, b.relu, b.maxpool, b.layer1, b.layer2, b.layer3, b.layer4
+        )
+        return trunk, b.fc, "layer4"
+    if isinstance(b, DenseNet):
+        # torchvision applies F.relu after ``features`` in forward(); make it a module
+        return nn.Sequential(b.features, nn.ReLU()), b.classifier, "features.norm5+relu"
+    if isinstance(b, TinyCNN):
+        return b.features, b.fc, "features"
+    raise ValueError(f"no class activation mapping for {type(b).__name__}")
+
+
+class FeatureNet(nn.Module):
+    """The checkpoint's model, split: ``image -> (pooled features, logits, feature map)``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: NormalizedClassifier) -> None:
+        super().__init__()
+        self.features, self.head, self.layer_name = split_backbone(model)
+        self.register_buffer("mean", model.mean.clone())
+        self.register_buffer("std", model.std.clone())
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+        fmap = self.features(x)
+        pooled = fmap.mean(dim=(2, 3))
+        return pooled, self.head(pooled), fmap
+
+
+class LogitsOnly(nn.Module):
+    """``FeatureNet`` returning only the logits (what Grad-CAM and verification call)."""
+
+    def __init__(self, net: FeatureNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image)[1]
+
+
+@dataclass(frozen=True)
+class GuardStats:
+    """Training-feature statistics of the scope guard (see the module docstring)."""
+
+    mean: np.ndarray  # K
+    whitening: np.ndarray  # K x K, with whitening @ whitening.T = inverse covariance
+    threshold: float  # raw Mahalanobis distance that ``ood_score`` = 1 stands for
+
+
+class ExplainedClassifier(nn.Module):
+    """``image -> (logits, probabilities, cam[, ood_score, contrast])``; see the module doc."""
+
+    temperature: torch.Tensor
+    guard_mean: torch.Tensor
+    guard_whitening: torch.Tensor
+    guard_threshold: torch.Tensor
+
+    def __init__(
+        self, net: FeatureNet, *, temperature: float = 1.0, guard: GuardStats | None = None
+    ) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.net = net
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.has_guard = guard is not None
+        if guard is not None:
+            self.register_buffer("guard_mean", torch.from_numpy(guard.mean.astype(np.float32)))
+            self.register_buffer(
+                "guard_whitening", torch.from_numpy(guard.whitening.astype(np.float32))
+            )
+            self.register_buffer("guard_threshold", torch.tensor(float(guard.threshold)))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUTS + (GUARD_OUTPUTS if self.has_guard else ())
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pooled, logits, fmap = self.net(image)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        cam = torch.einsum("ck,nkhw->nchw", self.net.head.weight, fmap)
+        if not self.has_guard:
+            return logits, probs, cam
+        z = (pooled - self.guard_mean) @ self.guard_whitening
+        ood = torch.sqrt((z * z).sum(dim=1)) / self.guard_threshold
+        contrast = image.flatten(1).std(dim=1, unbiased=False)
+        return logits, probs, cam, ood, contrast
+
+
+class CalibratedLogits(nn.Module):
+    """``logits / T`` of an :class:`ExplainedClassifier`: its softmax is ``probabilities``."""
+
+    def __init__(self, explained: ExplainedClassifier) -> None:
+        super().__init__()
+        self.explained = explained
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        temperature: torch.Tensor = self.explained.temperature
+        return self.explained.net(image)[1] / temperature
+
+
+def run_feature_net(
+    net: FeatureNet, arrays: np.ndarray, batch: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pooled features N x K, logits N x C)`` of preprocessed inputs (N x 1 x S x S)."""
+    pooled, logits = [], []
+    net.eval()
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch):
+            p, lg, _ = net(torch.from_numpy(np.ascontiguousarray(arrays[start : start + batch])))
+            pooled.append(p.double().numpy())
+            logits.append(lg.double().numpy())
+    return np.concatenate(pooled), np.concatenate(logits)
+
+
+def fit_guard(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, whitening)`` of the training features, covariance shrunk by Ledoit-Wolf
+    (there are usually fewer images than feature dimensions)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(train_features)
+    precision = lw.precision_
+    precision = (precision + precision.T) / 2
+    whitening = np.linalg.cholesky(precision)  # precision = L L^T, so ||d L||² = d P d^T
+    return lw.location_, whitening
+
+
+def mahalanobis(features: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    z = (features - mean) @ whitening
+    return np.sqrt((z * z).sum(axis=1))
+
+
+def pass_threshold(distances: np.ndarray, pass_rate: float) -> float:
+    """The distance at or below which at least ``pass_rate`` of ``distances`` lie."""
+    if len(distances) == 0:
+        raise ValueError("no validation images to choose the guard threshold on")
+    k = int(np.ceil(pass_rate * len(distances))) - 1
+    return float(np.sort(distances)[min(max(k, 0), len(distances) - 1)]) * (1 + 1e-6)

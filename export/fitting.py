@@ -1,0 +1,187 @@
+"""Fitting what the exported graph carries besides the weights: temperature and scope guard.
+
+Both are fitted on the run's own splits (``RUN/splits/{train,val,test}.csv``, written by
+training), read through :func:`xrwatch.preprocess.load_model_input` exactly as serving
+reads files:
+
+* temperature: minimises validation NLL (:func:`training.calibration.fit_temperature`);
+  ECE (15 bins) before and after, on validation and test, goes into the metadata and a
+  reliability diagram into the run folder;
+* guard: mean and Ledoit-Wolf-shrunk inverse covariance of the *training* images' pooled
+  last-layer features; the distance threshold is the one at or below which
+  ``guard_pass_rate`` of the *validation* images lie.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.explain import (
+    FeatureNet,
+    GuardStats,
+    fit_guard,
+    mahalanobis,
+    pass_threshold,
+    run_feature_net,
+)
+from training.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    fit_temperature,
+    plot_reliability,
+    softmax,
+)
+from xrwatch.errors import ConfigError, ImageError
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+
+logger = logging.getLogger(__name__)
+
+GUARD_PASS_RATE = 0.98  # validation images that must pass (the target is >= 97 % of real CXRs)
+MIN_CONTRAST = 0.02  # input std below this = a blank/constant image (real CXRs: ~0.15-0.3)
+LOW_CONFIDENCE = 0.5  # calibrated top probability below this = flag low_confidence
+MAX_FIT_IMAGES = 3000  # per split; more adds little to a mean and a shrunk covariance
+RELIABILITY_PNG = "reliability.png"
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """What :func:`fit_extras` found; ``*_meta`` are the metadata JSON objects."""
+
+    temperature: float
+    guard: GuardStats
+    calibration_meta: dict[str, Any]
+    guard_meta: dict[str, Any]
+    reliability_png: Path | None
+
+
+def read_split(path: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    """``(image path, class index)`` rows of a training ``splits/<name>.csv``."""
+    rows = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["label"] not in classes:
+                raise ConfigError(f"{path}: label {row['label']!r} is not one of {classes}")
+            rows.append((Path(row["path"]), classes.index(row["label"])))
+    return rows
+
+
+def load_split(
+    rows: list[tuple[Path, int]], spec: PreprocessSpec, limit: int = MAX_FIT_IMAGES
+) -> tuple[np.ndarray, np.ndarray]:
+    arrays, labels, skipped = [], [], 0
+    for path, label in rows[:limit]:
+        try:
+            pixels, _ = load_model_input(path, spec)
+        except (ImageError, OSError) as exc:
+            skipped += 1
+            logger.debug("skipping %s: %s", path, exc)
+            continue
+        arrays.append(pixels[None])
+        labels.append(label)
+    if skipped:
+        logger.warning("%d image(s) of the split could not be read and were skipped", skipped)
+    if not arrays:
+        return np.zeros((0, 1, spec.size, spec.size), np.float32), np.zeros(0, np.int64)
+    return np.stack(arrays).astype(np.float32), np.asarray(labels, np.int64)
+
+
+def find_splits(checkpoint: Path, splits_dir: Path | None) -> Path | None:
+    """The folder holding train/val/test.csv: ``splits_dir`` or ``RUN/splits``, if present."""
+    folder = splits_dir if splits_dir is not None else checkpoint.parent / "splits"
+    if all((folder / f"{name}.csv").is_file() for name in ("train", "val")):
+        return folder
+    if splits_dir is not None:
+        raise ConfigError(f"{splits_dir}: needs train.csv and val.csv (as training writes them)")
+    return None
+
+
+def fit_extras(
+    net: FeatureNet,
+    spec: PreprocessSpec,
+    classes: tuple[str, ...],
+    splits: Path,
+    *,
+    run_dir: Path | None,
+    guard_pass_rate: float = GUARD_PASS_RATE,
+    min_contrast: float = MIN_CONTRAST,
+    low_confidence: float = LOW_CONFIDENCE,
+) -> Fitted:
+    """Fit temperature and guard on the splits in ``splits`` (see the module docstring)."""
+    data = {}
+    for name in ("train", "val", "test"):
+        csv_path = splits / f"{name}.csv"
+        if csv_path.is_file():
+            data[name] = load_split(read_split(csv_path, classes), spec)
+            logger.info("calibration data: %d %s image(s)", len(data[name][1]), name)
+    if len(data["val"][1]) == 0 or len(data["train"][1]) == 0:
+        raise ConfigError(f"{splits}: no readable train or validation images to calibrate on")
+    outputs = {name: run_feature_net(net, arrays) for name, (arrays, _) in data.items()}
+
+    val_logits, val_labels = outputs["val"][1], data["val"][1]
+    temperature = fit_temperature(val_logits, val_labels)
+    ece: dict[str, Any] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in ("val", "test"):
+        if name not in outputs or len(data[name][1]) == 0:
+            continue
+        logits, labels = outputs[name][1], data[name][1]
+        before, after = softmax(logits), softmax(logits, temperature)
+        ece[name] = {
+            "before": expected_calibration_error(before, labels, ECE_BINS),
+            "after": expected_calibration_error(after, labels, ECE_BINS),
+            "n": len(labels),
+        }
+        curves[f"{name}, T=1"] = (before, labels)
+        curves[f"{name}, T={temperature:.3f}"] = (after, labels)
+    logger.info("temperature %.4f; ECE %s", temperature, ece)
+    png = None
+    if run_dir is not None:
+        try:
+            png = plot_reliability(
+                curves, run_dir / RELIABILITY_PNG, f"reliability, {ECE_BINS} bins"
+            )
+        except OSError as exc:
+            logger.warning("%s: cannot write the reliability diagram: %s", run_dir, exc)
+
+    mean, whitening = fit_guard(outputs["train"][0])
+    val_dist = mahalanobis(outputs["val"][0], mean, whitening)
+    threshold = pass_threshold(val_dist, guard_pass_rate)
+    val_contrast = data["val"][0].reshape(len(val_labels), -1).std(axis=1)
+    passed = (val_dist <= threshold) & (val_contrast >= min_contrast)
+    guard_meta: dict[str, Any] = {
+        "method": "mahalanobis",
+        "layer": net.layer_name,
+        "features": int(mean.shape[0]),
+        "raw_threshold": threshold,
+        "threshold": 1.0,
+        "min_contrast": min_contrast,
+        "target_pass_rate": guard_pass_rate,
+        "val_pass_rate": float(passed.mean()),
+        "n_train": len(data["train"][1]),
+        "n_val": len(val_labels),
+    }
+    if "test" in outputs and len(data["test"][1]):
+        test_dist = mahalanobis(outputs["test"][0], mean, whitening)
+        test_contrast = data["test"][0].reshape(len(test_dist), -1).std(axis=1)
+        ok = (test_dist <= threshold) & (test_contrast >= min_contrast)
+        guard_meta["test_pass_rate"] = float(ok.mean())
+    calibration_meta = {
+        "method": "temperature",
+        "temperature": temperature,
+        "bins": ECE_BINS,
+        "ece": ece,
+        "low_confidence": low_confidence,
+    }
+    return Fitted(
+        temperature=temperature,
+        guard=GuardStats(mean=mean, whitening=whitening, threshold=threshold),
+        calibration_meta=calibration_meta,
+        guard_meta=guard_meta,
+        reliability_png=png,
+    )

@@ -1,0 +1,87 @@
+"""Heatmaps (cam), calibration and the scope guard in the exported graph, checked against
+independent implementations: pytorch-grad-cam for the maps, netcal for the ECE."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export.pipeline import ExportOptions, export_model
+from tests.helpers.cam import assert_cam_matches_grad_cam
+from tests.helpers.models import make_checkpoint
+from training.calibration import expected_calibration_error, fit_temperature, softmax
+from xrwatch import modelmeta as mm
+from xrwatch.preprocess import load_model_input
+
+
+def test_tinycnn_cam_matches_grad_cam(tmp_path: Path, real_images: list[Path]) -> None:
+    """tinycnn here; resnet50 and densenet121 in test_export's parity test (one export each)."""
+    ckpt_path = make_checkpoint(tmp_path / "run" / "best.pt", arch="tinycnn", size=64, seed=1)
+    out = tmp_path / "model.onnx"
+    export_model(ExportOptions(source=ckpt_path, output=out, card=False))
+    picks = [real_images[0], real_images[len(real_images) // 2], real_images[-1]]
+    assert_cam_matches_grad_cam(ckpt_path, out, picks, 64)
+
+
+def test_ece_matches_netcal_and_temperature_keeps_argmax() -> None:
+    netcal = pytest.importorskip("netcal.metrics")
+    rng = np.random.default_rng(0)
+    n, c = 400, 4
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), labels] += rng.normal(1.0, 1.0, n)  # informative ...
+    logits *= 4.0  # ... and overconfident, as deep nets are
+    t = fit_temperature(logits[:200], labels[:200])
+    assert t > 1.5  # overconfidence is cooled, not heated
+    for probs in (softmax(logits), softmax(logits, t)):
+        ours = expected_calibration_error(probs, labels, bins=15)
+        theirs = netcal.ECE(bins=15).measure(probs, labels)
+        assert ours == pytest.approx(theirs, abs=1e-9)
+    assert (softmax(logits, t).argmax(1) == logits.argmax(1)).all()
+    held_out = slice(200, None)
+    before = expected_calibration_error(softmax(logits[held_out]), labels[held_out])
+    after = expected_calibration_error(softmax(logits[held_out], t), labels[held_out])
+    assert after < before
+
+
+def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
+    model = fitted_run / "model.onnx"
+    meta = mm.read_model_metadata(model)
+    assert meta.cam is not None and meta.calibration is not None and meta.guard is not None
+    cal = meta.calibration
+    assert cal["bins"] == 15 and cal["temperature"] > 0
+    for split in ("val", "test"):
+        assert set(cal["ece"][split]) == {"before", "after", "n"}
+    assert meta.guard["val_pass_rate"] >= 0.97
+    assert (fitted_run / "reliability.png").stat().st_size > 0
+    card = (fitted_run / "model.md").read_text(encoding="utf-8")
+    assert "ECE" in card and "not a segmentation" in card
+
+    outputs = [o.name for o in onnx.load(str(model)).graph.output]
+    assert outputs == ["logits", "probabilities", "cam", "ood_score", "contrast"]
+    # the temperature is in the graph: probabilities = softmax(logits / T), same argmax
+    rows = list(csv.DictReader((fitted_run / "splits" / "test.csv").open(encoding="utf-8")))
+    x = np.stack([load_model_input(Path(r["path"]), meta.spec)[0][None] for r in rows])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    logits, probs = session.run(["logits", "probabilities"], {"image": x.astype(np.float32)})
+    np.testing.assert_allclose(probs, softmax(logits, cal["temperature"]), atol=1e-5)
+    assert (probs.argmax(1) == logits.argmax(1)).all()
+    assert json.loads(json.dumps(meta.to_dict()))["guard"]["method"] == "mahalanobis"
+
+
+def test_int8_keeps_the_guard_in_float(fitted_run: Path) -> None:
+    """Quantizing the Mahalanobis distance to 8 bits could move it across its threshold."""
+    from export.quantize import _guard_only_nodes
+
+    model = onnx.load(str(fitted_run / "model.onnx"))
+    names = set(_guard_only_nodes(model))
+    by_name = {n.name: n for n in model.graph.node}
+    ops = {by_name[n].op_type for n in names}
+    assert "MatMul" in ops or "Gemm" in ops  # (features - mean) @ whitening
+    assert "Conv" not in ops and "Softmax" not in ops  # the classifier is not touched

@@ -1,0 +1,199 @@
+"""Flags (low_confidence, out_of_scope) and heatmap overlays in ``classify`` and the daemon.
+
+Most tests use ``fitted_run``: a tinycnn trained briefly on the real images and exported
+with cam, temperature and scope guard (tests/helpers/models.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers.dicom_factory import write_dicom
+from xrwatch import flags
+from xrwatch.cli._app import EXIT_FAILED, main
+from xrwatch.engine import InferenceEngine
+from xrwatch.heatmap import write_png_atomic
+
+PATIENT = "Doe^Jane"
+
+
+def _photo(path: Path) -> Path:
+    skdata = pytest.importorskip("skimage.data")
+    Image.fromarray(skdata.astronaut()).save(path)  # a colour photograph of a person
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path: Path, real_images: list[Path]) -> Path:
+    """One real chest X-ray (in a subfolder), a photograph, a blank image, a broken file."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(real_images[0], root / "sub" / f"cxr{real_images[0].suffix}")
+    _photo(root / "photo.png")
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(root / "blank.png")
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    return root
+
+
+def _csv(out: str) -> dict[str, dict[str, str]]:
+    return {Path(r["file"]).name: r for r in csv.DictReader(io.StringIO(out))}
+
+
+def test_classify_flags_rows_and_writes_heatmaps_for_ok_rows_only(
+    fitted_run: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    heat = tmp_path / "heat"
+    code = main(
+        ["classify", str(inputs), "-m", str(fitted_run / "model.onnx"), "-f", "csv",
+         "--heatmaps", str(heat), "--cpu"]
+    )  # fmt: skip
+    rows = _csv(capsys.readouterr().out)
+    assert code == EXIT_FAILED  # bad.png
+    for name in ("photo.png", "blank.png"):
+        row = rows[name]
+        assert (row["status"], row["flag"]) == ("ok", flags.OUT_OF_SCOPE), row
+        assert row["label"] and row["prob_Normal"]  # flagged, yet its probabilities are kept
+    assert "blank or constant" in rows["blank.png"]["flag_reason"]
+    assert rows["bad.png"]["status"] == "error" and rows["bad.png"]["flag"] == ""
+    assert rows["bad.png"]["heatmap"] == ""
+    written = sorted(p.relative_to(heat).as_posix() for p in heat.rglob("*") if p.is_file())
+    cxr = next(p.name for p in (inputs / "sub").iterdir())
+    assert written == ["blank.png.png", "photo.png.png", f"sub/{cxr}.png"]  # none for bad.png
+    assert Path(rows[cxr]["heatmap"]) == heat / "sub" / f"{cxr}.png"
+    with Image.open(heat / "photo.png.png") as img:
+        assert img.mode == "RGB" and img.width >= 128
+
+
+def test_guard_passes_held_out_real_chest_xrays(fitted_run: Path) -> None:
+    engine = InferenceEngine(fitted_run / "model.onnx", use_gpu=False)
+    rows = list(csv.DictReader((fitted_run / "splits" / "test.csv").open(encoding="utf-8")))
+    preds = engine.predict_paths([Path(r["path"]) for r in rows])
+    passed = [p.flag != flags.OUT_OF_SCOPE for p in preds]
+    # the threshold passes 98 % of validation images; held-out images of a 4-epoch model
+    # on ~100 training images scatter more (the README quotes the full benchmark)
+    assert np.mean(passed) >= 0.85, [(Path(p.file).name, p.ood_score) for p in preds]
+
+
+def test_low_confidence_threshold_is_the_models_unless_overridden(fitted_run: Path) -> None:
+    model = fitted_run / "model.onnx"
+    engine = InferenceEngine(model, use_gpu=False)
+    assert engine.low_confidence == engine.meta.calibration["low_confidence"]  # type: ignore[index]
+    strict = InferenceEngine(model, use_gpu=False, low_confidence=0.999)
+    p = strict.prediction("x.png", np.array([0.4, 0.3, 0.2, 0.1]), contrast=0.2, ood_score=0.5)
+    assert (p.status, p.flag, p.label) == ("ok", flags.LOW_CONFIDENCE, "Normal")
+    assert strict.prediction("x.png", np.array([0.4, 0.3, 0.2, 0.1]), ood_score=2.0).flag == (
+        flags.OUT_OF_SCOPE
+    )
+
+
+def test_dicom_header_is_evidence_in_the_reason(fitted_run: Path, tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "knee.dcm", body_part="KNEE", view_position="LL")
+    engine = InferenceEngine(fitted_run / "model.onnx", use_gpu=False)
+    (pred,) = engine.predict_paths([path])
+    assert pred.flag == flags.OUT_OF_SCOPE
+    assert "BodyPartExamined KNEE" in (pred.flag_reason or "")
+    assert "ViewPosition LL" in (pred.flag_reason or "")
+
+
+def test_heatmap_names_carry_no_phi(fitted_run: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in" / "study1"
+    src.mkdir(parents=True)
+    write_dicom(src / "img.dcm", patient_name=PATIENT, patient_id="PID-4711")
+    heat = tmp_path / "heat"
+    engine = InferenceEngine(fitted_run / "model.onnx", use_gpu=False)
+    (pred,) = engine.predict_paths([src / "img.dcm"], heatmaps=heat, root=tmp_path / "in")
+    files = [p for p in heat.rglob("*") if p.is_file()]
+    assert [p.relative_to(heat).as_posix() for p in files] == ["study1/img.dcm.png"]
+    data = files[0].read_bytes()
+    for secret in (b"Doe", b"Jane", b"PID-4711"):
+        assert secret not in data
+    assert pred.heatmap == str(files[0])
+
+
+def test_heatmap_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "h" / "a.png"
+    write_png_atomic(Image.new("RGB", (8, 8), (1, 2, 3)), target)
+    before = target.read_bytes()
+
+    def torn_save(self: Image.Image, fp: io.BufferedWriter, *a: object, **k: object) -> None:
+        fp.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_png_atomic(Image.new("RGB", (8, 8)), target)
+    assert target.read_bytes() == before  # the old file intact, never a partial one
+    assert [p.name for p in target.parent.iterdir()] == ["a.png"]  # no temp file left
+
+
+def test_old_model_serves_without_heatmaps_or_flags(
+    tmp_path: Path, inputs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model exported before cam/calibration/guard: loads, serves, says so once."""
+    from export.onnx_export import build_metadata, export_fp32
+    from tests.helpers.models import make_checkpoint
+    from training.checkpoint import load_checkpoint
+    from training.models import model_from_checkpoint
+
+    ckpt_path = make_checkpoint(tmp_path / "old" / "best.pt", size=32)
+    ckpt = load_checkpoint(ckpt_path)
+    old = tmp_path / "old.onnx"
+    meta = build_metadata(ckpt, checkpoint_sha256="0" * 64, precision="fp32")
+    export_fp32(model_from_checkpoint(ckpt), size=32, path=old, metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="xrwatch.engine"):
+        engine = InferenceEngine(old, use_gpu=False)
+    lines = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert len(lines) == 1 and "no heatmaps" in lines[0] and "xrwatch.guard" in lines[0]
+    preds = engine.predict_paths(sorted(inputs.rglob("*.png")), heatmaps=tmp_path / "heat")
+    assert all(p.flag == "" and p.heatmap is None for p in preds)
+    assert not (tmp_path / "heat").exists()
+
+
+def test_daemon_reports_flags_heatmaps_and_counts(
+    fitted_run: Path, inputs: Path, tmp_path: Path
+) -> None:
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+    from xrwatch.serve.reports import read_csv
+
+    reports = tmp_path / "reports"
+    daemon = Daemon(
+        ServeConfig(
+            incoming=inputs, model=fitted_run / "model.onnx", reports=reports, once=True,
+            stable_seconds=0.1, provider="cpu",
+        )
+    )  # fmt: skip
+    assert daemon.run() == 1  # bad.png failed
+    rows = {Path(r["file"]).name: r for r in read_csv(reports / "predictions.csv")}
+    assert rows["photo.png"]["flag"] == flags.OUT_OF_SCOPE and rows["photo.png"]["status"] == "ok"
+    assert rows["bad.png"]["heatmap"] == "" and rows["bad.png"]["flag"] == ""
+    record = json.loads((reports / "json" / "photo.png.json").read_text(encoding="utf-8"))
+    assert record["heatmap"] == "heatmaps/photo.png.png" and record["flag_reason"]
+    assert (reports / record["heatmap"]).is_file()
+    assert not (reports / "heatmaps" / "bad.png.png").exists()
+    assert not list((reports / "heatmaps").rglob(".*"))  # no temp files left behind
+    flagged = daemon.metrics.flagged.labels(flags.OUT_OF_SCOPE)._value.get()
+    assert flagged >= 2  # photo and blank
+
+
+def test_daemon_heatmaps_switch_off(fitted_run: Path, inputs: Path, tmp_path: Path) -> None:
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+
+    reports = tmp_path / "reports"
+    cfg = ServeConfig(
+        incoming=inputs, model=fitted_run / "model.onnx", reports=reports, once=True,
+        stable_seconds=0.1, provider="cpu", heatmaps=False,
+    )  # fmt: skip
+    Daemon(cfg).run()
+    assert (reports / "predictions.csv").is_file()
+    assert not (reports / "heatmaps").exists()

@@ -1,0 +1,132 @@
+"""Temperature scaling and the expected calibration error (ECE), after Guo et al. 2017.
+
+``fit_temperature`` finds the ``T`` minimising the negative log-likelihood of
+``softmax(logits / T)`` on held-out (validation) logits. Dividing every logit of a row by
+the same positive ``T`` keeps their order, so the top-1 class never changes; only the
+confidence does. ``expected_calibration_error`` is the usual top-label ECE: confidences
+binned into ``bins`` equal-width bins of [0, 1], the bin-size-weighted mean of
+``|accuracy - mean confidence|`` per bin.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ECE_BINS = 15  # Guo et al. 2017; netcal's default is 10, so tests pass bins=15 explicitly
+T_MIN, T_MAX = 0.05, 20.0  # search range of the temperature
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """Top-label ECE of ``probs`` (N x C) against integer ``labels`` (N)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    if len(probs) == 0:
+        return float("nan")
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin i holds (edges[i], edges[i+1]]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    p = softmax(logits, temperature)[np.arange(len(labels)), labels]
+    return float(-np.log(np.clip(p, 1e-12, None)).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising validation NLL (golden-section search on log T)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("cannot fit a temperature on an empty validation split")
+    lo, hi = np.log(T_MIN), np.log(T_MAX)
+    # coarse grid first (the NLL in log T is unimodal in practice, but be safe), then refine
+    grid = np.linspace(lo, hi, 81)
+    values = [_nll(logits, labels, float(np.exp(g))) for g in grid]
+    i = int(np.argmin(values))
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    ratio = (np.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        if _nll(logits, labels, float(np.exp(c))) <= _nll(logits, labels, float(np.exp(d))):
+            b = d
+        else:
+            a = c
+    return float(np.exp((a + b) / 2))
+
+
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per bin: mean confidence, accuracy (NaN when empty) and count."""
+    confidence = np.asarray(probs).max(axis=1)
+    correct = np.asarray(probs).argmax(axis=1) == np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    conf = np.full(bins, np.nan)
+    acc = np.full(bins, np.nan)
+    count = np.zeros(bins, dtype=int)
+    for b in range(bins):
+        mask = which == b
+        count[b] = int(mask.sum())
+        if count[b]:
+            conf[b], acc[b] = confidence[mask].mean(), correct[mask].mean()
+    return conf, acc, count
+
+
+def plot_reliability(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str
+) -> Path:
+    """Reliability diagram: one panel per ``name -> (probs, labels)``, ECE in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(curves), figsize=(4.2 * len(curves), 4.2), constrained_layout=True, squeeze=False
+    )
+    centers = (np.arange(ECE_BINS) + 0.5) / ECE_BINS
+    for ax, (name, (probs, labels)) in zip(axes[0], curves.items(), strict=True):
+        _, acc, count = reliability_bins(probs, labels)
+        ece = expected_calibration_error(probs, labels)
+        ax.bar(centers, np.nan_to_num(acc), width=1 / ECE_BINS, edgecolor="black",
+               alpha=0.7, label=f"accuracy (ECE {ece:.3f}, n={len(labels)})")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        for x, n in zip(centers, count, strict=True):
+            if n:
+                ax.text(x, 0.02, str(n), ha="center", fontsize=6)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("top-1 confidence")
+        ax.set_ylabel("top-1 accuracy")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    logger.info("wrote reliability diagram %s", path)
+    return path
