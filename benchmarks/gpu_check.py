@@ -51,11 +51,11 @@ def provider_check(checkpoint: Path | None, work: Path) -> dict[str, Any]:
     """Export fp32 + fp16, run both on CUDA (required) and on the CPU, compare."""
     import numpy as np
 
-    from export.pipeline import ExportOptions, export_model
     from tests.helpers.models import make_checkpoint
     from xrwatch.engine import CUDA_EP, InferenceEngine
     from xrwatch.inputs import expand_inputs
     from xrwatch.preprocess import load_model_input
+    from xrwatch_export.pipeline import ExportOptions, export_model
 
     ckpt = checkpoint or make_checkpoint(work / "ckpt" / "best.pt", arch="resnet50", size=224)
     result = export_model(ExportOptions(source=ckpt, output=work / "model.onnx", fp16=True))
@@ -96,8 +96,8 @@ def throughput(batch: int, steps: int) -> dict[str, Any]:
 
 
 def short_training(epochs: int, work: Path) -> dict[str, Any]:
-    from training.engine import train
-    from training.presets import experiment_config
+    from xrwatch_training.engine import train
+    from xrwatch_training.presets import experiment_config
 
     cfg = experiment_config(
         "RCE",

@@ -45,13 +45,13 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from export.pipeline import ExportOptions, export_model  # noqa: E402
-from export.quantize import quantize_int8  # noqa: E402
-from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from training.models import build_model, model_from_checkpoint, wrap  # noqa: E402
 from xrwatch.engine import expand_inputs  # noqa: E402
 from xrwatch.preprocess import PreprocessSpec, load_model_input  # noqa: E402
 from xrwatch.sysinfo import describe  # noqa: E402
+from xrwatch_export.pipeline import ExportOptions, export_model  # noqa: E402
+from xrwatch_export.quantize import quantize_int8  # noqa: E402
+from xrwatch_training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from xrwatch_training.models import build_model, model_from_checkpoint, wrap  # noqa: E402
 
 logger = logging.getLogger("benchmarks.inference")
 

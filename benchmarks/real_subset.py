@@ -88,10 +88,10 @@ def run_name(arch: str, size: int) -> str:
 
 def train_run(arch: str, size: int, args: argparse.Namespace) -> Path:
     """Train (or reuse / resume) one run; its wall time is written to ``wall_time.json``."""
-    from training.engine import load_run_config, train
-    from training.presets import experiment_config
-    from training.reproduce import _same_recipe
     from xrwatch.errors import ConfigError
+    from xrwatch_training.engine import load_run_config, train
+    from xrwatch_training.presets import experiment_config
+    from xrwatch_training.reproduce import _same_recipe
 
     name = run_name(arch, size)
     out = Path(args.out) / "runs"
@@ -153,7 +153,7 @@ def _calibration_folder(run_dir: Path, tmp: Path) -> Path:
 
 def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict[str, Path]:
     """``best.pt`` → ``OUT/models/<NAME>.onnx`` (+ ``.int8.onnx``), verified by export."""
-    from export.pipeline import ExportOptions, export_model, variant_path
+    from xrwatch_export.pipeline import ExportOptions, export_model, variant_path
 
     target = out / "models" / f"{run_dir.name}.onnx"
     ckpt_sha = file_sha256(run_dir / "best.pt")
@@ -264,7 +264,7 @@ def ship(rows: list[dict[str, Any]], out: Path) -> Path:
     """Copy the best-on-validation model that fits into ``xrwatch/models/`` with its card
     (ranked by :mod:`training.ranking`: validation balanced accuracy, then the lower
     validation loss, then the run path)."""
-    from training.ranking import RunScore, rank
+    from xrwatch_training.ranking import RunScore, rank
 
     def score(r: dict[str, Any]) -> RunScore:  # training's one rule: export --best, table1
         return RunScore(r["run_dir"], r["val_balanced_accuracy"], r.get("val_loss"), ())
@@ -377,8 +377,8 @@ def main() -> int:
     )
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from training.checkpoint import load_checkpoint
-    from training.report import read_metrics_csv
+    from xrwatch_training.checkpoint import load_checkpoint
+    from xrwatch_training.report import read_metrics_csv
 
     out = Path(args.out)
     rows = []

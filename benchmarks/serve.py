@@ -46,8 +46,8 @@ def rss_mib(pid: int) -> float:
 
 
 def build_model(arch: str, size: int, out: Path) -> Path:
-    from export.pipeline import ExportOptions, export_model
     from tests.helpers.models import make_checkpoint
+    from xrwatch_export.pipeline import ExportOptions, export_model
 
     ckpt = make_checkpoint(out.parent / "ckpt" / "best.pt", arch=arch, size=size)
     export_model(ExportOptions(source=ckpt, output=out, card=False))

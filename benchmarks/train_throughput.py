@@ -30,14 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.cache import build_cache
-from training.engine import Dist, SplitTensors, augment, evaluate, grad_scaler, train_one_epoch
-from training.losses import build_loss
-from training.models import build_model, wrap
-from training.presets import TrainConfig
-from training.synth import synth_image
 from xrwatch.preprocess import PreprocessSpec
 from xrwatch.sysinfo import describe
+from xrwatch_training.cache import build_cache
+from xrwatch_training.engine import (
+    Dist,
+    SplitTensors,
+    augment,
+    evaluate,
+    grad_scaler,
+    train_one_epoch,
+)
+from xrwatch_training.losses import build_loss
+from xrwatch_training.models import build_model, wrap
+from xrwatch_training.presets import TrainConfig
+from xrwatch_training.synth import synth_image
 
 TRAIN_IMAGES = 5286  # CoronaHack TRAIN rows (5,284 once the 2 ARDS images are left out)
 EVAL_IMAGES = 624 + 529  # official TEST + a 10 % validation split, every epoch

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.models import NormalizedClassifier, TinyCNN
+from xrwatch_training.models import NormalizedClassifier, TinyCNN
 
 logger = logging.getLogger(__name__)
 

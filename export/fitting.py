@@ -22,7 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from export.explain import (
+from xrwatch.errors import ConfigError, ImageError
+from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch_training.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    fit_temperature,
+    plot_reliability,
+    softmax,
+)
+
+from .explain import (
     FeatureNet,
     GuardStats,
     fit_guard,
@@ -30,15 +40,6 @@ from export.explain import (
     pass_threshold,
     run_feature_net,
 )
-from training.calibration import (
-    ECE_BINS,
-    expected_calibration_error,
-    fit_temperature,
-    plot_reliability,
-    softmax,
-)
-from xrwatch.errors import ConfigError, ImageError
-from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import onnx
 import torch
 from torch import nn
 
-from training.presets import config_sha256
 from xrwatch import __version__
 from xrwatch import modelmeta as mm
 from xrwatch.preprocess import PreprocessSpec
+from xrwatch_training.presets import config_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def export_fp32(
     ``model`` maps N x 1 x size x size to logits (exported with softmax probabilities), or is
     an :class:`export.explain.ExplainedClassifier`, exported with all its outputs.
     """
-    from export.explain import ExplainedClassifier
+    from .explain import ExplainedClassifier
 
     wrapped: nn.Module
     if isinstance(model, ExplainedClassifier):

@@ -17,10 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from export import card as model_card
-from export import triton as triton_repo
-from export.explain import CalibratedLogits, ExplainedClassifier, FeatureNet
-from export.fitting import (
+from xrwatch import modelmeta as mm
+from xrwatch.errors import ConfigError
+from xrwatch.modelmeta import ModelMeta, file_sha256, read_model_metadata
+from xrwatch.preprocess import PreprocessSpec
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.models import model_from_checkpoint
+
+from . import card as model_card
+from . import triton as triton_repo
+from .explain import CalibratedLogits, ExplainedClassifier, FeatureNet
+from .fitting import (
     GUARD_PASS_RATE,
     LOW_CONFIDENCE,
     MIN_CONTRAST,
@@ -28,10 +35,10 @@ from export.fitting import (
     find_splits,
     fit_extras,
 )
-from export.onnx_export import OPSET, build_metadata, export_fp32
-from export.quantize import convert_fp16, quantize_int8
-from export.sources import Selection, find_best, resolve_source
-from export.verify import (
+from .onnx_export import OPSET, build_metadata, export_fp32
+from .quantize import convert_fp16, quantize_int8
+from .sources import Selection, find_best, resolve_source
+from .verify import (
     FP32_TOLERANCE,
     InputSet,
     VerifyReport,
@@ -46,12 +53,6 @@ from export.verify import (
     require,
     torch_probabilities,
 )
-from training.checkpoint import load_checkpoint
-from training.models import model_from_checkpoint
-from xrwatch import modelmeta as mm
-from xrwatch.errors import ConfigError
-from xrwatch.modelmeta import ModelMeta, file_sha256, read_model_metadata
-from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 

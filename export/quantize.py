@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.onnx_export import save_single_file, set_metadata
 from xrwatch import modelmeta as mm
+
+from .onnx_export import save_single_file, set_metadata
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import load_checkpoint
-from training.ranking import RunScore, comparable_groups, comparison_key, mixed_groups_message, rank
 from xrwatch.errors import ConfigError, ModelError
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.ranking import (
+    RunScore,
+    comparable_groups,
+    comparison_key,
+    mixed_groups_message,
+    rank,
+)
 
 logger = logging.getLogger(__name__)
 

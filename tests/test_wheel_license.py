@@ -60,3 +60,26 @@ def test_wheel_builds_without_deprecation_warnings_and_ships_the_license(
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
     assert "License-File: LICENSE" in metadata.splitlines()
     assert license_text == (ROOT / "LICENSE").read_text(encoding="utf-8")
+    # issue 12 item 15: training/ and export/ install under names no user package shadows
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"xrwatch", "xrwatch_training", "xrwatch_export"}, top
+    assert "xrwatch_training/engine.py" in names and "xrwatch_export/pipeline.py" in names
+    for init in (ROOT / "xrwatch").rglob("__init__.py"):  # every subpackage is listed
+        assert init.relative_to(ROOT).as_posix() in names, init
+    assert "xrwatch/models/default.onnx" in names
+
+
+def test_a_users_own_training_and_export_packages_do_not_shadow_ours(tmp_path: Path) -> None:
+    """Run from a folder holding a user's own ``training`` and ``export`` packages (the
+    working directory comes first on sys.path): xrwatch's commands still use its own."""
+    for name in ("training", "export"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s {name}')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "xrwatch", "synth", str(tmp_path / "synth"), "--scale", "0.002",
+         "--image-size", "32"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the user's" not in result.stdout + result.stderr
+    assert any((tmp_path / "synth").rglob("*.jpeg"))

@@ -104,7 +104,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def validate_checkpoint(ckpt: Any, *, source: str = "checkpoint") -> None:
     """Raise :class:`ModelError` unless ``ckpt`` follows the documented format."""
-    from training.models import ARCHITECTURES
+    from .models import ARCHITECTURES
 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -30,9 +30,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.labels import TASK_CLASSES, fine_label, folder_label, task_label
 from xrwatch.errors import DatasetError
 from xrwatch.inputs import expand_inputs
+
+from .labels import TASK_CLASSES, fine_label, folder_label, task_label
 
 logger = logging.getLogger(__name__)
 

@@ -34,27 +34,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from training.cache import build_cache
-from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from training.data import Sample, extra_samples, index_dataset
-from training.labels import TASK_CLASSES
-from training.losses import build_loss
-from training.metrics import classification_metrics
-from training.models import build_model, wrap
-from training.presets import TrainConfig
-from training.report import (
+from xrwatch.config import build_config
+from xrwatch.errors import ConfigError, DatasetError
+from xrwatch.metrics_ci import bootstrap_ci, coverage_note, format_ci, missing_classes
+from xrwatch.preprocess import PreprocessSpec
+
+from .cache import build_cache
+from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from .data import Sample, extra_samples, index_dataset
+from .labels import TASK_CLASSES
+from .losses import build_loss
+from .metrics import classification_metrics
+from .models import build_model, wrap
+from .presets import TrainConfig
+from .report import (
     plot_confusion,
     plot_curves,
     read_metrics_csv,
     write_json,
     write_metrics_csv,
 )
-from training.splits import Splits, make_splits, resolve_split, write_split_files
-from training.weights import load_pretrained
-from xrwatch.config import build_config
-from xrwatch.errors import ConfigError, DatasetError
-from xrwatch.metrics_ci import bootstrap_ci, coverage_note, format_ci, missing_classes
-from xrwatch.preprocess import PreprocessSpec
+from .splits import Splits, make_splits, resolve_split, write_split_files
+from .weights import load_pretrained
 
 logger = logging.getLogger(__name__)
 

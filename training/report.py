@@ -123,7 +123,7 @@ def _as_key(value: Any) -> Any:
 
 def _best_run(results: dict[str, dict[str, Any]]) -> tuple[str | None, str | None]:
     """(the best experiment's name, None) or (None, why none is named)."""
-    from training.ranking import RunScore, comparable_groups, mixed_groups_message, rank
+    from .ranking import RunScore, comparable_groups, mixed_groups_message, rank
 
     def score(name: str) -> RunScore:
         r = results[name]
@@ -149,7 +149,7 @@ def write_table1(results: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Pat
     """``table1.md``/``.csv``/``.json``: Tr/Val/Tst accuracy of each experiment with 95 %
     intervals, the study's own Table 1 figures beside them, our extra metrics, which classes
     the test figures cover, and the best run (by :mod:`training.ranking`)."""
-    from training.presets import (
+    from .presets import (
         ASSUMPTIONS,
         CLASS_TOTALS_NOTE,
         EXPERIMENT_NOTES,

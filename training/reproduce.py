@@ -14,11 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.engine import barrier, load_run_config, resolve_split_config, train
-from training.presets import EXPERIMENTS, experiment_config
-from training.ranking import comparison_key
-from training.report import write_table1
 from xrwatch.errors import ConfigError
+
+from .engine import barrier, load_run_config, resolve_split_config, train
+from .presets import EXPERIMENTS, experiment_config
+from .ranking import comparison_key
+from .report import write_table1
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from typing import Literal
 
 import numpy as np
 
-from training.data import DatasetIndex, Sample
 from xrwatch.errors import DatasetError
+
+from .data import DatasetIndex, Sample
 
 logger = logging.getLogger(__name__)
 

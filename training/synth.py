@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data import PATIENTS_CSV
+from .data import PATIENTS_CSV
 
 logger = logging.getLogger(__name__)
 

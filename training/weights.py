@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from training.models import head_parameter_names
 from xrwatch.errors import ConfigError, ModelError
+
+from .models import head_parameter_names
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ if importlib.util.find_spec("torch") is None or importlib.util.find_spec("onnx")
 @pytest.fixture(scope="session")
 def full_export(tmp_path_factory: pytest.TempPathFactory, shared_xray: Path) -> Any:
     """tinycnn at 64 px: fp32 verified on the real images, int8, fp16, card and Triton."""
-    from export.pipeline import ExportOptions, export_model
     from tests.helpers.models import make_checkpoint
+    from xrwatch_export.pipeline import ExportOptions, export_model
 
     root = tmp_path_factory.mktemp("full_export")
     ckpt = make_checkpoint(root / "runs" / "r1" / "best.pt", size=64, seed=3)

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from export.pipeline import ExportOptions, export_model
-from export.sources import find_best
 from tests.helpers.models import make_checkpoint
-from training.checkpoint import load_checkpoint
-from training.report import write_table1
-from training.reproduce import run_summary
 from xrwatch.cli._app import EXIT_OK, main
 from xrwatch.errors import ConfigError
 from xrwatch.modelmeta import file_sha256, read_model_metadata
+from xrwatch_export.pipeline import ExportOptions, export_model
+from xrwatch_export.sources import find_best
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.report import write_table1
+from xrwatch_training.reproduce import run_summary
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from export.card import _metric_rows
+from xrwatch_export.card import _metric_rows
 
 CLASSES = ("Normal", "Bacteria", "Virus", "COVID-19")
 

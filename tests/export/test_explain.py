@@ -12,12 +12,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.pipeline import ExportOptions, export_model
 from tests.helpers.cam import assert_cam_matches_grad_cam
 from tests.helpers.models import make_checkpoint
-from training.calibration import expected_calibration_error, fit_temperature, softmax
 from xrwatch import modelmeta as mm
 from xrwatch.preprocess import load_model_input
+from xrwatch_export.pipeline import ExportOptions, export_model
+from xrwatch_training.calibration import expected_calibration_error, fit_temperature, softmax
 
 
 def test_tinycnn_cam_matches_grad_cam(tmp_path: Path, real_images: list[Path]) -> None:
@@ -77,7 +77,7 @@ def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
 
 def test_int8_keeps_the_guard_in_float(fitted_run: Path) -> None:
     """Quantizing the Mahalanobis distance to 8 bits could move it across its threshold."""
-    from export.quantize import _guard_only_nodes
+    from xrwatch_export.quantize import _guard_only_nodes
 
     model = onnx.load(str(fitted_run / "model.onnx"))
     names = set(_guard_only_nodes(model))

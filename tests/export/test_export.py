@@ -11,18 +11,18 @@ import onnx
 import pytest
 import torch
 
-import export.pipeline as pipeline
-from export.pipeline import ExportOptions, ExportResult, export_model
-from export.verify import ExportVerificationError
+import xrwatch_export.pipeline as pipeline
 from tests.helpers.cam import assert_cam_matches_grad_cam
 from tests.helpers.models import make_checkpoint
-from training.checkpoint import load_checkpoint
-from training.models import model_from_checkpoint
-from training.presets import config_sha256
 from xrwatch.cli._app import EXIT_ERROR, EXIT_OK, main
 from xrwatch.engine import InferenceEngine
 from xrwatch.errors import ConfigError
 from xrwatch.preprocess import load_model_input
+from xrwatch_export.pipeline import ExportOptions, ExportResult, export_model
+from xrwatch_export.verify import ExportVerificationError
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.models import model_from_checkpoint
+from xrwatch_training.presets import config_sha256
 
 
 def torch_outputs(ckpt_path: Path, images: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +164,7 @@ def test_existing_model_survives_a_failed_export(
 def test_a_run_interrupted_before_its_first_epoch_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from training.checkpoint import save_checkpoint
+    from xrwatch_training.checkpoint import save_checkpoint
 
     # what training's Ctrl-C handler writes when no epoch has finished: last.pt only,
     # epoch 0, no metrics

@@ -11,10 +11,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.verify import onnx_probabilities
 from xrwatch.engine import CPU_EP, CUDA_EP, InferenceEngine, optimization_caveat
 from xrwatch.errors import ModelMetadataError
 from xrwatch.modelmeta import KEY_GRAPH_OPTIMIZATION, read_model_metadata
+from xrwatch_export.verify import onnx_probabilities
 
 LEVELS = ort.GraphOptimizationLevel
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from export.pipeline import ExportResult
-from export.triton import write_repository
 from xrwatch.errors import ConfigError
 from xrwatch.modelmeta import read_model_metadata
+from xrwatch_export.pipeline import ExportResult
+from xrwatch_export.triton import write_repository
 
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"#]+))')
 

@@ -9,13 +9,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import export.pipeline as pipeline
-from export.pipeline import ExportOptions, ExportResult, export_model
+import xrwatch_export.pipeline as pipeline
 from tests.helpers.models import make_checkpoint
 from xrwatch.engine import InferenceEngine
 from xrwatch.inputs import expand_inputs
 from xrwatch.modelmeta import read_model_metadata
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch_export.pipeline import ExportOptions, ExportResult, export_model
 
 
 def test_int8_is_static_qdq_per_channel(full_export: ExportResult) -> None:
@@ -90,7 +90,7 @@ def test_unfoldable_batchnorm_becomes_an_exact_depthwise_conv() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from export.quantize import batchnorm_to_depthwise_conv
+    from xrwatch_export.quantize import batchnorm_to_depthwise_conv
 
     rng = np.random.default_rng(0)
     c = 6

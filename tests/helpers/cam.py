@@ -14,10 +14,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.explain import FeatureNet, LogitsOnly
-from training.checkpoint import load_checkpoint
-from training.models import model_from_checkpoint
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch_export.explain import FeatureNet, LogitsOnly
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.models import model_from_checkpoint
 
 
 def _grad_cam(net: FeatureNet, x: torch.Tensor, classes: list[int]) -> np.ndarray:

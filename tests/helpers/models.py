@@ -33,11 +33,11 @@ def make_checkpoint(
     seeds the weights; ``data`` and ``split_seed`` are the config's data and split seed)."""
     import torch
 
-    from training.checkpoint import make_checkpoint as assemble
-    from training.checkpoint import save_checkpoint
-    from training.models import build_model
-    from training.presets import TrainConfig
     from xrwatch.preprocess import PreprocessSpec
+    from xrwatch_training.checkpoint import make_checkpoint as assemble
+    from xrwatch_training.checkpoint import save_checkpoint
+    from xrwatch_training.models import build_model
+    from xrwatch_training.presets import TrainConfig
 
     torch.manual_seed(seed)
     backbone = build_model(arch, len(classes))
@@ -95,7 +95,7 @@ def make_tiny_onnx(
     out_path: Path, classes: Sequence[str] = DEFAULT_CLASSES, size: int = 32, seed: int = 0
 ) -> Path:
     """Export a random-weight tinycnn for ``classes`` at ``size`` px to ``out_path``."""
-    from export.pipeline import ExportOptions, export_model
+    from xrwatch_export.pipeline import ExportOptions, export_model
 
     out_path = Path(out_path)
     ckpt = make_checkpoint(
@@ -114,9 +114,9 @@ def train_and_export(root: Path, images: Path, *, size: int = 64, epochs: int = 
 
     Returns the run folder; the model is ``RUN/model.onnx``. Tens of seconds on a CPU.
     """
-    from export.pipeline import ExportOptions, export_model
-    from training.engine import train
-    from training.presets import TrainConfig
+    from xrwatch_export.pipeline import ExportOptions, export_model
+    from xrwatch_training.engine import train
+    from xrwatch_training.presets import TrainConfig
 
     cfg = TrainConfig(  # a real (tiny) training run, so the run folder has its splits
         data=str(images), arch="tinycnn", weights="none", split="patient", val_fraction=0.25,

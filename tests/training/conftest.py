@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.synth import write_synthetic
+from xrwatch_training.synth import write_synthetic
 
 
 @pytest.fixture(scope="session")

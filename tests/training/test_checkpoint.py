@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from training.models import NormalizedClassifier, build_model, model_from_checkpoint
 from xrwatch.errors import ModelError
 from xrwatch.preprocess import PreprocessSpec
+from xrwatch_training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from xrwatch_training.models import NormalizedClassifier, build_model, model_from_checkpoint
 
 
 def _ckpt(tmp_path: Path) -> tuple[Path, torch.nn.Module]:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from training.data import extra_samples, index_dataset, patient_group
-from training.labels import task_label
-from training.splits import make_splits, write_split_files
 from xrwatch.errors import DatasetError
+from xrwatch_training.data import extra_samples, index_dataset, patient_group
+from xrwatch_training.labels import task_label
+from xrwatch_training.splits import make_splits, write_split_files
 
 
 def test_real_metadata_counts_multiclass(shared_xray: Path) -> None:
@@ -143,7 +143,7 @@ def test_dataset_and_synth_commands_do_not_import_torch(shared_xray: Path, tmp_p
 
 
 def test_synth_data_groups_every_image_by_patient_without_a_warning(tmp_path: Path) -> None:
-    from training.synth import write_synthetic
+    from xrwatch_training.synth import write_synthetic
 
     write_synthetic(tmp_path, scale=0.02, image_size=16, seed=0)
     index = index_dataset(tmp_path, "multiclass")

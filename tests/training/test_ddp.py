@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import load_checkpoint
+from xrwatch_training.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import FocalLoss, build_loss
-from training.metrics import classification_metrics
+from xrwatch_training.losses import FocalLoss, build_loss
+from xrwatch_training.metrics import classification_metrics
 
 
 def test_focal_gamma_zero_is_cross_entropy() -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import index_dataset, patient_group
-from training.splits import make_splits
 from xrwatch.errors import DatasetError
+from xrwatch_training.data import index_dataset, patient_group
+from xrwatch_training.splits import make_splits
 
 # The one real image with no patient anywhere: a Normal image named by UUID, not in the table.
 _UNMAPPED = "F051E018-DAD1-4506-AD43-BE4CA29E960B.jpeg"

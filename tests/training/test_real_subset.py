@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import index_dataset
-from training.splits import make_splits
 from xrwatch.filehash import file_sha256
+from xrwatch_training.data import index_dataset
+from xrwatch_training.splits import make_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 

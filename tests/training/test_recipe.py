@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine import Dist, _epoch_order, _rank_batches
-from training.presets import EXPERIMENTS, TrainConfig, config_sha256, experiment_config
 from xrwatch.errors import ConfigError
+from xrwatch_training.engine import Dist, _epoch_order, _rank_batches
+from xrwatch_training.presets import EXPERIMENTS, TrainConfig, config_sha256, experiment_config
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
@@ -68,7 +68,7 @@ def test_the_batch_size_is_global_under_torchrun(world: int) -> None:
 def test_a_batch_that_does_not_divide_across_processes_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from training import engine
+    from xrwatch_training import engine
 
     monkeypatch.setattr(engine, "_init_distributed", lambda kind: Dist(0, 3))
     cfg = TrainConfig(data=str(tmp_path), batch_size=16, out=str(tmp_path), device="cpu")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from training.report import write_table1
 from xrwatch.cli._app import main
+from xrwatch_training.report import write_table1
 
 
 def _result(val_bal: float, test_bal: float, run_dir: str) -> dict[str, object]:
@@ -77,14 +77,14 @@ def test_table1_shows_the_studys_figures_intervals_and_class_coverage(tmp_path: 
 def test_reproduce_says_it_wrote_table1_json_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import training.reproduce
+    import xrwatch_training.reproduce
 
     def table_only(
         overrides: dict[str, object], only: list[str] | None = None
     ) -> tuple[Path, Path]:
         return write_table1({"PRCE": _result(0.6, 0.5, "runs/PRCE")}, tmp_path)
 
-    monkeypatch.setattr(training.reproduce, "reproduce", table_only)
+    monkeypatch.setattr(xrwatch_training.reproduce, "reproduce", table_only)
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path)]) == 0
     wrote = capsys.readouterr().out.replace("\n", "")
     assert f"wrote {tmp_path / 'table1.md'}, {tmp_path / 'table1.csv'} and " in wrote

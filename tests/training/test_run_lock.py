@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from training.engine import hold_run_folder
-from training.presets import TrainConfig
 from xrwatch.cli import main
 from xrwatch.errors import ConfigError
+from xrwatch_training.engine import hold_run_folder
+from xrwatch_training.presets import TrainConfig
 
 
 def test_a_run_folder_is_held_by_one_process_at_a_time(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.data import index_dataset
-from training.presets import (
+from xrwatch_training.data import index_dataset
+from xrwatch_training.presets import (
     CSV_CLASS_TOTALS,
     PAPER_CLASS_TOTALS,
     PUBLISHED,

@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from training import engine
-from training.checkpoint import load_checkpoint
-from training.engine import augment, load_run_config, train
-from training.models import model_from_checkpoint
-from training.presets import EXPERIMENTS, TrainConfig, experiment_config
 from xrwatch.cli import main
 from xrwatch.errors import DatasetError
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch_training import engine
+from xrwatch_training.checkpoint import load_checkpoint
+from xrwatch_training.engine import augment, load_run_config, train
+from xrwatch_training.models import model_from_checkpoint
+from xrwatch_training.presets import EXPERIMENTS, TrainConfig, experiment_config
 
 TINY: dict[str, Any] = {
     "arch": "tinycnn",
@@ -263,7 +263,7 @@ def test_all_six_presets_train_a_step(
     from torchvision import models as tvm
 
     from tests.training.test_weights import write_chexnet_checkpoint
-    from training.weights import imagenet_cache_path
+    from xrwatch_training.weights import imagenet_cache_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     target = imagenet_cache_path("resnet50")

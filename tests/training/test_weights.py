@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from training.models import build_model
-from training.weights import imagenet_cache_path, load_chexnet, load_imagenet
 from xrwatch.errors import ConfigError, ModelError
+from xrwatch_training.models import build_model
+from xrwatch_training.weights import imagenet_cache_path, load_chexnet, load_imagenet
 
 
 def write_chexnet_checkpoint(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -139,10 +139,10 @@ def test_old_model_serves_without_heatmaps_or_flags(
     tmp_path: Path, inputs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A model exported before cam/calibration/guard: loads, serves, says so once."""
-    from export.onnx_export import build_metadata, export_fp32
     from tests.helpers.models import make_checkpoint
-    from training.checkpoint import load_checkpoint
-    from training.models import model_from_checkpoint
+    from xrwatch_export.onnx_export import build_metadata, export_fp32
+    from xrwatch_training.checkpoint import load_checkpoint
+    from xrwatch_training.models import model_from_checkpoint
 
     ckpt_path = make_checkpoint(tmp_path / "old" / "best.pt", size=32)
     ckpt = load_checkpoint(ckpt_path)

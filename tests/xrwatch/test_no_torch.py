@@ -23,7 +23,8 @@ PROBE = textwrap.dedent(
     except SystemExit as exc:
         code = exc.code
     assert code in (0, None), f"xrwatch --help exited {code}"
-    heavy = ("torch", "torchvision", "training", "export", "onnx", "sklearn", "matplotlib")
+    heavy = ("torch", "torchvision", "xrwatch_training", "xrwatch_export")
+    heavy += ("onnx", "sklearn", "matplotlib")
     loaded = sorted(m for m in heavy if m in sys.modules)
     print("LOADED:" + ",".join(loaded))
     """

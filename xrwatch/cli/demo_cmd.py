@@ -86,7 +86,7 @@ def _drop(src_bytes: bytes, inbox: Path, rel: str) -> None:
 
 def _samples(data: Path, per_class: int) -> list[tuple[Path, str]]:
     """Test images of the synthetic dataset with their true class (from its CSV)."""
-    from training.labels import fine_label, task_label
+    from xrwatch_training.labels import fine_label, task_label
 
     out: dict[str, list[Path]] = {}
     with (data / "Chest_xray_Corona_Metadata.csv").open(newline="", encoding="utf-8") as fh:
@@ -251,12 +251,12 @@ def demo(
 def _run(work: Path, epochs: int, keep: bool) -> int:
     from PIL import Image
 
-    from export.pipeline import ExportOptions, export_model
-    from training.engine import train
-    from training.presets import experiment_config
-    from training.synth import write_synthetic
     from xrwatch.serve.config import ServeConfig
     from xrwatch.serve.daemon import Daemon
+    from xrwatch_export.pipeline import ExportOptions, export_model
+    from xrwatch_training.engine import train
+    from xrwatch_training.presets import experiment_config
+    from xrwatch_training.synth import write_synthetic
 
     t0 = time.monotonic()
     data = work / "data"

@@ -55,7 +55,7 @@ def load_labelled(data: Path, task: str, split: str | None = None) -> list[Label
         if split:
             out = [s for s, r in zip(out, rows, strict=True) if r.get("source_split") == split]
         return out
-    from training.data import index_dataset  # torch-free: indexing only lists files
+    from xrwatch_training.data import index_dataset  # torch-free: indexing only lists files
 
     index = index_dataset(data, task)
     samples = [s for s in index.samples if split is None or s.source_split == split]

@@ -75,7 +75,7 @@ def export_command(
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     require_extra("train", "torch", "onnx")
-    from export.pipeline import ExportOptions, export_model
+    from xrwatch_export.pipeline import ExportOptions, export_model
 
     result = export_model(
         ExportOptions(

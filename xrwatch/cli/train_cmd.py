@@ -164,8 +164,8 @@ def train_command(
     """
     _logging()
     _require_train()
-    from training.engine import load_run_config, shutdown_distributed, train
-    from training.presets import experiment_config
+    from xrwatch_training.engine import load_run_config, shutdown_distributed, train
+    from xrwatch_training.presets import experiment_config
 
     flags = dict(
         data=data, task=task, split=split, epochs=epochs, image_size=image_size,
@@ -226,8 +226,8 @@ def reproduce_command(
     """
     _logging()
     _require_train()
-    from training.engine import shutdown_distributed
-    from training.reproduce import reproduce
+    from xrwatch_training.engine import shutdown_distributed
+    from xrwatch_training.reproduce import reproduce
 
     flags = dict(
         data=data, epochs=epochs, image_size=image_size, batch_size=batch_size, out=out,
@@ -268,8 +268,8 @@ def dataset_command(
     The dataset's own TRAIN/TEST, and the train/val/test splits training would carve.
     """
     _logging()
-    from training.data import index_dataset
-    from training.splits import make_splits
+    from xrwatch_training.data import index_dataset
+    from xrwatch_training.splits import make_splits
 
     index = index_dataset(data_dir, task, patients=patients)
     own = {
@@ -346,7 +346,7 @@ def synth_command(
     For tests, demos and benchmarks: no real data needed.
     """
     _logging()
-    from training.synth import write_synthetic
+    from xrwatch_training.synth import write_synthetic
 
     try:
         counts = write_synthetic(out_dir, scale=scale, image_size=image_size, seed=seed)
