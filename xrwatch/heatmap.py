@@ -16,14 +16,13 @@ never sees a partial PNG.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from xrwatch.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +107,8 @@ def heatmap_path(root: Path, rel: str) -> Path:
 def write_png_atomic(image: Image.Image, path: Path) -> Path:
     """Write ``image`` as PNG to ``path`` atomically (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, suffix=".png.tmp") as fh:
+        image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return path
 
 

@@ -17,19 +17,19 @@ state dir never send the same SR at the same time; a lease of a dead daemon is v
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xrwatch import fields
+from xrwatch.atomic import immediate_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_received (
@@ -159,16 +159,8 @@ class Outbox:
                 self._all.append(con)
         return con
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        con = self._con()
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._con())
 
     def create(self) -> None:
         self._con().executescript(SCHEMA)

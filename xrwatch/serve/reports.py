@@ -23,11 +23,11 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from xrwatch.atomic import atomic_file
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS, EXPLANATION
 from xrwatch.serve.ledger import Finished, Ledger
@@ -168,19 +168,10 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise NotADirectoryError(
             errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
         ) from exc
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with atomic_file(path) as fh:
         # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
-        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, ensure_ascii=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        fh.write(text.encode("utf-8", errors="backslashreplace"))
 
 
 def _fsync_dir(path: Path) -> None:
