@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_XRAY = ROOT.parent / "shared" / "data" / "xray"
-
-
-def require_shared_data() -> Path:
-    """Return ../shared/data/xray; skip when absent, fail when XRWATCH_REQUIRE_SHARED_DATA=1."""
-    if SHARED_XRAY.is_dir():
-        return SHARED_XRAY
-    reason = f"real X-ray test data not found at {SHARED_XRAY} (see README: Test data)"
-    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(reason + " and XRWATCH_REQUIRE_SHARED_DATA=1")
-    pytest.skip(reason)
+from tests.helpers.tools import require_shared_data
 
 
 @pytest.fixture(scope="session")

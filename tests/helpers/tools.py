@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_XRAY = ROOT.parent / "shared" / "data" / "xray"
 
 
 def require_tool(name: str, package: str) -> str:
@@ -22,4 +26,15 @@ def require_tool(name: str, package: str) -> str:
     )
     if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
         pytest.fail(reason + " (required: XRWATCH_REQUIRE_SHARED_DATA=1)")
+    pytest.skip(reason)
+
+
+def require_shared_data(path: Path = SHARED_XRAY) -> Path:
+    """Return ``path`` (default ../shared/data/xray, or a file or folder in ../shared); skip when
+    absent, fail when XRWATCH_REQUIRE_SHARED_DATA=1."""
+    if path.exists():
+        return path
+    reason = f"shared test data not found at {path} (see README: Test data)"
+    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(reason + " and XRWATCH_REQUIRE_SHARED_DATA=1")
     pytest.skip(reason)

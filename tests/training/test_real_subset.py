@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.tools import require_shared_data
 from xrwatch.filehash import file_sha256
 from xrwatch_training.data import index_dataset
 from xrwatch_training.splits import make_splits
@@ -24,9 +25,7 @@ def _script():
 
 
 def test_subset_counts_and_patient_split(shared_xray: Path) -> None:
-    subset = shared_xray / "coronahack-subset"
-    if not subset.is_dir():
-        pytest.skip("coronahack-subset not present")
+    subset = require_shared_data(shared_xray / "coronahack-subset")
     rs = _script()
     index = index_dataset(subset, "multiclass")
     assert index.counts("TRAIN") == {"Normal": 263, "Bacteria": 190, "Virus": 234, "COVID-19": 55}

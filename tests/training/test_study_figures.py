@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
+from tests.helpers.tools import require_shared_data
 from xrwatch_training.data import index_dataset
 from xrwatch_training.presets import (
     CSV_CLASS_TOTALS,
@@ -36,9 +35,7 @@ def _table(text: str, title: str) -> dict[str, dict[str, float]]:
 
 
 def test_published_figures_are_the_studys_tables() -> None:
-    if not STUDY.is_file():
-        pytest.skip(f"{STUDY} not found")
-    text = STUDY.read_text(encoding="utf-8")
+    text = require_shared_data(STUDY).read_text(encoding="utf-8")
     assert _table(text, "## Table 1") == PUBLISHED
     assert _table(text, "## Table 2") == PUBLISHED_WITH_EXTRA
     flat = " ".join(text.split())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers.tools import require_shared_data
 from xrwatch.cli._app import EXIT_ERROR, EXIT_OK, main
 from xrwatch.cli.evaluate_cmd import load_labelled
 
@@ -71,9 +72,7 @@ def test_split_file_keeps_the_runs_patient_groups(
 
 
 def test_coronahack_layout_with_split_filter(shared_xray: Path) -> None:
-    subset = shared_xray / "coronahack-subset"
-    if not subset.is_dir():
-        pytest.skip("coronahack-subset not present")
+    subset = require_shared_data(shared_xray / "coronahack-subset")
     test_rows = load_labelled(subset, "multiclass", "TEST")
     assert len(test_rows) == 17 and {s.label for s in test_rows} == {"Virus"}
     assert len(load_labelled(subset, "multiclass")) == 759
