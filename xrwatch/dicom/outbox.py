@@ -30,6 +30,7 @@ from typing import Any
 
 from xrwatch import fields
 from xrwatch.atomic import immediate_transaction
+from xrwatch.serve.ledger import owner_gone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_received (
@@ -117,16 +118,6 @@ class DueSend:
     attempts: int
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Outbox:
     """Access to the DICOM tables of the ledger at ``db`` (one connection per thread)."""
 
@@ -208,9 +199,8 @@ class Outbox:
                 for owner in owners:
                     if owner is None or owner == self.owner:
                         continue
-                    parts = str(owner).split(":")
-                    mine = len(parts) >= 2 and parts[0] == host and parts[1].isdigit()
-                    if mine and not _pid_alive(int(parts[1])):
+                    # the same rule as the ledger's claims (pid reuse told apart by start time)
+                    if owner_gone(con, owner, host, LEASE_SECONDS):
                         con.execute(
                             f"UPDATE {table} SET owner=NULL, leased_until=0 WHERE owner=?",
                             (owner,),

@@ -124,6 +124,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def owner_gone(con: sqlite3.Connection, owner: str | None, host: str, lease_seconds: float) -> bool:
+    """Whether the daemon ``owner`` (as registered in the ``daemons`` table) is gone, so that
+    its claims and leases may be taken over. One rule for the ledger and the DICOM outbox."""
+    if owner is None:
+        return True
+    row = con.execute(
+        "SELECT host, pid, heartbeat_at, proc_start FROM daemons WHERE owner=?", (owner,)
+    ).fetchone()
+    if row is None:
+        return True
+    owner_host, pid, heartbeat_at, proc_start = row
+    silent = time.time() - float(heartbeat_at)
+    if owner_host == host:
+        # On this host the process decides: a live daemon busy with a long batch keeps
+        # its claims. A pid now held by another process (ours, after a container
+        # restart) is told apart by its start time; the long silence bound only covers
+        # ledgers written before start times were recorded.
+        if not _pid_alive(int(pid)):
+            return True
+        if proc_start is not None and process_start(int(pid)) not in (None, proc_start):
+            return True
+        return silent > 10 * lease_seconds
+    return bool(silent > lease_seconds)
+
+
 class Ledger:
     """Thread-safe access to the ledger; each thread gets its own connection."""
 
@@ -217,26 +242,7 @@ class Ledger:
             con.execute("DELETE FROM daemons WHERE owner=?", (self.owner,))
 
     def _owner_gone(self, con: sqlite3.Connection, owner: str | None) -> bool:
-        if owner is None:
-            return True
-        row = con.execute(
-            "SELECT host, pid, heartbeat_at, proc_start FROM daemons WHERE owner=?", (owner,)
-        ).fetchone()
-        if row is None:
-            return True
-        host, pid, heartbeat_at, proc_start = row
-        silent = time.time() - float(heartbeat_at)
-        if host == self._host:
-            # On this host the process decides: a live daemon busy with a long batch keeps
-            # its claims. A pid now held by another process (ours, after a container
-            # restart) is told apart by its start time; the long silence bound only covers
-            # ledgers written before start times were recorded.
-            if not _pid_alive(int(pid)):
-                return True
-            if proc_start is not None and process_start(int(pid)) not in (None, proc_start):
-                return True
-            return silent > 10 * self.lease_seconds
-        return bool(silent > self.lease_seconds)
+        return owner_gone(con, owner, self._host, self.lease_seconds)
 
     # -- files -------------------------------------------------------------------------
     def is_finished(self, path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> bool:
