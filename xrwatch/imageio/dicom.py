@@ -14,7 +14,8 @@ only a warning, and ``force=True`` accepts anything, so every step is checked ex
    pixel limit, then decode with pydicom's decoders (pylibjpeg plugins for JPEG, JPEG-LS,
    JPEG 2000) inside the process-wide decode memory budget (:mod:`.budget`); pydicom
    sign-extends signed data and masks bits above BitsStored. A large JPEG 2000 frame is
-   decoded at reduced resolution when the caller needs far fewer pixels (``min_side``);
+   decoded at reduced resolution when the caller needs far fewer pixels (``min_side``),
+   and plain (native) grayscale data is box-averaged in blocks (:mod:`.boxreduce`);
 5. grayscale: modality LUT (rescale or LUT sequence) -> VOI (:mod:`.voi`) -> inversion
    (MONOCHROME1, or Presentation LUT Shape INVERSE); colour (RGB, YBR, palette): ITU-R 601
    luminance over the sample bit depth. Non-finite rescale/window values are an error.
@@ -49,6 +50,7 @@ from xrwatch.errors import (
     TruncatedImageError,
     UnsupportedImageError,
 )
+from xrwatch.imageio.boxreduce import box_factor, box_reduce
 from xrwatch.imageio.budget import DECODE_BUDGET, estimate_decode_bytes
 from xrwatch.imageio.codestream import (
     FrameSize,
@@ -614,7 +616,8 @@ def read_dicom(
 
     ``data``: the file's bytes when the caller already holds them (``path`` then only
     names the file). ``min_side``: the caller needs no more pixels than this on the shorter
-    side, so a large JPEG 2000 frame may be decoded at reduced resolution.
+    side, so a large JPEG 2000 frame may be decoded at reduced resolution, and the stored
+    values of native grayscale data are averaged in blocks before the LUTs.
     """
     ds = _read_dataset(path, data)
     with _capture_library_logs(path):
@@ -693,6 +696,9 @@ def _read_image(path: Path, ds: Any, max_pixels: int, min_side: int | None) -> D
             arr = _decode_j2k_reduced(path, frame, size, reduce)
         elif photometric in ("MONOCHROME1", "MONOCHROME2"):
             arr = _native_view(ds, ts, rows, cols)
+            factor = box_factor(rows, cols, min_side)
+            if arr is not None and factor > 1:
+                arr = box_reduce(arr, factor, bits=stored_bits or None)
         if arr is None:
             arr, decoded_photometric = _decode(path, ds, ts, frame)
         else:
