@@ -31,7 +31,9 @@ from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# Bumped when decoding changes what an input becomes (2: native DICOM read at reduced
+# resolution by block averages), so that no cache made by older code is reused.
+CACHE_VERSION = 2
 
 
 @dataclass
