@@ -55,6 +55,7 @@ from xrwatch.cli.evaluate_cmd import (  # noqa: E402
 from xrwatch.engine import InferenceEngine  # noqa: E402
 from xrwatch.evaluation import BOOTSTRAP_REPLICATES  # noqa: E402
 from xrwatch.filehash import file_sha256  # noqa: E402
+from xrwatch.inputs import expand_inputs  # noqa: E402
 
 logger = logging.getLogger("real_subset")
 
@@ -260,7 +261,7 @@ def summarise(rows: list[dict[str, Any]], out: Path) -> str:
     return text
 
 
-def ship(rows: list[dict[str, Any]], out: Path) -> Path:
+def ship(rows: list[dict[str, Any]], out: Path, real: Path) -> Path:
     """Copy the best-on-validation model that fits into ``xrwatch/models/`` with its card
     (ranked by :mod:`training.ranking`: validation balanced accuracy, then the lower
     validation loss, then the run path)."""
@@ -281,13 +282,60 @@ def ship(rows: list[dict[str, Any]], out: Path) -> Path:
         target = DEFAULT_DIR / "default.onnx"
         shutil.copyfile(r["models"][precision], target)
         card = DEFAULT_DIR / "default.md"
-        card.write_text(model_card(r, precision, file_sha256(target)), encoding="utf-8")
+        text = model_card(r, precision, file_sha256(target), explain_section(target, real))
+        card.write_text(text, encoding="utf-8")
         logger.info("shipped %s (%s) as %s", r["name"], precision, target)
         return target
     raise SystemExit("no model could be shipped")
 
 
-def model_card(r: dict[str, Any], precision: str, sha: str) -> str:
+def guard_rates(model: Path, real: Path) -> list[str]:
+    """The scope guard's two rates on ``model``, measured as ``benchmarks/explain.py`` does:
+    real chest X-rays flagged out_of_scope, and generated/scikit-image non-chest images caught."""
+    from explain import assemble_non_chest, flagged
+
+    engine = InferenceEngine(model, use_gpu=False)
+    real_rows = flagged(engine, expand_inputs([real]))
+    by_class: dict[str, list[bool]] = {}
+    for path, hit, _ in real_rows:
+        by_class.setdefault(path.relative_to(real).parts[0], []).append(hit)
+    with tempfile.TemporaryDirectory() as tmp:
+        assemble_non_chest(Path(tmp))
+        other = flagged(engine, expand_inputs([Path(tmp)]))
+    n_real, n_other = sum(h for _, h, _ in real_rows), sum(h for _, h, _ in other)
+    per_class = ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(by_class.items()))
+    return [
+        "Measured on this file (`python benchmarks/explain.py --model "
+        "xrwatch/models/default.onnx`):",
+        "",
+        f"- real chest X-rays of `../shared/data/xray/real` flagged `out_of_scope`: "
+        f"{n_real}/{len(real_rows)} = {n_real / max(len(real_rows), 1):.1%} (target <= 3 %"
+        f"{'' if n_real <= 0.03 * len(real_rows) else ', **not met**'}; {per_class})."
+        + (
+            " Most are `real/`'s COVID-19 PNGs, contrast-processed and from a hospital the "
+            "training data does not contain: unlike the training images, which is what the "
+            "guard measures."
+            if 2 * sum(by_class.get("COVID-19", [])) > n_real
+            else ""
+        ),
+        f"- non-chest images caught (blank, gradients, noise, screenshots, text pages, "
+        f"scikit-image sample photographs and micrographs): {n_other}/{len(other)} = "
+        f"{n_other / max(len(other), 1):.1%} (target >= 95 %).",
+    ]
+
+
+def explain_section(model: Path, real: Path) -> list[str]:
+    """Heatmap, calibration and scope guard sections of the card, from the model itself."""
+    from xrwatch_export.card import explain_lines
+
+    meta = InferenceEngine(model, use_gpu=False).meta
+    rates = guard_rates(model, real) if meta.guard is not None and real.is_dir() else []
+    return explain_lines(meta, rates)
+
+
+def model_card(
+    r: dict[str, Any], precision: str, sha: str, explain: list[str] | None = None
+) -> str:
     res = r[precision]
     cfg = r["config"]
     lines = [
@@ -329,6 +377,7 @@ def model_card(r: dict[str, Any], precision: str, sha: str) -> str:
     lines += [
         f"int8 top-1 agreement with fp32: {a['all']:.1%} on the images above.",
         "",
+        *(explain or []),
         "## Intended use",
         "",
         "Trying xrwatch end to end on real chest X-rays, and research on reproducing the",
@@ -345,7 +394,9 @@ def model_card(r: dict[str, Any], precision: str, sha: str) -> str:
         "  from another hospital and are contrast-processed: its COVID-19 figures measure",
         "  that shortcut, not COVID-19 detection.",
         "- Bacteria vs Virus is hard even for radiologists; confident outputs are not",
-        "  correct outputs, and there is no out-of-distribution check.",
+        "  correct outputs, even calibrated. The scope guard catches inputs unlike the",
+        "  training images, not every wrong answer on a genuine chest X-ray, and it flags",
+        "  some genuine chest X-rays from hospitals unlike those of the training data.",
         "",
     ]
     return "\n".join(lines)
@@ -402,7 +453,7 @@ def main() -> int:
         })  # fmt: skip
     print(summarise(rows, out))
     if args.ship:
-        print(f"shipped: {ship(rows, out)}")
+        print(f"shipped: {ship(rows, out, Path(args.real))}")
     return 0
 
 

@@ -124,7 +124,7 @@ def render_card(
         "",
         *(f"- {line}" for line in verification),
         "",
-        *_explain_lines(meta),
+        *explain_lines(meta),
         "## Limitations",
         "",
         "- Trained on public research data; performance on other hospitals, devices, ages and",
@@ -147,8 +147,11 @@ def render_card(
     return "\n".join(lines)
 
 
-def _explain_lines(meta: ModelMeta) -> list[str]:
-    """Card sections on heatmaps, calibration and the scope guard (when the model has them)."""
+def explain_lines(meta: ModelMeta, guard_rates: Sequence[str] = ()) -> list[str]:
+    """Card sections on heatmaps, calibration and the scope guard (when the model has them).
+
+    ``guard_rates``: Markdown lines with the guard's measured rates, when the caller measured
+    them (``benchmarks/real_subset.py --ship`` does, for the shipped default model)."""
     lines: list[str] = []
     if meta.cam is not None:
         shape = meta.cam.get("shape", [])
@@ -187,6 +190,19 @@ def _explain_lines(meta: ModelMeta) -> list[str]:
                     f"| {split} | {e.get('n')} | {float(e['before']):.4f} | "
                     f"{float(e['after']):.4f} |"
                 )
+        worse = [
+            split
+            for split, e in (cal.get("ece") or {}).items()
+            if isinstance(e, dict) and float(e["after"]) > float(e["before"])
+        ]
+        if worse:
+            lines += [
+                "",
+                f"On {' and '.join(worse)} the temperature made ECE worse: fitted on "
+                f"{((cal.get('ece') or {}).get('val') or {}).get('n')} validation images, it "
+                "does not carry over there; read these probabilities as rankings more than "
+                "as frequencies.",
+            ]
         lines += [
             "",
             f"Results whose calibrated top probability is below "
@@ -212,10 +228,12 @@ def _explain_lines(meta: ModelMeta) -> list[str]:
             "result `out_of_scope`, and so do DICOM headers naming another modality, body "
             "part or a lateral view. Flagged results keep their probabilities.",
             "",
+        ]
+        lines += list(guard_rates) or [
             "Measured rates on real chest X-rays and non-chest images: see the README "
             "(`benchmarks/explain.py`); they depend on the model.",
-            "",
         ]
+        lines += [""]
     return lines
 
 

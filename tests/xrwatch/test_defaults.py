@@ -104,3 +104,14 @@ def test_shipped_model_matches_its_card() -> None:
     meta = read_model_metadata(shipped)
     text = card.read_text(encoding="utf-8")
     assert meta.arch in text and "Not a medical device" in text
+    # what the heatmap is and is not, the calibration figures and the guard's measured rates
+    if meta.cam is not None:
+        assert "## Heatmaps" in text and "not a segmentation" in text
+    if meta.calibration is not None:
+        assert f"T = {float(meta.calibration['temperature']):.4f}" in text
+        for split, ece in meta.calibration["ece"].items():
+            assert f"| {split} | {ece['n']} | {ece['before']:.4f} | {ece['after']:.4f} |" in text
+    if meta.guard is not None:
+        assert "## Scope guard" in text
+        assert "flagged `out_of_scope`" in text and "non-chest images caught" in text
+        assert "no out-of-distribution check" not in text
