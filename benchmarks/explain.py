@@ -20,6 +20,7 @@ folder that has its splits), it prints
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import statistics
 import sys
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xrwatch.engine import InferenceEngine, expand_inputs  # noqa: E402
-from xrwatch.heatmap import write_heatmap  # noqa: E402
+from xrwatch.heatmap import PNG_COMPRESS_LEVEL, render_overlay, write_heatmap  # noqa: E402
 from xrwatch.preprocess import load_model_input  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "xray"
@@ -135,14 +136,31 @@ def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> N
                 best = int(out.probabilities[0].argmax())
                 write_heatmap(Path(tmp), f"x{i}", a[0, 0], out.cam[0, best], "Normal", 0.5)
 
+        def draw() -> list[Image.Image]:
+            return [
+                render_overlay(a[0, 0], out.cam[0, int(out.probabilities[0].argmax())], "x")
+                for a, out in zip(arrays, outputs, strict=True)
+                if out.cam is not None
+            ]
+
+        drawn = draw()
+
+        def encode() -> None:
+            for image in drawn:
+                image.save(io.BytesIO(), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+
         infer(["probabilities"])  # warm-up
         render()
-        times: dict[str, list[float]] = {"inference": [], "inference+cam": [], "overlay": []}
+        times: dict[str, list[float]] = {
+            "inference": [], "inference+cam": [], "overlay": [], "render": [], "encode": []
+        }  # fmt: skip
         for _ in range(repeats):
             for key, fn in (
                 ("inference", lambda: infer(["probabilities"])),
                 ("inference+cam", lambda: infer(["probabilities", "cam"])),
                 ("overlay", render),
+                ("render", draw),
+                ("encode", encode),
             ):
                 t0 = time.perf_counter()
                 fn()
@@ -156,6 +174,10 @@ def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> N
     print(f"  inference, probabilities only  : {base:8.2f} ms/image")
     print(f"  inference + cam output         : {cam:8.2f} ms/image ({(cam - base) / base:+.1%})")
     print(f"  overlay render + atomic PNG    : {overlay:8.2f} ms/image")
+    drawn_ms, encode_ms = statistics.median(times["render"]), statistics.median(times["encode"])
+    print(f"    of which: drawing {drawn_ms:.2f}, PNG encoding {encode_ms:.2f}, "
+          f"file write + fsync + rename {max(overlay - drawn_ms - encode_ms, 0.0):.2f} "
+          f"(image {drawn[0].width}x{drawn[0].height})" if drawn else "")  # fmt: skip
     print(f"  heatmap total (cam extra, if > 0, + overlay): {total / base:.1%} of inference")
 
 
