@@ -173,7 +173,29 @@ def export_run(run_dir: Path, out: Path, *, force: bool = False) -> dict[str, Pa
                 )
             )
         stamp.write_text(ckpt_sha + "\n")
-    return {"fp32": target, "int8": variant_path(target, "int8")}
+    models = {"fp32": target, "int8": variant_path(target, "int8")}
+    tune_guards(run_dir, models)
+    return models
+
+
+def tune_guards(run_dir: Path, models: dict[str, Path]) -> None:
+    """Exports made before the guard threshold was chosen on each file's own scores get it
+    now (:mod:`export.guardtune`; a no-op for files already tuned)."""
+    from xrwatch.modelmeta import read_model_metadata
+    from xrwatch_export.fitting import load_split, read_split
+    from xrwatch_export.guardtune import tune_guard
+
+    guards = [read_model_metadata(m).guard for m in models.values()]
+    if any(g is None for g in guards) or all(g and g.get("tuned_on") for g in guards):
+        return
+    engine = InferenceEngine(models["fp32"], use_gpu=False)
+    classes = tuple(engine.classes)
+    val, test = (
+        load_split(read_split(run_dir / "splits" / f"{name}.csv", classes), engine.spec)[0]
+        for name in ("val", "test")
+    )
+    for precision, model in models.items():
+        tune_guard(model, val, test, precision=precision)
 
 
 def evaluate_sets(run_dir: Path, models: dict[str, Path], args: argparse.Namespace) -> Any:

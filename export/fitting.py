@@ -9,7 +9,8 @@ reads files:
   reliability diagram into the run folder;
 * guard: mean and Ledoit-Wolf-shrunk inverse covariance of the *training* images' pooled
   last-layer features; the distance threshold is the one at or below which
-  ``guard_pass_rate`` of the *validation* images lie.
+  ``guard_pass_rate`` of the *validation* images lie (chosen here on torch's fp32 features,
+  then again on each exported file's own scores by :mod:`.guardtune`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class Fitted:
     calibration_meta: dict[str, Any]
     guard_meta: dict[str, Any]
     reliability_png: Path | None
+    val_inputs: np.ndarray  # model inputs of the validation split (N x 1 x S x S)
+    test_inputs: np.ndarray | None  # and of the test split, when there is one
 
 
 def read_split(path: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
@@ -185,4 +188,6 @@ def fit_extras(
         calibration_meta=calibration_meta,
         guard_meta=guard_meta,
         reliability_png=png,
+        val_inputs=data["val"][0],
+        test_inputs=data["test"][0] if "test" in data else None,
     )

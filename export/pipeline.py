@@ -35,6 +35,7 @@ from .fitting import (
     find_splits,
     fit_extras,
 )
+from .guardtune import tune_guard
 from .onnx_export import OPSET, build_metadata, export_fp32
 from .quantize import convert_fp16, quantize_int8
 from .sources import Selection, find_best, resolve_source
@@ -215,6 +216,9 @@ def export_model(options: ExportOptions) -> ExportResult:
             staged.append(_int8(options, spec, fp32, inputs, fp32_probs, staging))
         if options.fp16:
             staged.append(_fp16(options, fp32, inputs, fp32_probs, staging))
+        if fitted is not None:  # the threshold on each file's own scores (int8 moves them)
+            for precision, path, _ in staged:
+                tune_guard(path, fitted.val_inputs, fitted.test_inputs, precision=precision)
         for _, path, _ in staged:
             read_model_metadata(path)  # the serving side's own reader must accept it
 
