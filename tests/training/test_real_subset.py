@@ -68,13 +68,18 @@ def test_ship_picks_best_validation_and_a_faithful_small_variant(
 
     rs = _script()
     monkeypatch.setattr(rs, "DEFAULT_DIR", tmp_path / "pkg")
+    seen = []  # the card's heatmap/calibration/guard sections come from the shipped file
+    monkeypatch.setattr(
+        rs, "explain_section", lambda model, real: seen.append((model, real)) or ["## Guard X"]
+    )
     rows = [
         _row("small", 0.50, 5.0, 1.0, tmp_path),  # fits as fp32, but worse on validation
         _row("big", 0.60, 94.0, 0.99, tmp_path),  # too big as fp32: int8, agreement 99 %
     ]
-    shipped = rs.ship(rows, tmp_path)
+    shipped = rs.ship(rows, tmp_path, tmp_path / "real")
     assert shipped.read_bytes() == b"big-int8"
     card = tmp_path / "pkg" / "default.md"
     assert defaults.card_sha256(card) == file_sha256(shipped)
+    assert seen == [(shipped, tmp_path / "real")] and "## Guard X" in card.read_text()
     rows[1]["int8_agreement"]["all"] = 0.97  # below 98 %: not shipped; the next best is
-    assert rs.ship(rows, tmp_path).read_bytes() == b"small-fp32"
+    assert rs.ship(rows, tmp_path, tmp_path / "real").read_bytes() == b"small-fp32"
