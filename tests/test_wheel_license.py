@@ -66,7 +66,11 @@ def test_wheel_builds_without_deprecation_warnings_and_ships_the_license(
     assert "xrwatch_training/engine.py" in names and "xrwatch_export/pipeline.py" in names
     for init in (ROOT / "xrwatch").rglob("__init__.py"):  # every subpackage is listed
         assert init.relative_to(ROOT).as_posix() in names, init
-    assert "xrwatch/models/default.onnx" in names
+    assert "xrwatch/models/default.onnx" in names and "xrwatch/models/default.md" in names
+    samples = ROOT / "xrwatch" / "samples"
+    shipped = sorted(p.relative_to(ROOT).as_posix() for p in samples.rglob("*") if p.is_file())
+    assert len(shipped) >= 9 and set(shipped) <= set(names)  # 8 X-rays + ATTRIBUTION.md
+    assert "would be ignored" not in log, log  # every importable-looking folder is listed
 
 
 def test_a_users_own_training_and_export_packages_do_not_shadow_ours(tmp_path: Path) -> None:
