@@ -52,8 +52,9 @@ def test_box_reduce_does_not_overflow_at_the_top_of_the_range() -> None:
 def test_box_factor_keeps_the_shorter_side_and_needs_a_factor_of_two() -> None:
     assert box_factor(2140, 1760, 336) == 5  # 1760 // 5 = 352 >= 336
     assert box_factor(2140, 1760, None) == 1
-    assert box_factor(600, 500, 336) == 1  # 500 < 2 x 336: not worth it
-    assert box_factor(1000, 672, 336) == 2
+    assert box_factor(2000, 1300, 700) == 1  # 1300 < 2 x 700: not worth it
+    assert box_factor(3000, 1400, 700) == 2
+    assert box_factor(1024, 1024, 336) == 1  # 1 MP: the extra pass costs what it saves
 
 
 def _cr(rows: int, cols: int) -> np.ndarray:
@@ -67,7 +68,7 @@ def _cr(rows: int, cols: int) -> np.ndarray:
 def test_native_dicom_is_read_at_reduced_resolution_for_a_small_model(
     tmp_path: Path, photometric: str
 ) -> None:
-    rows, cols = 1403, 1111
+    rows, cols = 2003, 1111  # 2.2 MP: large enough to be reduced
     stored = _cr(rows, cols)
     path = write_dicom(
         tmp_path / "cr.dcm",
@@ -97,7 +98,7 @@ def test_native_dicom_is_read_at_reduced_resolution_for_a_small_model(
 
 
 def test_bits_above_bits_stored_are_masked_before_averaging(tmp_path: Path) -> None:
-    stored = _cr(700, 700)
+    stored = _cr(1500, 1500)
     path = write_dicom(tmp_path / "a.dcm", pixels=stored, bits_stored=12, window=(2100, 3000))
     noisy = stored | np.uint16(0xF000)  # an overlay in the unused high bits
     dirty = write_dicom(tmp_path / "b.dcm", pixels=noisy, bits_stored=12, window=(2100, 3000))
@@ -106,7 +107,8 @@ def test_bits_above_bits_stored_are_masked_before_averaging(tmp_path: Path) -> N
 
 
 def test_small_images_and_no_min_side_are_read_in_full(tmp_path: Path) -> None:
-    path = write_dicom(tmp_path / "s.dcm", pixels=_cr(500, 400), bits_stored=12)
-    assert read_image(path, min_side=336).pixels.shape == (500, 400)
-    big = write_dicom(tmp_path / "b.dcm", pixels=_cr(800, 700), bits_stored=12)
-    assert read_image(big).pixels.shape == (800, 700)
+    path = write_dicom(tmp_path / "s.dcm", pixels=_cr(1024, 1024), bits_stored=12)
+    assert read_image(path, min_side=336).pixels.shape == (1024, 1024)
+    big = write_dicom(tmp_path / "b.dcm", pixels=_cr(1500, 1400), bits_stored=12)
+    assert read_image(big).pixels.shape == (1500, 1400)
+    assert read_image(big, min_side=336).pixels.shape == (1500 // 4, 1400 // 4)

@@ -18,11 +18,15 @@ import numpy as np
 
 # Reduce only when at least this factor is possible (as JPEG draft mode and J2K reduce).
 BOX_MIN_FACTOR = 2
+# ... and only for images this large: the block sums are one more pass over the stored
+# values, which on a 1 MP 8-bit image costs as much as the LUT pass it saves
+# (benchmarks/decode.py: the 1024 x 1024 NIH DX read slower with the reduction).
+BOX_MIN_PIXELS = 2_000_000
 
 
 def box_factor(rows: int, cols: int, min_side: int | None) -> int:
     """The largest integer factor keeping the shorter side >= ``min_side``; 1 = no reduction."""
-    if min_side is None or min_side <= 0:
+    if min_side is None or min_side <= 0 or rows * cols < BOX_MIN_PIXELS:
         return 1
     factor = min(rows, cols) // min_side
     return factor if factor >= BOX_MIN_FACTOR else 1
