@@ -36,7 +36,9 @@ def _checkable_copy(tmp_path: Path) -> Path:
     text = UNIT.read_text(encoding="utf-8")
     assert f"ExecStart={INSTALLED_BINARY} " in text
     copy = tmp_path / UNIT.name
-    copy.write_text(text.replace(INSTALLED_BINARY, sys.executable), encoding="utf-8")
+    # quoted: the checkout may live in a folder whose name has spaces (systemd splits on them)
+    quoted = '"' + sys.executable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    copy.write_text(text.replace(INSTALLED_BINARY, quoted), encoding="utf-8")
     return copy
 
 
