@@ -116,14 +116,30 @@ def train_run(arch: str, size: int, args: argparse.Namespace) -> Path:
                 raise ConfigError(f"{run_dir}: --no-train, but no epoch has finished yet")
             logger.warning("%s: unfinished run used as it is (--no-train)", name)
             return run_dir
+        earlier = _epoch_seconds(run_dir)  # the sittings before this one
         start = time.time()
         train(load_run_config(run_dir, {"progress": False}), resume=run_dir)
     else:
+        earlier = 0.0
         start = time.time()
         train(cfg)
-    wall = {"seconds": time.time() - start, "device": args.device, "processor": processor()}
+    wall = {"seconds": earlier + time.time() - start, "device": args.device,
+            "processor": processor()}  # fmt: skip
+    if earlier:
+        wall["resumed_after_seconds"] = earlier
     (run_dir / "wall_time.json").write_text(json.dumps(wall, indent=2) + "\n", encoding="utf-8")
     return run_dir
+
+
+def _epoch_seconds(run_dir: Path) -> float:
+    """Seconds of the epochs already in ``metrics.csv`` (what a resumed run did before)."""
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return 0.0
+    with path.open(newline="", encoding="utf-8") as fh:
+        return sum(float(row.get("epoch_seconds") or 0.0) for row in csv.DictReader(fh))
 
 
 def wall_time(run_dir: Path) -> dict[str, Any]:

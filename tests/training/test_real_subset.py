@@ -83,3 +83,12 @@ def test_ship_picks_best_validation_and_a_faithful_small_variant(
     assert seen == [(shipped, tmp_path / "real")] and "## Guard X" in card.read_text()
     rows[1]["int8_agreement"]["all"] = 0.97  # below 98 %: not shipped; the next best is
     assert rs.ship(rows, tmp_path, tmp_path / "real").read_bytes() == b"small-fp32"
+
+
+def test_a_resumed_runs_wall_time_counts_the_epochs_before_it(tmp_path: Path) -> None:
+    rs = _script()
+    assert rs._epoch_seconds(tmp_path) == 0.0  # a new run: nothing before
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,val_loss,epoch_seconds\n1,0.9,92.5\n2,0.8,117.5\n", encoding="utf-8"
+    )
+    assert rs._epoch_seconds(tmp_path) == pytest.approx(210.0)
