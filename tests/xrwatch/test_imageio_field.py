@@ -379,33 +379,40 @@ def test_budget_lets_one_oversized_request_run_alone() -> None:
     assert budget.in_use_bytes == 0
 
 
-def test_concurrent_decodes_are_bounded_by_the_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = write_dicom(tmp_path / "a.dcm", pixels=gradient(64, 64))
-    monkeypatch.setattr(dicom_reader, "DECODE_BUDGET", DecodeBudget(1))  # room for one at a time
+def _most_at_once(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, path: Path) -> int:
+    """How many of 4 concurrent ``read_image(path)`` were inside ``module.name`` at once
+    (slowed down so that overlaps would show)."""
     running, most = [0], [0]
     lock = threading.Lock()
-    real_grayscale = dicom_reader._grayscale  # runs inside the reservation, as decoding does
+    real = getattr(module, name)
 
-    def slow_grayscale(*args: Any) -> Any:
+    def slow(*args: Any) -> Any:
         with lock:
             running[0] += 1
             most[0] = max(most[0], running[0])
         time.sleep(0.02)
         try:
-            return real_grayscale(*args)
+            return real(*args)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(dicom_reader, "_grayscale", slow_grayscale)
+    monkeypatch.setattr(module, name, slow)
     threads = [threading.Thread(target=read_image, args=(path,)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert most[0] == 1
+    return most[0]
+
+
+def test_concurrent_decodes_are_bounded_by_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_dicom(tmp_path / "a.dcm", pixels=gradient(64, 64))
+    monkeypatch.setattr(dicom_reader, "DECODE_BUDGET", DecodeBudget(1))  # room for one at a time
+    # _grayscale runs inside the reservation, as decoding does
+    assert _most_at_once(monkeypatch, dicom_reader, "_grayscale", path) == 1
 
 
 def test_service_unit_sets_memory_max() -> None:
@@ -457,25 +464,4 @@ def test_concurrent_png_decodes_share_the_budget(
     path = tmp_path / "a.png"
     Image.fromarray((gradient(64, 64, hi=255)).astype(np.uint8)).save(path)
     monkeypatch.setattr(raster, "DECODE_BUDGET", DecodeBudget(1))
-    running, most = [0], [0]
-    lock = threading.Lock()
-    real = raster._to_unit_float
-
-    def slow(*args: Any) -> Any:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.02)
-        try:
-            return real(*args)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(raster, "_to_unit_float", slow)
-    threads = [threading.Thread(target=read_image, args=(path,)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert most[0] == 1
+    assert _most_at_once(monkeypatch, raster, "_to_unit_float", path) == 1
