@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))  # serve_
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # dicom_tools
 
 from dicom_tools import LOOPBACK, free_port
-from serve_harness import DaemonProc
+from serve_harness import daemons, folders  # noqa: F401  (fixtures, registered by import)
 
 from tests.helpers.tools import require_tool
 
@@ -123,25 +123,3 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
 @pytest.fixture
 def orthanc(orthanc_factory: Callable[..., Orthanc]) -> Orthanc:
     return orthanc_factory()
-
-
-@pytest.fixture
-def folders(tmp_path: Path) -> tuple[Path, Path]:
-    incoming, reports = tmp_path / "incoming", tmp_path / "reports"
-    incoming.mkdir()
-    return incoming, reports
-
-
-@pytest.fixture
-def daemons(tiny_onnx_model: Path) -> Iterator[Callable[..., DaemonProc]]:
-    """Factory for ``xrwatch serve`` subprocesses bound to the tiny model."""
-    made: list[DaemonProc] = []
-
-    def factory(incoming: Path, reports: Path, *extra: str, **kw: Any) -> DaemonProc:
-        d = DaemonProc(incoming, reports, tiny_onnx_model, *extra, **kw)
-        made.append(d)
-        return d
-
-    yield factory
-    for d in made:
-        d.cleanup()

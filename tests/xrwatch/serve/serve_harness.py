@@ -17,11 +17,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -218,3 +219,27 @@ def run_once(
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+# The fixtures both the serve and the DICOM tests use; each conftest imports them.
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path]:
+    """``(incoming, reports)`` under tmp_path; incoming exists, reports is left to serve."""
+    incoming, reports = tmp_path / "incoming", tmp_path / "reports"
+    incoming.mkdir()
+    return incoming, reports
+
+
+@pytest.fixture
+def daemons(tiny_onnx_model: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """Factory for :class:`DaemonProc` bound to the tiny model; kills leftovers at the end."""
+    made: list[DaemonProc] = []
+
+    def factory(incoming: Path, reports: Path, *extra: str, **kw: Any) -> DaemonProc:
+        d = DaemonProc(incoming, reports, tiny_onnx_model, *extra, **kw)
+        made.append(d)
+        return d
+
+    yield factory
+    for d in made:
+        d.cleanup()
