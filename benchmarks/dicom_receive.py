@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,32 +34,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from serve import Daemon, build_model, count_json  # noqa: E402
 
+from tests.helpers.net import free_port, storescu_option  # noqa: E402
+from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
+
 SHARED = ROOT.parent / "shared" / "data" / "xray" / "dicom"
-STORESCU_OPTION = {  # storescu proposes uncompressed syntaxes unless told
-    "1.2.840.10008.1.2.4.50": "-xy",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.57": "-xs",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
-    "1.2.840.10008.1.2.5": "-xr",
-}
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_instances(n: int, out: Path) -> dict[str, list[Path]]:
@@ -82,7 +59,7 @@ def make_instances(n: int, out: Path) -> dict[str, list[Path]]:
             ts = ""
         path = out / f"i{i:05d}.dcm"
         ds.save_as(path)
-        groups[STORESCU_OPTION.get(ts, "-x=")].append(path)
+        groups[storescu_option(ts)].append(path)
     return groups
 
 
@@ -172,7 +149,8 @@ def main() -> int:
         files = [p for g in groups.values() for p in g]
         total_mib = sum(p.stat().st_size for p in files) / 2**20
         syntaxes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(groups.items()))
-        print(f"CPU: {cpu_model()} ({os.cpu_count()} CPUs); model {model.name} "
+        print(describe_machine())
+        print(f"model {model.name} "
               f"({args.arch}, {args.size}px); {len(files)} instances, {total_mib:.1f} MiB; "
               f"storescu groups {syntaxes}")  # fmt: skip
         common = ["--batch-size", "8", "--workers", "2"]

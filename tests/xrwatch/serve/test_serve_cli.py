@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from serve_harness import ROOT, assert_csv_intact, csv_rows, make_png, run_once, wait_for
 
+from tests.helpers.net import free_port
 from xrwatch.errors import ConfigError
 from xrwatch.serve.config import ServeConfig, field_names, load_serve_config
 from xrwatch.serve.daemon import Daemon
@@ -154,15 +154,9 @@ def test_status_reports_counts_and_last_errors(folders, tiny_onnx_model: Path) -
     assert r.returncode == 2 and "no ledger" in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_metrics_healthz_and_sd_notify(folders, daemons) -> None:
     incoming, reports = folders
-    port = _free_port()
+    port = free_port()
     d = daemons(incoming, reports, "--metrics-port", str(port))
     d.start(env={"WATCHDOG_USEC": "400000"})  # as systemd sets it for WatchdogSec=0.4
     make_png(incoming / "a.png", seed=1)

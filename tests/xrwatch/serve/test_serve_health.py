@@ -22,15 +22,10 @@ import numpy as np
 import pytest
 from serve_harness import ROOT, csv_rows, make_png, run_once, wait_for
 
+from tests.helpers.net import free_port
 from xrwatch.serve import metrics as metrics_module
 from xrwatch.serve.config import ServeConfig
 from xrwatch.serve.daemon import Daemon, load_engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -59,7 +54,7 @@ def _status(state: Path) -> dict[str, Any]:
 
 def test_healthz_503_while_results_cannot_be_written_and_held_rows_show(folders, daemons) -> None:
     incoming, reports = folders
-    port = _free_port()
+    port = free_port()
     d = daemons(incoming, reports, "--metrics-port", str(port)).start()
     make_png(incoming / "a.png", seed=1)
     wait_for(lambda: len(csv_rows(reports)) == 1, 60, "one row")
