@@ -123,6 +123,11 @@ def apply_modality_lut(pixels: np.ndarray, ds: Any) -> np.ndarray:
         return _lut_lookup(pixels, lut, first)
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return _rescale(pixels, slope, intercept)
+
+
+def _rescale(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """``pixels * slope + intercept`` in float64 (steps that change nothing are skipped)."""
     values = np.asarray(pixels, dtype=np.float64)
     if slope != 1.0:
         values = values * slope
@@ -259,12 +264,7 @@ def grayscale_to_unit(
     def to_modality(x: np.ndarray) -> np.ndarray:
         if lut_entries is not None:
             return _lut_lookup(x, *lut_entries)
-        values = np.asarray(x, dtype=np.float64)
-        if slope != 1.0:
-            values = values * slope
-        if intercept != 0.0:
-            values = values + intercept
-        return values
+        return _rescale(x, slope, intercept)
 
     affine = _affine(stored, window, voi_lut, lut_entries, slope, intercept, to_modality, label)
     if affine is not None:
