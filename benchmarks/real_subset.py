@@ -364,9 +364,10 @@ def guard_rates(model: Path, real: Path) -> list[str]:
 
 def explain_section(model: Path, real: Path) -> list[str]:
     """Heatmap, calibration and scope guard sections of the card, from the model itself."""
+    from xrwatch.modelmeta import read_model_metadata
     from xrwatch_export.card import explain_lines
 
-    meta = InferenceEngine(model, use_gpu=False).meta
+    meta = read_model_metadata(model)
     rates = guard_rates(model, real) if meta.guard is not None and real.is_dir() else []
     return explain_lines(meta, rates)
 

@@ -45,11 +45,6 @@ def _guard_outputs(path: Path, arrays: np.ndarray, level: str) -> tuple[np.ndarr
     return np.concatenate(scores).astype(np.float64), np.concatenate(contrast).astype(np.float64)
 
 
-def _pass_rate(path: Path, arrays: np.ndarray, level: str, min_contrast: float) -> float:
-    scores, contrast = _guard_outputs(path, arrays, level)
-    return float(((scores <= 1.0) & (contrast >= min_contrast)).mean())
-
-
 def tune_guard(
     path: Path,
     val: np.ndarray,
@@ -81,26 +76,26 @@ def tune_guard(
         raise ExportVerificationError(f"{path}: the guard's {THRESHOLD_INITIALIZER} is missing")
     stored = numpy_helper.to_array(init)  # fp16 in an fp16 variant: keep its type and shape
     old = float(stored.reshape(-1)[0])
-    scores, _ = _guard_outputs(path, val, level)
-    factor = pass_threshold(scores, rate)  # scores are distance / old: rescale by this
-    new = old * factor
-    value = np.full(stored.shape, new, dtype=stored.dtype)
+    val_scores, val_contrast = _guard_outputs(path, val, level)
+    factor = pass_threshold(val_scores, rate)  # scores are distance / old: rescale by this
+    value = np.full(stored.shape, old * factor, dtype=stored.dtype)
+    new = float(value.reshape(-1)[0])
     init.CopyFrom(numpy_helper.from_array(value, init.name))
+
+    def pass_rate(scores: np.ndarray, contrast: np.ndarray) -> float:
+        """The file's pass rate once the threshold is ``new``: its scores scale by old/new."""
+        return float(((scores * (old / new) <= 1.0) & (contrast >= min_contrast)).mean())
+
     guard.update(
         {
             "fp32_raw_threshold": guard.get("fp32_raw_threshold", guard.get("raw_threshold")),
-            "raw_threshold": float(value.reshape(-1)[0]),
+            "raw_threshold": new,
             "tuned_on": f"{precision} onnx, validation split",
+            "val_pass_rate": pass_rate(val_scores, val_contrast),
         }
     )
-    for prop in model.metadata_props:
-        if prop.key == mm.KEY_GUARD:
-            prop.value = json.dumps(guard, sort_keys=True)
-    onnx.save(model, str(path))
-    guard["val_pass_rate"] = _pass_rate(path, val, level, min_contrast)
     if test is not None and len(test):
-        guard["test_pass_rate"] = _pass_rate(path, test, level, min_contrast)
-    model = onnx.load(str(path))
+        guard["test_pass_rate"] = pass_rate(*_guard_outputs(path, test, level))
     for prop in model.metadata_props:
         if prop.key == mm.KEY_GUARD:
             prop.value = json.dumps(guard, sort_keys=True)
