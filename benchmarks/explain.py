@@ -20,6 +20,7 @@ folder that has its splits), it prints
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import platform
 import statistics
@@ -197,6 +198,11 @@ def main() -> int:
     ap.add_argument("--timing-images", type=int, default=16)
     ap.add_argument("--no-timing", action="store_true", help="skip the heatmap timing")
     ap.add_argument("--no-rates", action="store_true", help="skip the guard rates")
+    ap.add_argument(
+        "--splits",
+        type=Path,
+        help="a run's splits/ folder: also print this file's guard pass rate on its val/test",
+    )
     args = ap.parse_args()
 
     engine = InferenceEngine(args.model, use_gpu=False, intra_op_threads=args.threads)
@@ -209,6 +215,16 @@ def main() -> int:
         return 2
     guard = engine.meta.guard or {}
     print(f"model {args.model.name}: {engine.meta.arch}, {engine.spec.size} px, guard {guard}")
+
+    if args.splits is not None:
+        for split in ("val", "test"):
+            with (args.splits / f"{split}.csv").open(newline="", encoding="utf-8") as fh:
+                files = [Path(row["path"]) for row in csv.DictReader(fh)]
+            hits = flagged(engine, files)
+            passed = sum(not hit for _, hit, _ in hits)
+            target = guard.get("target_pass_rate")
+            print(f"{split} split passing the guard on this file: {passed}/{len(hits)} = "
+                  f"{passed / max(len(hits), 1):.1%} (target {target})")  # fmt: skip
 
     real = expand_inputs([args.real])
     rows = flagged(engine, real, "real")
