@@ -44,16 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 
 
 def png(seed: int, size: int = 24) -> bytes:
@@ -225,9 +216,10 @@ def main() -> int:
             "--stable-seconds", "0.5", "--max-wait", "0.1", "--rescan-interval", "5",
             *(["--poll", "--poll-interval", "0.5"] if args.poll else []),
         ]  # fmt: skip
-        print(f"CPU: {cpu_model()} ({os.cpu_count()} logical); Python {platform.python_version()}; "
-              f"model {model.name}; WatchdogSec={args.watchdog_sec:g} (emulated), ledger "
-              f"heartbeat every {HEARTBEAT_SECONDS:g} s; batch {args.batch_size}, "
+        print(describe_machine())
+        print(f"Python {platform.python_version()}; model {model.name}; "
+              f"WatchdogSec={args.watchdog_sec:g} (emulated), ledger heartbeat every "
+              f"{HEARTBEAT_SECONDS:g} s; batch {args.batch_size}, "
               f"{args.workers} workers{', --poll' if args.poll else ''}")  # fmt: skip
         all_ok = True
 
