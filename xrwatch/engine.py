@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from xrwatch.modelmeta import (
     ort_optimization_level,
 )
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+
+if TYPE_CHECKING:
+    from xrwatch.heatmap import HeatmapJob
 
 logger = logging.getLogger(__name__)
 
@@ -475,42 +478,56 @@ class InferenceEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         results: list[Prediction | None] = []
         pending: list[tuple[int, Path, np.ndarray, Any, str]] = []
+        writer = None
+        if heatmaps is not None and self.has_cam:
+            from xrwatch.heatmap import HeatmapWriter
+
+            writer = HeatmapWriter()  # the batch's overlays in parallel
 
         def flush() -> None:
             if not pending:
                 return
             out = self.predict_outputs(np.stack([item[2] for item in pending]))
-            for i, (index, path, pixels, meta, sha) in enumerate(pending):
-                row = out.probabilities[i]
-                heatmap = None
-                if heatmaps is not None and out.cam is not None:
-                    heatmap = self._write_heatmap(heatmaps, path, root, pixels, row, out.cam[i])
+            written: list[Path | None] = [None] * len(pending)
+            if writer is not None and heatmaps is not None and out.cam is not None:
+                jobs = [
+                    self._heatmap_job(
+                        heatmaps, path, root, pixels, out.probabilities[i], out.cam[i]
+                    )
+                    for i, (_, path, pixels, _, _) in enumerate(pending)
+                ]
+                written = writer.write_many(jobs)  # in parallel; each None where it failed
+            for i, (index, path, _, meta, sha) in enumerate(pending):
                 results[index] = self.prediction(
                     path,
-                    row,
+                    out.probabilities[i],
                     sha256=sha,
                     meta=meta,
                     ood_score=_item(out.ood_score, i),
                     contrast=_item(out.contrast, i),
-                    heatmap=heatmap,
+                    heatmap=None if written[i] is None else str(written[i]),
                 )
             pending.clear()
 
-        for raw in paths:
-            path = Path(raw)
-            loaded = self._load(path)
-            if isinstance(loaded, Prediction):
-                logger.warning("cannot classify %s: %s", path, loaded.error)
-                results.append(loaded)
-                continue
-            results.append(None)  # filled in by flush()
-            pending.append((len(results) - 1, path, *loaded))
-            if len(pending) >= batch_size:
-                flush()
-        flush()
+        try:
+            for raw in paths:
+                path = Path(raw)
+                loaded = self._load(path)
+                if isinstance(loaded, Prediction):
+                    logger.warning("cannot classify %s: %s", path, loaded.error)
+                    results.append(loaded)
+                    continue
+                results.append(None)  # filled in by flush()
+                pending.append((len(results) - 1, path, *loaded))
+                if len(pending) >= batch_size:
+                    flush()
+            flush()
+        finally:
+            if writer is not None:
+                writer.close()
         return [r for r in results if r is not None]
 
-    def _write_heatmap(
+    def _heatmap_job(
         self,
         folder: Path,
         path: Path,
@@ -518,8 +535,9 @@ class InferenceEngine:
         pixels: np.ndarray,
         row: np.ndarray,
         cam: np.ndarray,
-    ) -> str | None:
-        from xrwatch.heatmap import write_heatmap
+    ) -> HeatmapJob:
+        """The overlay of one ok file, to ``folder/<path relative to root>.png``."""
+        from xrwatch.heatmap import HeatmapJob
 
         rel = path.name
         if root is not None:
@@ -528,14 +546,15 @@ class InferenceEngine:
             except ValueError:
                 pass
         best = int(np.argmax(row))
-        try:
-            written = write_heatmap(
-                folder, rel, pixels, cam[best], self.classes[best], float(row[best])
-            )
-        except OSError as exc:
-            logger.error("%s: cannot write its heatmap: %s", path, exc)
-            return None
-        return str(written)
+        return HeatmapJob(
+            root=folder,
+            rel=rel,
+            pixels=pixels,
+            cam=cam[best],
+            label=self.classes[best],
+            confidence=float(row[best]),
+            source=str(path),
+        )
 
     def describe(self) -> dict[str, Any]:
         """Model and provider facts, for logs, reports and health endpoints."""

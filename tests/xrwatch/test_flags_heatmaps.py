@@ -10,7 +10,9 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,11 +126,10 @@ def test_heatmap_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     write_png_atomic(Image.new("RGB", (8, 8), (1, 2, 3)), target)
     before = target.read_bytes()
 
-    def torn_save(self: Image.Image, fp: io.BufferedWriter, *a: object, **k: object) -> None:
-        fp.write(b"\x89PNG partial")
+    def full_disk(fd: int) -> None:  # the new bytes are in the temp file, not on the disk
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", torn_save)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError, match="disk full"):
         write_png_atomic(Image.new("RGB", (8, 8)), target)
     assert target.read_bytes() == before  # the old file intact, never a partial one
@@ -197,3 +198,31 @@ def test_daemon_heatmaps_switch_off(fitted_run: Path, inputs: Path, tmp_path: Pa
     Daemon(cfg).run()
     assert (reports / "predictions.csv").is_file()
     assert not (reports / "heatmaps").exists()
+
+
+def test_daemon_heatmap_that_cannot_be_written_leaves_the_result(
+    fitted_run: Path, inputs: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+
+    reports = tmp_path / "reports"
+    (reports / "heatmaps" / "photo.png.png").mkdir(parents=True)  # the rename onto it fails
+    before = set(threading.enumerate())
+    daemon = Daemon(
+        ServeConfig(
+            incoming=inputs, model=fitted_run / "model.onnx", reports=reports, once=True,
+            stable_seconds=0.1, provider="cpu",
+        )
+    )  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="xrwatch.heatmap"):
+        assert daemon.run() == 1  # bad.png failed; photo.png is ok without its heatmap
+    photo = json.loads((reports / "json" / "photo.png.json").read_text(encoding="utf-8"))
+    assert photo["status"] == "ok" and photo["label"] and photo["heatmap"] is None
+    blank = json.loads((reports / "json" / "blank.png.json").read_text(encoding="utf-8"))
+    assert blank["heatmap"] == "heatmaps/blank.png.png" and (reports / blank["heatmap"]).is_file()
+    (line,) = [r.getMessage() for r in caplog.records if "cannot write its heatmap" in r.message]
+    assert line.startswith("photo.png: ") and str(reports / "heatmaps" / "photo.png.png") in line
+    assert not list((reports / "heatmaps").rglob(".*"))  # no temp files left behind
+    leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not [name for name in leaked if name.startswith("xrwatch-heatmap")], leaked

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -65,6 +65,9 @@ from xrwatch.serve.reports import ReportWriter
 from xrwatch.serve.safefs import FileId, InputTooLarge, open_dir, open_file, read_fd
 from xrwatch.serve.stability import Candidate, StabilityTracker, signature
 from xrwatch.serve.watcher import MAX_DEPTH, FolderWatcher, depth
+
+if TYPE_CHECKING:
+    from xrwatch.heatmap import HeatmapJob, HeatmapWriter
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +245,12 @@ class Daemon:
         # transaction that records outcomes.
         self.services: list[Service] = []
         self.finish_hooks: list[FinishHook] = []
+        # a batch's heatmaps are written in parallel; its threads start with the first batch
+        self._heatmaps: HeatmapWriter | None = None
+        if config.heatmaps:
+            from xrwatch.heatmap import HeatmapWriter
+
+            self._heatmaps = HeatmapWriter()
 
     # -- start-up ----------------------------------------------------------------------
     def _check_paths(self) -> None:
@@ -599,8 +608,8 @@ class Daemon:
             record["probabilities"] = {c: float(p) for c, p in zip(self.classes, row, strict=True)}
         return record
 
-    def _explain(self, record: dict[str, Any], work: Work, out: Any, i: int) -> None:
-        """Add the flag and, when enabled, write the heatmap of one ok result."""
+    def _explain(self, record: dict[str, Any], work: Work, out: Any, i: int) -> HeatmapJob | None:
+        """Add the flag of one ok result; return its heatmap to write, when enabled."""
         flag = getattr(self.engine, "flag", None)
         ood = getattr(out, "ood_score", None)
         contrast = getattr(out, "contrast", None)
@@ -614,24 +623,29 @@ class Daemon:
             )
             record["flag_reason"] = reason or None
         cam = getattr(out, "cam", None)
-        if not self.config.heatmaps or cam is None or work.array is None:
-            return
-        from xrwatch.heatmap import write_heatmap
+        if self._heatmaps is None or cam is None or work.array is None:
+            return None
+        from xrwatch.heatmap import HeatmapJob
 
         best = self.classes.index(record["label"])
-        try:
-            path = write_heatmap(
-                self.config.reports / HEATMAPS_DIR,
-                work.rel,
-                np.asarray(work.array).reshape(self.spec.size, self.spec.size),
-                cam[i][best],
-                record["label"],
-                record["confidence"],
-            )
-        except OSError as exc:  # the result stands without its picture
-            logger.error("%s: cannot write its heatmap: %s", work.rel, exc)
+        return HeatmapJob(
+            root=self.config.reports / HEATMAPS_DIR,
+            rel=work.rel,
+            pixels=np.asarray(work.array).reshape(self.spec.size, self.spec.size),
+            cam=cam[i][best],
+            label=record["label"],
+            confidence=record["confidence"],
+        )
+
+    def _write_heatmaps(self, jobs: list[tuple[dict[str, Any], HeatmapJob]]) -> None:
+        """Write a batch's heatmaps (in parallel) and name each written one in its record;
+        a heatmap that cannot be written is logged and its record keeps ``None``."""
+        if not jobs or self._heatmaps is None:
             return
-        record["heatmap"] = path.relative_to(self.config.reports).as_posix()
+        paths = self._heatmaps.write_many([job for _, job in jobs])
+        for (record, _), path in zip(jobs, paths, strict=True):
+            if path is not None:
+                record["heatmap"] = path.relative_to(self.config.reports).as_posix()
 
     # -- batches -----------------------------------------------------------------------
     def _infer(self, inputs: list[Work]) -> Any:
@@ -667,10 +681,14 @@ class Daemon:
         outcomes: list[tuple[int, str, dict[str, Any]]] = []
         if inputs:
             out = self._infer(inputs)
+            heatmaps: list[tuple[dict[str, Any], HeatmapJob]] = []
             for i, w in enumerate(inputs):
                 record = self._record(w, out.probabilities[i])
-                self._explain(record, w, out, i)
+                job = self._explain(record, w, out, i)
+                if job is not None:
+                    heatmaps.append((record, job))
                 outcomes.append((w.row_id, "ok", record))
+            self._write_heatmaps(heatmaps)  # all written (or failed) before the ledger
         for w in batch:
             if w.kind == "error":
                 logger.warning("%s: error: %s", w.rel, w.error)
@@ -954,6 +972,8 @@ class Daemon:
                 self._drain()
             finally:
                 pool.shutdown(wait=True)
+                if self._heatmaps is not None:
+                    self._heatmaps.close()
                 self.watcher.stop()
                 if self.server is not None:
                     self.server.stop()
