@@ -216,14 +216,31 @@ def explain_lines(meta: ModelMeta, guard_rates: Sequence[str] = ()) -> list[str]
         lines += [
             "## Scope guard (out_of_scope)",
             "",
-            f"Output `ood_score`: Mahalanobis distance of the pooled `{guard.get('layer')}` "
-            f"features ({guard.get('features')} values) to those of the "
+            f"Feature score (output `feature_score`): Mahalanobis distance of the pooled "
+            f"`{guard.get('layer')}` features ({guard.get('features')} values) to those of the "
             f"{guard.get('n_train')} training images (Ledoit-Wolf covariance, constants in "
             "the graph), divided by the threshold at which "
             f"{float(guard.get('target_pass_rate', 0)):.0%} of the {guard.get('n_val')} "
-            f"validation images pass (measured: {float(guard.get('val_pass_rate', 0)):.1%}"
+            "validation images pass.",
+        ]
+        layout = guard.get("layout")
+        if isinstance(layout, dict):
+            lines += [
+                f"Output `layout_score`: the image's coarse layout - its {layout.get('grid')} x "
+                f"{layout.get('grid')} block means, standardised - against the training images'"
+                f": its distance under a probabilistic PCA of them ({layout.get('components')} "
+                "principal components, isotropic noise for the rest), divided by its own "
+                "threshold chosen the same way. "
+                "`ood_score` is the smaller of the two: a result is out of scope only when "
+                "both its features and its layout are unlike the training chest X-rays (a "
+                "chest X-ray from another hospital moves the features but keeps the layout).",
+            ]
+        else:
+            lines += ["This model has no layout check: its `ood_score` is the feature score."]
+        lines += [
+            f"Validation images passing: {float(guard.get('val_pass_rate', 0)):.1%}"
             + (f"; test split {float(test):.1%}" if isinstance(test, (int, float)) else "")
-            + "). Output `contrast`: the input's standard deviation; below "
+            + ". Output `contrast`: the input's standard deviation; below "
             f"{guard.get('min_contrast')} the image is blank or constant. Either makes a "
             "result `out_of_scope`, and so do DICOM headers naming another modality, body "
             "part or a lateral view. Flagged results keep their probabilities.",

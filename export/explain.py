@@ -9,10 +9,20 @@
 * ``cam`` (N x C x h x w) = ``Σ_k W[c, k] F[k]``: class activation mapping (Zhou et al.
   2016) for every class; for a network with global average pooling and one linear layer it
   equals Grad-CAM before its ReLU, up to the factor ``h·w``,
-* with a guard, ``ood_score`` (N): the Mahalanobis distance of ``mean_xy(F)`` to the
-  training images' pooled features, divided by the threshold chosen on validation (> 1 =
-  out of scope), and ``contrast`` (N): the standard deviation of the input image (a blank
-  or constant image has ~0).
+* with a guard, ``ood_score`` (N, > 1 = out of scope) and ``contrast`` (N): the standard
+  deviation of the input image (a blank or constant image has ~0). ``ood_score`` is
+  ``feature_score``, the Mahalanobis distance of ``mean_xy(F)`` to the training images'
+  pooled features divided by the threshold chosen on validation; with a layout check it is
+  the smaller of that and ``layout_score`` (both also outputs), so an image is out of scope
+  only when both say so:
+* ``layout_score`` (N): how far the image's coarse layout - the input averaged to a
+  ``grid`` x ``grid`` thumbnail, standardised to mean 0 and standard deviation 1 - lies
+  from the training thumbnails under a probabilistic PCA model of them (Tipping & Bishop
+  1999: mean, first principal components with their variances, isotropic noise for the
+  rest; the square root of its Mahalanobis form), divided by its own validation threshold.
+  A frontal chest radiograph from another hospital, whose processing moves the network's
+  features, keeps the layout of one (lungs, mediastinum, shoulders); a photograph, a
+  micrograph, a text page or noise has neither.
 
 The statistics are buffers, so they become constants of the ONNX graph.
 """
@@ -32,6 +42,10 @@ logger = logging.getLogger(__name__)
 
 OUTPUTS = ("logits", "probabilities", "cam")
 GUARD_OUTPUTS = ("ood_score", "contrast")
+LAYOUT_OUTPUTS = ("feature_score", "layout_score")
+LAYOUT_GRID = 8  # thumbnail side: 8 x 8 block means of the model input
+LAYOUT_COMPONENTS = 8  # principal components of the training thumbnails kept
+LAYOUT_EPS = 1e-3  # added to a thumbnail's standard deviation (a flat one stays finite)
 
 
 def split_backbone(model: NormalizedClassifier) -> tuple[nn.Module, nn.Linear, str]:
@@ -84,12 +98,26 @@ class LogitsOnly(nn.Module):
 
 
 @dataclass(frozen=True)
+class LayoutStats:
+    """The coarse-layout part of the scope guard (see the module docstring)."""
+
+    grid: int  # thumbnail side; the model input's side is a multiple of it
+    pool: int  # model input side // grid: the block each thumbnail pixel averages
+    mean: np.ndarray  # grid²: mean standardised training thumbnail
+    basis: np.ndarray  # components x grid², orthonormal rows (principal directions)
+    inv_std: np.ndarray  # components: 1 / standard deviation along each direction
+    inv_noise_std: float  # 1 / standard deviation of the rest (per dimension)
+    threshold: float  # raw distance that ``layout_score`` = 1 stands for
+
+
+@dataclass(frozen=True)
 class GuardStats:
-    """Training-feature statistics of the scope guard (see the module docstring)."""
+    """Training statistics of the scope guard (see the module docstring)."""
 
     mean: np.ndarray  # K
     whitening: np.ndarray  # K x K, with whitening @ whitening.T = inverse covariance
-    threshold: float  # raw Mahalanobis distance that ``ood_score`` = 1 stands for
+    threshold: float  # raw Mahalanobis distance that ``feature_score`` = 1 stands for
+    layout: LayoutStats | None = None
 
 
 class ExplainedClassifier(nn.Module):
@@ -99,6 +127,11 @@ class ExplainedClassifier(nn.Module):
     guard_mean: torch.Tensor
     guard_whitening: torch.Tensor
     guard_threshold: torch.Tensor
+    layout_mean: torch.Tensor
+    layout_basis: torch.Tensor
+    layout_inv_std: torch.Tensor
+    layout_inv_noise_std: torch.Tensor
+    layout_threshold: torch.Tensor
 
     def __init__(
         self, net: FeatureNet, *, temperature: float = 1.0, guard: GuardStats | None = None
@@ -115,10 +148,23 @@ class ExplainedClassifier(nn.Module):
                 "guard_whitening", torch.from_numpy(guard.whitening.astype(np.float32))
             )
             self.register_buffer("guard_threshold", torch.tensor(float(guard.threshold)))
+        self.layout_pool = 0
+        if guard is not None and guard.layout is not None:
+            layout = guard.layout
+            self.layout_pool = layout.pool
+            self.register_buffer("layout_mean", torch.from_numpy(layout.mean.astype(np.float32)))
+            self.register_buffer("layout_basis", torch.from_numpy(layout.basis.astype(np.float32)))
+            self.register_buffer(
+                "layout_inv_std", torch.from_numpy(layout.inv_std.astype(np.float32))
+            )
+            self.register_buffer("layout_inv_noise_std", torch.tensor(float(layout.inv_noise_std)))
+            self.register_buffer("layout_threshold", torch.tensor(float(layout.threshold)))
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return OUTPUTS + (GUARD_OUTPUTS if self.has_guard else ())
+        if not self.has_guard:
+            return OUTPUTS
+        return OUTPUTS + GUARD_OUTPUTS + (LAYOUT_OUTPUTS if self.layout_pool else ())
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled, logits, fmap = self.net(image)
@@ -127,9 +173,19 @@ class ExplainedClassifier(nn.Module):
         if not self.has_guard:
             return logits, probs, cam
         z = (pooled - self.guard_mean) @ self.guard_whitening
-        ood = torch.sqrt((z * z).sum(dim=1)) / self.guard_threshold
+        feature = torch.sqrt((z * z).sum(dim=1)) / self.guard_threshold
         contrast = image.flatten(1).std(dim=1, unbiased=False)
-        return logits, probs, cam, ood, contrast
+        if not self.layout_pool:
+            return logits, probs, cam, feature, contrast
+        thumb = nn.functional.avg_pool2d(image, self.layout_pool).flatten(1)
+        thumb = thumb - thumb.mean(dim=1, keepdim=True)
+        thumb = thumb / (thumb.std(dim=1, unbiased=False, keepdim=True) + LAYOUT_EPS)
+        d = thumb - self.layout_mean
+        z = d @ self.layout_basis.T
+        r = (d - z @ self.layout_basis) * self.layout_inv_noise_std
+        z = z * self.layout_inv_std
+        layout = torch.sqrt((z * z).sum(dim=1) + (r * r).sum(dim=1)) / self.layout_threshold
+        return logits, probs, cam, torch.minimum(feature, layout), contrast, feature, layout
 
 
 class CalibratedLogits(nn.Module):
@@ -173,6 +229,53 @@ def fit_guard(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def mahalanobis(features: np.ndarray, mean: np.ndarray, whitening: np.ndarray) -> np.ndarray:
     z = (features - mean) @ whitening
     return np.sqrt((z * z).sum(axis=1))
+
+
+def thumbnails(arrays: np.ndarray, grid: int) -> np.ndarray:
+    """Model inputs (N x 1 x S x S, S a multiple of ``grid``) -> standardised ``grid`` x
+    ``grid`` block means, N x grid² (what the graph computes for ``layout_score``)."""
+    n, size = len(arrays), arrays.shape[-1]
+    f = size // grid
+    x = np.asarray(arrays, np.float64).reshape(n, grid, f, grid, f).mean(axis=(2, 4))
+    x = x.reshape(n, -1)
+    x = x - x.mean(axis=1, keepdims=True)
+    return x / (x.std(axis=1, keepdims=True) + LAYOUT_EPS)
+
+
+def fit_layout(
+    thumbs: np.ndarray, components: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(mean, basis, inv_std, inv_noise_std)`` of a probabilistic PCA of the training
+    thumbnails: their mean, first principal directions, 1 / the standard deviation along
+    each, and 1 / the standard deviation of the remaining variance per dimension."""
+    n, dims = thumbs.shape
+    mean = thumbs.mean(axis=0)
+    _, sing, vt = np.linalg.svd(thumbs - mean, full_matrices=False)
+    k = min(components, len(vt) - 1)
+    variance = sing**2 / max(n - 1, 1)
+    noise = float(variance[k:].sum()) / (dims - k)
+    floor = 1e-12 + 1e-6 * float(variance[0])
+    return (
+        mean,
+        vt[:k],
+        1.0 / np.sqrt(np.maximum(variance[:k], floor)),
+        1.0 / np.sqrt(max(noise, floor)),
+    )
+
+
+def layout_distance(
+    thumbs: np.ndarray,
+    mean: np.ndarray,
+    basis: np.ndarray,
+    inv_std: np.ndarray,
+    inv_noise_std: float,
+) -> np.ndarray:
+    """Probabilistic-PCA distance of each thumbnail (what ``layout_score`` is, unscaled)."""
+    d = thumbs - mean
+    z = d @ basis.T
+    r = (d - z @ basis) * inv_noise_std
+    z = z * inv_std
+    return np.sqrt((z * z).sum(axis=1) + (r * r).sum(axis=1))
 
 
 def pass_threshold(distances: np.ndarray, pass_rate: float) -> float:

@@ -10,7 +10,11 @@ reads files:
 * guard: mean and Ledoit-Wolf-shrunk inverse covariance of the *training* images' pooled
   last-layer features; the distance threshold is the one at or below which
   ``guard_pass_rate`` of the *validation* images lie (chosen here on torch's fp32 features,
-  then again on each exported file's own scores by :mod:`.guardtune`).
+  then again on each exported file's own scores by :mod:`.guardtune`). When the input side
+  is a multiple of :data:`LAYOUT_GRID`, the coarse-layout check too: a probabilistic PCA
+  of the training images' standardised thumbnails, its distance threshold chosen on
+  validation the same way. An image is flagged only when both checks exceed their
+  thresholds, so the validation pass rate is at least ``guard_pass_rate``.
 """
 
 from __future__ import annotations
@@ -34,12 +38,18 @@ from xrwatch_training.calibration import (
 )
 
 from .explain import (
+    LAYOUT_COMPONENTS,
+    LAYOUT_GRID,
     FeatureNet,
     GuardStats,
+    LayoutStats,
     fit_guard,
+    fit_layout,
+    layout_distance,
     mahalanobis,
     pass_threshold,
     run_feature_net,
+    thumbnails,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,8 +166,21 @@ def fit_extras(
     mean, whitening = fit_guard(outputs["train"][0])
     val_dist = mahalanobis(outputs["val"][0], mean, whitening)
     threshold = pass_threshold(val_dist, guard_pass_rate)
-    val_contrast = data["val"][0].reshape(len(val_labels), -1).std(axis=1)
-    passed = (val_dist <= threshold) & (val_contrast >= min_contrast)
+    layout = _fit_layout(data["train"][0], data["val"][0], spec, guard_pass_rate)
+
+    def passing(split: str) -> np.ndarray:
+        """Which images of ``split`` pass the guard as the exported graph decides it."""
+        arrays = data[split][0]
+        score = mahalanobis(outputs[split][0], mean, whitening) / threshold
+        if layout is not None:
+            thumbs = thumbnails(arrays, layout.grid)
+            distance = layout_distance(
+                thumbs, layout.mean, layout.basis, layout.inv_std, layout.inv_noise_std
+            )
+            score = np.minimum(score, distance / layout.threshold)
+        contrast = arrays.reshape(len(arrays), -1).std(axis=1)
+        return (score <= 1.0) & (contrast >= min_contrast)
+
     guard_meta: dict[str, Any] = {
         "method": "mahalanobis",
         "layer": net.layer_name,
@@ -166,15 +189,20 @@ def fit_extras(
         "threshold": 1.0,
         "min_contrast": min_contrast,
         "target_pass_rate": guard_pass_rate,
-        "val_pass_rate": float(passed.mean()),
+        "val_pass_rate": float(passing("val").mean()),
         "n_train": len(data["train"][1]),
         "n_val": len(val_labels),
     }
+    if layout is not None:
+        guard_meta["layout"] = {
+            "method": "thumbnail probabilistic PCA distance",
+            "grid": layout.grid,
+            "components": int(layout.basis.shape[0]),
+            "raw_threshold": layout.threshold,
+            "combined": "out of scope only when features and layout both exceed 1",
+        }
     if "test" in outputs and len(data["test"][1]):
-        test_dist = mahalanobis(outputs["test"][0], mean, whitening)
-        test_contrast = data["test"][0].reshape(len(test_dist), -1).std(axis=1)
-        ok = (test_dist <= threshold) & (test_contrast >= min_contrast)
-        guard_meta["test_pass_rate"] = float(ok.mean())
+        guard_meta["test_pass_rate"] = float(passing("test").mean())
     calibration_meta = {
         "method": "temperature",
         "temperature": temperature,
@@ -184,10 +212,39 @@ def fit_extras(
     }
     return Fitted(
         temperature=temperature,
-        guard=GuardStats(mean=mean, whitening=whitening, threshold=threshold),
+        guard=GuardStats(mean=mean, whitening=whitening, threshold=threshold, layout=layout),
         calibration_meta=calibration_meta,
         guard_meta=guard_meta,
         reliability_png=png,
         val_inputs=data["val"][0],
         test_inputs=data["test"][0] if "test" in data else None,
+    )
+
+
+def _fit_layout(
+    train: np.ndarray, val: np.ndarray, spec: PreprocessSpec, pass_rate: float
+) -> LayoutStats | None:
+    """The coarse-layout statistics, or None when the input side is not a multiple of the
+    grid (the guard is then the feature distance alone, with one log line)."""
+    if spec.size % LAYOUT_GRID:
+        logger.info(
+            "input side %d is not a multiple of %d: scope guard without the layout check",
+            spec.size,
+            LAYOUT_GRID,
+        )
+        return None
+    mean, basis, inv_std, inv_noise_std = fit_layout(
+        thumbnails(train, LAYOUT_GRID), LAYOUT_COMPONENTS
+    )
+    val_distance = layout_distance(
+        thumbnails(val, LAYOUT_GRID), mean, basis, inv_std, inv_noise_std
+    )
+    return LayoutStats(
+        grid=LAYOUT_GRID,
+        pool=spec.size // LAYOUT_GRID,
+        mean=mean,
+        basis=basis,
+        inv_std=inv_std,
+        inv_noise_std=inv_noise_std,
+        threshold=pass_threshold(val_distance, pass_rate),
     )

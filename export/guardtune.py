@@ -8,7 +8,10 @@ flagged more often than the metadata promised. :func:`tune_guard` therefore runs
 variant itself (ONNX Runtime, CPU, the graph-optimisation level serving uses) on the
 validation images, rescales the graph constant ``guard_threshold`` so that the pass rate is
 the target again, and records in the metadata what it measured (``tuned_on``, pass rates on
-validation and test with this very file). Idempotent: a file already tuned is left alone.
+validation and test with this very file). A guard with the coarse-layout check has two
+thresholds (``guard_threshold`` for ``feature_score``, ``layout_threshold`` for
+``layout_score``); each is re-chosen on its own score, as :mod:`.fitting` chose it.
+Idempotent: a file already tuned is left alone.
 """
 
 from __future__ import annotations
@@ -28,21 +31,21 @@ from .verify import RUN_BATCH, ExportVerificationError, ort_optimization_level
 logger = logging.getLogger(__name__)
 
 THRESHOLD_INITIALIZER = "guard_threshold"
+LAYOUT_THRESHOLD_INITIALIZER = "layout_threshold"
 
 
-def _guard_outputs(path: Path, arrays: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(ood_score, contrast)`` of ``arrays`` by ONNX Runtime on the CPU."""
+def _guard_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
+    """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU, one row per name."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort_optimization_level(level)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    scores, contrast = [], []
-    for start in range(0, len(arrays), RUN_BATCH):
-        s, c = session.run(["ood_score", "contrast"], {"image": arrays[start : start + RUN_BATCH]})
-        scores.append(s)
-        contrast.append(c)
-    return np.concatenate(scores).astype(np.float64), np.concatenate(contrast).astype(np.float64)
+    parts = [
+        np.stack(session.run(names, {"image": arrays[start : start + RUN_BATCH]}))
+        for start in range(0, len(arrays), RUN_BATCH)
+    ]
+    return np.concatenate(parts, axis=1).astype(np.float64)
 
 
 def tune_guard(
@@ -71,42 +74,52 @@ def tune_guard(
     level = props.get(mm.KEY_GRAPH_OPTIMIZATION, mm.DEFAULT_GRAPH_OPTIMIZATION)
     rate = float(guard.get("target_pass_rate", 0.98))
     min_contrast = float(guard.get("min_contrast", 0.0))
-    init = next((i for i in model.graph.initializer if i.name == THRESHOLD_INITIALIZER), None)
-    if init is None:
-        raise ExportVerificationError(f"{path}: the guard's {THRESHOLD_INITIALIZER} is missing")
-    stored = numpy_helper.to_array(init)  # fp16 in an fp16 variant: keep its type and shape
-    old = float(stored.reshape(-1)[0])
-    val_scores, val_contrast = _guard_outputs(path, val, level)
-    factor = pass_threshold(val_scores, rate)  # scores are distance / old: rescale by this
-    value = np.full(stored.shape, old * factor, dtype=stored.dtype)
-    new = float(value.reshape(-1)[0])
-    init.CopyFrom(numpy_helper.from_array(value, init.name))
+    layout = guard.get("layout")
+    names = [THRESHOLD_INITIALIZER] + ([LAYOUT_THRESHOLD_INITIALIZER] if layout else [])
+    inits = {i.name: i for i in model.graph.initializer if i.name in names}
+    for name in names:
+        if name not in inits:
+            raise ExportVerificationError(f"{path}: the guard's {name} is missing")
+    outputs = ["feature_score", "layout_score", "contrast"] if layout else ["ood_score", "contrast"]
+    val_out = _guard_outputs(path, val, level, outputs)
+    old, new = np.ones(len(names)), np.ones(len(names))
+    for k, name in enumerate(names):
+        stored = numpy_helper.to_array(inits[name])  # fp16 in an fp16 variant: keep its type
+        old[k] = float(stored.reshape(-1)[0])
+        factor = pass_threshold(val_out[k], rate)  # scores are distance / old: rescale
+        value = np.full(stored.shape, old[k] * factor, dtype=stored.dtype)
+        new[k] = float(value.reshape(-1)[0])
+        inits[name].CopyFrom(numpy_helper.from_array(value, name))
 
-    def pass_rate(scores: np.ndarray, contrast: np.ndarray) -> float:
-        """The file's pass rate once the threshold is ``new``: its scores scale by old/new."""
-        return float(((scores * (old / new) <= 1.0) & (contrast >= min_contrast)).mean())
+    def pass_rate(out: np.ndarray) -> float:
+        """The file's pass rate once the thresholds are ``new``: scores scale by old/new."""
+        score = np.min(out[:-1] * (old / new)[:, None], axis=0)
+        return float(((score <= 1.0) & (out[-1] >= min_contrast)).mean())
 
     guard.update(
         {
             "fp32_raw_threshold": guard.get("fp32_raw_threshold", guard.get("raw_threshold")),
-            "raw_threshold": new,
+            "raw_threshold": new[0],
             "tuned_on": f"{precision} onnx, validation split",
-            "val_pass_rate": pass_rate(val_scores, val_contrast),
+            "val_pass_rate": pass_rate(val_out),
         }
     )
+    if layout:
+        layout["fp32_raw_threshold"] = layout.get("fp32_raw_threshold", layout["raw_threshold"])
+        layout["raw_threshold"] = new[1]
     if test is not None and len(test):
-        guard["test_pass_rate"] = pass_rate(*_guard_outputs(path, test, level))
+        guard["test_pass_rate"] = pass_rate(_guard_outputs(path, test, level, outputs))
     for prop in model.metadata_props:
         if prop.key == mm.KEY_GUARD:
             prop.value = json.dumps(guard, sort_keys=True)
     onnx.save(model, str(path))
     logger.info(
-        "%s: guard threshold re-chosen on the %s model's own validation scores: %.4g -> %.4g "
+        "%s: guard threshold(s) re-chosen on the %s model's own validation scores: %s -> %s "
         "(validation pass %.1f%%, test pass %s)",
         path.name,
         precision,
-        old,
-        new,
+        ", ".join(f"{v:.4g}" for v in old),
+        ", ".join(f"{v:.4g}" for v in new),
         100 * guard["val_pass_rate"],
         f"{100 * guard['test_pass_rate']:.1f}%" if "test_pass_rate" in guard else "-",
     )

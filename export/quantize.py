@@ -98,9 +98,6 @@ def quantize_int8(
     logger.info("quantized %s to int8 with %d calibration images", fp32_path.name, len(calibration))
 
 
-GUARD_OUTPUTS = ("ood_score", "contrast")
-
-
 def _guard_only_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes that compute only the guard outputs (not logits, probabilities,
     cam): quantizing a Mahalanobis distance to 8 bits would move it across its threshold."""
@@ -117,9 +114,12 @@ def _guard_only_nodes(model: onnx.ModelProto) -> list[str]:
             stack.extend(producer[i] for i in node.input if i in producer)
         return seen
 
+    from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS
+
     names = [o.name for o in model.graph.output]
-    guard = ancestors([n for n in names if n in GUARD_OUTPUTS])
-    return sorted(guard - ancestors([n for n in names if n not in GUARD_OUTPUTS]))
+    only = GUARD_OUTPUTS + LAYOUT_OUTPUTS
+    guard = ancestors([n for n in names if n in only])
+    return sorted(guard - ancestors([n for n in names if n not in only]))
 
 
 def batchnorm_to_depthwise_conv(model: onnx.ModelProto) -> int:

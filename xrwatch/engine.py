@@ -302,6 +302,7 @@ class InferenceEngine:
             low_confidence if low_confidence is not None else _as_float(model_low)
         )
         self.min_contrast = _as_float((meta.guard or {}).get("min_contrast"))
+        self.guard_layout = bool((meta.guard or {}).get("layout"))
         missing = meta.missing_optional
         if missing or not self.has_cam or (meta.guard is not None and not self.has_guard):
             logger.warning(
@@ -378,6 +379,7 @@ class InferenceEngine:
             image_meta=meta if self.has_guard else None,  # header evidence only with a guard
             low_confidence=self.low_confidence,
             min_contrast=self.min_contrast,
+            layout_checked=self.guard_layout,
         )
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ how far to trust them:
 
 * ``out_of_scope``: the input does not look like a frontal chest radiograph. Evidence, in
   order: the model's guard (``ood_score`` > 1: pooled features farther from the training
-  images than the validation threshold; ``contrast`` below the model's minimum: a blank or
+  images than the validation threshold - and, for a model whose guard has the layout
+  check, the coarse layout too; ``contrast`` below the model's minimum: a blank or
   constant image), and for DICOM the header (Modality, BodyPartExamined, ViewPosition).
 * ``low_confidence``: the calibrated top probability is below the threshold stored in the
   model (``xrwatch.calibration.low_confidence``) or set in the serve config.
@@ -48,10 +49,13 @@ def decide(
     image_meta: Any = None,
     low_confidence: float | None = None,
     min_contrast: float | None = None,
+    layout_checked: bool = False,
 ) -> tuple[str, str]:
     """``(flag, reason)`` for one ok result; ``("", "")`` when nothing is wrong.
 
     ``None`` thresholds (a model exported without calibration or guard) disable that check.
+    ``layout_checked``: the model's ``ood_score`` is the smaller of its feature and its
+    coarse-layout score (both must exceed 1), which the reason then says.
     """
     evidence = []
     if contrast is not None and min_contrast is not None and contrast < min_contrast:
@@ -59,8 +63,9 @@ def decide(
             f"nearly uniform image (contrast {contrast:.4f} < {min_contrast:g}): blank or constant"
         )
     if ood_score is not None and not (math.isfinite(ood_score) and ood_score <= 1.0):
+        what = "features and coarse layout" if layout_checked else "features"
         evidence.append(
-            f"image features unlike the training chest X-rays (guard score {ood_score:.2f} > 1)"
+            f"image {what} unlike the training chest X-rays (guard score {ood_score:.2f} > 1)"
         )
     header = header_evidence(image_meta)
     if evidence or header:

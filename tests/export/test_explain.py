@@ -64,7 +64,9 @@ def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
     assert "ECE" in card and "not a segmentation" in card
 
     outputs = [o.name for o in onnx.load(str(model)).graph.output]
-    assert outputs == ["logits", "probabilities", "cam", "ood_score", "contrast"]
+    assert outputs == [
+        "logits", "probabilities", "cam", "ood_score", "contrast", "feature_score", "layout_score"
+    ]  # fmt: skip
     # the temperature is in the graph: probabilities = softmax(logits / T), same argmax
     rows = list(csv.DictReader((fitted_run / "splits" / "test.csv").open(encoding="utf-8")))
     x = np.stack([load_model_input(Path(r["path"]), meta.spec)[0][None] for r in rows])
@@ -85,6 +87,70 @@ def test_int8_keeps_the_guard_in_float(fitted_run: Path) -> None:
     ops = {by_name[n].op_type for n in names}
     assert "MatMul" in ops or "Gemm" in ops  # (features - mean) @ whitening
     assert "Conv" not in ops and "Softmax" not in ops  # the classifier is not touched
+
+
+def test_guard_scores_match_a_numpy_reference(fitted_run: Path) -> None:
+    """``feature_score``, ``layout_score`` and their minimum ``ood_score``, recomputed with
+    numpy from the statistics in the graph and the metadata (not through torch)."""
+    from onnx import numpy_helper
+
+    from xrwatch_export.explain import (
+        FeatureNet,
+        layout_distance,
+        mahalanobis,
+        run_feature_net,
+        thumbnails,
+    )
+    from xrwatch_export.pipeline import model_from_checkpoint
+    from xrwatch_training.checkpoint import load_checkpoint
+
+    model = fitted_run / "model.onnx"
+    guard = mm.read_model_metadata(model).guard or {}
+    layout = guard["layout"]
+    assert layout["grid"] == 8 and layout["components"] == 8
+    consts = {
+        i.name: numpy_helper.to_array(i).astype(np.float64)
+        for i in onnx.load(str(model)).graph.initializer
+    }
+    x = np.concatenate([_val_inputs(fitted_run), _val_inputs(fitted_run, "test")])
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    ood, feature, lay = session.run(["ood_score", "feature_score", "layout_score"], {"image": x})
+    basis = consts["layout_basis"]
+    np.testing.assert_allclose(basis @ basis.T, np.eye(8), atol=1e-5)  # orthonormal rows
+    expected = layout_distance(
+        thumbnails(x, 8),
+        consts["layout_mean"],
+        basis,
+        consts["layout_inv_std"],
+        float(consts["layout_inv_noise_std"]),
+    )
+    np.testing.assert_allclose(lay, expected / layout["raw_threshold"], rtol=1e-4, atol=1e-4)
+    # the feature part from the checkpoint's own pooled features (torch, fp32)
+    net = FeatureNet(model_from_checkpoint(load_checkpoint(fitted_run / "best.pt")))
+    pooled, _ = run_feature_net(net, x)
+    distance = mahalanobis(pooled, consts["guard_mean"], consts["guard_whitening"])
+    np.testing.assert_allclose(feature, distance / guard["raw_threshold"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(ood, np.minimum(feature, lay), rtol=1e-6)
+    assert (feature > 1).any() or (lay > 1).any() or len(x) < 50  # thresholds bite somewhere
+
+
+def test_layout_score_separates_a_photograph_from_chest_x_rays(fitted_run: Path) -> None:
+    """The coarse-layout check alone: scikit-image's photographs lie far from the training
+    thumbnails' principal subspace, the run's own chest X-rays near it."""
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    model = fitted_run / "model.onnx"
+    size = mm.read_model_metadata(model).spec.size
+    photos = []
+    for name in ("astronaut", "coffee", "camera", "cat"):
+        img = Image.fromarray(np.asarray(getattr(skdata, name)())).convert("L")
+        photos.append(np.asarray(img.resize((size, size)), np.float32)[None] / 255.0)
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    (photo,) = session.run(["layout_score"], {"image": np.stack(photos)})
+    (chest,) = session.run(["layout_score"], {"image": _val_inputs(fitted_run)})
+    assert (photo > 1.0).all(), photo
+    assert np.median(chest) < 1.0
 
 
 def _val_inputs(run: Path, split: str = "val") -> np.ndarray:
@@ -137,8 +203,8 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
     from xrwatch_export.guardtune import tune_guard
 
     model = onnx.load(str(fitted_run / "model.onnx"))
-    for init in model.graph.initializer:  # a threshold far too tight, as if from other scores
-        if init.name == "guard_threshold":
+    for init in model.graph.initializer:  # thresholds far too tight, as if from other scores
+        if init.name in ("guard_threshold", "layout_threshold"):
             value = numpy_helper.to_array(init) * np.float32(0.5)
             init.CopyFrom(numpy_helper.from_array(value, init.name))
     for prop in model.metadata_props:
