@@ -52,6 +52,8 @@ PROBABILITIES = "probabilities"
 CAM = "cam"  # optional outputs (DEVELOPERS.md: ONNX model metadata)
 OOD_SCORE = "ood_score"
 CONTRAST = "contrast"
+FEATURE_SCORE = "feature_score"
+SCOPE_GUARDS = ("combined", "features")  # which guard score flags out_of_scope
 
 Status = Literal["ok", "error"]
 
@@ -204,13 +206,18 @@ class InferenceEngine:
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
         low_confidence: float | None = None,
+        scope_guard: str = "combined",
     ) -> None:
         """Load ``model_path``.
 
         ``use_gpu``: try CUDA first (falls back to CPU); ``require_gpu``: raise
         :class:`ProviderError` instead of falling back. Thread counts of 0 leave ONNX
         Runtime's defaults. ``low_confidence`` overrides the model's threshold for the
-        ``low_confidence`` flag. Raises :class:`ModelError` (or :class:`ModelMetadataError`)
+        ``low_confidence`` flag. ``scope_guard``: ``combined`` (out of scope when the
+        feature and the layout check both say so; the model's ``ood_score``) or
+        ``features`` (the feature distance alone: catches more non-chest images, flags
+        more chest X-rays from other hospitals; same as ``combined`` for a model without
+        the layout check). Raises :class:`ModelError` (or :class:`ModelMetadataError`)
         naming the file when the model cannot be used.
         """
         path = Path(model_path)
@@ -218,6 +225,8 @@ class InferenceEngine:
             raise ModelError(f"{path}: model file not found")
         if intra_op_threads < 0 or inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0 (0 = ONNX Runtime default)")
+        if scope_guard not in SCOPE_GUARDS:
+            raise ValueError(f"scope_guard must be one of {SCOPE_GUARDS}, got {scope_guard!r}")
         self.path = path
         self.model_sha256 = file_sha256(path)
         options = _session_options(intra_op_threads, inter_op_threads)
@@ -234,7 +243,7 @@ class InferenceEngine:
                 path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
             )
         self._check_signature()
-        self._init_extras(low_confidence)
+        self._init_extras(low_confidence, scope_guard)
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         self.provider: str = self.providers[0]
         logger.info(
@@ -289,7 +298,7 @@ class InferenceEngine:
                 f"{len(self.classes)} classes"
             )
 
-    def _init_extras(self, low_confidence: float | None) -> None:
+    def _init_extras(self, low_confidence: float | None, scope_guard: str) -> None:
         """Which optional outputs (heatmaps, guard) and thresholds this model has."""
         outputs = {o.name for o in self._session.get_outputs()}
         meta = self.meta
@@ -302,7 +311,10 @@ class InferenceEngine:
             low_confidence if low_confidence is not None else _as_float(model_low)
         )
         self.min_contrast = _as_float((meta.guard or {}).get("min_contrast"))
-        self.guard_layout = bool((meta.guard or {}).get("layout"))
+        layout = bool((meta.guard or {}).get("layout")) and FEATURE_SCORE in outputs
+        # the output that decides out_of_scope, and whether it includes the layout check
+        self.guard_output = FEATURE_SCORE if layout and scope_guard == "features" else OOD_SCORE
+        self.guard_layout = layout and self.guard_output == OOD_SCORE
         missing = meta.missing_optional
         if missing or not self.has_cam or (meta.guard is not None and not self.has_guard):
             logger.warning(
@@ -350,7 +362,7 @@ class InferenceEngine:
         if self.has_cam:
             names.append(CAM)
         if self.has_guard:
-            names += [OOD_SCORE, CONTRAST]
+            names += [self.guard_output, CONTRAST]
         try:
             values = self._session.run(names, {INPUT_NAME: self._as_input(batch)})
         except Exception as exc:  # onnxruntime's errors are untyped
@@ -359,7 +371,7 @@ class InferenceEngine:
         return BatchOutputs(
             probabilities=out[PROBABILITIES],
             cam=out.get(CAM),
-            ood_score=out.get(OOD_SCORE),
+            ood_score=out.get(self.guard_output),
             contrast=out.get(CONTRAST),
         )
 

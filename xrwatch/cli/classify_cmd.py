@@ -18,7 +18,7 @@ from rich.markup import escape
 from xrwatch import fields
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
 from xrwatch.defaults import resolve_model
-from xrwatch.engine import InferenceEngine, Prediction
+from xrwatch.engine import SCOPE_GUARDS, InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
 from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
@@ -118,6 +118,13 @@ def classify_command(
         max=0.999,
         help="Flag low_confidence below this top probability (default: the model's).",
     ),
+    scope_guard: str = typer.Option(
+        "combined",
+        "--scope-guard",
+        help="out_of_scope from 'combined' (features and coarse layout both unlike the "
+        "training X-rays) or 'features' (feature distance alone: catches more non-chest "
+        "images, flags more chest X-rays from other hospitals).",
+    ),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:
     """Classify X-ray files and folders with an exported model.
@@ -130,12 +137,15 @@ def classify_command(
     configure_logging(log_level)
     if cpu and require_gpu:
         raise ConfigError("--cpu and --require-gpu contradict each other")
+    if scope_guard not in SCOPE_GUARDS:
+        raise ConfigError(f"--scope-guard must be one of {', '.join(SCOPE_GUARDS)}")
     engine = InferenceEngine(
         resolve_model(model),
         use_gpu=not cpu,
         require_gpu=require_gpu,
         intra_op_threads=threads,
         low_confidence=low_confidence,
+        scope_guard=scope_guard,
     )
     files = expand_inputs(paths)
     if not files:

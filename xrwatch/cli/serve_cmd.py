@@ -193,6 +193,16 @@ def serve(
         "--low-confidence",
         help="Flag low_confidence below this top probability (default: the model's threshold).",
     ),
+    scope_guard: str | None = typer.Option(
+        None,
+        "--scope-guard",
+        help=_with_default(
+            "out_of_scope from 'combined' (features and coarse layout both unlike the training "
+            "X-rays) or 'features' (feature distance alone: catches more non-chest images, "
+            "flags more chest X-rays from other hospitals)",
+            "scope_guard",
+        ),
+    ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
 
@@ -238,6 +248,7 @@ def serve(
         "dicom_sr": dicom_sr,
         "heatmaps": heatmaps,
         "low_confidence": low_confidence,
+        "scope_guard": scope_guard,
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)

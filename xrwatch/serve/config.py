@@ -57,6 +57,9 @@ class ServeConfig:
     dicom_sr: bool = False  # write REPORTS/dicom SRs even without port or destinations
     heatmaps: bool = True  # REPORTS/heatmaps/<relative path>.png, for models with a cam output
     low_confidence: float | None = None  # flag threshold; default: the model's own
+    # out_of_scope from "combined" (features and layout both unlike the training images) or
+    # "features" (the feature distance alone: stricter, flags more real chest X-rays)
+    scope_guard: Literal["combined", "features"] = "combined"
 
     def __post_init__(self) -> None:
         positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")

@@ -114,6 +114,7 @@ def load_engine(config: ServeConfig) -> Engine:
         use_gpu=config.provider != "cpu",
         require_gpu=config.provider == "cuda",
         low_confidence=config.low_confidence,
+        scope_guard=config.scope_guard,
     )
 
 

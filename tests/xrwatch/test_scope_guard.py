@@ -1,0 +1,100 @@
+"""The scope guard's two checks on the shipped default model, and the ``scope_guard`` choice
+(``combined``: features and coarse layout must both be unlike the training X-rays;
+``features``: the feature distance alone) in the engine, ``classify`` and the serve config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from xrwatch import defaults, flags
+from xrwatch.cli._app import EXIT_ERROR, main
+from xrwatch.engine import InferenceEngine
+from xrwatch.errors import ConfigError
+from xrwatch.serve.config import load_serve_config
+
+# A real COVID-19 chest X-ray from the Hannover collection (contrast-processed, from a
+# hospital the training data does not contain): the default's features call it unlike the
+# training images (feature_score 1.58), its layout is a chest's (layout_score 0.68).
+SHIFTED_CXR = Path("real") / "COVID-19" / "c0f74558.png"
+
+
+@pytest.fixture
+def default_model() -> Path:
+    model = defaults.default_model()
+    if model is None:
+        pytest.fail("the package ships no default model")
+    return model
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    skdata = pytest.importorskip("skimage.data")
+    path = tmp_path / "photo.png"
+    Image.fromarray(skdata.astronaut()).save(path)
+    return path
+
+
+def test_reason_says_which_checks_decided() -> None:
+    both = flags.decide(0.9, ood_score=1.3, layout_checked=True)
+    assert both[0] == flags.OUT_OF_SCOPE and "features and coarse layout" in both[1]
+    alone = flags.decide(0.9, ood_score=1.3)
+    assert alone[0] == flags.OUT_OF_SCOPE and "layout" not in alone[1]
+    assert flags.decide(0.9, ood_score=0.99, layout_checked=True) == ("", "")
+
+
+def test_combined_passes_a_shifted_chest_x_ray_that_features_alone_flag(
+    default_model: Path, shared_xray: Path, photo: Path
+) -> None:
+    image = shared_xray / SHIFTED_CXR
+    combined = InferenceEngine(default_model, use_gpu=False)
+    strict = InferenceEngine(default_model, use_gpu=False, scope_guard="features")
+    assert combined.guard_output == "ood_score" and combined.guard_layout
+    assert strict.guard_output == "feature_score" and not strict.guard_layout
+    cxr, cxr_strict = combined.predict_paths([image])[0], strict.predict_paths([image])[0]
+    assert cxr.status == "ok" and cxr.flag != flags.OUT_OF_SCOPE, cxr.flag_reason
+    assert cxr_strict.flag == flags.OUT_OF_SCOPE
+    assert "features unlike" in (cxr_strict.flag_reason or "")
+    assert cxr_strict.ood_score is not None and cxr.ood_score is not None
+    assert cxr_strict.ood_score > 1.0 >= cxr.ood_score  # min(features, layout) <= features
+    assert (cxr.label, cxr.confidence) == (cxr_strict.label, cxr_strict.confidence)
+    for engine in (combined, strict):  # a photograph is out of scope either way
+        (pred,) = engine.predict_paths([photo])
+        assert pred.flag == flags.OUT_OF_SCOPE, (engine.guard_output, pred.ood_score)
+
+
+def test_features_choice_is_harmless_without_a_layout_check(tiny_onnx_model: Path) -> None:
+    engine = InferenceEngine(tiny_onnx_model, use_gpu=False, scope_guard="features")
+    assert engine.guard_output == "ood_score" and not engine.guard_layout
+    with pytest.raises(ValueError, match="scope_guard"):
+        InferenceEngine(tiny_onnx_model, use_gpu=False, scope_guard="strict")
+
+
+def test_classify_scope_guard_option(
+    default_model: Path, shared_xray: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = str(shared_xray / SHIFTED_CXR)
+    for choice, flagged in (("combined", False), ("features", True)):
+        main(["classify", image, "-m", str(default_model), "--format", "json", "--cpu",
+              "--scope-guard", choice])  # fmt: skip
+        (row,) = json.loads(capsys.readouterr().out)
+        assert (row["flag"] == flags.OUT_OF_SCOPE) is flagged, (choice, row)
+    assert main(["classify", image, "--scope-guard", "strict"]) == EXIT_ERROR
+    assert "--scope-guard must be one of combined, features" in capsys.readouterr().err
+
+
+def test_serve_config_scope_guard(tmp_path: Path, default_model: Path) -> None:
+    from xrwatch.serve.daemon import load_engine
+
+    base = {"incoming": tmp_path / "in", "reports": tmp_path / "out", "model": default_model}
+    assert load_serve_config(None, base).scope_guard == "combined"
+    config = tmp_path / "xrwatch.toml"
+    config.write_text('[serve]\nscope_guard = "features"\nprovider = "cpu"\n', encoding="utf-8")
+    loaded = load_serve_config(config, base)
+    assert loaded.scope_guard == "features"
+    assert getattr(load_engine(loaded), "guard_output", None) == "feature_score"
+    with pytest.raises(ConfigError, match="scope_guard"):
+        load_serve_config(None, {**base, "scope_guard": "strict"})
