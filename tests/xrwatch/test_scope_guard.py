@@ -98,3 +98,36 @@ def test_serve_config_scope_guard(tmp_path: Path, default_model: Path) -> None:
     assert getattr(load_engine(loaded), "guard_output", None) == "feature_score"
     with pytest.raises(ConfigError, match="scope_guard"):
         load_serve_config(None, {**base, "scope_guard": "strict"})
+
+
+def test_shipped_default_passes_real_chest_x_rays_and_catches_non_chest_kinds(
+    default_model: Path, shared_xray: Path, photo: Path, tmp_path: Path
+) -> None:
+    """The issue's two rates on the shipped file, as the README quotes them: <= 3 % of
+    ``real/`` flagged; the photograph, a blank page, noise and a CT slice (as PNG) caught."""
+    import numpy as np
+
+    from xrwatch.inputs import expand_inputs
+
+    engine = InferenceEngine(default_model, use_gpu=False)
+    real = [p for p in engine.predict_paths(expand_inputs([shared_xray / "real"])) if p.ok]
+    flagged = [Path(p.file).name for p in real if p.flag == flags.OUT_OF_SCOPE]
+    assert len(real) == 130 and len(flagged) <= 0.03 * len(real), flagged
+    rng = np.random.default_rng(0)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(np.full((256, 256), 250, np.uint8)).save(other / "blank.png")
+    Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(other / "noise.png")
+    pydicom_data = pytest.importorskip("pydicom.data")
+    ct = pydicom_data.get_testdata_file("CT_small.dcm")
+    if ct is not None:
+        import pydicom
+
+        pixels = pydicom.dcmread(ct).pixel_array.astype(np.float64)
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()) * 255
+        Image.fromarray(pixels.astype(np.uint8)).save(other / "ct.png")
+    others = engine.predict_paths([photo, *sorted(other.iterdir())])
+    assert len(others) == 3 + (ct is not None)
+    assert all(p.flag == flags.OUT_OF_SCOPE for p in others), [
+        (Path(p.file).name, p.ood_score) for p in others
+    ]
