@@ -222,3 +222,17 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
     before = path.read_bytes()
     tune_guard(path, val, precision="fp32")
     assert path.read_bytes() == before
+
+
+def test_layout_check_needs_a_side_divisible_by_the_grid(caplog: pytest.LogCaptureFixture) -> None:
+    from xrwatch.preprocess import PreprocessSpec
+    from xrwatch_export.fitting import _fit_layout
+
+    caplog.set_level("INFO", logger="xrwatch_export.fitting")
+    rng = np.random.default_rng(0)
+    for size, expected in ((64, 8), (60, None)):
+        train = rng.random((40, 1, size, size)).astype(np.float32)
+        val = rng.random((20, 1, size, size)).astype(np.float32)
+        layout = _fit_layout(train, val, PreprocessSpec(size=size), 0.9)
+        assert (layout.pool if layout else None) == expected
+    assert "not a multiple of 8" in caplog.text
