@@ -213,17 +213,18 @@ def explain_lines(meta: ModelMeta, guard_rates: Sequence[str] = ()) -> list[str]
     guard = meta.guard
     if guard is not None:
         test = guard.get("test_pass_rate")
+        layout = guard.get("layout")
+        output = "`feature_score`" if isinstance(layout, dict) else "`ood_score`"
         lines += [
             "## Scope guard (out_of_scope)",
             "",
-            f"Feature score (output `feature_score`): Mahalanobis distance of the pooled "
+            f"Feature score (output {output}): Mahalanobis distance of the pooled "
             f"`{guard.get('layer')}` features ({guard.get('features')} values) to those of the "
             f"{guard.get('n_train')} training images (Ledoit-Wolf covariance, constants in "
             "the graph), divided by the threshold at which "
             f"{float(guard.get('target_pass_rate', 0)):.0%} of the {guard.get('n_val')} "
             "validation images pass.",
         ]
-        layout = guard.get("layout")
         if isinstance(layout, dict):
             lines += [
                 f"Output `layout_score`: the image's coarse layout - its {layout.get('grid')} x "

@@ -167,9 +167,16 @@ def _ort_pass_rate(model: Path, x: np.ndarray) -> float:
     return float(((ood <= 1.0) & (contrast >= guard["min_contrast"])).mean())
 
 
-def _threshold(model: Path) -> float:
-    init = next(i for i in onnx.load(str(model)).graph.initializer if i.name == "guard_threshold")
+def _threshold(model: Path, name: str = "guard_threshold") -> float:
+    init = next(i for i in onnx.load(str(model)).graph.initializer if i.name == name)
     return float(onnx.numpy_helper.to_array(init))
+
+
+def _own_pass_rates(model: Path, x: np.ndarray) -> tuple[float, float]:
+    """The validation pass rate of ``feature_score`` and of ``layout_score``, each alone."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feature, layout = session.run(["feature_score", "layout_score"], {"image": x})
+    return float((feature <= 1.0).mean()), float((layout <= 1.0).mean())
 
 
 def test_guard_threshold_is_chosen_on_each_variants_own_scores(
@@ -193,6 +200,11 @@ def test_guard_threshold_is_chosen_on_each_variants_own_scores(
         assert measured >= guard["target_pass_rate"]
         assert _ort_pass_rate(model, test) == pytest.approx(guard["test_pass_rate"])
         assert guard["raw_threshold"] == pytest.approx(_threshold(model), rel=1e-6)
+        layout = guard["layout"]
+        assert layout["raw_threshold"] == pytest.approx(
+            _threshold(model, "layout_threshold"), rel=1e-6
+        )
+        assert min(_own_pass_rates(model, val)) >= guard["target_pass_rate"]  # each check
 
 
 def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
@@ -219,6 +231,10 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
     tuned = tune_guard(path, val, precision="fp32")
     assert tuned is not None and tuned["tuned_on"].startswith("fp32")
     assert _ort_pass_rate(path, val) >= 0.98 and tuned["val_pass_rate"] >= 0.98
+    assert min(_own_pass_rates(path, val)) >= 0.98  # both thresholds re-chosen, not just one
+    assert tuned["layout"]["raw_threshold"] == pytest.approx(
+        _threshold(path, "layout_threshold"), rel=1e-6
+    )
     before = path.read_bytes()
     tune_guard(path, val, precision="fp32")
     assert path.read_bytes() == before
