@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from nonchest import assemble_confirmation, assemble_non_chest  # noqa: E402
 
 from xrwatch.engine import InferenceEngine, expand_inputs  # noqa: E402
+from xrwatch.flags import SCOPE_GUARDS  # noqa: E402
 from xrwatch.heatmap import (  # noqa: E402
     PNG_COMPRESS_LEVEL,
     HeatmapJob,
@@ -150,7 +151,7 @@ def main() -> int:
     ap.add_argument(
         "--scope-guard",
         default="combined",
-        choices=("combined", "features"),
+        choices=SCOPE_GUARDS,
         help="which guard score flags out_of_scope (as serve's scope_guard)",
     )
     ap.add_argument("--repeats", type=int, default=3)

@@ -36,13 +36,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrwatch.engine import (
+    CAM,
+    CONTRAST,
+    FEATURE_SCORE,
+    LAYOUT_SCORE,
+    LOGITS,
+    OOD_SCORE,
+    PROBABILITIES,
+)
 from xrwatch_training.models import NormalizedClassifier, TinyCNN
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("logits", "probabilities", "cam")
-GUARD_OUTPUTS = ("ood_score", "contrast")
-LAYOUT_OUTPUTS = ("feature_score", "layout_score")
+OUTPUTS = (LOGITS, PROBABILITIES, CAM)  # the names serving reads (xrwatch.engine)
+GUARD_OUTPUTS = (OOD_SCORE, CONTRAST)
+LAYOUT_OUTPUTS = (FEATURE_SCORE, LAYOUT_SCORE)
 LAYOUT_GRID = 8  # thumbnail side: 8 x 8 block means of the model input
 LAYOUT_COMPONENTS = 8  # principal components of the training thumbnails kept
 LAYOUT_EPS = 1e-3  # added to a thumbnail's standard deviation (a flat one stays finite)

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from xrwatch import modelmeta as mm
+from xrwatch.engine import CONTRAST
 
-from .explain import pass_threshold
+from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS, pass_threshold
 from .verify import RUN_BATCH, ExportVerificationError, ort_optimization_level
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def tune_guard(
     for name in names:
         if name not in inits:
             raise ExportVerificationError(f"{path}: the guard's {name} is missing")
-    outputs = ["feature_score", "layout_score", "contrast"] if layout else ["ood_score", "contrast"]
+    outputs = [*LAYOUT_OUTPUTS, CONTRAST] if layout else list(GUARD_OUTPUTS)
     val_out = _guard_outputs(path, val, level, outputs)
     old, new = np.ones(len(names)), np.ones(len(names))
     for k, name in enumerate(names):

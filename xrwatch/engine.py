@@ -49,11 +49,11 @@ CPU_EP = "CPUExecutionProvider"
 INPUT_NAME = "image"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
-CAM = "cam"  # optional outputs (DEVELOPERS.md: ONNX model metadata)
+CAM = "cam"  # optional outputs (DEVELOPERS.md: ONNX model metadata); export names them here
 OOD_SCORE = "ood_score"
 CONTRAST = "contrast"
 FEATURE_SCORE = "feature_score"
-SCOPE_GUARDS = ("combined", "features")  # which guard score flags out_of_scope
+LAYOUT_SCORE = "layout_score"
 
 Status = Literal["ok", "error"]
 
@@ -225,8 +225,10 @@ class InferenceEngine:
             raise ModelError(f"{path}: model file not found")
         if intra_op_threads < 0 or inter_op_threads < 0:
             raise ValueError("thread counts must be >= 0 (0 = ONNX Runtime default)")
-        if scope_guard not in SCOPE_GUARDS:
-            raise ValueError(f"scope_guard must be one of {SCOPE_GUARDS}, got {scope_guard!r}")
+        if scope_guard not in flags.SCOPE_GUARDS:
+            raise ValueError(
+                f"scope_guard must be one of {flags.SCOPE_GUARDS}, got {scope_guard!r}"
+            )
         self.path = path
         self.model_sha256 = file_sha256(path)
         options = _session_options(intra_op_threads, inter_op_threads)

@@ -20,6 +20,12 @@ from typing import Any
 LOW_CONFIDENCE = "low_confidence"
 OUT_OF_SCOPE = "out_of_scope"
 FLAGS = ("", LOW_CONFIDENCE, OUT_OF_SCOPE)
+SCOPE_GUARDS = ("combined", "features")  # which guard score flags out_of_scope
+SCOPE_GUARD_HELP = (
+    "out_of_scope from 'combined' (features and coarse layout both unlike the training "
+    "X-rays) or 'features' (feature distance alone: catches more non-chest images, flags "
+    "more chest X-rays from other hospitals)"
+)
 
 CHEST_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})  # projection radiography
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_TO_PELVIS"})

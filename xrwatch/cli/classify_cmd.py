@@ -18,8 +18,9 @@ from rich.markup import escape
 from xrwatch import fields
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
 from xrwatch.defaults import resolve_model
-from xrwatch.engine import SCOPE_GUARDS, InferenceEngine, Prediction
+from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
+from xrwatch.flags import SCOPE_GUARD_HELP, SCOPE_GUARDS
 from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
 from xrwatch.serve.reports import csv_cell
@@ -121,9 +122,7 @@ def classify_command(
     scope_guard: str = typer.Option(
         "combined",
         "--scope-guard",
-        help="out_of_scope from 'combined' (features and coarse layout both unlike the "
-        "training X-rays) or 'features' (feature distance alone: catches more non-chest "
-        "images, flags more chest X-rays from other hospitals).",
+        help=SCOPE_GUARD_HELP + ".",
     ),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> int:

@@ -12,6 +12,7 @@ import typer
 
 from xrwatch.cli._app import EXIT_ERROR, app, console, log_json_error
 from xrwatch.errors import XRWatchError
+from xrwatch.flags import SCOPE_GUARD_HELP
 from xrwatch.serve.config import ServeConfig
 
 
@@ -196,12 +197,7 @@ def serve(
     scope_guard: str | None = typer.Option(
         None,
         "--scope-guard",
-        help=_with_default(
-            "out_of_scope from 'combined' (features and coarse layout both unlike the training "
-            "X-rays) or 'features' (feature distance alone: catches more non-chest images, "
-            "flags more chest X-rays from other hospitals)",
-            "scope_guard",
-        ),
+        help=_with_default(SCOPE_GUARD_HELP, "scope_guard"),
     ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
