@@ -66,6 +66,32 @@ def flagged(
     return [(Path(p.file), p.flag == "out_of_scope", p.flag_reason or "") for p in preds]
 
 
+NON_CHEST_SETS = (  # (title, writer): benchmarks/nonchest.py
+    ("non-chest images caught (out_of_scope)", assemble_non_chest),
+    ("confirmation set caught (assembled after the guard was chosen)", assemble_confirmation),
+)
+
+
+def by_first_folder(rows: list[tuple[Path, bool, str]], root: Path) -> dict[str, list[bool]]:
+    """Flags of ``rows`` grouped by the first folder under ``root`` (class or kind)."""
+    groups: dict[str, list[bool]] = {}
+    for path, hit, _ in rows:
+        groups.setdefault(path.relative_to(root).parts[0], []).append(hit)
+    return dict(sorted(groups.items()))
+
+
+def non_chest_sets(
+    engine: InferenceEngine, tmp: Path
+) -> list[tuple[str, Path, list[tuple[Path, bool, str]]]]:
+    """``(title, folder, flagged rows)`` of each non-chest set, written under ``tmp``."""
+    out = []
+    for title, assemble in NON_CHEST_SETS:
+        folder = tmp / assemble.__name__
+        assemble(folder)
+        out.append((title, folder, flagged(engine, expand_inputs([folder]), "non-chest")))
+    return out
+
+
 def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> None:
     """Median ms/image of inference with and without ``cam``, and of rendering + writing the
     overlays alone (timed on their own: under a noisy load, differences of whole runs drown);
@@ -193,10 +219,7 @@ def main() -> int:
     n_flag = sum(f for _, f, _ in rows)
     print(f"\nreal chest X-rays flagged out_of_scope: {n_flag}/{len(rows)} = "
           f"{n_flag / max(len(rows), 1):.1%} (target <= 3%)")  # fmt: skip
-    by_folder: dict[str, list[bool]] = {}
-    for path, f, _ in rows:
-        by_folder.setdefault(path.relative_to(args.real).parts[0], []).append(f)
-    for folder, values in sorted(by_folder.items()):
+    for folder, values in by_first_folder(rows, args.real).items():
         print(f"  {folder:12s} {sum(values)}/{len(values)} flagged")
     for path, f, why in rows:
         if f:
@@ -207,21 +230,11 @@ def main() -> int:
             print(f"  {path.name[:48]}: {'out_of_scope: ' + why if f else 'passes'}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        for title, assemble in (
-            ("non-chest images caught (out_of_scope)", assemble_non_chest),
-            ("confirmation set caught (assembled after the guard was chosen)",
-             assemble_confirmation),
-        ):  # fmt: skip
-            folder = Path(tmp) / assemble.__name__
-            assemble(folder)
-            rows = flagged(engine, expand_inputs([folder]), "non-chest")
-            kinds: dict[str, list[bool]] = {}
-            for path, f, _ in rows:
-                kinds.setdefault(path.relative_to(folder).parts[0], []).append(f)
+        for title, folder, rows in non_chest_sets(engine, Path(tmp)):
             caught = sum(f for _, f, _ in rows)
             print(f"\n{title}: {caught}/{len(rows)} = "
                   f"{caught / max(len(rows), 1):.1%} (target >= 95%)")  # fmt: skip
-            for kind, values in sorted(kinds.items()):
+            for kind, values in by_first_folder(rows, folder).items():
                 print(f"  {kind:12s} {sum(values)}/{len(values)}")
             for path, f, _ in rows:
                 if not f:

@@ -330,21 +330,16 @@ def ship(rows: list[dict[str, Any]], out: Path, real: Path) -> Path:
 def guard_rates(model: Path, real: Path) -> list[str]:
     """The scope guard's rates on ``model``, measured as ``benchmarks/explain.py`` does:
     real chest X-rays flagged out_of_scope, and both non-chest sets caught."""
-    from explain import flagged
-    from nonchest import assemble_confirmation, assemble_non_chest
+    from explain import by_first_folder, flagged, non_chest_sets
 
     engine = InferenceEngine(model, use_gpu=False)
     real_rows = flagged(engine, expand_inputs([real]))
-    by_class: dict[str, list[bool]] = {}
-    for path, hit, _ in real_rows:
-        by_class.setdefault(path.relative_to(real).parts[0], []).append(hit)
-    caught: list[tuple[int, int]] = []
+    by_class = by_first_folder(real_rows, real)
     with tempfile.TemporaryDirectory() as tmp:
-        for assemble in (assemble_non_chest, assemble_confirmation):
-            folder = Path(tmp) / assemble.__name__
-            assemble(folder)
-            rows = flagged(engine, expand_inputs([folder]))
-            caught.append((sum(h for _, h, _ in rows), len(rows)))
+        caught = [
+            (sum(h for _, h, _ in rows), len(rows))
+            for _, _, rows in non_chest_sets(engine, Path(tmp))
+        ]
     n_real = sum(h for _, h, _ in real_rows)
     per_class = ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in sorted(by_class.items()))
 
