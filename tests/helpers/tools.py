@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -21,12 +22,9 @@ def require_tool(name: str, package: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
     if path:
         return path
-    reason = (
+    _skip_unless_required(
         f"{name} not found: install the Debian package {package} (apt-get install -y {package})"
     )
-    if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(reason + " (required: XRWATCH_REQUIRE_SHARED_DATA=1)")
-    pytest.skip(reason)
 
 
 def require_shared_data(path: Path = SHARED_XRAY) -> Path:
@@ -34,7 +32,11 @@ def require_shared_data(path: Path = SHARED_XRAY) -> Path:
     absent, fail when XRWATCH_REQUIRE_SHARED_DATA=1."""
     if path.exists():
         return path
-    reason = f"shared test data not found at {path} (see README: Test data)"
+    _skip_unless_required(f"shared test data not found at {path} (see README: Test data)")
+
+
+def _skip_unless_required(reason: str) -> NoReturn:
+    """Skip with ``reason``; fail instead under XRWATCH_REQUIRE_SHARED_DATA=1 (as in CI)."""
     if os.environ.get("XRWATCH_REQUIRE_SHARED_DATA") == "1":
-        pytest.fail(reason + " and XRWATCH_REQUIRE_SHARED_DATA=1")
+        pytest.fail(f"{reason} (required: XRWATCH_REQUIRE_SHARED_DATA=1)")
     pytest.skip(reason)
