@@ -194,14 +194,8 @@ def main() -> int:
             for combo, layers in combos.items():
                 score = {k: np.sum([per_layer[n][k] for n in layers], axis=0) for k in evaluated}
                 threshold = pass_threshold(score["val"])
-                flag = {k: (score[k] > threshold) | (contrast[k] < MIN_CONTRAST) for k in evaluated}
-                cells = [f"{1 - flag['val'].mean():.1%}", f"{1 - flag['test'].mean():.1%}"]
-                cells += [
-                    f"{flag[k].mean():.1%} ({int(flag[k].sum())}/{len(flag[k])})"
-                    for k in ("real", "non-chest", "confirmation")
-                ]
-                print(f"| {kind} | {fit_on} | {combo} | " + " | ".join(cells) + " |")
-    layout = layout_scores(sets, evaluated)
+                print_row(kind, fit_on, combo, score, threshold, contrast)
+    layout = layout_scores(sets, spec, evaluated)
     near = gaussian(feats["train"]["last"], None)
     features = {k: near(feats[k]["last"]) for k in evaluated}
     features = {k: v / pass_threshold(features["val"]) for k, v in features.items()}
@@ -212,31 +206,34 @@ def main() -> int:
             {k: np.minimum(features[k], layout[k]) for k in evaluated},
         ),
     ):
-        flag = {k: (score[k] > 1.0) | (contrast[k] < MIN_CONTRAST) for k in evaluated}
-        cells = [f"{1 - flag['val'].mean():.1%}", f"{1 - flag['test'].mean():.1%}"]
-        cells += [
-            f"{flag[k].mean():.1%} ({int(flag[k].sum())}/{len(flag[k])})"
-            for k in ("real", "non-chest", "confirmation")
-        ]
-        print(f"| {name} | train | input 8x8 | " + " | ".join(cells) + " |")
+        print_row(name, "train", "input 8x8", score, 1.0, contrast)
     return 0
 
 
-def layout_scores(sets: dict[str, np.ndarray], evaluated: tuple[str, ...]) -> Scores:
-    """The exported coarse-layout score (``xrwatch_export.explain``), each set's scores
-    divided by the validation threshold."""
-    from xrwatch_export.explain import (
-        LAYOUT_COMPONENTS,
-        LAYOUT_GRID,
-        fit_layout,
-        layout_distance,
-        thumbnails,
-    )
+def print_row(
+    guard: str, stats: str, layers: str, score: Scores, threshold: float, contrast: Scores
+) -> None:
+    """One table row: pass rates on val/test, flagged real X-rays, caught non-chest images."""
+    flag = {k: (score[k] > threshold) | (contrast[k] < MIN_CONTRAST) for k in score}
+    cells = [f"{1 - flag['val'].mean():.1%}", f"{1 - flag['test'].mean():.1%}"]
+    cells += [
+        f"{flag[k].mean():.1%} ({int(flag[k].sum())}/{len(flag[k])})"
+        for k in ("real", "non-chest", "confirmation")
+    ]
+    print(f"| {guard} | {stats} | {layers} | " + " | ".join(cells) + " |")
 
-    stats = fit_layout(thumbnails(sets["train"], LAYOUT_GRID), LAYOUT_COMPONENTS)
-    raw = {k: layout_distance(thumbnails(sets[k], LAYOUT_GRID), *stats) for k in evaluated}
-    threshold = pass_threshold(raw["val"])
-    return {k: v / threshold for k, v in raw.items()}
+
+def layout_scores(
+    sets: dict[str, np.ndarray], spec: PreprocessSpec, evaluated: tuple[str, ...]
+) -> Scores:
+    """The exported coarse-layout score, fitted as ``xrwatch export`` fits it; each set's
+    distances divided by the validation threshold."""
+    from xrwatch_export.fitting import fit_layout_stats
+
+    layout = fit_layout_stats(sets["train"], sets["val"], spec, PASS_RATE)
+    if layout is None:
+        raise SystemExit(f"input side {spec.size} has no layout check")
+    return {k: layout.distance(sets[k]) / layout.threshold for k in evaluated}
 
 
 if __name__ == "__main__":

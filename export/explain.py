@@ -118,6 +118,11 @@ class LayoutStats:
     inv_noise_std: float  # 1 / standard deviation of the rest (per dimension)
     threshold: float  # raw distance that ``layout_score`` = 1 stands for
 
+    def distance(self, arrays: np.ndarray) -> np.ndarray:
+        """Raw layout distance of model inputs (N x 1 x S x S), as the graph computes it."""
+        thumbs = thumbnails(arrays, self.grid)
+        return layout_distance(thumbs, self.mean, self.basis, self.inv_std, self.inv_noise_std)
+
 
 @dataclass(frozen=True)
 class GuardStats:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ from .explain import (
     LayoutStats,
     fit_guard,
     fit_layout,
-    layout_distance,
     mahalanobis,
     pass_threshold,
     run_feature_net,
@@ -166,18 +165,14 @@ def fit_extras(
     mean, whitening = fit_guard(outputs["train"][0])
     val_dist = mahalanobis(outputs["val"][0], mean, whitening)
     threshold = pass_threshold(val_dist, guard_pass_rate)
-    layout = _fit_layout(data["train"][0], data["val"][0], spec, guard_pass_rate)
+    layout = fit_layout_stats(data["train"][0], data["val"][0], spec, guard_pass_rate)
 
     def passing(split: str) -> np.ndarray:
         """Which images of ``split`` pass the guard as the exported graph decides it."""
         arrays = data[split][0]
         score = mahalanobis(outputs[split][0], mean, whitening) / threshold
         if layout is not None:
-            thumbs = thumbnails(arrays, layout.grid)
-            distance = layout_distance(
-                thumbs, layout.mean, layout.basis, layout.inv_std, layout.inv_noise_std
-            )
-            score = np.minimum(score, distance / layout.threshold)
+            score = np.minimum(score, layout.distance(arrays) / layout.threshold)
         contrast = arrays.reshape(len(arrays), -1).std(axis=1)
         return (score <= 1.0) & (contrast >= min_contrast)
 
@@ -221,7 +216,7 @@ def fit_extras(
     )
 
 
-def _fit_layout(
+def fit_layout_stats(
     train: np.ndarray, val: np.ndarray, spec: PreprocessSpec, pass_rate: float
 ) -> LayoutStats | None:
     """The coarse-layout statistics, or None when the input side is not a multiple of the
@@ -236,15 +231,13 @@ def _fit_layout(
     mean, basis, inv_std, inv_noise_std = fit_layout(
         thumbnails(train, LAYOUT_GRID), LAYOUT_COMPONENTS
     )
-    val_distance = layout_distance(
-        thumbnails(val, LAYOUT_GRID), mean, basis, inv_std, inv_noise_std
-    )
-    return LayoutStats(
+    unscaled = LayoutStats(
         grid=LAYOUT_GRID,
         pool=spec.size // LAYOUT_GRID,
         mean=mean,
         basis=basis,
         inv_std=inv_std,
         inv_noise_std=inv_noise_std,
-        threshold=pass_threshold(val_distance, pass_rate),
+        threshold=1.0,
     )
+    return replace(unscaled, threshold=pass_threshold(unscaled.distance(val), pass_rate))

@@ -242,13 +242,13 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
 
 def test_layout_check_needs_a_side_divisible_by_the_grid(caplog: pytest.LogCaptureFixture) -> None:
     from xrwatch.preprocess import PreprocessSpec
-    from xrwatch_export.fitting import _fit_layout
+    from xrwatch_export.fitting import fit_layout_stats
 
     caplog.set_level("INFO", logger="xrwatch_export.fitting")
     rng = np.random.default_rng(0)
     for size, expected in ((64, 8), (60, None)):
         train = rng.random((40, 1, size, size)).astype(np.float32)
         val = rng.random((20, 1, size, size)).astype(np.float32)
-        layout = _fit_layout(train, val, PreprocessSpec(size=size), 0.9)
+        layout = fit_layout_stats(train, val, PreprocessSpec(size=size), 0.9)
         assert (layout.pool if layout else None) == expected
     assert "not a multiple of 8" in caplog.text
