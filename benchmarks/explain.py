@@ -92,11 +92,14 @@ def non_chest_sets(
     return out
 
 
-def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> None:
+def time_heatmaps(
+    engine: InferenceEngine, files: list[Path], repeats: int, threads: int | None = None
+) -> None:
     """Median ms/image of inference with and without ``cam``, and of rendering + writing the
     overlays alone (timed on their own: under a noisy load, differences of whole runs drown);
     at batch 1, one overlay after another, and at the daemon's default batch size, a batch's
-    overlays written through the :class:`HeatmapWriter` the daemon uses."""
+    overlays written through the :class:`HeatmapWriter` the daemon uses. Every timed call
+    writes new files (a new folder per call), as the daemon does for new inputs."""
     session = engine._session  # the engine's own session: same threads, same providers
     arrays = [load_model_input(f, engine.spec)[0][None, None] for f in files]
     n = len(arrays)
@@ -104,7 +107,7 @@ def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> N
     batches = [np.concatenate(arrays[i : i + batch_size]) for i in range(0, n, batch_size)]
     outputs = [engine.predict_outputs(b) for b in batches]
     jobs: list[HeatmapJob] = []  # one per image, labelled with its own prediction
-    with tempfile.TemporaryDirectory() as tmp, HeatmapWriter() as writer:
+    with tempfile.TemporaryDirectory() as tmp, HeatmapWriter(threads) as writer:
         for b, (batch, out) in enumerate(zip(batches, outputs, strict=True)):
             assert out.cam is not None
             for i, probs in enumerate(out.probabilities):
@@ -113,6 +116,12 @@ def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> N
                                        engine.classes[best], float(probs[best])))  # fmt: skip
         batch_jobs = [jobs[i : i + batch_size] for i in range(0, n, batch_size)]
         single = HeatmapWriter(threads=1)  # what one image per batch pays: no hand-off
+        calls = iter(range(1 << 30))
+
+        def fresh(some: list[HeatmapJob]) -> list[HeatmapJob]:
+            """``some`` writing to new names: the daemon writes new files, not over old ones."""
+            folder = f"call{next(calls)}/"
+            return [dataclasses.replace(j, rel=folder + j.rel) for j in some]
 
         def infer(names: list[str], inputs: list[np.ndarray]) -> None:
             for a in inputs:
@@ -127,12 +136,12 @@ def time_heatmaps(engine: InferenceEngine, files: list[Path], repeats: int) -> N
         measured: dict[str, Callable[[], object]] = {
             "inference": lambda: infer(["probabilities"], arrays),
             "inference+cam": lambda: infer(["probabilities", "cam"], arrays),
-            "overlay": lambda: [single.write_many([j]) for j in jobs],
+            "overlay": lambda: [single.write_many([j]) for j in fresh(jobs)],
             "render": draw,
             "encode": lambda: [encode_rgb(d, level=PNG_COMPRESS_LEVEL) for d in drawn],
             "batch inference": lambda: infer(["probabilities"], batches),
             "batch inference+cam": lambda: infer(["probabilities", "cam"], batches),
-            "batch overlay": lambda: [writer.write_many(bj) for bj in batch_jobs],
+            "batch overlay": lambda: [writer.write_many(fresh(bj)) for bj in batch_jobs],
         }
         for fn in measured.values():  # warm-up: sessions, thread pool, legend strips
             fn()
@@ -182,6 +191,11 @@ def main() -> int:
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timing-images", type=int, default=16)
+    ap.add_argument(
+        "--heatmap-threads",
+        type=int,
+        help="HeatmapWriter threads for the batch timing (default: the daemon's)",
+    )
     ap.add_argument("--no-timing", action="store_true", help="skip the heatmap timing")
     ap.add_argument("--no-rates", action="store_true", help="skip the guard rates")
     ap.add_argument(
@@ -198,7 +212,12 @@ def main() -> int:
         if not engine.has_guard:
             print(f"{args.model} has no scope guard (export it from a run folder with splits)")
         if engine.has_cam and not args.no_timing:
-            time_heatmaps(engine, expand_inputs([args.real])[: args.timing_images], args.repeats)
+            time_heatmaps(
+                engine,
+                expand_inputs([args.real])[: args.timing_images],
+                args.repeats,
+                args.heatmap_threads,
+            )
             return 0
         return 2
     guard = engine.meta.guard or {}
@@ -247,7 +266,7 @@ def main() -> int:
         )
 
     if not args.no_timing:
-        time_heatmaps(engine, real[: args.timing_images], args.repeats)
+        time_heatmaps(engine, real[: args.timing_images], args.repeats, args.heatmap_threads)
     return 0
 
 

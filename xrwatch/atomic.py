@@ -1,7 +1,8 @@
 """Writing files so that a reader sees the old content or the new, never a part.
 
 One definition for every report, heatmap and sidecar the daemon and the CLI write:
-a temporary file beside the target, fsynced, then renamed over it.
+a temporary file beside the target, fsynced, then renamed over it. :func:`replace_all` does
+the same for several files at once with one wait for the disk (a batch's heatmaps).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,6 +37,65 @@ def atomic_file(path: Path, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def replace_all(
+    files: Sequence[tuple[Path, bytes]], *, suffix: str = ".tmp"
+) -> list[OSError | None]:
+    """Write each ``(path, data)`` as :func:`atomic_file` would, but in three passes: every
+    temporary file is written, then every one is fsynced, then every one is renamed over its
+    target. The file system commits the batch's data together instead of once per file, and
+    no target is replaced before its bytes are on the disk.
+
+    Returns, per file in order, None or the ``OSError`` that stopped it (its temporary file
+    removed); one file's failure does not stop the others. Any other exception (an
+    interrupt) removes every temporary file still there and is raised.
+    """
+    results: list[OSError | None] = [None] * len(files)
+    staged: list[tuple[int, BinaryIO, str]] = []  # (index, open temp file, its name)
+
+    def drop(i: int, fh: BinaryIO, tmp: str, exc: OSError | None) -> None:
+        with contextlib.suppress(OSError):
+            fh.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc is not None:
+            results[i] = exc
+
+    try:
+        for i, (path, data) in enumerate(files):
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".", suffix=suffix, dir=path.parent)
+            except OSError as exc:
+                results[i] = exc
+                continue
+            fh: BinaryIO = os.fdopen(fd, "wb")
+            staged.append((i, fh, tmp))
+            try:
+                fh.write(data)
+                fh.flush()
+            except OSError as exc:
+                staged.pop()
+                drop(i, fh, tmp, exc)
+        for i, fh, tmp in list(staged):
+            try:
+                os.fsync(fh.fileno())
+                fh.close()
+            except OSError as exc:
+                staged.remove((i, fh, tmp))
+                drop(i, fh, tmp, exc)
+        while staged:
+            i, fh, tmp = staged[0]
+            try:
+                os.replace(tmp, files[i][0])
+            except OSError as exc:
+                drop(i, fh, tmp, exc)
+            staged.pop(0)
+    except BaseException:
+        for i, fh, tmp in staged:
+            drop(i, fh, tmp, None)
+        raise
+    return results
 
 
 @contextlib.contextmanager

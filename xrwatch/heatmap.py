@@ -11,8 +11,9 @@ rest of this image*. It is not a segmentation, not a measure of certainty and no
 of what caused the prediction.
 
 Files are written atomically (temporary file in the same folder, fsync, rename): a reader
-never sees a partial PNG. :class:`HeatmapWriter` writes the overlays of a batch in a few
-threads; the daemon and ``classify --heatmaps`` both use it.
+never sees a partial PNG. :class:`HeatmapWriter` draws and encodes the overlays of a batch
+in a few threads, then writes them with one wait for the disk; the daemon and
+``classify --heatmaps`` both use it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xrwatch.atomic import atomic_file
+from xrwatch.atomic import atomic_file, replace_all
 from xrwatch.pngwrite import encode_rgb
 
 logger = logging.getLogger(__name__)
@@ -103,20 +104,41 @@ def _legend(width: int, caption: str) -> np.ndarray:
 _cached_legend = functools.lru_cache(maxsize=LEGEND_CACHE_SIZE)(_legend)
 
 
-def overlay_pixels(pixels: np.ndarray, cam: np.ndarray, caption: str) -> np.ndarray:
-    """The overlay of ``cam`` (h x w, one class) on ``pixels`` (S x S in [0, 1]), with its
-    legend, as uint8 RGB (height x width x 3)."""
-    gray = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
-    size = gray.shape[0]
-    heat = heat_image(cam, size)
+@functools.cache
+def _blend_table() -> np.ndarray:
+    """Every overlay pixel there can be, (256 * heat + grey) -> RGB: the colour of ``heat``
+    over ``grey`` with weight ``ALPHA * heat / 255``, as Pillow's ``composite`` draws it (the
+    table *is* that composite over a 256 x 256 grid, so a lookup gives the same pixels)."""
+    ramp = np.arange(256, dtype=np.uint8)
+    heat = Image.fromarray(np.repeat(ramp[:, None], 256, axis=1), mode="L")
+    grey = Image.fromarray(np.repeat(ramp[None, :], 256, axis=0), mode="L").convert("RGB")
     colour = heat.copy()
     colour.putpalette(_PALETTE)  # "L" with a palette becomes "P": the colour scale
-    base = Image.fromarray((gray * 255.0 + 0.5).astype(np.uint8), mode="L").convert("RGB")
-    image = Image.composite(colour.convert("RGB"), base, heat.point(_ALPHA_LUT))
+    blended = Image.composite(colour.convert("RGB"), grey, heat.point(_ALPHA_LUT))
+    table = np.ascontiguousarray(np.asarray(blended).reshape(256 * 256, 3))
+    table.setflags(write=False)
+    return table
+
+
+def overlay_pixels(pixels: np.ndarray, cam: np.ndarray, caption: str) -> np.ndarray:
+    """The overlay of ``cam`` (h x w, one class) on ``pixels`` (S x S in [0, 1]), with its
+    legend, as uint8 RGB (height x width x 3). One table lookup per pixel blends the grey
+    image with the colour scale; inputs under ``MIN_SIDE`` are enlarged (nearest) after it."""
+    gray = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
+    size = gray.shape[0]
+    index = np.asarray(heat_image(cam, size)).astype(np.intp)
+    index <<= 8
+    index += (gray * 255.0 + 0.5).astype(np.uint8)
+    table = _blend_table()
     if size < MIN_SIDE:
-        factor = -(-MIN_SIDE // size)
-        image = image.resize((size * factor, size * factor), Image.Resampling.NEAREST)
-    return np.concatenate([np.asarray(image), _cached_legend(image.width, caption)])
+        side = size * -(-MIN_SIDE // size)
+        small = Image.fromarray(table.take(index, axis=0), mode="RGB")
+        image = np.asarray(small.resize((side, side), Image.Resampling.NEAREST))
+        return np.concatenate([image, _cached_legend(side, caption)])
+    out = np.empty((size + LEGEND_HEIGHT, size, 3), dtype=np.uint8)
+    np.take(table, index, axis=0, out=out[:size])
+    out[size:] = _cached_legend(size, caption)
+    return out
 
 
 def render_overlay(pixels: np.ndarray, cam: np.ndarray, caption: str) -> Image.Image:
@@ -144,14 +166,6 @@ def caption_of(label: str, confidence: float) -> str:
     return f"CAM for {label}, p={confidence:.2f}"  # the bar runs from low to high
 
 
-def write_heatmap(
-    root: Path, rel: str, pixels: np.ndarray, cam: np.ndarray, label: str, confidence: float
-) -> Path:
-    """Render and atomically write the overlay of one result; returns its path."""
-    overlay = overlay_pixels(pixels, cam, caption_of(label, confidence))
-    return write_png_atomic(overlay, heatmap_path(root, rel))
-
-
 @dataclass(frozen=True)
 class HeatmapJob:
     """One overlay to write: ``root/<rel>.png`` from ``cam`` (the class's map) on ``pixels``."""
@@ -165,18 +179,25 @@ class HeatmapJob:
     source: str = ""  # how log lines name the input; ``rel`` when empty
 
 
+def encode_overlay(job: HeatmapJob) -> bytes:
+    """The PNG file of ``job``'s overlay."""
+    overlay = overlay_pixels(job.pixels, job.cam, caption_of(job.label, job.confidence))
+    return encode_rgb(overlay, level=PNG_COMPRESS_LEVEL)
+
+
 def default_threads() -> int:
     return min(MAX_THREADS, os.cpu_count() or 1)
 
 
 class HeatmapWriter:
-    """Writes the overlays of a batch concurrently, each atomically.
+    """Writes the overlays of a batch, each atomically.
 
-    Pillow's resampling and compositing, zlib and fsync release the GIL, so a few threads
-    overlap one overlay's wait for the disk with the next one's drawing and encoding. The
-    pool is started on the first batch of more than one overlay and ends with :meth:`close`
-    (or the ``with`` block); after that, overlays are written one after another in the
-    caller's thread.
+    The overlays are drawn and PNG-encoded in a few threads (the lookup, Pillow's resize and
+    the deflate release the GIL), then written together by :func:`replace_all`: every
+    temporary file, then every fsync, then every rename, so the batch waits for the disk
+    once rather than once per file. The pool is started on the first batch of more than one
+    overlay and ends with :meth:`close` (or the ``with`` block); after that, overlays are
+    drawn one after another in the caller's thread.
     """
 
     def __init__(self, threads: int | None = None, *, name: str = "xrwatch-heatmap") -> None:
@@ -212,17 +233,41 @@ class HeatmapWriter:
         writing failed with an ``OSError`` (logged naming the input and the file). Returns
         once every write has ended; any other exception (a bug) is raised after that."""
         pool = self._executor() if len(jobs) > 1 else None
+        encoded: list[bytes | BaseException] = []
         if pool is None:
-            return [_write_job(job) for job in jobs]
-        futures = [pool.submit(_write_job, job) for job in jobs]
-        cf.wait(futures)
-        return [f.result() for f in futures]
+            for job in jobs:
+                try:
+                    encoded.append(encode_overlay(job))
+                except Exception as exc:  # raised below, once the others are written
+                    encoded.append(exc)
+        else:
+            futures = [pool.submit(encode_overlay, job) for job in jobs]
+            cf.wait(futures)
+            encoded = [f.exception() or f.result() for f in futures]
+        paths: list[Path | None] = [None] * len(jobs)
+        staged: list[tuple[int, Path, bytes]] = []
+        for i, (job, data) in enumerate(zip(jobs, encoded, strict=True)):
+            path = heatmap_path(job.root, job.rel)
+            if isinstance(data, OSError):
+                _failed(job, path, data)
+            elif not isinstance(data, BaseException):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    staged.append((i, path, data))
+                except OSError as exc:
+                    _failed(job, path, exc)
+        errors = replace_all([(path, data) for _, path, data in staged], suffix=".png.tmp")
+        for (i, path, _), error in zip(staged, errors, strict=True):
+            if error is None:
+                paths[i] = path
+            else:
+                _failed(jobs[i], path, error)
+        for bug in encoded:
+            if isinstance(bug, BaseException) and not isinstance(bug, OSError):
+                raise bug
+        return paths
 
 
-def _write_job(job: HeatmapJob) -> Path | None:
-    path = heatmap_path(job.root, job.rel)
-    try:
-        return write_heatmap(job.root, job.rel, job.pixels, job.cam, job.label, job.confidence)
-    except OSError as exc:  # the result stands without its picture
-        logger.error("%s: cannot write its heatmap %s: %s", job.source or job.rel, path, exc)
-        return None
+def _failed(job: HeatmapJob, path: Path, exc: OSError) -> None:
+    """The result stands without its picture: say which input and file, and why."""
+    logger.error("%s: cannot write its heatmap %s: %s", job.source or job.rel, path, exc)

@@ -2,18 +2,33 @@
 
 Every row uses filter type 2 ("Up", the difference to the row above; the first row type 0,
 "None"), computed for all rows at once with numpy, and the result is deflated by
-:func:`zlib.compress`, which releases the GIL, so several overlays encode in parallel
-threads. Pillow's encoder picks a filter per row; on our overlays (256x274 and 224x242) it
-took about twice as long at the same zlib level, for files within 5 % of these. The file
-holds IHDR, one IDAT and IEND only: no text or time chunks, nothing but pixels.
+ISA-L (the ``isal`` package: Intel's Intelligent Storage Acceleration Library, whose
+deflate writes the same zlib format several times faster than zlib at its fastest level),
+or by the standard :func:`zlib.compress` where ``isal`` is not installed. Both release the
+GIL, so several overlays encode in parallel threads. Pillow's encoder picks a filter per
+row; on our overlays (256x274 and 224x242) it took about twice as long as zlib at the same
+level, for files within 5 % of these. The file holds IHDR, one IDAT and IEND only: no text
+or time chunks, nothing but pixels.
 """
 
 from __future__ import annotations
 
 import struct
+import types
 import zlib
 
 import numpy as np
+
+_deflate: types.ModuleType
+try:  # ISA-L's deflate: same format, several times faster (benchmarks/explain.py prints which)
+    from isal import isal_zlib as _deflate
+
+    DEFLATE = "isal"
+    MAX_LEVEL = 3  # ISA-L's levels are 0-3
+except ImportError:  # pragma: no cover - isal is a dependency; this is the platform fallback
+    _deflate = zlib
+    DEFLATE = "zlib"
+    MAX_LEVEL = 9
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _FILTER_NONE = 0
@@ -31,7 +46,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def encode_rgb(pixels: np.ndarray, *, level: int = 1) -> bytes:
-    """The PNG file of ``pixels`` (uint8, height x width x 3), deflated at zlib ``level``."""
+    """The PNG file of ``pixels`` (uint8, height x width x 3), deflated at ``level`` (1: fast;
+    levels above the backend's highest, :data:`MAX_LEVEL`, use that)."""
     arr = np.asarray(pixels)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape[:2]:
         raise ValueError(
@@ -50,7 +66,7 @@ def encode_rgb(pixels: np.ndarray, *, level: int = 1) -> bytes:
         (
             PNG_SIGNATURE,
             _chunk(b"IHDR", header),
-            _chunk(b"IDAT", zlib.compress(filtered.data, level)),
+            _chunk(b"IDAT", _deflate.compress(filtered.data, min(level, MAX_LEVEL))),
             _chunk(b"IEND", b""),
         )
     )

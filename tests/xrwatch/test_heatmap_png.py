@@ -52,6 +52,30 @@ def test_encoder_round_trips_through_pillow(shape: tuple[int, int]) -> None:
         assert _chunks(data) == [b"IHDR", b"IDAT", b"IEND"]  # no tEXt, iTXt, zTXt, tIME
 
 
+def test_isal_and_zlib_backends_write_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xrwatch import pngwrite
+
+    assert pngwrite.DEFLATE == "isal"  # a dependency: the fast path is the one that ships
+    pixels = render_overlay(
+        np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64),
+        np.arange(16, dtype=np.float32).reshape(4, 4),
+        "CAM for Normal, p=0.50",
+    )
+    fast = encode_rgb(np.asarray(pixels))
+    monkeypatch.setattr(pngwrite, "_deflate", zlib)
+    monkeypatch.setattr(pngwrite, "MAX_LEVEL", 9)
+    plain = encode_rgb(np.asarray(pixels), level=6)
+    assert np.array_equal(_decode(fast), _decode(plain))
+    assert np.array_equal(_decode(fast), np.asarray(pixels))
+    assert zlib.decompress(_idat(fast)) == zlib.decompress(_idat(plain))  # same filtered rows
+
+
+def _idat(data: bytes) -> bytes:
+    (length,) = struct.unpack(">I", data[33:37])  # IHDR is 8 + 25 bytes; IDAT follows
+    assert data[37:41] == b"IDAT"
+    return data[41 : 41 + length]
+
+
 def test_encoder_rejects_what_is_not_8_bit_rgb() -> None:
     for bad in (
         np.zeros((4, 4), np.uint8),
@@ -61,6 +85,31 @@ def test_encoder_rejects_what_is_not_8_bit_rgb() -> None:
     ):
         with pytest.raises(ValueError, match="uint8"):
             encode_rgb(bad)
+
+
+def _composited(pixels: np.ndarray, cam: np.ndarray, caption: str) -> np.ndarray:
+    """The overlay drawn step by step with Pillow, as xrwatch drew it before its lookup table."""
+    size = pixels.shape[0]
+    heat = heatmap.heat_image(cam, size)
+    colour = heat.copy()
+    colour.putpalette(heatmap._LUT.reshape(-1).tolist())
+    alpha = heat.point([round(heatmap.ALPHA * v) for v in range(256)])
+    grey = Image.fromarray((np.clip(pixels, 0, 1) * 255.0 + 0.5).astype(np.uint8), mode="L")
+    image = Image.composite(colour.convert("RGB"), grey.convert("RGB"), alpha)
+    if size < heatmap.MIN_SIDE:
+        side = size * -(-heatmap.MIN_SIDE // size)
+        image = image.resize((side, side), Image.Resampling.NEAREST)
+    return np.concatenate([np.asarray(image), heatmap._legend(image.width, caption)])
+
+
+@pytest.mark.parametrize("size", [7, 64, 96, 224, 320])
+def test_lookup_table_overlay_equals_pillows_composite(size: int) -> None:
+    rng = np.random.default_rng(size)
+    pixels = rng.random((size, size), dtype=np.float32) * 1.2 - 0.1  # also out of [0, 1]
+    for cam in (rng.normal(size=(7, 7)), np.zeros((2, 2)), -np.ones((3, 3))):
+        cam = cam.astype(np.float32)
+        got = heatmap.overlay_pixels(pixels, cam, "CAM for Viral, p=0.42")
+        assert np.array_equal(got, _composited(pixels, cam, "CAM for Viral, p=0.42"))
 
 
 def _job(root: Path, rel: str, seed: int, size: int = 64) -> HeatmapJob:
@@ -97,15 +146,15 @@ def test_legend_is_drawn_once_per_width_and_caption(tmp_path: Path) -> None:
 def test_write_many_writes_in_parallel_and_keeps_order(tmp_path: Path) -> None:
     jobs = [_job(tmp_path, f"d{i % 3}/{i}.png", i, size=32 + 8 * i) for i in range(8)]
     names: set[str] = set()
-    real_write = heatmap.write_heatmap
+    real_encode = heatmap.encode_overlay
 
-    def spy(*args: object, **kwargs: object) -> Path:
+    def spy(job: HeatmapJob) -> bytes:
         names.add(threading.current_thread().name)
-        return real_write(*args, **kwargs)  # type: ignore[arg-type]
+        return real_encode(job)
 
     before = set(threading.enumerate())
     with pytest.MonkeyPatch.context() as mp, HeatmapWriter(threads=3) as writer:
-        mp.setattr(heatmap, "write_heatmap", spy)
+        mp.setattr(heatmap, "encode_overlay", spy)
         paths = writer.write_many(jobs)
         again = writer.write_many(jobs[:2])  # the same pool serves the next batch
     assert paths == [tmp_path / f"d{i % 3}" / f"{i}.png.png" for i in range(8)]
@@ -135,19 +184,20 @@ def test_failed_write_is_logged_and_returns_none_for_that_file_only(
     assert not list(tmp_path.rglob(".*"))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_other_errors_are_raised_after_every_write_ended(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
-    real_write = heatmap.write_heatmap
+    real_encode = heatmap.encode_overlay
 
-    def buggy(root: Path, rel: str, *args: object) -> Path:
-        if rel == "bug.png":
+    def buggy(job: HeatmapJob) -> bytes:
+        if job.rel == "bug.png":
             raise RuntimeError("a bug")
-        return real_write(root, rel, *args)  # type: ignore[arg-type]
+        return real_encode(job)
 
-    monkeypatch.setattr(heatmap, "write_heatmap", buggy)
+    monkeypatch.setattr(heatmap, "encode_overlay", buggy)
     jobs = [_job(tmp_path, name, i) for i, name in enumerate(("bug.png", "x.png", "y.png"))]
-    with HeatmapWriter(2) as writer, pytest.raises(RuntimeError, match="a bug"):
+    with HeatmapWriter(threads) as writer, pytest.raises(RuntimeError, match="a bug"):
         writer.write_many(jobs)
     assert (tmp_path / "x.png.png").is_file() and (tmp_path / "y.png.png").is_file()
 

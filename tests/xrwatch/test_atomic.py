@@ -1,0 +1,96 @@
+"""``replace_all``: a batch of files written atomically with one wait for the disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from xrwatch.atomic import replace_all
+
+
+def _name_of(fd: int) -> str:
+    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+def test_every_file_is_fsynced_before_any_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    targets = [tmp_path / f"{i}.png" for i in range(4)]
+    targets[0].write_bytes(b"old")
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: str, dst: Path) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert replace_all([(t, f"new {i}".encode()) for i, t in enumerate(targets)]) == [None] * 4
+    assert events == ["fsync"] * 4 + ["rename"] * 4
+    assert [t.read_bytes() for t in targets] == [f"new {i}".encode() for i in range(4)]
+    assert _leftovers(tmp_path) == []
+
+
+def _content_of(fd: int) -> bytes:
+    return Path(os.readlink(f"/proc/self/fd/{fd}")).read_bytes()
+
+
+def test_one_failure_leaves_its_old_file_and_the_others_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok, full, onto_dir, missing = (
+        tmp_path / "ok.png",
+        tmp_path / "full.png",
+        tmp_path / "dir.png",
+        tmp_path / "no" / "such.png",
+    )
+    full.write_bytes(b"old")
+    onto_dir.mkdir()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if _content_of(fd) == b"for full":
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    files = [(ok, b"for ok"), (full, b"for full"), (onto_dir, b"for dir"), (missing, b"x")]
+    results = replace_all(files, suffix=".png.tmp")
+    assert results[0] is None and ok.read_bytes() == b"for ok"
+    assert isinstance(results[1], OSError) and results[1].errno == 28
+    assert full.read_bytes() == b"old"  # never replaced by bytes that did not reach the disk
+    assert isinstance(results[2], IsADirectoryError) and onto_dir.is_dir()
+    assert isinstance(results[3], FileNotFoundError) and not missing.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_interrupt_removes_every_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        replace_all([(tmp_path / f"{i}.png", b"x") for i in range(3)])
+    assert list(tmp_path.iterdir()) == []  # no target, no temporary file
+
+
+def test_empty_batch_writes_nothing(tmp_path: Path) -> None:
+    assert replace_all([]) == []
+    assert list(tmp_path.iterdir()) == []
