@@ -110,18 +110,19 @@ def test_healthz_503_when_the_ledger_cannot_be_written(folders, tiny_onnx_model:
 
 def test_watchdog_pings_stay_on_time_under_a_full_backlog(folders, daemons) -> None:
     incoming, reports = folders
-    n = 400
+    n = 1000  # a backlog of several seconds here (about 1.6 s per 400 files on 2 cores)
     for i in range(n):
         make_png(incoming / f"b{i // 100}" / f"{i:04d}.png", seed=i, size=16)
     # WatchdogSec=2s: systemd kills a daemon whose pings are more than 2 s apart
     d = daemons(incoming, reports, "--batch-size", "4", "--workers", "1")
     d.start(env={"WATCHDOG_USEC": "2000000"})
     wait_for(lambda: len(csv_rows(reports)) >= n, 240, f"{n} rows")
+    done = time.monotonic()  # the backlog is over (the stamps use the same clock)
     ready = next(t for t, m in d.stamped if m.startswith("READY=1"))
-    pings = [t for t, m in d.stamped if m == "WATCHDOG=1" and t >= ready]
-    gaps = np.diff([ready, *pings])
+    pings = [t for t, m in d.stamped if m == "WATCHDOG=1" and ready <= t <= done]
+    gaps = np.diff([ready, *pings, done])  # from READY to the last row, however fast it went
     assert d.stop() == 0
-    assert len(pings) >= 2 and gaps.max() < 2.0, f"largest gap {gaps.max():.2f} s"
+    assert pings and gaps.max() < 2.0, f"largest gap {gaps.max():.2f} s"
 
 
 def test_stopping_is_sent_when_shutdown_starts(
