@@ -180,29 +180,8 @@ def explain_lines(meta: ModelMeta, guard_rates: Sequence[str] = ()) -> list[str]
             f"{float(cal.get('temperature', 1.0)):.4f}, inside the graph "
             "(`probabilities` = softmax(`logits` / T); the top-1 class never changes).",
             "",
-            f"| split | images | ECE before ({cal.get('bins', 15)} bins) | ECE after |",
-            "|---|---|---|---|",
+            *_ece_table(cal),
         ]
-        for split in ("val", "test"):
-            e = (cal.get("ece") or {}).get(split)
-            if isinstance(e, dict):
-                lines.append(
-                    f"| {split} | {e.get('n')} | {float(e['before']):.4f} | "
-                    f"{float(e['after']):.4f} |"
-                )
-        worse = [
-            split
-            for split, e in (cal.get("ece") or {}).items()
-            if isinstance(e, dict) and float(e["after"]) > float(e["before"])
-        ]
-        if worse:
-            lines += [
-                "",
-                f"On {' and '.join(worse)} the temperature made ECE worse: fitted on "
-                f"{((cal.get('ece') or {}).get('val') or {}).get('n')} validation images, it "
-                "does not carry over there; read these probabilities as rankings more than "
-                "as frequencies.",
-            ]
         lines += [
             "",
             f"Results whose calibrated top probability is below "
@@ -259,3 +238,54 @@ def write_card(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     logger.info("wrote model card %s", path)
     return path
+
+
+def _ece_table(cal: Mapping[str, Any]) -> list[str]:
+    """The calibration table and what it means: measured on the file itself when export did
+    (``measured_on``), with 95 % bootstrap intervals; older cards show the torch figures."""
+    ece = cal.get("ece") or {}
+    bins = cal.get("bins", 15)
+    measured = cal.get("measured_on")
+    boot = cal.get("bootstrap") or {}
+    lines = [
+        f"ECE ({bins} equal-width bins, top label) "
+        + (
+            f"measured on this file ({measured}, ONNX Runtime on the CPU); the change's 95 % "
+            f"interval comes from {boot.get('resamples')} bootstrap resamples of the split's "
+            "images, scored before and after on the same resample:"
+            if measured
+            else "of the fp32 network the temperature was fitted on:"
+        ),
+        "",
+        "| split | images | ECE before | ECE after | change (95 % interval) |",
+        "|---|---|---|---|---|",
+    ]
+    for split in ("val", "test"):
+        e = ece.get(split)
+        if isinstance(e, dict):
+            before, after = float(e["before"]), float(e["after"])
+            change = e.get("interval_change")
+            within = f" ({float(change[0]):+.3f} to {float(change[1]):+.3f})" if change else ""
+            lines.append(
+                f"| {split} | {e.get('n')} | {before:.4f} | {after:.4f} | "
+                f"{after - before:+.4f}{within} |"
+            )
+    for split in ("val", "test"):
+        e = ece.get(split)
+        if not isinstance(e, dict) or float(e["after"]) <= float(e["before"]):
+            continue
+        change = e.get("interval_change")
+        n_val = (ece.get("val") or {}).get("n")
+        if change and float(change[0]) > 0:
+            verdict = "and the whole interval of the change lies above 0"
+        elif change:
+            verdict = f"though the interval of the change holds 0: {e.get('n')} images cannot tell"
+        else:
+            verdict = "(no interval recorded)"
+        lines += [
+            "",
+            f"On {split} the temperature made ECE worse, {verdict}. Fitted on {n_val} "
+            "validation images, it does not carry over there; read these probabilities as "
+            "rankings more than as frequencies.",
+        ]
+    return lines

@@ -71,6 +71,15 @@ class Fitted:
     reliability_png: Path | None
     val_inputs: np.ndarray  # model inputs of the validation split (N x 1 x S x S)
     test_inputs: np.ndarray | None  # and of the test split, when there is one
+    val_labels: np.ndarray  # class indices (N) of the validation split
+    test_labels: np.ndarray | None  # and of the test split
+
+    def labelled_splits(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """``(name, inputs, labels)`` of validation and, when there is one, test."""
+        out = [("val", self.val_inputs, self.val_labels)]
+        if self.test_inputs is not None and self.test_labels is not None:
+            out.append(("test", self.test_inputs, self.test_labels))
+        return out
 
 
 def read_split(path: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
@@ -213,6 +222,8 @@ def fit_extras(
         reliability_png=png,
         val_inputs=data["val"][0],
         test_inputs=data["test"][0] if "test" in data else None,
+        val_labels=val_labels,
+        test_labels=data["test"][1] if "test" in data else None,
     )
 
 

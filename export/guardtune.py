@@ -27,26 +27,12 @@ from xrwatch import modelmeta as mm
 from xrwatch.engine import CONTRAST
 
 from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS, pass_threshold
-from .verify import RUN_BATCH, ExportVerificationError, ort_optimization_level
+from .verify import ExportVerificationError, run_outputs
 
 logger = logging.getLogger(__name__)
 
 THRESHOLD_INITIALIZER = "guard_threshold"
 LAYOUT_THRESHOLD_INITIALIZER = "layout_threshold"
-
-
-def _guard_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
-    """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU, one row per name."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort_optimization_level(level)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    parts = [
-        np.stack(session.run(names, {"image": arrays[start : start + RUN_BATCH]}))
-        for start in range(0, len(arrays), RUN_BATCH)
-    ]
-    return np.concatenate(parts, axis=1).astype(np.float64)
 
 
 def tune_guard(
@@ -82,7 +68,7 @@ def tune_guard(
         if name not in inits:
             raise ExportVerificationError(f"{path}: the guard's {name} is missing")
     outputs = [*LAYOUT_OUTPUTS, CONTRAST] if layout else list(GUARD_OUTPUTS)
-    val_out = _guard_outputs(path, val, level, outputs)
+    val_out = run_outputs(path, val, level, outputs)
     old, new = np.ones(len(names)), np.ones(len(names))
     for k, name in enumerate(names):
         stored = numpy_helper.to_array(inits[name])  # fp16 in an fp16 variant: keep its type
@@ -109,7 +95,7 @@ def tune_guard(
         layout["fp32_raw_threshold"] = layout.get("fp32_raw_threshold", layout["raw_threshold"])
         layout["raw_threshold"] = new[1]
     if test is not None and len(test):
-        guard["test_pass_rate"] = pass_rate(_guard_outputs(path, test, level, outputs))
+        guard["test_pass_rate"] = pass_rate(run_outputs(path, test, level, outputs))
     for prop in model.metadata_props:
         if prop.key == mm.KEY_GUARD:
             prop.value = json.dumps(guard, sort_keys=True)

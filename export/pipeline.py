@@ -26,6 +26,7 @@ from xrwatch_training.models import model_from_checkpoint
 
 from . import card as model_card
 from . import triton as triton_repo
+from .calibcheck import measure_calibration
 from .explain import CalibratedLogits, ExplainedClassifier, FeatureNet
 from .fitting import (
     GUARD_PASS_RATE,
@@ -216,9 +217,10 @@ def export_model(options: ExportOptions) -> ExportResult:
             staged.append(_int8(options, spec, fp32, inputs, fp32_probs, staging))
         if options.fp16:
             staged.append(_fp16(options, fp32, inputs, fp32_probs, staging))
-        if fitted is not None:  # the threshold on each file's own scores (int8 moves them)
+        if fitted is not None:  # threshold and ECE on each file's own outputs (int8 moves them)
             for precision, path, _ in staged:
                 tune_guard(path, fitted.val_inputs, fitted.test_inputs, precision=precision)
+                measure_calibration(path, fitted.labelled_splits(), precision=precision)
         for _, path, _ in staged:
             read_model_metadata(path)  # the serving side's own reader must accept it
 

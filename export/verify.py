@@ -252,3 +252,18 @@ def require(report: VerifyReport, path: Path, hint: str = "") -> VerifyReport:
     raise ExportVerificationError(
         f"{path}: verification failed - {report.summary()}; {shown}{more}{hint}"
     )
+
+
+def run_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
+    """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU at graph-optimisation
+    ``level`` (as serving runs the file), stacked: one row per name (float64)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort_optimization_level(level)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    parts = [
+        np.stack(session.run(names, {"image": arrays[start : start + RUN_BATCH]}))
+        for start in range(0, len(arrays), RUN_BATCH)
+    ]
+    return np.concatenate(parts, axis=1).astype(np.float64)

@@ -17,7 +17,12 @@ from tests.helpers.models import make_checkpoint
 from xrwatch import modelmeta as mm
 from xrwatch.preprocess import load_model_input
 from xrwatch_export.pipeline import ExportOptions, export_model
-from xrwatch_training.calibration import expected_calibration_error, fit_temperature, softmax
+from xrwatch_training.calibration import (
+    ece_intervals,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
 
 
 def test_tinycnn_cam_matches_grad_cam(tmp_path: Path, real_images: list[Path]) -> None:
@@ -50,14 +55,68 @@ def test_ece_matches_netcal_and_temperature_keeps_argmax() -> None:
     assert after < before
 
 
+def _overconfident(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), labels] += rng.normal(1.0, 1.0, n)
+    return logits * 4.0, labels
+
+
+def test_ece_intervals_agree_with_scipys_paired_bootstrap() -> None:
+    from scipy import stats
+
+    logits, labels = _overconfident(300)
+    before, after = softmax(logits), softmax(logits, 3.0)
+    ours = ece_intervals(before, after, labels, resamples=2000, seed=1)
+
+    def change(b_idx: np.ndarray, axis: int = -1) -> float:
+        i = b_idx.astype(int)
+        return expected_calibration_error(after[i], labels[i]) - expected_calibration_error(
+            before[i], labels[i]
+        )
+
+    for key, statistic in (
+        ("change", change),
+        ("before", lambda i, axis=-1: expected_calibration_error(before[i], labels[i])),
+        ("after", lambda i, axis=-1: expected_calibration_error(after[i], labels[i])),
+    ):
+        theirs = stats.bootstrap(
+            (np.arange(len(labels)),),
+            statistic,
+            vectorized=False,
+            n_resamples=2000,
+            method="percentile",
+            random_state=np.random.default_rng(2),
+        ).confidence_interval
+        assert ours[key] == pytest.approx([theirs.low, theirs.high], abs=0.015), key
+    assert ours["change"][1] < 0  # cooling an overconfident model: ECE clearly lower
+
+
+def test_ece_intervals_of_an_unchanged_model_hold_zero_and_need_matching_shapes() -> None:
+    logits, labels = _overconfident(120, seed=3)
+    probs = softmax(logits)
+    out = ece_intervals(probs, probs, labels, resamples=200)
+    assert out["change"] == [0.0, 0.0] and out["before"] == out["after"]
+    assert out["before"][0] <= expected_calibration_error(probs, labels) <= out["before"][1]
+    assert ece_intervals(probs, probs, labels, resamples=200) == out  # seeded: repeatable
+    with pytest.raises(ValueError, match="N x C"):
+        ece_intervals(probs, probs[:-1], labels)
+
+
 def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
     model = fitted_run / "model.onnx"
     meta = mm.read_model_metadata(model)
     assert meta.cam is not None and meta.calibration is not None and meta.guard is not None
     cal = meta.calibration
     assert cal["bins"] == 15 and cal["temperature"] > 0
+    assert cal["measured_on"] == "fp32 onnx" and set(cal["fp32_ece"]) == {"val", "test"}
     for split in ("val", "test"):
-        assert set(cal["ece"][split]) == {"before", "after", "n"}
+        e = cal["ece"][split]
+        assert set(e) == {"before", "after", "n"} | {
+            f"interval_{k}" for k in ("before", "after", "change")
+        }
+        assert e["interval_change"][0] <= e["interval_change"][1]
     assert meta.guard["val_pass_rate"] >= 0.97
     assert (fitted_run / "reliability.png").stat().st_size > 0
     card = (fitted_run / "model.md").read_text(encoding="utf-8")
@@ -74,6 +133,21 @@ def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
     logits, probs = session.run(["logits", "probabilities"], {"image": x.astype(np.float32)})
     np.testing.assert_allclose(probs, softmax(logits, cal["temperature"]), atol=1e-5)
     assert (probs.argmax(1) == logits.argmax(1)).all()
+    # the card's ECE is this file's own, on the test split it was measured on
+    labels = np.array([meta.classes.index(r["label"]) for r in rows])
+    assert cal["ece"]["test"]["n"] == len(labels)
+    assert cal["ece"]["test"]["after"] == pytest.approx(
+        expected_calibration_error(probs, labels), abs=1e-6
+    )
+    assert cal["ece"]["test"]["before"] == pytest.approx(
+        expected_calibration_error(softmax(logits), labels), abs=1e-6
+    )
+    e = cal["ece"]["test"]
+    assert (
+        f"| test | {len(labels)} | {e['before']:.4f} | {e['after']:.4f} | "
+        f"{e['after'] - e['before']:+.4f} ({e['interval_change'][0]:+.3f} to "
+        f"{e['interval_change'][1]:+.3f}) |"
+    ) in card
     assert json.loads(json.dumps(meta.to_dict()))["guard"]["method"] == "mahalanobis"
 
 
