@@ -47,7 +47,7 @@ from xrwatch.heatmap import (  # noqa: E402
     caption_of,
     overlay_pixels,
 )
-from xrwatch.pngwrite import encode_rgb  # noqa: E402
+from xrwatch.pngwrite import DEFLATE, encode_rgb  # noqa: E402
 from xrwatch.preprocess import load_model_input  # noqa: E402
 from xrwatch.serve.config import ServeConfig  # noqa: E402
 from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
@@ -154,7 +154,7 @@ def time_heatmaps(
         ms = {key: statistics.median(values) for key, values in times.items()}
         threads = writer.threads
     print(f"\nheatmap cost ({engine.meta.arch} at {engine.spec.size} px, {n} images x {repeats} "
-          f"rounds, medians; {describe_machine()}):")  # fmt: skip
+          f"rounds, medians; PNG deflate: {DEFLATE}; {describe_machine()}):")  # fmt: skip
     for title, prefix in (
         ("batch 1, overlays written one after another", ""),
         (f"batch {batch_size} (the daemon's default), each batch's overlays written by "

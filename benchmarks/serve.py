@@ -9,6 +9,8 @@
    on an empty folder; ``--files`` real-size X-rays are copied in as fast as possible.
    Throughput = files / (last report written - first drop). Memory = the daemon's RSS,
    sampled every 0.5 s while it works: after warm-up (10-20 % of the files) vs. the end.
+   With ``--compare-heatmaps``, the same burst again with ``--no-heatmaps``: the share of
+   the daemon's throughput that writing the heatmap overlays costs, on real files.
 3. Latency: files dropped one by one at half the burst throughput; latency = report JSON
    written (its mtime) - drop time; p50 and p95.
 
@@ -87,6 +89,42 @@ class Daemon:
         return rc
 
 
+def burst(
+    work: Path, model: Path, daemon_args: list[str], sources: list[Path], files: int
+) -> tuple[float, float, list[tuple[int, float]], float]:
+    """Drop ``files`` copies into an idle daemon's empty folder as fast as possible;
+    ``(files/s from the first drop to the last report, seconds the drop took, (reports
+    written, RSS MiB) samples every 0.5 s, RSS when ready)``."""
+    incoming, reports = work / "incoming", work / "reports"
+    incoming.mkdir(parents=True)
+    d = Daemon(incoming, reports, model, daemon_args)
+    samples: list[tuple[int, float]] = []
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            samples.append((count_json(reports), rss_mib(d.proc.pid)))
+            stop_sampling.wait(0.5)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rss_start = rss_mib(d.proc.pid)
+    t_first = time.time()
+    for i in range(files):  # studies of up to 500 files, each in a folder
+        src = sources[i % len(sources)]
+        folder = incoming / f"d{i // 500:02d}"
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(src, folder / f"{i:05d}{src.suffix}")
+    t_dropped = time.time()
+    while count_json(reports) < files:
+        time.sleep(0.05)
+    last = max(p.stat().st_mtime for p in (reports / "json").rglob("*.json"))
+    stop_sampling.set()
+    sampler.join()
+    assert d.stop() == 0
+    return files / (last - t_first), t_dropped - t_first, samples, rss_start
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,6 +139,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stable-seconds", type=float, default=2.0)
     ap.add_argument("--max-wait", type=float, default=0.25)
+    ap.add_argument(
+        "--compare-heatmaps",
+        action="store_true",
+        help="also run the burst with --no-heatmaps and print what the heatmaps cost",
+    )
     args = ap.parse_args()
     from xrwatch.sysinfo import describe
 
@@ -139,33 +182,9 @@ def main() -> int:
         ]  # fmt: skip
 
         # 2. burst
-        incoming, reports = work / "incoming", work / "reports"
-        incoming.mkdir()
-        d = Daemon(incoming, reports, model, daemon_args)
-        samples: list[tuple[int, float]] = []
-        stop_sampling = threading.Event()
-
-        def sample() -> None:
-            while not stop_sampling.is_set():
-                samples.append((count_json(reports), rss_mib(d.proc.pid)))
-                stop_sampling.wait(0.5)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        rss_start = rss_mib(d.proc.pid)
-        t_first = time.time()
-        for i in range(args.files):  # studies of up to 500 files, each in a folder
-            src = sources[i % len(sources)]
-            folder = incoming / f"d{i // 500:02d}"
-            folder.mkdir(exist_ok=True)
-            shutil.copyfile(src, folder / f"{i:05d}{src.suffix}")
-        t_dropped = time.time()
-        while count_json(reports) < args.files:
-            time.sleep(0.05)
-        last = max(p.stat().st_mtime for p in (reports / "json").rglob("*.json"))
-        stop_sampling.set()
-        sampler.join()
-        burst_fps = args.files / (last - t_first)
+        burst_fps, drop_s, samples, rss_start = burst(
+            work / "burst", model, daemon_args, sources, args.files
+        )
 
         def rss_at(lo: float, hi: float) -> float:
             window = [rss for n, rss in samples if lo * args.files <= n <= hi * args.files]
@@ -179,12 +198,18 @@ def main() -> int:
         print(f"classify (predict_paths, batch {args.batch_size}): {classify_before:.1f} "
               f"files/s before the daemon run, {classify_after:.1f} after; "
               f"mean {classify_fps:.1f}")  # fmt: skip
-        print(f"daemon burst of {args.files}: dropped in {t_dropped - t_first:.1f} s, "
+        print(f"daemon burst of {args.files}: dropped in {drop_s:.1f} s, "
               f"{burst_fps:.1f} files/s = {burst_fps / classify_fps:.2f}x classify")  # fmt: skip
         print(f"daemon RSS: {rss_start:.0f} MiB when ready (before the first batch); "
               f"{early:.0f} MiB at 10-20 % of files, {middle:.0f} MiB at 45-55 %, "
               f"{late:.0f} MiB at 90-100 %; peak {peak:.0f} MiB")  # fmt: skip
-        assert d.stop() == 0
+        if args.compare_heatmaps:
+            plain_fps = burst(
+                work / "plain", model, [*daemon_args, "--no-heatmaps"], sources, args.files
+            )[0]
+            print(f"daemon burst of {args.files} with --no-heatmaps: {plain_fps:.1f} files/s; "
+                  f"writing heatmaps costs {plain_fps / burst_fps - 1:.1%} more time per file "
+                  f"({burst_fps:.1f} files/s with them)")  # fmt: skip
 
         # 3. latency at half the burst rate
         incoming2, reports2 = work / "incoming2", work / "reports2"
