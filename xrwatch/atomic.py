@@ -39,18 +39,28 @@ def atomic_file(path: Path, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
         raise
 
 
+MAX_OPEN = 64  # replace_all keeps this many temporary files open at once, at most
+
+
 def replace_all(
     files: Sequence[tuple[Path, bytes]], *, suffix: str = ".tmp"
 ) -> list[OSError | None]:
     """Write each ``(path, data)`` as :func:`atomic_file` would, but in three passes: every
     temporary file is written, then every one is fsynced, then every one is renamed over its
     target. The file system commits the batch's data together instead of once per file, and
-    no target is replaced before its bytes are on the disk.
+    no target is replaced before its bytes are on the disk. More than :data:`MAX_OPEN` files
+    go in groups of that many (each temporary file is open until its fsync).
 
     Returns, per file in order, None or the ``OSError`` that stopped it (its temporary file
     removed); one file's failure does not stop the others. Any other exception (an
     interrupt) removes every temporary file still there and is raised.
     """
+    if len(files) > MAX_OPEN:
+        return [
+            result
+            for start in range(0, len(files), MAX_OPEN)
+            for result in replace_all(files[start : start + MAX_OPEN], suffix=suffix)
+        ]
     results: list[OSError | None] = [None] * len(files)
     staged: list[tuple[int, BinaryIO, str]] = []  # (index, open temp file, its name)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from xrwatch import atomic
 from xrwatch.atomic import replace_all
 
 
@@ -94,3 +95,36 @@ def test_an_interrupt_removes_every_temporary_file(
 def test_empty_batch_writes_nothing(tmp_path: Path) -> None:
     assert replace_all([]) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_large_batch_goes_in_groups_of_open_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(atomic, "MAX_OPEN", 3)
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("f")
+        real_fsync(fd)
+
+    def replace(src: str, dst: Path) -> None:
+        events.append("r")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files = [(tmp_path / f"{i}.json", str(i).encode()) for i in range(7)]
+    files[4] = (tmp_path / "missing" / "4.json", b"4")
+    results = replace_all(files)
+    assert [r is None for r in results] == [True] * 4 + [False] + [True] * 2
+    assert "".join(events) == "fffrrr" + "ffrr" + "fr"  # each group fsynced, then renamed
+    assert [p.read_bytes() for p, _ in files if p.parent == tmp_path] == [
+        b"0",
+        b"1",
+        b"2",
+        b"3",
+        b"5",
+        b"6",
+    ]
+    assert _leftovers(tmp_path) == []
