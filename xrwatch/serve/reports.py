@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from xrwatch.atomic import MAX_OPEN, atomic_file, replace_all
+from xrwatch.atomic import atomic_file
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS, EXPLANATION
 from xrwatch.serve.ledger import Finished, Ledger
@@ -158,8 +158,7 @@ def _not_a_folder(folder: Path) -> Path | None:
     return None
 
 
-def json_bytes(path: Path, data: dict[str, Any]) -> bytes:
-    """The JSON report ``data`` as bytes, once ``path``'s folder exists (made here)."""
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     try:
         make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
     except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
@@ -170,19 +169,9 @@ def json_bytes(path: Path, data: dict[str, Any]) -> bytes:
             errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
         ) from exc
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
-    return text.encode("utf-8", errors="backslashreplace")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    encoded = json_bytes(path, data)
     with atomic_file(path) as fh:
-        fh.write(encoded)
-
-
-def _reason(target: Path, exc: Exception) -> str:
-    reason = exc.strerror if isinstance(exc, OSError) else None
-    return f"{target}: {reason or exc}"
+        # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
+        fh.write(text.encode("utf-8", errors="backslashreplace"))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -361,9 +350,8 @@ class ReportWriter:
         the ledger with its reason, tried again after ``hold_seconds`` and at every start,
         so that it never blocks the rows after it. When nothing can be written (disk full,
         folder unwritable), raises :class:`ReportWriteError` and every row stays unreported,
-        to be retried later. JSON files are written :data:`MAX_OPEN` at a time with one wait
-        for the disk (:func:`replace_all`); ``progress`` is called after each group (a long
-        flush is work, not a hang).
+        to be retried later. ``progress`` is called after each JSON file (a long flush is
+        work, not a hang).
         """
         try:
             self.reports.mkdir(parents=True, exist_ok=True)  # recreated if someone removed it
@@ -376,21 +364,16 @@ class ReportWriter:
                 dirs: set[Path] = set()
                 written: list[Finished] = []
                 failed: list[tuple[Finished, str]] = []
-                for start in range(0, len(rows), MAX_OPEN):  # one wait for the disk each
-                    staged: list[tuple[Finished, Path, bytes]] = []
-                    for row in rows[start : start + MAX_OPEN]:
-                        target = json_path(self.reports, row.path)
-                        try:
-                            staged.append((row, target, json_bytes(target, row.record)))
-                        except (OSError, ValueError) as exc:
-                            failed.append((row, _reason(target, exc)))
-                    results = replace_all([(target, data) for _, target, data in staged])
-                    for (row, target, _), error in zip(staged, results, strict=True):
-                        if error is None:
-                            written.append(row)
-                            dirs.add(target.parent)
-                        else:
-                            failed.append((row, _reason(target, error)))
+                for row in rows:
+                    target = json_path(self.reports, row.path)
+                    try:
+                        write_json_atomic(target, row.record)
+                    except (OSError, ValueError) as exc:
+                        reason = exc.strerror if isinstance(exc, OSError) else None
+                        failed.append((row, f"{target}: {reason or exc}"))
+                    else:
+                        written.append(row)
+                        dirs.add(target.parent)
                     if progress is not None:
                         progress()
                 if failed and not written:
