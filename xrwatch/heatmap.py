@@ -12,8 +12,8 @@ of what caused the prediction.
 
 Files are written atomically (temporary file in the same folder, fsync, rename): a reader
 never sees a partial PNG. :class:`HeatmapWriter` draws and encodes the overlays of a batch
-in a few threads, then writes them with one wait for the disk; the daemon and
-``classify --heatmaps`` both use it.
+in a few threads, then writes them with one wait for the disk; ``classify --heatmaps`` uses
+it, and so does the daemon, in the background while it infers the next batch.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class HeatmapWriter:
         self.threads = threads or default_threads()
         self._name = name
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._batches: cf.ThreadPoolExecutor | None = None  # runs submit_many's batches
         self._closed = False
         self._lock = threading.Lock()
 
@@ -218,9 +219,32 @@ class HeatmapWriter:
     def close(self) -> None:
         """Wait for writes in progress and end the threads."""
         with self._lock:
-            pool, self._pool, self._closed = self._pool, None, True
+            batches, self._batches = self._batches, None
+            self._closed = True
+        if batches is not None:
+            batches.shutdown(wait=True)  # before the pool its batches draw in
+        with self._lock:
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+    def submit_many(self, jobs: Sequence[HeatmapJob]) -> cf.Future[list[Path | None]]:
+        """:meth:`write_many` in the background: the caller goes on (the daemon infers the
+        next batch) and reads the result from the future. Batches are written one after
+        another, in the order submitted. After :meth:`close`, the batch is written before
+        this returns, and the future is already done."""
+        with self._lock:
+            if self._batches is None and not self._closed:
+                self._batches = cf.ThreadPoolExecutor(1, thread_name_prefix=self._name + "-batch")
+            batches = self._batches
+        if batches is not None:
+            return batches.submit(self.write_many, jobs)
+        done: cf.Future[list[Path | None]] = cf.Future()
+        try:
+            done.set_result(self.write_many(jobs))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
 
     def _executor(self) -> cf.ThreadPoolExecutor | None:
         with self._lock:

@@ -226,3 +226,57 @@ def test_daemon_heatmap_that_cannot_be_written_leaves_the_result(
     assert not list((reports / "heatmaps").rglob(".*"))  # no temp files left behind
     leaked = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
     assert not [name for name in leaked if name.startswith("xrwatch-heatmap")], leaked
+
+
+def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
+    fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's heatmaps are written while the next batch is inferred, and each batch
+    reaches the ledger only once its own heatmaps are on disk."""
+    from xrwatch import heatmap
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+    from xrwatch.serve.ledger import Ledger
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    for i, src in enumerate(real_images[:6]):
+        shutil.copy(src, incoming / f"{i}{src.suffix}")
+    events: list[str] = []
+    second_inference = threading.Event()
+    real_encode, real_predict = heatmap.encode_overlay, InferenceEngine.predict_outputs
+    real_finish = Ledger.finish
+
+    def predict(self: InferenceEngine, batch: np.ndarray) -> object:
+        events.append("infer")
+        if events.count("infer") == 2:
+            second_inference.set()
+        return real_predict(self, batch)
+
+    def encode(job: heatmap.HeatmapJob) -> bytes:
+        if events.count("infer") == 1:  # the first batch's heatmaps wait for the next batch
+            events.append("first heatmaps waiting")
+            second_inference.wait(20)
+        return real_encode(job)
+
+    def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
+        written = [
+            (tmp_path / "reports" / r["heatmap"]).is_file() for _, s, r in outcomes if s == "ok"
+        ]
+        events.append(f"ledger {len(outcomes)} all heatmaps on disk: {all(written)}")
+        real_finish(self, outcomes, hooks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(heatmap, "encode_overlay", encode)
+    monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
+    monkeypatch.setattr(Ledger, "finish", finish)
+    cfg = ServeConfig(
+        incoming=incoming, model=fitted_run / "model.onnx", reports=tmp_path / "reports",
+        once=True, stable_seconds=0.1, provider="cpu", batch_size=2, max_wait=0.5,
+    )  # fmt: skip
+    assert Daemon(cfg).run() == 0
+    assert second_inference.is_set()
+    first_ledger = next(i for i, e in enumerate(events) if e.startswith("ledger"))
+    assert events.index("first heatmaps waiting") < events.index("infer", 1) < first_ledger
+    assert all(e.endswith("True") for e in events if e.startswith("ledger")), events
+    records = [json.loads(p.read_text()) for p in (tmp_path / "reports" / "json").glob("*.json")]
+    assert len(records) == 6 and all(r["heatmap"] for r in records)

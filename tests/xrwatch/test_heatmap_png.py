@@ -209,3 +209,34 @@ def test_closed_writer_still_writes_in_the_callers_thread(tmp_path: Path) -> Non
     assert paths == [tmp_path / "a.png.png", tmp_path / "b.png.png"]
     with pytest.raises(ValueError, match="threads"):
         HeatmapWriter(0)
+
+
+def test_submit_many_writes_batches_in_the_background_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    real_encode = heatmap.encode_overlay
+    order: list[str] = []
+
+    def encode(job: HeatmapJob) -> bytes:
+        if job.rel.startswith("first"):
+            gate.wait(10)
+        order.append(job.rel)
+        if job.rel == "bug.png":
+            raise RuntimeError("a bug")
+        return real_encode(job)
+
+    monkeypatch.setattr(heatmap, "encode_overlay", encode)
+    with HeatmapWriter(2) as writer:
+        first = writer.submit_many([_job(tmp_path, "first.png", 1)])
+        second = writer.submit_many([_job(tmp_path, "second.png", 2)])
+        assert not first.done() and not second.done()  # the caller was not held up
+        gate.set()
+        assert first.result(10) == [tmp_path / "first.png.png"]
+        assert second.result(10) == [tmp_path / "second.png.png"]
+        assert order == ["first.png", "second.png"]  # batches one after another, in order
+        failing = writer.submit_many([_job(tmp_path, "bug.png", 3)])
+        with pytest.raises(RuntimeError, match="a bug"):
+            failing.result(10)
+    after = writer.submit_many([_job(tmp_path, "late.png", 4)])  # closed: written at once
+    assert after.done() and after.result() == [tmp_path / "late.png.png"]

@@ -203,6 +203,19 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
+@dataclass
+class _Begun:
+    """A batch inferred, with its outcomes, whose heatmaps are being written."""
+
+    batch: list[Work]
+    outcomes: list[tuple[int, str, dict[str, Any]]]
+    heatmaps: list[tuple[dict[str, Any], HeatmapJob]]
+    written: cf.Future[list[Path | None]] | None  # the heatmaps' paths, once written
+
+    def ready(self) -> bool:
+        return self.written is None or self.written.done()
+
+
 class Daemon:
     """One ``xrwatch serve`` process. Build it, then call :meth:`run` once."""
 
@@ -227,6 +240,7 @@ class Daemon:
         self._pending_archive: list[tuple[Work, bool]] = []  # (work, ok)
         self._batch: list[Work] = []
         self._batch_started: float | None = None
+        self._begun: _Begun | None = None  # inferred; its heatmaps are being written
         self._inflight: set[cf.Future[Work]] = set()
         self._watchdog: float | None = None
         self._next_heartbeat = self._next_watchdog = self._next_status = 0.0
@@ -638,16 +652,6 @@ class Daemon:
             confidence=record["confidence"],
         )
 
-    def _write_heatmaps(self, jobs: list[tuple[dict[str, Any], HeatmapJob]]) -> None:
-        """Write a batch's heatmaps (in parallel) and name each written one in its record;
-        a heatmap that cannot be written is logged and its record keeps ``None``."""
-        if not jobs or self._heatmaps is None:
-            return
-        paths = self._heatmaps.write_many([job for _, job in jobs])
-        for (record, _), path in zip(jobs, paths, strict=True):
-            if path is not None:
-                record["heatmap"] = path.relative_to(self.config.reports).as_posix()
-
     # -- batches -----------------------------------------------------------------------
     def _infer(self, inputs: list[Work]) -> Any:
         """Run the engine; on failure log and retry with back-off (the files stay claimed).
@@ -674,26 +678,53 @@ class Daemon:
                 self._sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_SECONDS * 2)
 
-    def _commit(self, batch: list[Work]) -> None:
-        """Infer, record outcomes in the ledger, write reports, archive."""
-        if not batch:
-            return
+    def _begin(self, batch: list[Work]) -> _Begun:
+        """Infer a batch and build its outcomes; its heatmaps start being written in the
+        background (:meth:`HeatmapWriter.submit_many`), so the loop can infer the next
+        batch meanwhile. Nothing is recorded until :meth:`_finish`."""
         inputs = [w for w in batch if w.kind == "input"]
         outcomes: list[tuple[int, str, dict[str, Any]]] = []
+        heatmaps: list[tuple[dict[str, Any], HeatmapJob]] = []
         if inputs:
             out = self._infer(inputs)
-            heatmaps: list[tuple[dict[str, Any], HeatmapJob]] = []
             for i, w in enumerate(inputs):
                 record = self._record(w, out.probabilities[i])
                 job = self._explain(record, w, out, i)
                 if job is not None:
                     heatmaps.append((record, job))
                 outcomes.append((w.row_id, "ok", record))
-            self._write_heatmaps(heatmaps)  # all written (or failed) before the ledger
+        written = None
+        if heatmaps and self._heatmaps is not None:
+            written = self._heatmaps.submit_many([job for _, job in heatmaps])
+            written.add_done_callback(lambda _f: self._wake.set())
         for w in batch:
             if w.kind == "error":
                 logger.warning("%s: error: %s", w.rel, w.error)
                 outcomes.append((w.row_id, "error", self._record(w, None)))
+        return _Begun(batch, outcomes, heatmaps, written)
+
+    def _commit(self, batch: list[Work]) -> None:
+        """Infer, record outcomes in the ledger, write reports, archive: all before it
+        returns (the loop instead overlaps a batch's heatmaps with the next inference)."""
+        if not batch:
+            return
+        self._finish_begun()
+        self._finish(self._begin(batch))
+
+    def _finish_begun(self) -> None:
+        begun, self._begun = self._begun, None
+        if begun is not None:
+            self._finish(begun)
+
+    def _finish(self, begun: _Begun) -> None:
+        """Record a begun batch: once its heatmaps are written (or failed: logged, the
+        record keeps ``None``), the ledger, then the reports and the archive."""
+        batch, outcomes = begun.batch, begun.outcomes
+        if begun.written is not None:
+            paths = begun.written.result()  # every heatmap written (or failed) before the ledger
+            for (record, _), path in zip(begun.heatmaps, paths, strict=True):
+                if path is not None:
+                    record["heatmap"] = path.relative_to(self.config.reports).as_posix()
         backoff = 1.0
         while True:
             try:
@@ -1044,8 +1075,13 @@ class Daemon:
                 or now - (self._batch_started or now) >= cfg.max_wait
             ):
                 batch, self._batch, self._batch_started = self._batch, [], None
-                self._commit(batch)
+                begun = self._begin(batch)  # inferred while the batch before's heatmaps are written
+                previous, self._begun = self._begun, begun
+                if previous is not None:
+                    self._finish(previous)
                 continue
+            if self._begun is not None and self._begun.ready():
+                self._finish_begun()
             if self._report_retry_at and now >= self._report_retry_at:
                 self._flush_reports()
             if now >= self._next_rescan:
@@ -1059,7 +1095,13 @@ class Daemon:
                     self._flush_reports()  # held rows that are due again
                 self._next_rescan = now + cfg.rescan_interval
             self.metrics.queue_depth.set(self._queue_depth())
-            if cfg.once and not self._inflight and not self._batch and not len(self.tracker):
+            if (
+                cfg.once
+                and not self._inflight
+                and not self._batch
+                and self._begun is None
+                and not len(self.tracker)
+            ):
                 if self._report_retry_at and self._report_failures < ONCE_REPORT_TRIES:
                     self._wake.wait(0.2)
                     continue
@@ -1087,6 +1129,10 @@ class Daemon:
             logger.info("finishing %d file(s) in flight", len(self._inflight))
         cf.wait(self._inflight)
         self._collect()
+        try:
+            self._finish_begun()
+        except XRWatchError as exc:
+            logger.error("giving up on a batch at shutdown: %s", exc)
         while self._batch:
             batch, self._batch = (
                 self._batch[: self.config.batch_size],
