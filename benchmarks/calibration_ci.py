@@ -27,9 +27,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xrwatch_training.calibration import ECE_BINS, expected_calibration_error, softmax  # noqa: E402
 from xrwatch.engine import InferenceEngine  # noqa: E402
 from xrwatch.preprocess import load_model_input  # noqa: E402
+from xrwatch_training.calibration import (  # noqa: E402
+    BOOTSTRAP_RESAMPLES,
+    ECE_BINS,
+    ece_intervals,
+    expected_calibration_error,
+    paired_intervals,
+    softmax,
+)
 
 BATCH = 32
 
@@ -59,34 +66,15 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(axis=1) == labels).mean())
 
 
-def bootstrap(
-    before: np.ndarray, after: np.ndarray, labels: np.ndarray, resamples: int, seed: int
-) -> dict[str, np.ndarray]:
-    """Per statistic, its value on each resample (the same indices for before and after)."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    out: dict[str, list[float]] = {k: [] for k in ("ece0", "ece1", "nll0", "nll1", "acc")}
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        b, a, y = before[idx], after[idx], labels[idx]
-        out["ece0"].append(expected_calibration_error(b, y))
-        out["ece1"].append(expected_calibration_error(a, y))
-        out["nll0"].append(nll(b, y))
-        out["nll1"].append(nll(a, y))
-        out["acc"].append(accuracy(b, y))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def interval(values: np.ndarray) -> str:
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return f"[{lo:.3f}, {hi:.3f}]"
+def interval(values: list[float]) -> str:
+    return f"[{values[0]:+.3f}, {values[1]:+.3f}]"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--splits", type=Path, required=True, help="a run's splits/ folder")
-    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -103,22 +91,21 @@ def main() -> int:
         before = softmax(logits)
         if not np.allclose(softmax(logits, temperature), calibrated, atol=1e-4):
             raise SystemExit(f"{args.model}: probabilities are not softmax(logits / T)")
-        boot = bootstrap(before, calibrated, labels, args.resamples, args.seed)
-        e0, e1 = (
-            expected_calibration_error(before, labels),
-            expected_calibration_error(calibrated, labels),
-        )
+        kw = {"resamples": args.resamples, "seed": args.seed}
+        ece = ece_intervals(before, calibrated, labels, **kw)
+        loss = paired_intervals(before, calibrated, labels, nll, **kw)
+        right = paired_intervals(before, before, labels, accuracy, **kw)["before"]
+        e0 = expected_calibration_error(before, labels)
+        e1 = expected_calibration_error(calibrated, labels)
         n0, n1 = nll(before, labels), nll(calibrated, labels)
-        acc = accuracy(before, labels)
-        print(f"\n{split} ({len(labels)} images), accuracy {acc:.3f} {interval(boot['acc'])}:")
-        print(f"  ECE  before {e0:.3f} {interval(boot['ece0'])}   after {e1:.3f} "
-              f"{interval(boot['ece1'])}   after - before {e1 - e0:+.3f} "
-              f"{interval(boot['ece1'] - boot['ece0'])}")  # fmt: skip
-        print(f"  NLL  before {n0:.3f} {interval(boot['nll0'])}   after {n1:.3f} "
-              f"{interval(boot['nll1'])}   after - before {n1 - n0:+.3f} "
-              f"{interval(boot['nll1'] - boot['nll0'])}")  # fmt: skip
-        worse = float(np.mean(boot["ece1"] > boot["ece0"]))
-        print(f"  resamples where calibration made ECE worse: {worse:.1%}")
+        print(f"\n{split} ({len(labels)} images), accuracy {accuracy(before, labels):.3f} "
+              f"{interval(right)}:")  # fmt: skip
+        print(f"  ECE  before {e0:.3f} {interval(ece['before'])}   after {e1:.3f} "
+              f"{interval(ece['after'])}   after - before {e1 - e0:+.3f} "
+              f"{interval(ece['change'])}")  # fmt: skip
+        print(f"  NLL  before {n0:.3f} {interval(loss['before'])}   after {n1:.3f} "
+              f"{interval(loss['after'])}   after - before {n1 - n0:+.3f} "
+              f"{interval(loss['change'])}")  # fmt: skip
     return 0
 
 

@@ -12,7 +12,7 @@ are: bootstrap percentile intervals of ECE before, after, and of the paired chan
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -53,24 +53,20 @@ def expected_calibration_error(
     return float(ece)
 
 
-def ece_intervals(
+def paired_intervals(
     before: np.ndarray,
     after: np.ndarray,
     labels: np.ndarray,
+    statistic: Callable[[np.ndarray, np.ndarray], float],
     *,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
-    bins: int = ECE_BINS,
 ) -> dict[str, list[float]]:
-    """95 % bootstrap percentile intervals of the ECE of ``before`` and of ``after`` (N x C
-    probabilities of the same N labelled images, e.g. without and with temperature) and of
-    the paired change ``after - before``: each resample draws N images with replacement and
-    scores both on the same draw. Keys ``before``, ``after``, ``change``: ``[low, high]``.
-
-    On a few hundred images the ECE of one sample is noisy; a change whose interval holds
-    0 is one this many images cannot tell from chance. (Resampled ECE sits a little above
-    the sample's own: duplicated images fill fewer bins. Read the intervals as spread.)
-    """
+    """95 % bootstrap percentile intervals of ``statistic(probs, labels)`` for ``before`` and
+    for ``after`` (N x C probabilities of the same N labelled images, e.g. without and with
+    temperature) and of the paired change ``after - before``: each resample draws N images
+    with replacement and scores both on the same draw. Keys ``before``, ``after``,
+    ``change``: ``[low, high]``."""
     before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
     labels = np.asarray(labels)
     n = len(labels)
@@ -83,10 +79,7 @@ def ece_intervals(
     draws = np.empty((resamples, 2))
     for r in range(resamples):
         idx = rng.integers(0, n, n)
-        draws[r] = (
-            expected_calibration_error(before[idx], labels[idx], bins),
-            expected_calibration_error(after[idx], labels[idx], bins),
-        )
+        draws[r] = statistic(before[idx], labels[idx]), statistic(after[idx], labels[idx])
 
     def interval(values: np.ndarray) -> list[float]:
         low, high = np.percentile(values, [2.5, 97.5])
@@ -97,6 +90,32 @@ def ece_intervals(
         "after": interval(draws[:, 1]),
         "change": interval(draws[:, 1] - draws[:, 0]),
     }
+
+
+def ece_intervals(
+    before: np.ndarray,
+    after: np.ndarray,
+    labels: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    bins: int = ECE_BINS,
+) -> dict[str, list[float]]:
+    """:func:`paired_intervals` of the ECE.
+
+    On a few hundred images the ECE of one sample is noisy; a change whose interval holds
+    0 is one this many images cannot tell from chance. Resampled ECE sits above the
+    sample's own (duplicated images make the bins noisier), so the ``before`` and ``after``
+    intervals run high; the interval of the paired ``change`` is the one to read.
+    """
+    return paired_intervals(
+        before,
+        after,
+        labels,
+        lambda probs, y: expected_calibration_error(probs, y, bins),
+        resamples=resamples,
+        seed=seed,
+    )
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
