@@ -11,34 +11,34 @@ from xrwatch import atomic
 from xrwatch.atomic import replace_all
 
 
-def _name_of(fd: int) -> str:
-    return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
-
-
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob(".*"))
 
 
-def test_every_file_is_fsynced_before_any_is_renamed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    targets = [tmp_path / f"{i}.png" for i in range(4)]
-    targets[0].write_bytes(b"old")
-    events: list[str] = []
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What reaches the disk, in order: "f" per fsync, "r" per rename (both still happen)."""
+    seen: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
     def fsync(fd: int) -> None:
-        events.append("fsync")
+        seen.append("f")
         real_fsync(fd)
 
     def replace(src: str, dst: Path) -> None:
-        events.append("rename")
+        seen.append("r")
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_every_file_is_fsynced_before_any_is_renamed(tmp_path: Path, events: list[str]) -> None:
+    targets = [tmp_path / f"{i}.png" for i in range(4)]
+    targets[0].write_bytes(b"old")
     assert replace_all([(t, f"new {i}".encode()) for i, t in enumerate(targets)]) == [None] * 4
-    assert events == ["fsync"] * 4 + ["rename"] * 4
+    assert "".join(events) == "ffffrrrr"
     assert [t.read_bytes() for t in targets] == [f"new {i}".encode() for i in range(4)]
     assert _leftovers(tmp_path) == []
 
@@ -98,22 +98,9 @@ def test_empty_batch_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_large_batch_goes_in_groups_of_open_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[str]
 ) -> None:
     monkeypatch.setattr(atomic, "MAX_OPEN", 3)
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append("f")
-        real_fsync(fd)
-
-    def replace(src: str, dst: Path) -> None:
-        events.append("r")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     files = [(tmp_path / f"{i}.json", str(i).encode()) for i in range(7)]
     files[4] = (tmp_path / "missing" / "4.json", b"4")
     results = replace_all(files)
