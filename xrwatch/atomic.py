@@ -47,9 +47,11 @@ def replace_all(
 ) -> list[OSError | None]:
     """Write each ``(path, data)`` as :func:`atomic_file` would, but in three passes: every
     temporary file is written, then every one is fsynced, then every one is renamed over its
-    target. The file system commits the batch's data together instead of once per file, and
-    no target is replaced before its bytes are on the disk. More than :data:`MAX_OPEN` files
-    go in groups of that many (each temporary file is open until its fsync).
+    target, and last each folder renamed into is fsynced once. The file system commits the
+    batch's data together instead of once per file; no target is replaced before its bytes
+    are on the disk, and none is reported written before its new name is. More than
+    :data:`MAX_OPEN` files go in groups of that many (each temporary file is open until its
+    fsync).
 
     Returns, per file in order, None or the ``OSError`` that stopped it (its temporary file
     removed); one file's failure does not stop the others. Any other exception (an
@@ -79,7 +81,13 @@ def replace_all(
             except OSError as exc:
                 results[i] = exc
                 continue
-            fh: BinaryIO = os.fdopen(fd, "wb")
+            try:
+                fh: BinaryIO = os.fdopen(fd, "wb")
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             staged.append((i, fh, tmp))
             try:
                 fh.write(data)
@@ -94,10 +102,12 @@ def replace_all(
             except OSError as exc:
                 staged.remove((i, fh, tmp))
                 drop(i, fh, tmp, exc)
+        renamed: dict[Path, list[int]] = {}  # folder -> files renamed into it
         while staged:
             i, fh, tmp = staged[0]
             try:
                 os.replace(tmp, files[i][0])
+                renamed.setdefault(files[i][0].parent, []).append(i)
             except OSError as exc:
                 drop(i, fh, tmp, exc)
             staged.pop(0)
@@ -105,7 +115,35 @@ def replace_all(
         for i, fh, tmp in staged:
             drop(i, fh, tmp, None)
         raise
+    for folder, indices in renamed.items():
+        try:
+            fsync_dir(folder)
+        except OSError as exc:  # the files are there, but their names may not survive a crash
+            for i in indices:
+                results[i] = exc
     return results
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in folder ``path`` (a rename, a new file or folder) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` whose new folders are durable too (each parent fsynced after)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+        fsync_dir(folder.parent)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xrwatch.atomic import atomic_file, replace_all
+from xrwatch.atomic import atomic_file, make_dirs, replace_all
 from xrwatch.pngwrite import encode_rgb
 
 logger = logging.getLogger(__name__)
@@ -233,12 +233,11 @@ class HeatmapWriter:
         next batch) and reads the result from the future. Batches are written one after
         another, in the order submitted. After :meth:`close`, the batch is written before
         this returns, and the future is already done."""
-        with self._lock:
+        with self._lock:  # submitted under the lock: close() cannot shut it down in between
             if self._batches is None and not self._closed:
                 self._batches = cf.ThreadPoolExecutor(1, thread_name_prefix=self._name + "-batch")
-            batches = self._batches
-        if batches is not None:
-            return batches.submit(self.write_many, jobs)
+            if self._batches is not None:
+                return self._batches.submit(self.write_many, jobs)
         done: cf.Future[list[Path | None]] = cf.Future()
         try:
             done.set_result(self.write_many(jobs))
@@ -276,7 +275,7 @@ class HeatmapWriter:
                 _failed(job, path, data)
             elif not isinstance(data, BaseException):
                 try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
+                    make_dirs(path.parent)  # new folders durable, like the files in them
                     staged.append((i, path, data))
                 except OSError as exc:
                     _failed(job, path, exc)

@@ -38,7 +38,7 @@ def test_every_file_is_fsynced_before_any_is_renamed(tmp_path: Path, events: lis
     targets = [tmp_path / f"{i}.png" for i in range(4)]
     targets[0].write_bytes(b"old")
     assert replace_all([(t, f"new {i}".encode()) for i, t in enumerate(targets)]) == [None] * 4
-    assert "".join(events) == "ffffrrrr"
+    assert "".join(events) == "ffffrrrr" + "f"  # the files, the renames, then the folder once
     assert [t.read_bytes() for t in targets] == [f"new {i}".encode() for i in range(4)]
     assert _leftovers(tmp_path) == []
 
@@ -61,7 +61,7 @@ def test_one_failure_leaves_its_old_file_and_the_others_are_written(
     real_fsync = os.fsync
 
     def fsync(fd: int) -> None:
-        if _content_of(fd) == b"for full":
+        if os.path.isfile(os.readlink(f"/proc/self/fd/{fd}")) and _content_of(fd) == b"for full":
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
@@ -105,7 +105,8 @@ def test_a_large_batch_goes_in_groups_of_open_files(
     files[4] = (tmp_path / "missing" / "4.json", b"4")
     results = replace_all(files)
     assert [r is None for r in results] == [True] * 4 + [False] + [True] * 2
-    assert "".join(events) == "fffrrr" + "ffrr" + "fr"  # each group fsynced, then renamed
+    # each group: its files fsynced, renamed, then their folder fsynced
+    assert "".join(events) == "fffrrrf" + "ffrrf" + "frf"
     assert [p.read_bytes() for p, _ in files if p.parent == tmp_path] == [
         b"0",
         b"1",
@@ -115,3 +116,39 @@ def test_a_large_batch_goes_in_groups_of_open_files(
         b"6",
     ]
     assert _leftovers(tmp_path) == []
+
+
+def test_a_folder_that_cannot_be_synced_fails_the_files_renamed_into_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    real = atomic.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        if path.name == "b":
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_dir", fsync_dir)
+    files = [
+        (tmp_path / "a" / "1", b"1"),
+        (tmp_path / "b" / "2", b"2"),
+        (tmp_path / "b" / "3", b"3"),
+    ]
+    results = replace_all(files)
+    assert results[0] is None
+    assert all(isinstance(r, OSError) and r.errno == 5 for r in results[1:])
+
+
+def test_make_dirs_syncs_each_new_folders_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(atomic, "fsync_dir", synced.append)
+    atomic.make_dirs(tmp_path / "x" / "y" / "z")
+    assert (tmp_path / "x" / "y" / "z").is_dir()
+    assert synced == [tmp_path, tmp_path / "x", tmp_path / "x" / "y"]
+    synced.clear()
+    atomic.make_dirs(tmp_path / "x" / "y")  # nothing new: nothing to sync
+    assert synced == []

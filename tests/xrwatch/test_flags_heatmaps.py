@@ -253,10 +253,12 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
             second_inference.set()
         return real_predict(self, batch)
 
+    waited: list[bool] = []
+    first = threading.Lock()  # taken by the first overlay only (they are drawn in parallel)
+
     def encode(job: heatmap.HeatmapJob) -> bytes:
-        if events.count("infer") == 1:  # the first batch's heatmaps wait for the next batch
-            events.append("first heatmaps waiting")
-            second_inference.wait(20)
+        if first.acquire(blocking=False):  # held until the next batch is being inferred
+            waited.append(second_inference.wait(20))
         return real_encode(job)
 
     def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
@@ -274,9 +276,88 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
         once=True, stable_seconds=0.1, provider="cpu", batch_size=2, max_wait=0.5,
     )  # fmt: skip
     assert Daemon(cfg).run() == 0
-    assert second_inference.is_set()
+    assert waited == [True]  # the next inference began while the first heatmaps were held
     first_ledger = next(i for i, e in enumerate(events) if e.startswith("ledger"))
-    assert events.index("first heatmaps waiting") < events.index("infer", 1) < first_ledger
+    assert events.index("infer", 1) < first_ledger
     assert all(e.endswith("True") for e in events if e.startswith("ledger")), events
     records = [json.loads(p.read_text()) for p in (tmp_path / "reports" / "json").glob("*.json")]
     assert len(records) == 6 and all(r["heatmap"] for r in records)
+
+
+def _six_inputs(real_images: list[Path], folder: Path) -> Path:
+    folder.mkdir()
+    for i, src in enumerate(real_images[:6]):
+        shutil.copy(src, folder / f"{i}{src.suffix}")
+    return folder
+
+
+def test_daemon_records_the_begun_batch_while_inference_is_retried(
+    fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xrwatch import heatmap
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+    from xrwatch.serve.ledger import Ledger
+
+    events: list[str] = []
+    real_predict, real_finish = InferenceEngine.predict_outputs, Ledger.finish
+    real_encode = heatmap.encode_overlay
+    failed = threading.Event()
+
+    def predict(self: InferenceEngine, batch: np.ndarray) -> object:
+        events.append("infer")
+        if events.count("infer") == 2:  # the second batch's first try fails
+            failed.set()
+            raise RuntimeError("device lost")
+        return real_predict(self, batch)
+
+    def encode(job: heatmap.HeatmapJob) -> bytes:
+        failed.wait(20)  # the first batch stays begun until the failure
+        return real_encode(job)
+
+    def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
+        events.append("ledger")
+        real_finish(self, outcomes, hooks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
+    monkeypatch.setattr(Ledger, "finish", finish)
+    monkeypatch.setattr(heatmap, "encode_overlay", encode)
+    cfg = ServeConfig(
+        incoming=_six_inputs(real_images, tmp_path / "in"), model=fitted_run / "model.onnx",
+        reports=tmp_path / "reports", once=True, stable_seconds=0.1, provider="cpu",
+        batch_size=2, max_wait=0.5,
+    )  # fmt: skip
+    assert Daemon(cfg).run() == 0
+    # the first batch is recorded during the retry's wait, not after the second inference
+    assert events[:4] == ["infer", "infer", "ledger", "infer"], events
+    assert len(list((tmp_path / "reports" / "json").glob("*.json"))) == 6
+
+
+def test_a_heatmap_bug_stops_the_daemon_but_the_batches_after_it_are_recorded(
+    fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xrwatch import heatmap
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+
+    real_encode = heatmap.encode_overlay
+    calls: list[str] = []
+
+    def encode(job: heatmap.HeatmapJob) -> bytes:
+        calls.append(job.rel)
+        if len(calls) == 1:
+            raise ValueError("a bug in the overlay")
+        return real_encode(job)
+
+    monkeypatch.setattr(heatmap, "encode_overlay", encode)
+    cfg = ServeConfig(
+        incoming=_six_inputs(real_images, tmp_path / "in"), model=fitted_run / "model.onnx",
+        reports=tmp_path / "reports", once=True, stable_seconds=0.1, provider="cpu",
+        batch_size=2, max_wait=0.5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="a bug in the overlay"):
+        Daemon(cfg).run()
+    reported = {p.name for p in (tmp_path / "reports" / "json").glob("*.json")}
+    first_batch = {f"{Path(rel).name}.json" for rel in calls[:2]}
+    assert reported and not reported & first_batch  # the failing batch is not recorded ...
+    assert len(reported) >= 2  # ... but the one inferred after it is, at shutdown

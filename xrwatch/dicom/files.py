@@ -6,28 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
+from xrwatch.atomic import fsync_dir, make_dirs
+
 PART_SUFFIX = ".part"  # with a leading dot: the watcher ignores both
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs(path: Path) -> None:
-    """``mkdir -p`` whose new folders are durable too (each parent fsynced after)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-        fsync_dir(folder.parent)
 
 
 def write_durably(path: Path, data: bytes) -> None:

@@ -240,7 +240,8 @@ class Daemon:
         self._pending_archive: list[tuple[Work, bool]] = []  # (work, ok)
         self._batch: list[Work] = []
         self._batch_started: float | None = None
-        self._begun: _Begun | None = None  # inferred; its heatmaps are being written
+        # inferred, heatmaps being written, not yet recorded; oldest first, at most two
+        self._begun: list[_Begun] = []
         self._inflight: set[cf.Future[Work]] = set()
         self._watchdog: float | None = None
         self._next_heartbeat = self._next_watchdog = self._next_status = 0.0
@@ -675,6 +676,7 @@ class Daemon:
                 if self._stop.is_set() and backoff > RETRY_MAX_SECONDS:
                     raise
                 logger.error("inference failed (%s); retrying in %.0f s", exc, backoff)
+                self._finish_begun()  # what was inferred before is recorded meanwhile
                 self._sleep(backoff)
                 backoff = min(backoff * 2, RETRY_MAX_SECONDS * 2)
 
@@ -711,10 +713,13 @@ class Daemon:
         self._finish_begun()
         self._finish(self._begin(batch))
 
-    def _finish_begun(self) -> None:
-        begun, self._begun = self._begun, None
-        if begun is not None:
-            self._finish(begun)
+    def _finish_begun(self, keep: int = 0) -> None:
+        """Finish begun batches, oldest first, until ``keep`` are left. One that cannot be
+        finished (its exception is raised) stays first in line: none after it is recorded
+        before it, and :meth:`_drain` tries it again."""
+        while len(self._begun) > keep:
+            self._finish(self._begun[0])
+            self._begun.pop(0)
 
     def _finish(self, begun: _Begun) -> None:
         """Record a begun batch: once its heatmaps are written (or failed: logged, the
@@ -1075,12 +1080,12 @@ class Daemon:
                 or now - (self._batch_started or now) >= cfg.max_wait
             ):
                 batch, self._batch, self._batch_started = self._batch, [], None
-                begun = self._begin(batch)  # inferred while the batch before's heatmaps are written
-                previous, self._begun = self._begun, begun
-                if previous is not None:
-                    self._finish(previous)
+                # inferred while the batch before's heatmaps are written; then that one is
+                # recorded (its heatmaps have had this inference's time)
+                self._begun.append(self._begin(batch))
+                self._finish_begun(keep=1)
                 continue
-            if self._begun is not None and self._begun.ready():
+            if self._begun and self._begun[0].ready():
                 self._finish_begun()
             if self._report_retry_at and now >= self._report_retry_at:
                 self._flush_reports()
@@ -1099,7 +1104,7 @@ class Daemon:
                 cfg.once
                 and not self._inflight
                 and not self._batch
-                and self._begun is None
+                and not self._begun
                 and not len(self.tracker)
             ):
                 if self._report_retry_at and self._report_failures < ONCE_REPORT_TRIES:
@@ -1129,10 +1134,14 @@ class Daemon:
             logger.info("finishing %d file(s) in flight", len(self._inflight))
         cf.wait(self._inflight)
         self._collect()
-        try:
-            self._finish_begun()
-        except XRWatchError as exc:
-            logger.error("giving up on a batch at shutdown: %s", exc)
+        while self._begun:  # oldest first; one that fails is given up, the others go on
+            begun = self._begun.pop(0)
+            try:
+                self._finish(begun)
+            except XRWatchError as exc:
+                logger.error("giving up on %d file(s) at shutdown: %s", len(begun.batch), exc)
+            except Exception:  # a bug; the batches after it are still recorded
+                logger.exception("giving up on %d file(s) at shutdown", len(begun.batch))
         while self._batch:
             batch, self._batch = (
                 self._batch[: self.config.batch_size],
@@ -1142,6 +1151,8 @@ class Daemon:
                 self._commit(batch)
             except XRWatchError as exc:
                 logger.error("giving up on %d file(s) at shutdown: %s", len(batch), exc)
+            except Exception:  # a bug; the batches after it are still recorded
+                logger.exception("giving up on %d file(s) at shutdown", len(batch))
         if self._report_retry_at:
             self._flush_reports()
 
