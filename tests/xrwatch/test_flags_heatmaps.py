@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -228,20 +229,29 @@ def test_daemon_heatmap_that_cannot_be_written_leaves_the_result(
     assert not [name for name in leaked if name.startswith("xrwatch-heatmap")], leaked
 
 
+def _six_in_batches_of_two(fitted_run: Path, real_images: list[Path], tmp_path: Path) -> Any:
+    """A ``--once`` daemon config over six real X-rays in ``tmp_path/in``, batches of two."""
+    from xrwatch.serve.config import ServeConfig
+
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    for i, src in enumerate(real_images[:6]):
+        shutil.copy(src, incoming / f"{i}{src.suffix}")
+    return ServeConfig(
+        incoming=incoming, model=fitted_run / "model.onnx", reports=tmp_path / "reports",
+        once=True, stable_seconds=0.1, provider="cpu", batch_size=2, max_wait=0.5,
+    )  # fmt: skip
+
+
 def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
     fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch's heatmaps are written while the next batch is inferred, and each batch
     reaches the ledger only once its own heatmaps are on disk."""
     from xrwatch import heatmap
-    from xrwatch.serve.config import ServeConfig
     from xrwatch.serve.daemon import Daemon
     from xrwatch.serve.ledger import Ledger
 
-    incoming = tmp_path / "in"
-    incoming.mkdir()
-    for i, src in enumerate(real_images[:6]):
-        shutil.copy(src, incoming / f"{i}{src.suffix}")
     events: list[str] = []
     second_inference = threading.Event()
     real_encode, real_predict = heatmap.encode_overlay, InferenceEngine.predict_outputs
@@ -271,10 +281,7 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
     monkeypatch.setattr(heatmap, "encode_overlay", encode)
     monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
     monkeypatch.setattr(Ledger, "finish", finish)
-    cfg = ServeConfig(
-        incoming=incoming, model=fitted_run / "model.onnx", reports=tmp_path / "reports",
-        once=True, stable_seconds=0.1, provider="cpu", batch_size=2, max_wait=0.5,
-    )  # fmt: skip
+    cfg = _six_in_batches_of_two(fitted_run, real_images, tmp_path)
     assert Daemon(cfg).run() == 0
     assert waited == [True]  # the next inference began while the first heatmaps were held
     first_ledger = next(i for i, e in enumerate(events) if e.startswith("ledger"))
@@ -284,18 +291,10 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
     assert len(records) == 6 and all(r["heatmap"] for r in records)
 
 
-def _six_inputs(real_images: list[Path], folder: Path) -> Path:
-    folder.mkdir()
-    for i, src in enumerate(real_images[:6]):
-        shutil.copy(src, folder / f"{i}{src.suffix}")
-    return folder
-
-
 def test_daemon_records_the_begun_batch_while_inference_is_retried(
     fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from xrwatch import heatmap
-    from xrwatch.serve.config import ServeConfig
     from xrwatch.serve.daemon import Daemon
     from xrwatch.serve.ledger import Ledger
 
@@ -322,11 +321,7 @@ def test_daemon_records_the_begun_batch_while_inference_is_retried(
     monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
     monkeypatch.setattr(Ledger, "finish", finish)
     monkeypatch.setattr(heatmap, "encode_overlay", encode)
-    cfg = ServeConfig(
-        incoming=_six_inputs(real_images, tmp_path / "in"), model=fitted_run / "model.onnx",
-        reports=tmp_path / "reports", once=True, stable_seconds=0.1, provider="cpu",
-        batch_size=2, max_wait=0.5,
-    )  # fmt: skip
+    cfg = _six_in_batches_of_two(fitted_run, real_images, tmp_path)
     assert Daemon(cfg).run() == 0
     # the first batch is recorded during the retry's wait, not after the second inference
     assert events[:4] == ["infer", "infer", "ledger", "infer"], events
@@ -337,7 +332,6 @@ def test_a_heatmap_bug_stops_the_daemon_but_the_batches_after_it_are_recorded(
     fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from xrwatch import heatmap
-    from xrwatch.serve.config import ServeConfig
     from xrwatch.serve.daemon import Daemon
 
     real_encode = heatmap.encode_overlay
@@ -350,11 +344,7 @@ def test_a_heatmap_bug_stops_the_daemon_but_the_batches_after_it_are_recorded(
         return real_encode(job)
 
     monkeypatch.setattr(heatmap, "encode_overlay", encode)
-    cfg = ServeConfig(
-        incoming=_six_inputs(real_images, tmp_path / "in"), model=fitted_run / "model.onnx",
-        reports=tmp_path / "reports", once=True, stable_seconds=0.1, provider="cpu",
-        batch_size=2, max_wait=0.5,
-    )  # fmt: skip
+    cfg = _six_in_batches_of_two(fitted_run, real_images, tmp_path)
     with pytest.raises(ValueError, match="a bug in the overlay"):
         Daemon(cfg).run()
     reported = {p.name for p in (tmp_path / "reports" / "json").glob("*.json")}
