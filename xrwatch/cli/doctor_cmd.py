@@ -44,6 +44,7 @@ PACKAGES: tuple[tuple[str, bool], ...] = (
     ("watchdog", True),
     ("typer", True),
     ("rich", True),
+    ("isal", False),  # faster heatmap PNGs; zlib writes the same pictures without it
     ("onnx", False),
     ("torch", False),
     ("torchvision", False),
