@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xrwatch.atomic import atomic_file, make_dirs, replace_all
+from xrwatch.atomic import make_dirs, replace_all
 from xrwatch.pngwrite import encode_rgb
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ logger = logging.getLogger(__name__)
 ALPHA = 0.45  # weight of the colour map where the activation is highest
 LEGEND_HEIGHT = 18  # pixels of the legend strip under the image
 MIN_SIDE = 224  # smaller model inputs are enlarged (nearest) so legend and map stay readable
-PNG_COMPRESS_LEVEL = 1  # zlib level: 1 writes ~3x faster than the default 6, files ~20 % bigger
+PNG_COMPRESS_LEVEL = 1  # deflate level (xrwatch.pngwrite): the fastest
+PNG_TMP_SUFFIX = ".png.tmp"  # temporary files, hidden (".") beside their PNG
 LEGEND_CACHE_SIZE = 512  # legend strips kept, per (width, caption): ~14 KB each at 256 px
-MAX_THREADS = 4  # HeatmapWriter's default: min(this, CPUs); more only queue on the disk
+MAX_THREADS = 4  # HeatmapWriter's drawing threads: min(this, CPUs)
 
 # A perceptual "turbo"-like ramp: dark blue -> cyan -> green -> yellow -> red.
 _STOPS = np.array(
@@ -152,13 +153,15 @@ def heatmap_path(root: Path, rel: str) -> Path:
 
 
 def write_png_atomic(image: Image.Image | np.ndarray, path: Path) -> Path:
-    """Write ``image`` (RGB) as PNG to ``path`` atomically (temp file, fsync, rename)."""
+    """Write ``image`` (RGB) as PNG to ``path`` as :class:`HeatmapWriter` writes a batch
+    (:func:`replace_all`: temp file, fsync, rename, folder fsync); raises the ``OSError``."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     data = encode_rgb(image, level=PNG_COMPRESS_LEVEL)  # before the temp file exists
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, suffix=".png.tmp") as fh:
-        fh.write(data)
+    make_dirs(path.parent)
+    (error,) = replace_all([(path, data)], suffix=PNG_TMP_SUFFIX)
+    if error is not None:
+        raise error
     return path
 
 
@@ -279,7 +282,7 @@ class HeatmapWriter:
                     staged.append((i, path, data))
                 except OSError as exc:
                     _failed(job, path, exc)
-        errors = replace_all([(path, data) for _, path, data in staged], suffix=".png.tmp")
+        errors = replace_all([(path, data) for _, path, data in staged], suffix=PNG_TMP_SUFFIX)
         for (i, path, _), error in zip(staged, errors, strict=True):
             if error is None:
                 paths[i] = path
