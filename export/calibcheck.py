@@ -33,6 +33,7 @@ from xrwatch_training.calibration import (
     softmax,
 )
 
+from .onnx_export import save_single_file, set_json_metadata, xrwatch_metadata
 from .verify import run_outputs
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def measure_calibration(
     import onnx
 
     model = onnx.load(str(path))
-    props = {p.key: p.value for p in model.metadata_props}
+    props = xrwatch_metadata(model)
     if mm.KEY_CALIBRATION not in props:
         return None
     cal: dict[str, Any] = json.loads(props[mm.KEY_CALIBRATION])
@@ -81,10 +82,8 @@ def measure_calibration(
             "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "level": 0.95},
         }
     )
-    for prop in model.metadata_props:
-        if prop.key == mm.KEY_CALIBRATION:
-            prop.value = json.dumps(cal, sort_keys=True)
-    onnx.save(model, str(path))
+    set_json_metadata(model, mm.KEY_CALIBRATION, cal)
+    save_single_file(model, path)
     logger.info(
         "%s: ECE measured on the %s model itself: %s",
         path.name,

@@ -27,6 +27,7 @@ from xrwatch import modelmeta as mm
 from xrwatch.engine import CONTRAST
 
 from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS, pass_threshold
+from .onnx_export import save_single_file, set_json_metadata, xrwatch_metadata
 from .verify import ExportVerificationError, run_outputs
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def tune_guard(
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    props = {p.key: p.value for p in model.metadata_props}
+    props = xrwatch_metadata(model)
     if mm.KEY_GUARD not in props or len(val) == 0:
         return None
     guard: dict[str, Any] = json.loads(props[mm.KEY_GUARD])
@@ -96,10 +97,8 @@ def tune_guard(
         layout["raw_threshold"] = new[1]
     if test is not None and len(test):
         guard["test_pass_rate"] = pass_rate(run_outputs(path, test, level, outputs))
-    for prop in model.metadata_props:
-        if prop.key == mm.KEY_GUARD:
-            prop.value = json.dumps(guard, sort_keys=True)
-    onnx.save(model, str(path))
+    set_json_metadata(model, mm.KEY_GUARD, guard)
+    save_single_file(model, path)
     logger.info(
         "%s: guard threshold(s) re-chosen on the %s model's own validation scores: %s -> %s "
         "(validation pass %.1f%%, test pass %s)",

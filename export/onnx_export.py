@@ -82,6 +82,16 @@ def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def xrwatch_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The model's ``xrwatch.*`` metadata_props."""
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith("xrwatch.")}
+
+
+def set_json_metadata(model: onnx.ModelProto, key: str, value: Any) -> None:
+    """Set the ``xrwatch.*`` JSON metadata ``key`` to ``value``, keeping the other keys."""
+    set_metadata(model, {**xrwatch_metadata(model), key: json.dumps(value, sort_keys=True)})
+
+
 def save_single_file(model: onnx.ModelProto, path: Path) -> None:
     """Save with every tensor embedded and an IR version ONNX Runtime reads."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

@@ -23,15 +23,11 @@ import onnx
 
 from xrwatch import modelmeta as mm
 
-from .onnx_export import save_single_file, set_metadata
+from .onnx_export import save_single_file, set_metadata, xrwatch_metadata
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_BATCH = 8  # images per calibration forward pass
-
-
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props if p.key.startswith("xrwatch.")}
 
 
 def _restamp(model: onnx.ModelProto, props: dict[str, str], precision: str) -> None:
@@ -66,7 +62,7 @@ def quantize_int8(
             return {"image": calibration[start : start + CALIBRATION_BATCH]}
 
     source = onnx.load(str(fp32_path))
-    props = _metadata(source)
+    props = xrwatch_metadata(source)
     softmax = [n.name for n in source.graph.node if n.op_type == "Softmax"]
     guard = _guard_only_nodes(source)  # distances and statistics stay float
     if guard:
@@ -180,7 +176,7 @@ def convert_fp16(fp32_path: Path, out_path: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     source = onnx.load(str(fp32_path))
-    props = _metadata(source)
+    props = xrwatch_metadata(source)
     model = convert_float_to_float16(source, keep_io_types=True, disable_shape_infer=False)
     _sort_topologically(model.graph)  # the converter appends its input Casts at the end
     _restamp(model, props, "fp16")
