@@ -1126,6 +1126,17 @@ class Daemon:
                 continue
             self._handle(work)
 
+    @staticmethod
+    def _or_give_up(record: Callable[[Any], None], batch: Any, files: int) -> None:
+        """At shutdown: ``record(batch)``; if it fails, log why and give it up (its files
+        stay claimed and are taken again at the next start), so the batches after it go on."""
+        try:
+            record(batch)
+        except XRWatchError as exc:
+            logger.error("giving up on %d file(s) at shutdown: %s", files, exc)
+        except Exception:  # a bug; the batches after it are still recorded
+            logger.exception("giving up on %d file(s) at shutdown", files)
+
     def _drain(self) -> None:
         """Finish what is in flight: decodes already claimed, then the last batches."""
         if not self._started:
@@ -1136,23 +1147,13 @@ class Daemon:
         self._collect()
         while self._begun:  # oldest first; one that fails is given up, the others go on
             begun = self._begun.pop(0)
-            try:
-                self._finish(begun)
-            except XRWatchError as exc:
-                logger.error("giving up on %d file(s) at shutdown: %s", len(begun.batch), exc)
-            except Exception:  # a bug; the batches after it are still recorded
-                logger.exception("giving up on %d file(s) at shutdown", len(begun.batch))
+            self._or_give_up(self._finish, begun, len(begun.batch))
         while self._batch:
             batch, self._batch = (
                 self._batch[: self.config.batch_size],
                 self._batch[self.config.batch_size :],
             )
-            try:
-                self._commit(batch)
-            except XRWatchError as exc:
-                logger.error("giving up on %d file(s) at shutdown: %s", len(batch), exc)
-            except Exception:  # a bug; the batches after it are still recorded
-                logger.exception("giving up on %d file(s) at shutdown", len(batch))
+            self._or_give_up(self._commit, batch, len(batch))
         if self._report_retry_at:
             self._flush_reports()
 
