@@ -18,7 +18,6 @@ per split, for the model's raw ``logits`` (T = 1) and its calibrated ``probabili
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xrwatch.cli.evaluate_cmd import load_labelled  # noqa: E402
 from xrwatch.engine import InferenceEngine  # noqa: E402
+from xrwatch.errors import XRWatchError  # noqa: E402
 from xrwatch.preprocess import load_model_input  # noqa: E402
 from xrwatch_training.calibration import (  # noqa: E402
     BOOTSTRAP_RESAMPLES,
@@ -44,17 +45,27 @@ BATCH = 32
 def split_outputs(
     engine: InferenceEngine, csv_path: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(logits, calibrated probabilities, labels)`` of every image listed in ``csv_path``
-    (paths relative to the repository root, or absolute)."""
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    arrays = [load_model_input(ROOT / row["path"], engine.spec)[0][None] for row in rows]
+    """``(logits, calibrated probabilities, labels)`` of every image listed in the run's
+    split file ``csv_path`` (read as ``xrwatch evaluate`` reads it; paths relative to the
+    repository root, or absolute)."""
+    if not csv_path.is_file():
+        raise SystemExit(
+            f"{csv_path}: no such split file (a run's splits/ holds val.csv, test.csv)"
+        )
+    try:
+        rows = load_labelled(csv_path, "multiclass")
+    except XRWatchError as exc:
+        raise SystemExit(str(exc)) from exc
+    unknown = sorted({r.label for r in rows} - set(engine.classes))
+    if unknown:
+        raise SystemExit(f"{csv_path}: labels {unknown} are not the model's {engine.classes}")
+    arrays = [load_model_input(ROOT / row.path, engine.spec)[0][None] for row in rows]
     logits, probs = [], []
     for i in range(0, len(arrays), BATCH):
         raw, calibrated = engine.run(np.stack(arrays[i : i + BATCH]))
         logits.append(raw)
         probs.append(calibrated)
-    labels = np.array([engine.classes.index(row["label"]) for row in rows])
+    labels = np.array([engine.classes.index(row.label) for row in rows])
     return np.concatenate(logits), np.concatenate(probs), labels
 
 
