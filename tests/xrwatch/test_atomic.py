@@ -43,6 +43,21 @@ def test_every_file_is_fsynced_before_any_is_renamed(tmp_path: Path, events: lis
     assert _leftovers(tmp_path) == []
 
 
+def test_every_files_writeback_starts_before_the_first_fsync_and_a_refused_hint_is_harmless(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[str]
+) -> None:
+    def advise(fd: int, offset: int, length: int, advice: int) -> None:
+        events.append("w")
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_DONTNEED)
+        raise OSError(22, "Invalid argument")  # as on a file system that ignores the hint
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    targets = [tmp_path / f"{i}.png" for i in range(3)]
+    assert replace_all([(t, b"png %d" % i) for i, t in enumerate(targets)]) == [None] * 3
+    assert "".join(events) == "www" + "fff" + "rrr" + "f"
+    assert [t.read_bytes() for t in targets] == [b"png %d" % i for i in range(3)]
+
+
 def _content_of(fd: int) -> bytes:
     return Path(os.readlink(f"/proc/self/fd/{fd}")).read_bytes()
 
