@@ -38,13 +38,17 @@ sys.path.insert(0, str(ROOT))
 
 from nonchest import assemble_confirmation, assemble_non_chest  # noqa: E402
 
+from xrwatch import atomic  # noqa: E402
 from xrwatch.engine import InferenceEngine, expand_inputs  # noqa: E402
 from xrwatch.flags import SCOPE_GUARDS  # noqa: E402
 from xrwatch.heatmap import (  # noqa: E402
     PNG_COMPRESS_LEVEL,
+    PNG_TMP_SUFFIX,
     HeatmapJob,
     HeatmapWriter,
     caption_of,
+    encode_overlay,
+    heatmap_path,
     overlay_pixels,
 )
 from xrwatch.pngwrite import DEFLATE, encode_rgb  # noqa: E402
@@ -54,6 +58,8 @@ from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 
 BATCH_SIZE = next(f.default for f in dataclasses.fields(ServeConfig) if f.name == "batch_size")
 
+start_writeback = atomic._start_writeback  # files_alone switches it off for a comparison
+PIPELINE_ROUNDS = 4  # the pipelined timing goes through the timing images this many times
 SHARED = ROOT.parent / "shared" / "data" / "xray"
 SCORES: dict[str, list[float]] = {}  # ood_score per set, for the overlap line
 
@@ -116,6 +122,7 @@ def time_heatmaps(
                                        engine.classes[best], float(probs[best])))  # fmt: skip
         batch_jobs = [jobs[i : i + batch_size] for i in range(0, n, batch_size)]
         single = HeatmapWriter(threads=1)  # what one image per batch pays: no hand-off
+        others = {k: HeatmapWriter(threads=k) for k in (1, 2, 4) if k != writer.threads}
         calls = iter(range(1 << 30))
 
         def fresh(some: list[HeatmapJob]) -> list[HeatmapJob]:
@@ -132,6 +139,42 @@ def time_heatmaps(
                 overlay_pixels(j.pixels, j.cam, caption_of(j.label, j.confidence)) for j in jobs
             ]
 
+        cycle = list(zip(batches, batch_jobs, strict=True)) * PIPELINE_ROUNDS
+
+        def pipelined(with_heatmaps: bool) -> None:
+            """The daemon's loop: infer a batch, hand its overlays to the writer's background
+            thread, then wait for the batch before it (``Daemon._finish_begun(keep=1)``)."""
+            names = ["probabilities", "cam"] if with_heatmaps else ["probabilities"]
+            waiting = None
+            for batch, bj in cycle:
+                session.run(names, {"image": batch})
+                if with_heatmaps:
+                    if waiting is not None:
+                        waiting.result()
+                    waiting = writer.submit_many(fresh(bj))
+            if waiting is not None:
+                waiting.result()
+
+        encoded = [[(j, encode_overlay(j)) for j in bj] for bj in batch_jobs]
+
+        def files_alone(hint: bool) -> None:
+            """The batches' PNG files, already encoded, written as ``write_many`` writes them
+            (a new folder, ``replace_all``); with ``hint`` False, without starting every
+            file's writeback before the fsyncs (each fsync then waits for its own file)."""
+            if not hint:
+                atomic._start_writeback = lambda fd: None
+            try:
+                for batch in encoded:
+                    renamed = fresh([job for job, _ in batch])
+                    named = [
+                        (heatmap_path(job.root, job.rel), data)
+                        for job, (_, data) in zip(renamed, batch, strict=True)
+                    ]
+                    atomic.make_dirs(named[0][0].parent)
+                    atomic.replace_all(named, suffix=PNG_TMP_SUFFIX)
+            finally:
+                atomic._start_writeback = start_writeback
+
         drawn = draw()
         measured: dict[str, Callable[[], object]] = {
             "inference": lambda: infer(["probabilities"], arrays),
@@ -142,6 +185,16 @@ def time_heatmaps(
             "batch inference": lambda: infer(["probabilities"], batches),
             "batch inference+cam": lambda: infer(["probabilities", "cam"], batches),
             "batch overlay": lambda: [writer.write_many(fresh(bj)) for bj in batch_jobs],
+            **{  # the same batches with other thread counts, for HeatmapWriter's default
+                f"batch overlay, {k} thread(s)": (
+                    lambda w=w: [w.write_many(fresh(bj)) for bj in batch_jobs]  # type: ignore[misc]
+                )
+                for k, w in others.items()
+            },
+            "files": lambda: files_alone(True),
+            "files, no hint": lambda: files_alone(False),
+            "pipeline": lambda: pipelined(False),
+            "pipeline+heatmaps": lambda: pipelined(True),
         }
         for fn in measured.values():  # warm-up: sessions, thread pool, legend strips
             fn()
@@ -150,15 +203,18 @@ def time_heatmaps(
             for key, fn in measured.items():
                 t0 = time.perf_counter()
                 fn()
-                times[key].append((time.perf_counter() - t0) / n * 1000)
+                per = n * PIPELINE_ROUNDS if key.startswith("pipeline") else n
+                times[key].append((time.perf_counter() - t0) / per * 1000)
         ms = {key: statistics.median(values) for key, values in times.items()}
         threads = writer.threads
+        for other in others.values():
+            other.close()
     print(f"\nheatmap cost ({engine.meta.arch} at {engine.spec.size} px, {n} images x {repeats} "
           f"rounds, medians; PNG deflate: {DEFLATE}; {describe_machine()}):")  # fmt: skip
     for title, prefix in (
         ("batch 1, overlays written one after another", ""),
         (f"batch {batch_size} (the daemon's default), each batch's overlays written by "
-         f"HeatmapWriter in {threads} threads", "batch "),
+         f"HeatmapWriter in {threads} thread(s)", "batch "),
     ):  # fmt: skip
         base, cam = ms[prefix + "inference"], ms[prefix + "inference+cam"]
         overlay = ms[prefix + "overlay"]
@@ -174,7 +230,23 @@ def time_heatmaps(
             print(f"    of which: drawing {drawn_ms:.2f}, PNG encoding {encode_ms:.2f}, "
                   f"file write + fsync + rename {max(overlay - drawn_ms - encode_ms, 0.0):.2f} "
                   f"(image {drawn[0].shape[1]}x{drawn[0].shape[0]})")  # fmt: skip
+        if prefix:
+            files_ms, plain = ms["files"], ms["files, no hint"]
+            print(f"    of which the files alone (create, write, fsync, rename; PNGs encoded "
+                  f"before): {files_ms:.2f} ({files_ms / base:.1%} of inference; "
+                  f"{plain:.2f} without starting every file's writeback first)")  # fmt: skip
+            for key in (k for k in ms if k.startswith("batch overlay, ")):
+                print(f"    with HeatmapWriter in {key.split(', ')[1]} instead: "
+                      f"{ms[key]:.2f} ms/image")  # fmt: skip
         print(f"  heatmap total (cam extra, if > 0, + overlay): {total / base:.1%} of inference")
+    base, with_maps = ms["pipeline"], ms["pipeline+heatmaps"]
+    print(
+        f" batch {batch_size}, pipelined as the daemon runs it (a batch's overlays written in "
+        f"the background while the next batch is inferred; {n * PIPELINE_ROUNDS} images):"
+    )
+    print(f"  inference alone                : {base:8.2f} ms/image")
+    print(f"  inference + cam + overlays     : {with_maps:8.2f} ms/image")
+    print(f"  heatmap cost as the daemon pays it: {(with_maps - base) / base:.1%} of inference")
 
 
 def main() -> int:
