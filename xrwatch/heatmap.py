@@ -41,7 +41,7 @@ MIN_SIDE = 224  # smaller model inputs are enlarged (nearest) so legend and map 
 PNG_COMPRESS_LEVEL = 1  # deflate level (xrwatch.pngwrite): the fastest
 PNG_TMP_SUFFIX = ".png.tmp"  # temporary files, hidden (".") beside their PNG
 LEGEND_CACHE_SIZE = 512  # legend strips kept, per (width, caption): ~14 KB each at 256 px
-MAX_THREADS = 4  # HeatmapWriter's drawing threads: min(this, CPUs)
+MAX_THREADS = 4  # HeatmapWriter's drawing threads: half the CPUs, at most this
 
 # A perceptual "turbo"-like ramp: dark blue -> cyan -> green -> yellow -> red.
 _STOPS = np.array(
@@ -189,7 +189,10 @@ def encode_overlay(job: HeatmapJob) -> bytes:
 
 
 def default_threads() -> int:
-    return min(MAX_THREADS, os.cpu_count() or 1)
+    """Half the CPUs, 1 to :data:`MAX_THREADS`: the daemon infers the next batch while these
+    draw. On 2 cores, one thread wrote a batch as fast as two or four, or faster
+    (``benchmarks/explain.py`` times them side by side), and leaves inference its core."""
+    return max(1, min(MAX_THREADS, (os.cpu_count() or 1) // 2))
 
 
 class HeatmapWriter:
