@@ -8,7 +8,8 @@ steps leaves the mark behind, and the next writer (holding the lock, so the kill
 certainly not writing) truncates the CSV back to the recorded offset and writes the rows
 again. Hence: every finished file has exactly one CSV row, and no line is ever torn.
 
-JSON files are written atomically (temp file, fsync, rename) before the CSV row.
+JSON files are written atomically (temp file, fsync, rename; a flush's files together, with
+one wait for the disk: ``xrwatch.atomic.replace_all``) before the CSV row.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from xrwatch.atomic import atomic_file
+from xrwatch.atomic import MAX_OPEN, atomic_file, replace_all
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS, EXPLANATION
 from xrwatch.serve.ledger import Finished, Ledger
@@ -158,7 +159,8 @@ def _not_a_folder(folder: Path) -> Path | None:
     return None
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def _make_parent(path: Path) -> None:
+    """Make ``path``'s folder; an ``OSError`` naming what is in the way when it can't be."""
     try:
         make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
     except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
@@ -168,21 +170,18 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise NotADirectoryError(
             errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
         ) from exc
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
+    return text.encode("utf-8", errors="backslashreplace")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    _make_parent(path)
     with atomic_file(path) as fh:
-        # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
-        fh.write(text.encode("utf-8", errors="backslashreplace"))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fh.write(_json_bytes(data))
 
 
 class ReportWriter:
@@ -350,8 +349,8 @@ class ReportWriter:
         the ledger with its reason, tried again after ``hold_seconds`` and at every start,
         so that it never blocks the rows after it. When nothing can be written (disk full,
         folder unwritable), raises :class:`ReportWriteError` and every row stays unreported,
-        to be retried later. ``progress`` is called after each JSON file (a long flush is
-        work, not a hang).
+        to be retried later. ``progress`` is called after each group of JSON files
+        (``MAX_OPEN`` at most: a long flush is work, not a hang).
         """
         try:
             self.reports.mkdir(parents=True, exist_ok=True)  # recreated if someone removed it
@@ -361,19 +360,10 @@ class ReportWriter:
                 if not rows:
                     return []
                 self._ensure_header()
-                dirs: set[Path] = set()
                 written: list[Finished] = []
                 failed: list[tuple[Finished, str]] = []
-                for row in rows:
-                    target = json_path(self.reports, row.path)
-                    try:
-                        write_json_atomic(target, row.record)
-                    except (OSError, ValueError) as exc:
-                        reason = exc.strerror if isinstance(exc, OSError) else None
-                        failed.append((row, f"{target}: {reason or exc}"))
-                    else:
-                        written.append(row)
-                        dirs.add(target.parent)
+                for start in range(0, len(rows), MAX_OPEN):
+                    self._write_json(rows[start : start + MAX_OPEN], written, failed)
                     if progress is not None:
                         progress()
                 if failed and not written:
@@ -390,8 +380,6 @@ class ReportWriter:
                     ledger.hold_report([(r.id, why) for r, why in failed], hold_seconds)
                 if not written:
                     return []
-                for d in dirs:
-                    _fsync_dir(d)
                 buf = io.StringIO()
                 writer = csv.writer(buf, lineterminator="\n")
                 for row in written:
@@ -417,6 +405,31 @@ class ReportWriter:
                 f"{self.reports}: cannot write reports ({exc.strerror or exc}); "
                 "outcomes are kept in the ledger and will be written on the next try"
             ) from exc
+
+    def _write_json(
+        self,
+        rows: list[Finished],
+        written: list[Finished],
+        failed: list[tuple[Finished, str]],
+    ) -> None:
+        """Write the JSON reports of ``rows`` with one wait for the disk (``replace_all``:
+        every file, then every fsync, then every rename, then each folder's fsync); each row
+        goes to ``written`` or, with the reason naming its file, to ``failed``."""
+        staged: list[tuple[Finished, Path, bytes]] = []
+        for row in rows:
+            target = json_path(self.reports, row.path)
+            try:
+                _make_parent(target)
+                staged.append((row, target, _json_bytes(row.record)))
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else None
+                failed.append((row, f"{target}: {reason or exc}"))
+        errors = replace_all([(target, data) for _, target, data in staged])
+        for (row, target, _), error in zip(staged, errors, strict=True):
+            if error is None:
+                written.append(row)
+            else:
+                failed.append((row, f"{target}: {error.strerror or error}"))
 
     def _check_json_writable(self) -> None:
         """Raise OSError when no JSON report can be written (rather than one bad row)."""

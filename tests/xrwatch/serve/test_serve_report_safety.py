@@ -82,6 +82,30 @@ def test_a_report_that_cannot_be_written_is_held_and_shown(folders, tiny_onnx_mo
     assert json.loads(_status(state, "--json").stdout)["unreported"] == {"total": 0, "held": 0}
 
 
+def test_a_folder_in_place_of_one_report_holds_that_row_and_the_batch_is_written(
+    folders, tiny_onnx_model: Path
+) -> None:
+    """The JSON files of a flush are renamed together (``replace_all``); one that cannot be
+    renamed into place is held, naming its file, and leaves no temporary file behind."""
+    incoming, reports = folders
+    for i in range(5):
+        make_png(incoming / f"p{i}.png", seed=20 + i)
+    blocked = json_path(reports, "p2.png")
+    (blocked / "inside").mkdir(parents=True)  # a non-empty folder: rename cannot replace it
+    r = run_once(incoming, reports, tiny_onnx_model)
+    assert r.returncode == 1, r.stderr
+    assert sorted(row["file"] for row in csv_rows(reports)) == [
+        "p0.png",
+        "p1.png",
+        "p3.png",
+        "p4.png",
+    ]
+    assert f"p2.png: report not written ({blocked}: " in r.stderr
+    assert [p.name for p in (reports / "json").iterdir() if p.name.startswith(".")] == []
+    for name in ("p0.png", "p1.png", "p3.png", "p4.png"):
+        assert json.loads(json_path(reports, name).read_bytes())["file"] == name
+
+
 def test_csv_has_no_formulas_and_logs_and_status_no_terminal_escapes(
     folders, tiny_onnx_model: Path
 ) -> None:
