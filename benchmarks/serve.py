@@ -9,8 +9,9 @@
    on an empty folder; ``--files`` real-size X-rays are copied in as fast as possible.
    Throughput = files / (last report written - first drop). Memory = the daemon's RSS,
    sampled every 0.5 s while it works: after warm-up (10-20 % of the files) vs. the end.
-   With ``--compare-heatmaps``, the same burst again with ``--no-heatmaps``: the share of
-   the daemon's throughput that writing the heatmap overlays costs, on real files.
+   With ``--compare-heatmaps``, twice more with ``--no-heatmaps`` and once more with
+   heatmaps (A B B A, so a drift of the machine hits both alike): the extra time per file
+   that writing the heatmap overlays costs the daemon, on real files.
 3. Latency: files dropped one by one at half the burst throughput; latency = report JSON
    written (its mtime) - drop time; p50 and p95.
 
@@ -204,13 +205,20 @@ def main() -> int:
               f"{early:.0f} MiB at 10-20 % of files, {middle:.0f} MiB at 45-55 %, "
               f"{late:.0f} MiB at 90-100 %; peak {peak:.0f} MiB")  # fmt: skip
         if args.compare_heatmaps:
-            plain_fps = burst(
-                work / "plain", model, [*daemon_args, "--no-heatmaps"], sources, args.files
-            )[0]
-            print(f"daemon burst of {args.files} with --no-heatmaps: {plain_fps:.1f} files/s = "
-                  f"{plain_fps / classify_fps:.2f}x classify; writing heatmaps costs "
-                  f"{plain_fps / burst_fps - 1:.1%} more time per file ({burst_fps:.1f} files/s "
-                  "with them)")  # fmt: skip
+            # A B B A: the burst above, two without heatmaps, one more with them; a drift of
+            # the machine (the disk catching up on earlier bursts) hits both sides alike
+            plain = [
+                burst(work / f"plain{i}", model, [*daemon_args, "--no-heatmaps"], sources,
+                      args.files)[0]
+                for i in (1, 2)
+            ]  # fmt: skip
+            again = burst(work / "burst2", model, daemon_args, sources, args.files)[0]
+            with_maps = [burst_fps, again]
+            cost = statistics.mean(1 / f for f in with_maps) / statistics.mean(1 / f for f in plain)
+            print(f"daemon bursts of {args.files}, with heatmaps / without / without / with: "
+                  f"{burst_fps:.1f} / {plain[0]:.1f} / {plain[1]:.1f} / {again:.1f} files/s; "
+                  f"without heatmaps {statistics.mean(plain) / classify_fps:.2f}x classify; "
+                  f"writing heatmaps costs {cost - 1:.1%} more time per file")  # fmt: skip
 
         # 3. latency at half the burst rate
         incoming2, reports2 = work / "incoming2", work / "reports2"
