@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,31 @@ def _six_in_batches_of_two(fitted_run: Path, real_images: list[Path], tmp_path: 
     )  # fmt: skip
 
 
+def _spy_on_inference_and_ledger(
+    monkeypatch: pytest.MonkeyPatch,
+    events: list[str],
+    on_infer: Callable[[int], None],
+    ledger_event: Callable[[list[Any]], str] = lambda outcomes: "ledger",
+) -> None:
+    """Log "infer" per inference into ``events`` (``on_infer(n)`` runs before the n-th one
+    does) and ``ledger_event(outcomes)`` per batch recorded in the ledger."""
+    from xrwatch.serve.ledger import Ledger
+
+    real_predict, real_finish = InferenceEngine.predict_outputs, Ledger.finish
+
+    def predict(self: InferenceEngine, batch: np.ndarray) -> object:
+        events.append("infer")
+        on_infer(events.count("infer"))
+        return real_predict(self, batch)
+
+    def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
+        events.append(ledger_event(outcomes))
+        real_finish(self, outcomes, hooks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
+    monkeypatch.setattr(Ledger, "finish", finish)
+
+
 def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
     fitted_run: Path, real_images: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,19 +276,10 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
     reaches the ledger only once its own heatmaps are on disk."""
     from xrwatch import heatmap
     from xrwatch.serve.daemon import Daemon
-    from xrwatch.serve.ledger import Ledger
 
     events: list[str] = []
     second_inference = threading.Event()
-    real_encode, real_predict = heatmap.encode_overlay, InferenceEngine.predict_outputs
-    real_finish = Ledger.finish
-
-    def predict(self: InferenceEngine, batch: np.ndarray) -> object:
-        events.append("infer")
-        if events.count("infer") == 2:
-            second_inference.set()
-        return real_predict(self, batch)
-
+    real_encode = heatmap.encode_overlay
     waited: list[bool] = []
     first = threading.Lock()  # taken by the first overlay only (they are drawn in parallel)
 
@@ -271,16 +288,18 @@ def test_daemon_infers_the_next_batch_while_heatmaps_are_written(
             waited.append(second_inference.wait(20))
         return real_encode(job)
 
-    def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
+    def on_ledger(outcomes: list[Any]) -> str:
         written = [
             (tmp_path / "reports" / r["heatmap"]).is_file() for _, s, r in outcomes if s == "ok"
         ]
-        events.append(f"ledger {len(outcomes)} all heatmaps on disk: {all(written)}")
-        real_finish(self, outcomes, hooks)  # type: ignore[arg-type]
+        return f"ledger {len(outcomes)} all heatmaps on disk: {all(written)}"
+
+    def on_infer(n: int) -> None:
+        if n == 2:
+            second_inference.set()
 
     monkeypatch.setattr(heatmap, "encode_overlay", encode)
-    monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
-    monkeypatch.setattr(Ledger, "finish", finish)
+    _spy_on_inference_and_ledger(monkeypatch, events, on_infer, on_ledger)
     cfg = _six_in_batches_of_two(fitted_run, real_images, tmp_path)
     assert Daemon(cfg).run() == 0
     assert waited == [True]  # the next inference began while the first heatmaps were held
@@ -296,30 +315,21 @@ def test_daemon_records_the_begun_batch_while_inference_is_retried(
 ) -> None:
     from xrwatch import heatmap
     from xrwatch.serve.daemon import Daemon
-    from xrwatch.serve.ledger import Ledger
 
     events: list[str] = []
-    real_predict, real_finish = InferenceEngine.predict_outputs, Ledger.finish
     real_encode = heatmap.encode_overlay
     failed = threading.Event()
 
-    def predict(self: InferenceEngine, batch: np.ndarray) -> object:
-        events.append("infer")
-        if events.count("infer") == 2:  # the second batch's first try fails
+    def on_infer(n: int) -> None:
+        if n == 2:  # the second batch's first try fails
             failed.set()
             raise RuntimeError("device lost")
-        return real_predict(self, batch)
 
     def encode(job: heatmap.HeatmapJob) -> bytes:
         failed.wait(20)  # the first batch stays begun until the failure
         return real_encode(job)
 
-    def finish(self: Ledger, outcomes: list, hooks: object = ()) -> None:  # type: ignore[type-arg]
-        events.append("ledger")
-        real_finish(self, outcomes, hooks)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(InferenceEngine, "predict_outputs", predict)
-    monkeypatch.setattr(Ledger, "finish", finish)
+    _spy_on_inference_and_ledger(monkeypatch, events, on_infer)
     monkeypatch.setattr(heatmap, "encode_overlay", encode)
     cfg = _six_in_batches_of_two(fitted_run, real_images, tmp_path)
     assert Daemon(cfg).run() == 0
