@@ -186,19 +186,7 @@ def onnx_probabilities(
 ) -> np.ndarray:
     """Probabilities from ONNX Runtime (CPU) at graph-optimisation ``level``: the level the
     metadata records and serving uses (:mod:`xrwatch.modelmeta`)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort_optimization_level(level)
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ExportVerificationError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
-    out = [
-        session.run(["probabilities"], {"image": inputs[start : start + RUN_BATCH]})[0]
-        for start in range(0, len(inputs), RUN_BATCH)
-    ]
-    return np.concatenate(out).astype(np.float32)
+    return run_outputs(path, inputs, level, ["probabilities"])[0].astype(np.float32)
 
 
 def compare(
@@ -256,12 +244,16 @@ def require(report: VerifyReport, path: Path, hint: str = "") -> VerifyReport:
 
 def run_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
     """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU at graph-optimisation
-    ``level`` (as serving runs the file), stacked: one row per name (float64)."""
+    ``level`` (as serving runs the file), stacked: one row per name (float64). Raises
+    :class:`ExportVerificationError` naming ``path`` when ONNX Runtime cannot load it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort_optimization_level(level)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ExportVerificationError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
     parts = [
         np.stack(session.run(names, {"image": arrays[start : start + RUN_BATCH]}))
         for start in range(0, len(arrays), RUN_BATCH)
