@@ -38,11 +38,9 @@ from torch import nn
 
 from xrwatch.engine import (
     CAM,
-    CONTRAST,
-    FEATURE_SCORE,
-    LAYOUT_SCORE,
+    GUARD_OUTPUTS,
+    LAYOUT_OUTPUTS,
     LOGITS,
-    OOD_SCORE,
     PROBABILITIES,
 )
 from xrwatch_training.models import NormalizedClassifier, TinyCNN
@@ -50,8 +48,6 @@ from xrwatch_training.models import NormalizedClassifier, TinyCNN
 logger = logging.getLogger(__name__)
 
 OUTPUTS = (LOGITS, PROBABILITIES, CAM)  # the names serving reads (xrwatch.engine)
-GUARD_OUTPUTS = (OOD_SCORE, CONTRAST)
-LAYOUT_OUTPUTS = (FEATURE_SCORE, LAYOUT_SCORE)
 LAYOUT_GRID = 8  # thumbnail side: 8 x 8 block means of the model input
 LAYOUT_COMPONENTS = 8  # principal components of the training thumbnails kept
 LAYOUT_EPS = 1e-3  # added to a thumbnail's standard deviation (a flat one stays finite)
@@ -290,6 +286,13 @@ def layout_distance(
     r = (d - z @ basis) * inv_noise_std
     z = z * inv_std
     return np.sqrt((z * z).sum(axis=1) + (r * r).sum(axis=1))
+
+
+def guard_passes(scores: np.ndarray, contrast: np.ndarray, min_contrast: float) -> np.ndarray:
+    """Which images pass the guard as the exported graph decides it: ``scores`` (one row per
+    score - feature distance, layout distance - each divided by its threshold) has a row at
+    or below 1, and the image's ``contrast`` is at least ``min_contrast``."""
+    return (np.min(scores, axis=0) <= 1.0) & (contrast >= min_contrast)
 
 
 def pass_threshold(distances: np.ndarray, pass_rate: float) -> float:

@@ -45,6 +45,7 @@ from .explain import (
     LayoutStats,
     fit_guard,
     fit_layout,
+    guard_passes,
     mahalanobis,
     pass_threshold,
     run_feature_net,
@@ -179,11 +180,11 @@ def fit_extras(
     def passing(split: str) -> np.ndarray:
         """Which images of ``split`` pass the guard as the exported graph decides it."""
         arrays = data[split][0]
-        score = mahalanobis(outputs[split][0], mean, whitening) / threshold
+        scores = [mahalanobis(outputs[split][0], mean, whitening) / threshold]
         if layout is not None:
-            score = np.minimum(score, layout.distance(arrays) / layout.threshold)
+            scores.append(layout.distance(arrays) / layout.threshold)
         contrast = arrays.reshape(len(arrays), -1).std(axis=1)
-        return (score <= 1.0) & (contrast >= min_contrast)
+        return guard_passes(np.stack(scores), contrast, min_contrast)
 
     guard_meta: dict[str, Any] = {
         "method": "mahalanobis",

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from xrwatch import modelmeta as mm
-from xrwatch.engine import CONTRAST
+from xrwatch.engine import CONTRAST, GUARD_OUTPUTS, LAYOUT_OUTPUTS
 
-from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS, pass_threshold
+from .explain import guard_passes, pass_threshold
 from .onnx_export import save_single_file, set_json_metadata, xrwatch_metadata
 from .verify import ExportVerificationError, run_outputs
 
@@ -81,8 +81,7 @@ def tune_guard(
 
     def pass_rate(out: np.ndarray) -> float:
         """The file's pass rate once the thresholds are ``new``: scores scale by old/new."""
-        score = np.min(out[:-1] * (old / new)[:, None], axis=0)
-        return float(((score <= 1.0) & (out[-1] >= min_contrast)).mean())
+        return float(guard_passes(out[:-1] * (old / new)[:, None], out[-1], min_contrast).mean())
 
     guard.update(
         {

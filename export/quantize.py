@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from xrwatch import modelmeta as mm
+from xrwatch.engine import GUARD_OUTPUTS, LAYOUT_OUTPUTS
 
 from .onnx_export import save_single_file, set_metadata, xrwatch_metadata
 
@@ -109,8 +110,6 @@ def _guard_only_nodes(model: onnx.ModelProto) -> list[str]:
             seen.add(node.name)
             stack.extend(producer[i] for i in node.input if i in producer)
         return seen
-
-    from .explain import GUARD_OUTPUTS, LAYOUT_OUTPUTS
 
     names = [o.name for o in model.graph.output]
     only = GUARD_OUTPUTS + LAYOUT_OUTPUTS

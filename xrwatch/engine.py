@@ -54,6 +54,8 @@ OOD_SCORE = "ood_score"
 CONTRAST = "contrast"
 FEATURE_SCORE = "feature_score"
 LAYOUT_SCORE = "layout_score"
+GUARD_OUTPUTS = (OOD_SCORE, CONTRAST)  # the scope guard's outputs
+LAYOUT_OUTPUTS = (FEATURE_SCORE, LAYOUT_SCORE)  # and, with the coarse-layout check, these
 
 Status = Literal["ok", "error"]
 
