@@ -35,6 +35,7 @@ from xrwatch_training.calibration import (  # noqa: E402
     ECE_BINS,
     ece_intervals,
     expected_calibration_error,
+    nll,
     paired_intervals,
     softmax,
 )
@@ -59,7 +60,10 @@ def split_outputs(
     unknown = sorted({r.label for r in rows} - set(engine.classes))
     if unknown:
         raise SystemExit(f"{csv_path}: labels {unknown} are not the model's {engine.classes}")
-    arrays = [load_model_input(ROOT / row.path, engine.spec)[0][None] for row in rows]
+    try:
+        arrays = [load_model_input(ROOT / row.path, engine.spec)[0][None] for row in rows]
+    except XRWatchError as exc:  # the message names the image
+        raise SystemExit(f"{csv_path}: {exc}") from exc
     logits, probs = [], []
     for i in range(0, len(arrays), BATCH):
         raw, calibrated = engine.run(np.stack(arrays[i : i + BATCH]))
@@ -67,10 +71,6 @@ def split_outputs(
         probs.append(calibrated)
     labels = np.array([engine.classes.index(row.label) for row in rows])
     return np.concatenate(logits), np.concatenate(probs), labels
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -118,9 +118,14 @@ def ece_intervals(
     )
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    p = softmax(logits, temperature)[np.arange(len(labels)), labels]
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
+    p = probs[np.arange(len(labels)), labels]
     return float(-np.log(np.clip(p, 1e-12, None)).mean())
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    return nll(softmax(logits, temperature), labels)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
