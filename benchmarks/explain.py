@@ -22,14 +22,17 @@ folder that has its splits), it prints
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
+import itertools
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -56,9 +59,8 @@ from xrwatch.preprocess import load_model_input  # noqa: E402
 from xrwatch.serve.config import ServeConfig  # noqa: E402
 from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 
-BATCH_SIZE = next(f.default for f in dataclasses.fields(ServeConfig) if f.name == "batch_size")
+BATCH_SIZE = ServeConfig.batch_size  # the daemon's default
 
-start_writeback = atomic._start_writeback  # files_alone switches it off for a comparison
 PIPELINE_ROUNDS = 4  # the pipelined timing goes through the timing images this many times
 SHARED = ROOT.parent / "shared" / "data" / "xray"
 SCORES: dict[str, list[float]] = {}  # ood_score per set, for the overlap line
@@ -113,7 +115,9 @@ def time_heatmaps(
     batches = [np.concatenate(arrays[i : i + batch_size]) for i in range(0, n, batch_size)]
     outputs = [engine.predict_outputs(b) for b in batches]
     jobs: list[HeatmapJob] = []  # one per image, labelled with its own prediction
-    with tempfile.TemporaryDirectory() as tmp, HeatmapWriter(threads) as writer:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        writer = stack.enter_context(HeatmapWriter(threads))
         for b, (batch, out) in enumerate(zip(batches, outputs, strict=True)):
             assert out.cam is not None
             for i, probs in enumerate(out.probabilities):
@@ -121,9 +125,13 @@ def time_heatmaps(
                 jobs.append(HeatmapJob(Path(tmp), f"x{b}-{i}", batch[i, 0], out.cam[i, best],
                                        engine.classes[best], float(probs[best])))  # fmt: skip
         batch_jobs = [jobs[i : i + batch_size] for i in range(0, n, batch_size)]
-        single = HeatmapWriter(threads=1)  # what one image per batch pays: no hand-off
-        others = {k: HeatmapWriter(threads=k) for k in (1, 2, 4) if k != writer.threads}
-        calls = iter(range(1 << 30))
+        single = stack.enter_context(HeatmapWriter(threads=1))  # one image per batch: no hand-off
+        others = {
+            k: stack.enter_context(HeatmapWriter(threads=k))
+            for k in (1, 2, 4)
+            if k != writer.threads
+        }
+        calls = itertools.count()
 
         def fresh(some: list[HeatmapJob]) -> list[HeatmapJob]:
             """``some`` writing to new names: the daemon writes new files, not over old ones."""
@@ -161,9 +169,8 @@ def time_heatmaps(
             """The batches' PNG files, already encoded, written as ``write_many`` writes them
             (a new folder, ``replace_all``); with ``hint`` False, without starting every
             file's writeback before the fsyncs (each fsync then waits for its own file)."""
-            if not hint:
-                atomic._start_writeback = lambda fd: None
-            try:
+            unhinted = mock.patch.object(atomic, "_start_writeback", lambda fd: None)
+            with contextlib.nullcontext() if hint else unhinted:
                 for batch in encoded:
                     renamed = fresh([job for job, _ in batch])
                     named = [
@@ -172,8 +179,6 @@ def time_heatmaps(
                     ]
                     atomic.make_dirs(named[0][0].parent)
                     atomic.replace_all(named, suffix=PNG_TMP_SUFFIX)
-            finally:
-                atomic._start_writeback = start_writeback
 
         drawn = draw()
         measured: dict[str, Callable[[], object]] = {
@@ -207,8 +212,6 @@ def time_heatmaps(
                 times[key].append((time.perf_counter() - t0) / per * 1000)
         ms = {key: statistics.median(values) for key, values in times.items()}
         threads = writer.threads
-        for other in others.values():
-            other.close()
     print(f"\nheatmap cost ({engine.meta.arch} at {engine.spec.size} px, {n} images x {repeats} "
           f"rounds, medians; PNG deflate: {DEFLATE}; {describe_machine()}):")  # fmt: skip
     for title, prefix in (
