@@ -1,13 +1,15 @@
 """Writing files so that a reader sees the old content or the new, never a part.
 
-One definition for every report, heatmap and sidecar the daemon and the CLI write:
-a temporary file beside the target, fsynced, then renamed over it. :func:`replace_all` does
-the same for several files at once with one wait for the disk (a batch's heatmaps).
+One definition for every report, heatmap, received DICOM and sidecar the daemon and the CLI
+write: a temporary file beside the target, fsynced, then renamed over it, then the folder
+fsynced (:func:`write_atomic`). :func:`replace_all` does the same for several files at once
+with one wait for the disk (a batch's heatmaps, a flush's JSON reports).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -19,24 +21,16 @@ from typing import BinaryIO
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path, *, suffix: str = ".tmp") -> Iterator[BinaryIO]:
-    """Yield a binary file that replaces ``path`` (fsynced) when the block ends without error.
-
-    The temporary file is hidden (``.``-prefixed) in ``path``'s folder, so a watcher that skips
-    hidden names never sees it; it is removed when the block raises.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_atomic(path: Path, data: bytes, *, suffix: str = ".tmp") -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old content or the new, and once
+    this returns it survives a power cut: its folder made (:func:`make_dirs`), then
+    :func:`replace_all` for this one file. The temporary file is hidden (``.``-prefixed,
+    ending in ``suffix``) beside ``path``, so a watcher that skips hidden names never sees
+    it. Raises the ``OSError`` that stopped it (the old file, if any, left as it was)."""
+    make_dirs(path.parent)
+    (error,) = replace_all([(path, data)], suffix=suffix)
+    if error is not None:
+        raise error
 
 
 MAX_OPEN = 64  # replace_all keeps this many temporary files open at once, at most
@@ -45,7 +39,7 @@ MAX_OPEN = 64  # replace_all keeps this many temporary files open at once, at mo
 def replace_all(
     files: Sequence[tuple[Path, bytes]], *, suffix: str = ".tmp"
 ) -> list[OSError | None]:
-    """Write each ``(path, data)`` as :func:`atomic_file` would, but in passes: every
+    """Write each ``(path, data)`` through a hidden temporary file in its folder, in passes: every
     temporary file is written, then every one's writeback is started, then every one is
     fsynced, then every one is renamed over its target, and last each folder renamed into
     is fsynced once. The disk writes the batch's data together instead of once per file
@@ -147,16 +141,40 @@ def fsync_dir(path: Path) -> None:
 
 
 def make_dirs(path: Path) -> None:
-    """``mkdir -p`` whose new folders are durable too (each parent fsynced after)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for folder in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-        fsync_dir(folder.parent)
+    """``mkdir -p`` whose new folders are durable too (each one's parent fsynced after it is
+    made), without recursion (``Path.mkdir(parents=True)`` recurses once per level, and a
+    thousand levels raise ``RecursionError``). When a file stands where a folder should be,
+    raises ``NotADirectoryError`` naming that file."""
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+            fsync_dir(folder.parent)
+    except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
+        blocking = _not_a_folder(path)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
+        ) from exc
+
+
+def _not_a_folder(folder: Path) -> Path | None:
+    """The first component of ``folder`` that exists but is not a folder, if any."""
+    for part in (*reversed(folder.parents), folder):
+        if not part.is_dir():
+            return part if os.path.lexists(part) else None
+    return None
 
 
 @contextlib.contextmanager

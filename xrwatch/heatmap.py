@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xrwatch.atomic import make_dirs, replace_all
+from xrwatch.atomic import make_dirs, replace_all, write_atomic
 from xrwatch.pngwrite import encode_rgb
 
 logger = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ def write_png_atomic(image: Image.Image | np.ndarray, path: Path) -> Path:
     (:func:`replace_all`: temp file, fsync, rename, folder fsync); raises the ``OSError``."""
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
-    data = encode_rgb(image, level=PNG_COMPRESS_LEVEL)  # before the temp file exists
-    make_dirs(path.parent)
-    (error,) = replace_all([(path, data)], suffix=PNG_TMP_SUFFIX)
-    if error is not None:
-        raise error
+    write_atomic(path, encode_rgb(image, level=PNG_COMPRESS_LEVEL), suffix=PNG_TMP_SUFFIX)
     return path
 
 

@@ -167,3 +167,22 @@ def test_make_dirs_syncs_each_new_folders_parent(
     synced.clear()
     atomic.make_dirs(tmp_path / "x" / "y")  # nothing new: nothing to sync
     assert synced == []
+
+
+def test_make_dirs_names_the_file_in_the_way(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b").write_text("a file where a folder should be")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'a' / 'b'} is not a folder"):
+        atomic.make_dirs(tmp_path / "a" / "b" / "c" / "d")
+    assert (tmp_path / "a" / "b").read_text() == "a file where a folder should be"
+
+
+def test_write_atomic_makes_its_folder_and_replaces_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "report.json"
+    atomic.write_atomic(target, b"first")
+    atomic.write_atomic(target, b"second", suffix=".part")
+    assert target.read_bytes() == b"second"
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(IsADirectoryError):  # a folder where the file should be: raised
+        atomic.write_atomic(tmp_path / "new", b"x")
+    assert _leftovers(tmp_path) == []

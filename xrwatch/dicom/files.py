@@ -1,32 +1,13 @@
-"""Durable file writes: a hidden temporary file, fsync, rename, fsync of the folder."""
+"""The temporary files DICOM writes leave behind when killed: what they are called, and
+the sweep that removes them (the writes themselves: :func:`xrwatch.atomic.write_atomic`
+with ``suffix=PART_SUFFIX``)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
-from xrwatch.atomic import fsync_dir, make_dirs
-
-PART_SUFFIX = ".part"  # with a leading dot: the watcher ignores both
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that, once this returns, it survives a power cut, and
-    a reader never sees it partly written."""
-    make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{PART_SUFFIX}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
+PART_SUFFIX = ".part"  # temporary files are ".<random>.part": hidden, so no watcher takes them
 
 
 def remove_stale_parts(root: Path) -> int:

@@ -27,7 +27,8 @@ from typing import Any
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from xrwatch.dicom.files import remove_stale_parts, write_durably
+from xrwatch.atomic import write_atomic
+from xrwatch.dicom.files import PART_SUFFIX, remove_stale_parts
 from xrwatch.dicom.outbox import Outbox
 from xrwatch.errors import ConfigError
 
@@ -205,7 +206,7 @@ class Receiver:
                     )
                     self.on_event("duplicate")
                     return SUCCESS
-                write_durably(target, event.encoded_dataset())
+                write_atomic(target, event.encoded_dataset(), suffix=PART_SUFFIX)
                 self.outbox.record_received(sop_uid, rel, calling)
         except Exception as exc:  # disk full, permissions, ledger busy: the sender retries
             logger.error("C-STORE from AE %r: cannot store %s: %s", calling, rel, exc)

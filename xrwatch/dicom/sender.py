@@ -24,7 +24,8 @@ from typing import Any
 
 from pydicom import dcmread
 
-from xrwatch.dicom.files import write_durably
+from xrwatch.atomic import write_atomic
+from xrwatch.dicom.files import PART_SUFFIX
 from xrwatch.dicom.outbox import DueResult, Outbox
 from xrwatch.dicom.sc import build_sc
 from xrwatch.dicom.settings import Destination
@@ -199,7 +200,7 @@ class ResultsWorker:
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         target = self.reports / rel
-        write_durably(target, buf.getvalue())
+        write_atomic(target, buf.getvalue(), suffix=PART_SUFFIX)
         back = dcmread(target)  # validate: a PACS will read exactly these bytes
         if (
             back.SOPInstanceUID != ds.SOPInstanceUID

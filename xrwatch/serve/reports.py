@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import fcntl
 import hashlib
 import io
@@ -28,11 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from xrwatch.atomic import MAX_OPEN, atomic_file, replace_all
+from xrwatch.atomic import MAX_OPEN, make_dirs, replace_all, write_atomic
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS, EXPLANATION
 from xrwatch.serve.ledger import Finished, Ledger
-from xrwatch.serve.safefs import make_dirs
 
 logger = logging.getLogger(__name__)
 
@@ -151,27 +149,6 @@ def json_path(reports: Path, rel: str) -> Path:
     return path
 
 
-def _not_a_folder(folder: Path) -> Path | None:
-    """The first component of ``folder`` that exists but is not a folder, if any."""
-    for part in (*reversed(folder.parents), folder):
-        if not part.is_dir():
-            return part if os.path.lexists(part) else None
-    return None
-
-
-def _make_parent(path: Path) -> None:
-    """Make ``path``'s folder; an ``OSError`` naming what is in the way when it can't be."""
-    try:
-        make_dirs(path.parent)  # not Path.mkdir(parents=True): it recurses once per level
-    except (FileExistsError, NotADirectoryError) as exc:  # name what is in the way
-        blocking = _not_a_folder(path.parent)
-        if blocking is None:
-            raise
-        raise NotADirectoryError(
-            errno.ENOTDIR, f"{blocking} is not a folder", str(blocking)
-        ) from exc
-
-
 def _json_bytes(data: dict[str, Any]) -> bytes:
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     # backslashreplace: a name that is not UTF-8 becomes a \udcXX escape, still JSON
@@ -179,9 +156,7 @@ def _json_bytes(data: dict[str, Any]) -> bytes:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    _make_parent(path)
-    with atomic_file(path) as fh:
-        fh.write(_json_bytes(data))
+    write_atomic(path, _json_bytes(data))
 
 
 class ReportWriter:
@@ -419,7 +394,7 @@ class ReportWriter:
         for row in rows:
             target = json_path(self.reports, row.path)
             try:
-                _make_parent(target)
+                make_dirs(target.parent)  # names a file in the way of the folder
                 staged.append((row, target, _json_bytes(row.record)))
             except (OSError, ValueError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) else None

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from xrwatch.atomic import make_dirs
+
 logger = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -96,24 +98,6 @@ def read_fd(
         if stop():
             return None
     return b"".join(chunks), os.fstat(fd)
-
-
-def make_dirs(path: Path) -> None:
-    """``mkdir -p`` without recursion (``Path.mkdir(parents=True)`` recurses once per
-    level, and a thousand levels raise ``RecursionError``)."""
-    missing: list[Path] = []
-    current = path
-    while not current.is_dir():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except FileExistsError:
-            if not folder.is_dir():
-                raise
 
 
 def move_verified(
