@@ -287,8 +287,9 @@ class HeatmapWriter:
                 paths[i] = path
             else:
                 _failed(jobs[i], path, error)
-        for bug in encoded:
+        for job, bug in zip(jobs, encoded, strict=True):
             if isinstance(bug, BaseException) and not isinstance(bug, OSError):
+                logger.error("%s: cannot draw its heatmap: %r", job.source or job.rel, bug)
                 raise bug
         return paths
 

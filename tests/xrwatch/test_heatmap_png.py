@@ -186,7 +186,7 @@ def test_failed_write_is_logged_and_returns_none_for_that_file_only(
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_other_errors_are_raised_after_every_write_ended(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, threads: int
 ) -> None:
     real_encode = heatmap.encode_overlay
 
@@ -197,9 +197,11 @@ def test_other_errors_are_raised_after_every_write_ended(
 
     monkeypatch.setattr(heatmap, "encode_overlay", buggy)
     jobs = [_job(tmp_path, name, i) for i, name in enumerate(("bug.png", "x.png", "y.png"))]
+    caplog.set_level(logging.ERROR, logger="xrwatch.heatmap")
     with HeatmapWriter(threads) as writer, pytest.raises(RuntimeError, match="a bug"):
         writer.write_many(jobs)
     assert (tmp_path / "x.png.png").is_file() and (tmp_path / "y.png.png").is_file()
+    assert "bug.png: cannot draw its heatmap: RuntimeError('a bug')" in caplog.messages
 
 
 def test_closed_writer_still_writes_in_the_callers_thread(tmp_path: Path) -> None:
