@@ -707,10 +707,8 @@ class Daemon:
 
     def _commit(self, batch: list[Work]) -> None:
         """Infer, record outcomes in the ledger, write reports, archive: all before it
-        returns (the loop instead overlaps a batch's heatmaps with the next inference)."""
-        if not batch:
-            return
-        self._finish_begun()
+        returns (``_drain``, once no batch is begun; the loop instead overlaps a batch's
+        heatmaps with the next inference)."""
         self._finish(self._begin(batch))
 
     def _finish_begun(self, keep: int = 0) -> None:
