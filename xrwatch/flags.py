@@ -15,12 +15,13 @@ how far to trust them:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 LOW_CONFIDENCE = "low_confidence"
 OUT_OF_SCOPE = "out_of_scope"
 FLAGS = ("", LOW_CONFIDENCE, OUT_OF_SCOPE)
-SCOPE_GUARDS = ("combined", "features")  # which guard score flags out_of_scope
+ScopeGuard = Literal["combined", "features"]  # which guard score flags out_of_scope
+SCOPE_GUARDS: tuple[str, ...] = get_args(ScopeGuard)
 SCOPE_GUARD_HELP = (
     "out_of_scope from 'combined' (features and coarse layout both unlike the training "
     "X-rays) or 'features' (feature distance alone: catches more non-chest images, flags "

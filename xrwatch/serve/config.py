@@ -14,6 +14,7 @@ from typing import Any, Literal
 from xrwatch import defaults
 from xrwatch.config import build_config, merge, read_toml
 from xrwatch.errors import ConfigError
+from xrwatch.flags import ScopeGuard
 from xrwatch.inputs import IGNORE_PATTERNS
 
 DEFAULT_IGNORE = IGNORE_PATTERNS  # hidden and temporary names, DICOMDIR
@@ -59,7 +60,7 @@ class ServeConfig:
     low_confidence: float | None = None  # flag threshold; default: the model's own
     # out_of_scope from "combined" (features and layout both unlike the training images) or
     # "features" (the feature distance alone: stricter, flags more real chest X-rays)
-    scope_guard: Literal["combined", "features"] = "combined"
+    scope_guard: ScopeGuard = "combined"
 
     def __post_init__(self) -> None:
         positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")
