@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from nonchest import assemble_confirmation, assemble_non_chest  # noqa: E402
 
-from xrwatch import atomic  # noqa: E402
+from xrwatch import atomic, pngwrite  # noqa: E402
 from xrwatch.engine import InferenceEngine, expand_inputs  # noqa: E402
 from xrwatch.flags import SCOPE_GUARDS  # noqa: E402
 from xrwatch.heatmap import (  # noqa: E402
@@ -180,13 +181,22 @@ def time_heatmaps(
                     atomic.make_dirs(named[0][0].parent)
                     atomic.replace_all(named, suffix=PNG_TMP_SUFFIX)
 
+        def with_zlib(fn: Callable[[], object]) -> object:
+            """``fn`` with the PNG encoder deflating by the standard ``zlib`` (its fallback)."""
+            with mock.patch.object(pngwrite, "_deflate", zlib):
+                return fn()
+
         drawn = draw()
+        png_kb = statistics.mean(len(d) for bj in encoded for _, d in bj) / 1000
         measured: dict[str, Callable[[], object]] = {
             "inference": lambda: infer(["probabilities"], arrays),
             "inference+cam": lambda: infer(["probabilities", "cam"], arrays),
             "overlay": lambda: [single.write_many([j]) for j in fresh(jobs)],
             "render": draw,
             "encode": lambda: [encode_rgb(d, level=PNG_COMPRESS_LEVEL) for d in drawn],
+            "encode, zlib": lambda: with_zlib(
+                lambda: [encode_rgb(d, level=PNG_COMPRESS_LEVEL) for d in drawn]
+            ),
             "batch inference": lambda: infer(["probabilities"], batches),
             "batch inference+cam": lambda: infer(["probabilities", "cam"], batches),
             "batch overlay": lambda: [writer.write_many(fresh(bj)) for bj in batch_jobs],
@@ -232,7 +242,11 @@ def time_heatmaps(
             drawn_ms, encode_ms = ms["render"], ms["encode"]
             print(f"    of which: drawing {drawn_ms:.2f}, PNG encoding {encode_ms:.2f}, "
                   f"file write + fsync + rename {max(overlay - drawn_ms - encode_ms, 0.0):.2f} "
-                  f"(image {drawn[0].shape[1]}x{drawn[0].shape[0]})")  # fmt: skip
+                  f"(image {drawn[0].shape[1]}x{drawn[0].shape[0]}, PNG {png_kb:.1f} kB "
+                  f"on average)")  # fmt: skip
+            if DEFLATE != "zlib":
+                print(f"    PNG encoding with zlib (the fallback) instead of {DEFLATE}: "
+                      f"{ms['encode, zlib']:.2f} ms/image")  # fmt: skip
         if prefix:
             files_ms, plain = ms["files"], ms["files, no hint"]
             print(f"    of which the files alone (create, write, fsync, rename; PNGs encoded "
