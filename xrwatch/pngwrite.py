@@ -4,7 +4,8 @@ Every row uses filter type 2 ("Up", the difference to the row above; the first r
 "None"), computed for all rows at once with numpy, and the result is deflated by
 ISA-L (the ``isal`` package: Intel's Intelligent Storage Acceleration Library, whose
 deflate writes the same zlib format several times faster than zlib at its fastest level),
-or by the standard :func:`zlib.compress` where ``isal`` is not installed. Both release the
+or by the standard :func:`zlib.compress` where ``isal`` cannot be imported (it is a dependency, so
+only an install that skipped it, or a platform it does not build on). Both release the
 GIL, so several overlays encode in parallel threads. Pillow's encoder picks a filter per
 row; on our overlays (256x274 and 224x242) it took about twice as long as zlib at the same
 level, for files within 5 % of these. The file holds IHDR, one IDAT and IEND only: no text
