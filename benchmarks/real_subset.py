@@ -199,7 +199,8 @@ def tune_guards(run_dir: Path, models: dict[str, Path]) -> None:
     now (:mod:`export.guardtune`; a no-op for files already tuned)."""
     from xrwatch.modelmeta import read_model_metadata
     from xrwatch_export.fitting import load_split, read_split
-    from xrwatch_export.guardtune import tune_guard
+    from xrwatch_export.guardtune import GUARD_SCORES, tune_guard
+    from xrwatch_export.verify import file_outputs
 
     guards = [read_model_metadata(m).guard for m in models.values()]
     if any(g is None for g in guards) or all(g and g.get("tuned_on") for g in guards):
@@ -211,7 +212,8 @@ def tune_guards(run_dir: Path, models: dict[str, Path]) -> None:
         for name in ("val", "test")
     )
     for precision, model in models.items():
-        tune_guard(model, val, test, precision=precision)
+        outputs = file_outputs(model, {"val": val, "test": test}, GUARD_SCORES)
+        tune_guard(model, outputs, precision=precision)
 
 
 def evaluate_sets(run_dir: Path, models: dict[str, Path], args: argparse.Namespace) -> Any:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,29 @@ from xrwatch_training.calibration import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
     ECE_BINS,
+    ece_entry,
     ece_intervals,
-    expected_calibration_error,
     softmax,
 )
 
 from .onnx_export import save_single_file, set_json_metadata, xrwatch_metadata
-from .verify import run_outputs
 
 logger = logging.getLogger(__name__)
+
+CALIBRATION_OUTPUTS = (LOGITS, PROBABILITIES)  # what measure_calibration reads of a file
 
 
 def measure_calibration(
     path: Path,
-    splits: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    outputs: Mapping[str, Mapping[str, np.ndarray]],
+    labels: Mapping[str, np.ndarray],
     *,
     precision: str,
 ) -> dict[str, Any] | None:
-    """Record the ECE of the model at ``path`` itself on ``splits``: ``(name, model inputs
-    N x 1 x S x S, labels N)``, e.g. validation and test. Rewrites the file's calibration
-    metadata in place and returns it; None when the model has no calibration."""
+    """Record the ECE of the model at ``path`` itself on each split of ``outputs`` (what this
+    file outputs there, :func:`.verify.file_outputs` with :data:`CALIBRATION_OUTPUTS`,
+    e.g. validation and test) against that split's ``labels``. Rewrites the file's
+    calibration metadata in place and returns it; None when the model has no calibration."""
     import onnx
 
     model = onnx.load(str(path))
@@ -57,21 +60,18 @@ def measure_calibration(
     cal: dict[str, Any] = json.loads(props[mm.KEY_CALIBRATION])
     if cal.get("measured_on"):
         return cal
-    level = props.get(mm.KEY_GRAPH_OPTIMIZATION, mm.DEFAULT_GRAPH_OPTIMIZATION)
     bins = int(cal.get("bins", ECE_BINS))
     ece: dict[str, Any] = {}
-    for name, arrays, labels in splits:
-        if len(labels) == 0:
+    for name, out in outputs.items():
+        truth = labels[name]
+        if len(truth) == 0:
             continue
-        logits, after = run_outputs(path, arrays, level, [LOGITS, PROBABILITIES])
-        before = softmax(logits)
+        before, after = softmax(out[LOGITS]), out[PROBABILITIES]
         ece[name] = {
-            "before": expected_calibration_error(before, labels, bins),
-            "after": expected_calibration_error(after, labels, bins),
-            "n": len(labels),
+            **ece_entry(before, after, truth, bins),
             **{
                 f"interval_{key}": value
-                for key, value in ece_intervals(before, after, labels, bins=bins).items()
+                for key, value in ece_intervals(before, after, truth, bins=bins).items()
             },
         }
     cal.update(

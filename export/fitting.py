@@ -31,7 +31,7 @@ from xrwatch.errors import ConfigError, ImageError
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch_training.calibration import (
     ECE_BINS,
-    expected_calibration_error,
+    ece_entry,
     fit_temperature,
     plot_reliability,
     softmax,
@@ -155,11 +155,7 @@ def fit_extras(
             continue
         logits, labels = outputs[name][1], data[name][1]
         before, after = softmax(logits), softmax(logits, temperature)
-        ece[name] = {
-            "before": expected_calibration_error(before, labels, ECE_BINS),
-            "after": expected_calibration_error(after, labels, ECE_BINS),
-            "n": len(labels),
-        }
+        ece[name] = ece_entry(before, after, labels, ECE_BINS)
         curves[f"{name}, T=1"] = (before, labels)
         curves[f"{name}, T={temperature:.3f}"] = (after, labels)
     logger.info("temperature %.4f; ECE %s", temperature, ece)

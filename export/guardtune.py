@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,38 +29,38 @@ from xrwatch.engine import CONTRAST, GUARD_OUTPUTS, LAYOUT_OUTPUTS
 
 from .explain import guard_passes, pass_threshold
 from .onnx_export import save_single_file, set_json_metadata, xrwatch_metadata
-from .verify import ExportVerificationError, run_outputs
+from .verify import ExportVerificationError
 
 logger = logging.getLogger(__name__)
 
+GUARD_SCORES = (*GUARD_OUTPUTS, *LAYOUT_OUTPUTS)  # what tune_guard reads of a file's outputs
 THRESHOLD_INITIALIZER = "guard_threshold"
 LAYOUT_THRESHOLD_INITIALIZER = "layout_threshold"
 
 
 def tune_guard(
     path: Path,
-    val: np.ndarray,
-    test: np.ndarray | None = None,
+    outputs: Mapping[str, Mapping[str, np.ndarray]],
     *,
     precision: str,
 ) -> dict[str, Any] | None:
     """Re-choose ``guard_threshold`` of the model at ``path`` on its own validation scores.
 
-    ``val``/``test``: model inputs (N x 1 x S x S) of the run's validation and test splits.
-    Rewrites the file in place and returns the new guard metadata; None when the model has
-    no guard. Raises :class:`ExportVerificationError` when the graph lacks the constant.
+    ``outputs``: what this file outputs on the run's splits (:func:`.verify.file_outputs`
+    with :data:`GUARD_SCORES`): ``"val"``, and ``"test"`` when there is one. Rewrites the
+    file in place and returns the new guard metadata; None when the model has no guard.
+    Raises :class:`ExportVerificationError` when the graph lacks a constant or an output.
     """
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
     props = xrwatch_metadata(model)
-    if mm.KEY_GUARD not in props or len(val) == 0:
+    if mm.KEY_GUARD not in props or "val" not in outputs:
         return None
     guard: dict[str, Any] = json.loads(props[mm.KEY_GUARD])
     if guard.get("tuned_on"):
         return guard
-    level = props.get(mm.KEY_GRAPH_OPTIMIZATION, mm.DEFAULT_GRAPH_OPTIMIZATION)
     rate = float(guard.get("target_pass_rate", 0.98))
     min_contrast = float(guard.get("min_contrast", 0.0))
     layout = guard.get("layout")
@@ -68,8 +69,11 @@ def tune_guard(
     for name in names:
         if name not in inits:
             raise ExportVerificationError(f"{path}: the guard's {name} is missing")
-    outputs = [*LAYOUT_OUTPUTS, CONTRAST] if layout else list(GUARD_OUTPUTS)
-    val_out = run_outputs(path, val, level, outputs)
+    scores = [*LAYOUT_OUTPUTS, CONTRAST] if layout else list(GUARD_OUTPUTS)
+    missing = [name for name in scores if name not in outputs["val"]]
+    if missing:
+        raise ExportVerificationError(f"{path}: the guard's outputs {missing} are missing")
+    val_out = np.stack([outputs["val"][name] for name in scores])
     old, new = np.ones(len(names)), np.ones(len(names))
     for k, name in enumerate(names):
         stored = numpy_helper.to_array(inits[name])  # fp16 in an fp16 variant: keep its type
@@ -94,8 +98,8 @@ def tune_guard(
     if layout:
         layout["fp32_raw_threshold"] = layout.get("fp32_raw_threshold", layout["raw_threshold"])
         layout["raw_threshold"] = new[1]
-    if test is not None and len(test):
-        guard["test_pass_rate"] = pass_rate(run_outputs(path, test, level, outputs))
+    if "test" in outputs:
+        guard["test_pass_rate"] = pass_rate(np.stack([outputs["test"][name] for name in scores]))
     set_json_metadata(model, mm.KEY_GUARD, guard)
     save_single_file(model, path)
     logger.info(

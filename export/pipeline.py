@@ -26,7 +26,7 @@ from xrwatch_training.models import model_from_checkpoint
 
 from . import card as model_card
 from . import triton as triton_repo
-from .calibcheck import measure_calibration
+from .calibcheck import CALIBRATION_OUTPUTS, measure_calibration
 from .explain import CalibratedLogits, ExplainedClassifier, FeatureNet
 from .fitting import (
     GUARD_PASS_RATE,
@@ -36,7 +36,7 @@ from .fitting import (
     find_splits,
     fit_extras,
 )
-from .guardtune import tune_guard
+from .guardtune import GUARD_SCORES, tune_guard
 from .onnx_export import OPSET, build_metadata, export_fp32
 from .quantize import convert_fp16, quantize_int8
 from .sources import Selection, find_best, resolve_source
@@ -50,6 +50,7 @@ from .verify import (
     compare,
     compare_extras,
     concat,
+    file_outputs,
     onnx_probabilities,
     random_inputs,
     require,
@@ -218,9 +219,12 @@ def export_model(options: ExportOptions) -> ExportResult:
         if options.fp16:
             staged.append(_fp16(options, fp32, inputs, fp32_probs, staging))
         if fitted is not None:  # threshold and ECE on each file's own outputs (int8 moves them)
+            splits = {name: inputs for name, inputs, _ in fitted.labelled_splits()}
+            labels = {name: truth for name, _, truth in fitted.labelled_splits()}
             for precision, path, _ in staged:
-                tune_guard(path, fitted.val_inputs, fitted.test_inputs, precision=precision)
-                measure_calibration(path, fitted.labelled_splits(), precision=precision)
+                outputs = file_outputs(path, splits, (*GUARD_SCORES, *CALIBRATION_OUTPUTS))
+                tune_guard(path, outputs, precision=precision)
+                measure_calibration(path, outputs, labels, precision=precision)
         for _, path, _ in staged:
             read_model_metadata(path)  # the serving side's own reader must accept it
 

@@ -10,9 +10,10 @@ tolerances that fit them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -21,7 +22,11 @@ from torch import nn
 
 from xrwatch.errors import ImageError, ModelError
 from xrwatch.inputs import expand_inputs
-from xrwatch.modelmeta import DEFAULT_GRAPH_OPTIMIZATION, ort_optimization_level
+from xrwatch.modelmeta import (
+    DEFAULT_GRAPH_OPTIMIZATION,
+    ort_optimization_level,
+    read_model_metadata,
+)
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 
 logger = logging.getLogger(__name__)
@@ -242,20 +247,48 @@ def require(report: VerifyReport, path: Path, hint: str = "") -> VerifyReport:
     )
 
 
-def run_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
-    """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU at graph-optimisation
-    ``level`` (as serving runs the file), stacked: one row per name (float64). Raises
-    :class:`ExportVerificationError` naming ``path`` when ONNX Runtime cannot load it."""
+def _cpu_session(path: Path, level: str) -> Any:
+    """An ONNX Runtime CPU session of ``path`` at graph-optimisation ``level`` (as serving
+    runs the file); :class:`ExportVerificationError` naming ``path`` when it cannot load."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort_optimization_level(level)
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportVerificationError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+def _run(session: Any, arrays: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+    """Each of the outputs ``names`` of ``arrays`` (float64), run ``RUN_BATCH`` at a time."""
     parts = [
-        np.stack(session.run(names, {"image": arrays[start : start + RUN_BATCH]}))
+        session.run(list(names), {"image": arrays[start : start + RUN_BATCH]})
         for start in range(0, len(arrays), RUN_BATCH)
     ]
-    return np.concatenate(parts, axis=1).astype(np.float64)
+    return [np.concatenate(column).astype(np.float64) for column in zip(*parts, strict=True)]
+
+
+def run_outputs(path: Path, arrays: np.ndarray, level: str, names: list[str]) -> np.ndarray:
+    """The outputs ``names`` of ``arrays`` by ONNX Runtime on the CPU at graph-optimisation
+    ``level`` (as serving runs the file), stacked: one row per name (float64). Raises
+    :class:`ExportVerificationError` naming ``path`` when ONNX Runtime cannot load it."""
+    return np.stack(_run(_cpu_session(path, level), arrays, names))
+
+
+def file_outputs(
+    path: Path, splits: Mapping[str, np.ndarray | None], names: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """What the file at ``path`` outputs on each split's inputs: ``split -> output name ->
+    values`` (float64), for those of ``names`` the graph has. One ONNX Runtime CPU session
+    at the graph-optimisation level the file's metadata records (as serving runs it); each
+    split run once, so the guard's tuning and the calibration figures share one pass.
+    Splits that are None or empty are left out."""
+    session = _cpu_session(path, read_model_metadata(path).graph_optimization)
+    graph = {o.name for o in session.get_outputs()}
+    present = [n for n in names if n in graph]
+    return {
+        split: dict(zip(present, _run(session, arrays, present), strict=True))
+        for split, arrays in splits.items()
+        if arrays is not None and len(arrays)
+    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,18 @@ def expected_calibration_error(
         if mask.any():
             ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
     return float(ece)
+
+
+def ece_entry(
+    before: np.ndarray, after: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> dict[str, Any]:
+    """The metadata's ECE of one split: ``before`` and ``after`` temperature scaling, and
+    ``n``, the images measured."""
+    return {
+        "before": expected_calibration_error(before, labels, bins),
+        "after": expected_calibration_error(after, labels, bins),
+        "n": len(labels),
+    }
 
 
 def paired_intervals(

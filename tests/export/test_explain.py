@@ -286,7 +286,8 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
 ) -> None:
     from onnx import numpy_helper
 
-    from xrwatch_export.guardtune import tune_guard
+    from xrwatch_export.guardtune import GUARD_SCORES, tune_guard
+    from xrwatch_export.verify import file_outputs
 
     model = onnx.load(str(fitted_run / "model.onnx"))
     for init in model.graph.initializer:  # thresholds far too tight, as if from other scores
@@ -302,7 +303,7 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
     onnx.save(model, str(path))
     val = _val_inputs(fitted_run)
     assert _ort_pass_rate(path, val) < 0.9
-    tuned = tune_guard(path, val, precision="fp32")
+    tuned = tune_guard(path, file_outputs(path, {"val": val}, GUARD_SCORES), precision="fp32")
     assert tuned is not None and tuned["tuned_on"].startswith("fp32")
     assert _ort_pass_rate(path, val) >= 0.98 and tuned["val_pass_rate"] >= 0.98
     assert min(_own_pass_rates(path, val)) >= 0.98  # both thresholds re-chosen, not just one
@@ -310,7 +311,7 @@ def test_tune_guard_restores_the_pass_rate_and_is_idempotent(
         _threshold(path, "layout_threshold"), rel=1e-6
     )
     before = path.read_bytes()
-    tune_guard(path, val, precision="fp32")
+    tune_guard(path, file_outputs(path, {"val": val}, GUARD_SCORES), precision="fp32")
     assert path.read_bytes() == before
 
 
