@@ -3,9 +3,9 @@
 :mod:`.fitting` fits the temperature on the validation logits of the torch network in fp32
 and computes the ECE before and after from those same logits. The file that serves is an
 ONNX variant (int8 for the shipped default) whose logits differ a little, so
-:func:`measure_calibration` runs the variant itself (ONNX Runtime, CPU, the
-graph-optimisation level serving uses) on the validation and test images and records in
-its metadata the ECE this very file gives: before (softmax of its ``logits``, T = 1) and
+:func:`measure_calibration` takes the variant's own outputs on the validation and test
+images (:func:`.verify.file_outputs`: ONNX Runtime, CPU, the graph-optimisation level
+serving uses) and records in its metadata the ECE this very file gives: before (softmax of its ``logits``, T = 1) and
 after (its own ``probabilities``, the temperature included), each with a 95 % bootstrap
 interval, and the interval of the paired change (:func:`ece_intervals`). The torch figures
 stay, under ``fp32_ece``. The temperature itself is not re-fitted. Idempotent: a file
