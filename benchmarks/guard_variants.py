@@ -197,13 +197,13 @@ def main() -> int:
                 print_row(kind, fit_on, combo, score, threshold, contrast)
     layout = layout_scores(sets, spec, evaluated)
     near = gaussian(feats["train"]["last"], None)
-    features = {k: near(feats[k]["last"]) for k in evaluated}
-    features = {k: v / pass_threshold(features["val"]) for k, v in features.items()}
+    raw = {k: near(feats[k]["last"]) for k in evaluated}
+    feature_score = {k: v / pass_threshold(raw["val"]) for k, v in raw.items()}
     for name, score in (
         ("layout", layout),
         (
             "global AND layout (exported)",
-            {k: np.minimum(features[k], layout[k]) for k in evaluated},
+            {k: np.minimum(feature_score[k], layout[k]) for k in evaluated},
         ),
     ):
         print_row(name, "train", "input 8x8", score, 1.0, contrast)
