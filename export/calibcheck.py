@@ -5,11 +5,11 @@ and computes the ECE before and after from those same logits. The file that serv
 ONNX variant (int8 for the shipped default) whose logits differ a little, so
 :func:`measure_calibration` takes the variant's own outputs on the validation and test
 images (:func:`.verify.file_outputs`: ONNX Runtime, CPU, the graph-optimisation level
-serving uses) and records in its metadata the ECE this very file gives: before (softmax of its ``logits``, T = 1) and
-after (its own ``probabilities``, the temperature included), each with a 95 % bootstrap
-interval, and the interval of the paired change (:func:`ece_intervals`). The torch figures
-stay, under ``fp32_ece``. The temperature itself is not re-fitted. Idempotent: a file
-already measured is left alone.
+serving uses) and records in its metadata the ECE this very file gives: before (softmax of
+its ``logits``, T = 1) and after (its own ``probabilities``, the temperature included), each
+with a 95 % bootstrap interval, and the interval of the paired change
+(:func:`ece_intervals`). The torch figures stay, under ``fp32_ece``. The temperature itself
+is not re-fitted. Idempotent: a file already measured is left alone.
 """
 
 from __future__ import annotations

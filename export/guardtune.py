@@ -6,12 +6,12 @@ torch in fp32. An int8 (or fp16) variant computes slightly different features, s
 validation pass rate fell from the intended 98 % to 96.6 %, and real chest X-rays were
 flagged more often than the metadata promised. :func:`tune_guard` therefore takes the
 variant's own scores on the validation images (:func:`.verify.file_outputs`: ONNX Runtime,
-CPU, the graph-optimisation level serving uses), rescales the graph constant ``guard_threshold`` so that the pass rate is
-the target again, and records in the metadata what it measured (``tuned_on``, pass rates on
-validation and test with this very file). A guard with the coarse-layout check has two
-thresholds (``guard_threshold`` for ``feature_score``, ``layout_threshold`` for
-``layout_score``); each is re-chosen on its own score, as :mod:`.fitting` chose it.
-Idempotent: a file already tuned is left alone.
+CPU, the graph-optimisation level serving uses), rescales the graph constant
+``guard_threshold`` so that the pass rate is the target again, and records in the metadata
+what it measured (``tuned_on``, pass rates on validation and test with this very file). A
+guard with the coarse-layout check has two thresholds (``guard_threshold`` for
+``feature_score``, ``layout_threshold`` for ``layout_score``); each is re-chosen on its own
+score, as :mod:`.fitting` chose it. Idempotent: a file already tuned is left alone.
 """
 
 from __future__ import annotations
