@@ -34,7 +34,9 @@ def _env(home: str) -> dict[str, str]:
     return env
 
 
-def _serve(prefix: list[str], incoming: Path, reports: Path, home: str) -> subprocess.CompletedProcess[str]:
+def _serve(
+    prefix: list[str], incoming: Path, reports: Path, home: str
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "xrwatch", "serve", str(incoming), "--reports", str(reports)]
     return subprocess.run(
         [*prefix, *command, "--once", "--log-format", "json"],
