@@ -7,9 +7,14 @@ They live in the daemon's ledger database (``ledger.sqlite3``), next to ``files`
 - ``dicom_results``: one row per classified DICOM input, inserted in the same transaction
   as its outcome (:func:`on_finish`, a ledger finish hook), so no result is ever without
   its SR, even across ``kill -9``; ``pending`` until the SR is in ``REPORTS/dicom``;
-- ``dicom_outbox``: one row per (SR, destination), ``pending`` until the destination
-  acknowledged the C-STORE, then ``sent`` and never sent again. Failures set
-  ``next_attempt_at`` (back-off), which survives restarts.
+- ``dicom_outbox``: one row per (SR or overlay, destination), ``pending`` until the
+  destination acknowledged the C-STORE, then ``sent`` (recorded right after that one
+  acknowledgement) and never sent again. A refused or unanswered C-STORE counts an
+  attempt and waits (exponential back-off in ``next_attempt_at``, which survives
+  restarts); after ``max_attempts`` the row is ``parked`` (dead letter: shown by
+  ``status``, kept until :meth:`Outbox.requeue_parked`). A destination that cannot be
+  reached at all delays its rows without counting attempts: no result is parked because
+  the PACS was down.
 
 A row being worked on is leased (``owner``, ``leased_until``) so that two daemons on one
 state dir never send the same SR at the same time; a lease of a dead daemon is void.
@@ -61,7 +66,7 @@ CREATE TABLE IF NOT EXISTS dicom_outbox (
     sr_sop_uid      TEXT NOT NULL,        -- of the instance to send: the SR, or the overlay
     sr_path         TEXT NOT NULL,        -- relative to REPORTS
     destination     TEXT NOT NULL,        -- AE@host:port
-    state           TEXT NOT NULL CHECK (state IN ('pending', 'sent')),
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'parked')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL DEFAULT 0,
     owner           TEXT,
@@ -76,7 +81,8 @@ CREATE INDEX IF NOT EXISTS dicom_outbox_due ON dicom_outbox (state, next_attempt
 LEASE_SECONDS = 120.0  # a row taken by a live daemon is left alone this long
 BACKOFF_FIRST = 2.0  # seconds before the first retry; doubles per failure
 BACKOFF_MAX = 300.0
-MAX_SR_ATTEMPTS = 8  # an SR that cannot be built this many times is 'failed' (see status)
+MAX_SR_ATTEMPTS = 8  # an SR that cannot be built this many times is 'failed' (parked)
+MAX_SEND_ATTEMPTS = 10  # refused/unanswered C-STOREs before a send is parked (~15 min)
 
 
 def backoff(attempts: int) -> float:
@@ -85,12 +91,12 @@ def backoff(attempts: int) -> float:
 
 
 def on_finish(con: sqlite3.Connection, outcomes: list[tuple[int, str, dict[str, Any]]]) -> None:
-    """Ledger finish hook: every DICOM input classified ok gets a pending SR row, in the
-    transaction that records its outcome."""
+    """Ledger finish hook: every DICOM input with a SOP Instance UID gets a pending SR row,
+    in the transaction that records its outcome (classified, or not attempted and why)."""
     now = time.time()
-    for row_id, state, record in outcomes:
+    for row_id, _state, record in outcomes:
         sop = record.get("sop_instance_uid")
-        if state != "ok" or record.get("kind") != "dicom" or not sop:
+        if record.get("kind") != "dicom" or not sop:
             continue
         con.execute(
             "INSERT OR IGNORE INTO dicom_results (file_id, source_path, source_sop_uid, state, "
@@ -107,6 +113,7 @@ class DueResult:
     attempts: int
     record: dict[str, Any]
     archived_to: str | None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,26 @@ class DueSend:
     sr_path: str
     destination: str
     attempts: int
+    file_id: int = 0
+    last_error: str | None = None
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Ledgers from before parking: rebuild ``dicom_outbox`` with the wider state check."""
+    row = con.execute(
+        "SELECT sql FROM sqlite_master WHERE type='table' AND name='dicom_outbox'"
+    ).fetchone()
+    if row is None or "'parked'" in str(row[0]):
+        return
+    with immediate_transaction(con):
+        con.execute("ALTER TABLE dicom_outbox RENAME TO dicom_outbox_old")
+        con.execute("DROP INDEX IF EXISTS dicom_outbox_due")
+        table = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS dicom_outbox") :]
+        for statement in table.split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("INSERT INTO dicom_outbox SELECT * FROM dicom_outbox_old")
+        con.execute("DROP TABLE dicom_outbox_old")
 
 
 class Outbox:
@@ -154,6 +181,7 @@ class Outbox:
         return immediate_transaction(self._con())
 
     def create(self) -> None:
+        _migrate(self._con())
         self._con().executescript(SCHEMA)
 
     def close(self) -> None:
@@ -227,7 +255,7 @@ class Outbox:
         with self._tx() as con:
             rows = con.execute(
                 "SELECT r.file_id, r.source_path, r.source_sop_uid, r.attempts, f.record, "
-                "f.archived_to FROM dicom_results r JOIN files f ON f.id = r.file_id "
+                "f.archived_to, r.last_error FROM dicom_results r JOIN files f ON f.id = r.file_id "
                 "WHERE r.state='pending' AND r.next_attempt_at <= ? "
                 "AND (r.owner IS NULL OR r.owner=? OR r.leased_until < ?) "
                 "ORDER BY r.file_id LIMIT ?",
@@ -238,7 +266,7 @@ class Outbox:
                 [(self.owner, now + LEASE_SECONDS, r[0]) for r in rows],
             )
         return [
-            DueResult(int(r[0]), str(r[1]), str(r[2]), int(r[3]), json.loads(r[4]), r[5])
+            DueResult(int(r[0]), str(r[1]), str(r[2]), int(r[3]), json.loads(r[4]), r[5], r[6])
             for r in rows
         ]
 
@@ -260,13 +288,30 @@ class Outbox:
                 [(file_id, uid, path, d) for uid, path in written for d in destinations],
             )
 
-    def result_failed(self, file_id: int, attempts: int, error: str) -> None:
-        state = "failed" if attempts >= MAX_SR_ATTEMPTS else "pending"
+    def result_failed(self, file_id: int, attempts: int, error: str, *, park: bool = False) -> str:
+        """Record a failed build; return the new state (``failed`` = parked: after
+        ``MAX_SR_ATTEMPTS``, or at once with ``park`` for a source that can never give one)."""
+        state = "failed" if park or attempts >= MAX_SR_ATTEMPTS else "pending"
         with self._tx() as con:
             con.execute(
                 "UPDATE dicom_results SET state=?, attempts=?, next_attempt_at=?, owner=NULL, "
                 "last_error=? WHERE file_id=?",
                 (state, attempts, time.time() + backoff(attempts), error, file_id),
+            )
+        return state
+
+    def drop_result(self, file_id: int) -> None:
+        """No SR is due for ``file_id`` after all (its source is no image, or our own)."""
+        with self._tx() as con:
+            con.execute("DELETE FROM dicom_results WHERE file_id=?", (file_id,))
+
+    def rebuild(self, file_id: int) -> None:
+        """Build the SR (and overlay) of ``file_id`` again: its file in REPORTS is gone."""
+        with self._tx() as con:
+            con.execute(
+                "UPDATE dicom_results SET state='pending', next_attempt_at=0, owner=NULL "
+                "WHERE file_id=? AND state='written'",
+                (file_id,),
             )
 
     # -- sends -------------------------------------------------------------------------
@@ -276,7 +321,8 @@ class Outbox:
         now = time.time()
         with self._tx() as con:
             rows = con.execute(
-                "SELECT id, sr_sop_uid, sr_path, destination, attempts FROM dicom_outbox "
+                "SELECT id, sr_sop_uid, sr_path, destination, attempts, file_id, last_error "
+                "FROM dicom_outbox "
                 "WHERE state='pending' AND destination=? AND next_attempt_at <= ? "
                 "AND (owner IS NULL OR owner=? OR leased_until < ?) ORDER BY id LIMIT ?",
                 (destination, now, self.owner, now, limit),
@@ -285,7 +331,10 @@ class Outbox:
                 "UPDATE dicom_outbox SET owner=?, leased_until=? WHERE id=?",
                 [(self.owner, now + LEASE_SECONDS, r[0]) for r in rows],
             )
-        return [DueSend(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4])) for r in rows]
+        return [
+            DueSend(int(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5]), r[6])
+            for r in rows
+        ]
 
     def sent(self, send_id: int) -> None:
         with self._tx() as con:
@@ -295,35 +344,63 @@ class Outbox:
                 (time.time(), send_id),
             )
 
-    def send_failed(self, send_id: int, attempts: int, error: str) -> float:
-        """Record a failed attempt; return the seconds until the next one."""
+    def send_failed(
+        self, send_id: int, attempts: int, error: str, *, max_attempts: int = MAX_SEND_ATTEMPTS
+    ) -> tuple[str, float]:
+        """Record a refused or unanswered C-STORE (attempt ``attempts``); return the new
+        state (``pending`` or ``parked``) and the seconds until the next attempt."""
+        state = "parked" if attempts >= max_attempts else "pending"
         wait = backoff(attempts)
         with self._tx() as con:
             con.execute(
-                "UPDATE dicom_outbox SET attempts=?, next_attempt_at=?, owner=NULL, "
-                "last_error=? WHERE id=?",
-                (attempts, time.time() + wait, error, send_id),
+                "UPDATE dicom_outbox SET state=?, attempts=?, next_attempt_at=?, owner=NULL, "
+                "last_error=? WHERE id=? AND state='pending'",
+                (state, attempts, time.time() + wait, error, send_id),
             )
-        return wait
+        return state, wait
+
+    def defer(self, send_ids: list[int], wait: float, error: str | None) -> None:
+        """Put sends back untried (the destination unreachable: no attempt is counted;
+        ``error`` None: not reached in this association, tried again at once)."""
+        with self._tx() as con:
+            con.executemany(
+                "UPDATE dicom_outbox SET next_attempt_at=?, owner=NULL, "
+                "last_error=COALESCE(?, last_error) WHERE id=? AND state='pending'",
+                [(time.time() + wait, error, i) for i in send_ids],
+            )
+
+    def requeue_parked(self, destination: str | None = None) -> int:
+        """Give parked sends (of ``destination``, or all) a fresh set of attempts."""
+        where, args = ("AND destination=?", (destination,)) if destination else ("", ())
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE dicom_outbox SET state='pending', attempts=0, next_attempt_at=0 "
+                f"WHERE state='parked' {where}",
+                args,
+            )
+            return int(cur.rowcount)
 
     # -- status ------------------------------------------------------------------------
     def destination_counts(self) -> dict[str, dict[str, Any]]:
-        """Per destination: sent, pending, failed attempts so far and the last error."""
+        """Per destination: sent, pending, parked, failed attempts so far, the last error."""
         out: dict[str, dict[str, Any]] = {}
         rows = self._con().execute(
-            "SELECT destination, SUM(state='sent'), SUM(state='pending'), SUM(attempts) - "
-            "SUM(state='sent') FROM dicom_outbox GROUP BY destination ORDER BY destination"
+            "SELECT destination, SUM(state='sent'), SUM(state='pending'), SUM(state='parked'), "
+            "SUM(attempts) - SUM(state='sent') FROM dicom_outbox "
+            "GROUP BY destination ORDER BY destination"
         )
-        for dest, sent, pending, failures in rows:
+        for dest, sent, pending, parked, failures in rows:
             out[str(dest)] = {
                 "sent": int(sent or 0),
                 "pending": int(pending or 0),
+                "parked": int(parked or 0),
                 "failed_attempts": int(failures or 0),
                 "last_error": None,
             }
         for dest, err, _ in self._con().execute(  # SQLite: bare columns of the MAX row
             "SELECT destination, last_error, MAX(id) FROM dicom_outbox "
-            "WHERE last_error IS NOT NULL AND state='pending' GROUP BY destination"
+            "WHERE last_error IS NOT NULL AND state IN ('pending', 'parked') "
+            "GROUP BY destination"
         ):
             if str(dest) in out:
                 out[str(dest)]["last_error"] = str(err)
@@ -337,3 +414,25 @@ class Outbox:
             self._con().execute("SELECT COUNT(*) FROM dicom_received").fetchone()[0]
         )
         return counts
+
+    def parked(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest parked sends and SRs that could not be built, with their errors."""
+        con = self._con()
+        out = [
+            {"what": "send", "sop_instance_uid": str(uid), "destination": str(dest),
+             "attempts": int(n), "error": err}
+            for uid, dest, n, err in con.execute(
+                "SELECT sr_sop_uid, destination, attempts, last_error FROM dicom_outbox "
+                "WHERE state='parked' ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        ]  # fmt: skip
+        out += [
+            {"what": "build", "source": str(path), "attempts": int(n), "error": err}
+            for path, n, err in con.execute(
+                "SELECT source_path, attempts, last_error FROM dicom_results "
+                "WHERE state='failed' ORDER BY file_id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+        return out

@@ -1,88 +1,212 @@
-"""Results as DICOM: build each pending SR into ``REPORTS/dicom``, then C-STORE it to every
-configured destination, from the ledger's ``dicom_results`` and ``dicom_outbox`` tables.
+"""Results as DICOM: build each pending SR into ``REPORTS/dicom`` (:mod:`.writer`), then
+C-STORE it to every configured destination, from the ledger's ``dicom_results`` and
+``dicom_outbox`` tables.
 
-One background thread does both, so the daemon's loop never waits for the network. An SR
-is written (temp file, fsync, rename), re-read with pydicom to check it, and only then
-queued for sending; a send is marked ``sent`` only after the destination acknowledged it,
-and failures wait with back-off (recorded in the ledger, so it holds across restarts).
-A daemon killed between the acknowledgement and the mark sends the SR once more after the
-restart: with the same SOP Instance UID (see :mod:`xrwatch.dicom.sr`), so the PACS still
-holds one SR per source instance.
+Threads: one writer, and one sender per destination, so neither the daemon's loop nor one
+destination ever waits for another (a PACS that hangs delays only its own results). Every
+association has its own timeouts (association, each C-STORE's answer, the network).
+
+Per item, never per batch: each acknowledged C-STORE is recorded ``sent`` at once, in its
+own transaction, before the next item is sent; a refused one counts an attempt for itself
+alone and waits with exponential back-off, and after ``max_attempts`` is parked (dead
+letter, shown by ``status``). An item whose SOP class the destination did not accept
+(a PACS that takes SR but not Secondary Capture) is refused alone; the others go. A daemon
+killed with ``-9`` resends at most the one C-STORE it was waiting for (with the same SOP
+Instance UID, so the PACS still holds one instance). A destination that cannot be reached
+waits with back-off without counting attempts (nothing is parked because the PACS was
+down); an SR file that vanished from REPORTS is built again.
+
+Failures are logged once per item and change (first failure, a new error, parked,
+recovered) and once per destination for an unreachable one, not once per attempt.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
-from xrwatch.atomic import write_atomic
-from xrwatch.dicom.files import PART_SUFFIX
-from xrwatch.dicom.outbox import DueResult, Outbox
-from xrwatch.dicom.sc import build_sc
+from xrwatch.dicom.outbox import MAX_SEND_ATTEMPTS, DueSend, Outbox, backoff
 from xrwatch.dicom.settings import Destination
-from xrwatch.dicom.sr import build_sr
+from xrwatch.dicom.writer import ResultWriter, inside, sr_relpath
+
+__all__ = ["DEFAULT_TIMEOUT", "ResultsWorker", "echo", "sr_relpath"]
 
 logger = logging.getLogger(__name__)
 
-SR_FOLDER = "dicom"  # REPORTS/dicom/<Study UID>/<source SOP UID>.SR.dcm
-IDLE_SECONDS = 1.0  # how often an idle worker looks for new work
+IDLE_SECONDS = 1.0  # how often an idle thread looks for new work
+DEFAULT_TIMEOUT = 30.0  # seconds: association, each C-STORE's answer, network silence
+SEND_BATCH = 32  # items per association
 # Fault injection for the exactly-once test: die right after a destination acknowledged a
 # C-STORE and before the ledger records it (the window in which an SR could be sent twice).
 _FAULT_ENV = "XRWATCH_DICOM_FAULT"
 
 
-def sr_relpath(record: dict[str, Any], source_sop_uid: str) -> str:
-    return f"{SR_FOLDER}/{record.get('study_instance_uid') or 'unknown'}/{source_sop_uid}.SR.dcm"
+def _acknowledged(status: Any) -> tuple[bool | None, str]:
+    """``(True, detail)`` success or warning; ``(False, ...)`` refused; ``(None, ...)``
+    no answer (timed out or connection lost)."""
+    code = getattr(status, "Status", None)
+    if code is None:
+        return None, "no answer to the C-STORE (timed out or connection lost)"
+    if code == 0x0000 or 0xB000 <= code <= 0xB0FF:
+        return True, f"status 0x{code:04X}"
+    return False, f"refused with status 0x{code:04X}"
 
 
-def send_datasets(
-    dest: Destination, ae_title: str, paths: list[Path], timeout: float = 30.0
-) -> list[tuple[bool, str]]:
-    """C-STORE each file to ``dest`` over one association; ``(acknowledged, detail)`` each.
+class DestinationSender:
+    """Sends one destination's due items, one association at a time."""
 
-    Raises ConnectionError when no association can be established.
-    """
-    from pynetdicom import AE
+    def __init__(
+        self,
+        *,
+        outbox: Outbox,
+        reports: Path,
+        ae_title: str,
+        dest: Destination,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = MAX_SEND_ATTEMPTS,
+        on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
+    ) -> None:
+        self.outbox, self.reports, self.ae_title, self.dest = outbox, reports, ae_title, dest
+        self.timeout, self.max_attempts, self.on_sent = timeout, max_attempts, on_sent
+        self.unreachable: str | None = None  # the error while the destination is down
+        self._failures = 0  # consecutive association failures (the destination's back-off)
+        self._assoc: Any = None
+        self._lock = threading.Lock()
 
-    datasets = [dcmread(p) for p in paths]
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    if not assoc.is_established:
-        raise ConnectionError(f"{dest}: association rejected or no answer")
-    results: list[tuple[bool, str]] = []
-    try:
-        for ds in datasets:
-            status = assoc.send_c_store(ds)
-            code = getattr(status, "Status", None)
-            if code is None:
-                results.append((False, "no response (connection lost or timed out)"))
-                if not assoc.is_established:
+    def abort(self) -> None:
+        """Abort the association in progress (at shutdown: a hung PACS must not hold us)."""
+        with self._lock:
+            assoc = self._assoc
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+
+    def send_due(self) -> int:
+        """Send what is due; return how many items were handled."""
+        due = self.outbox.take_sends(str(self.dest), SEND_BATCH)
+        if not due:
+            return 0
+        loaded: list[tuple[DueSend, Dataset]] = []
+        for item in due:
+            try:
+                ds: Dataset = dcmread(inside(self.reports, item.sr_path))
+                if str(ds.SOPInstanceUID) != item.sr_sop_uid:
+                    raise ValueError("it holds another instance")
+            except Exception as exc:  # gone or damaged: build it again, then send it
+                self.outbox.rebuild(item.file_id)
+                error = f"{item.sr_path}: cannot be read ({exc}); built again"
+                self.outbox.defer([item.id], backoff(1), error)
+                if error != item.last_error:
+                    logger.warning("%s", error)
+                continue
+            loaded.append((item, ds))
+        if not loaded:
+            return len(due)
+        try:
+            assoc = self._associate({str(ds.SOPClassUID) for _, ds in loaded})
+        except ConnectionError as exc:
+            self._unreachable(str(exc), [item.id for item, _ in loaded])
+            return len(due)
+        try:
+            for n, (item, ds) in enumerate(loaded):
+                if not assoc.is_established:  # aborted: the rest go back untried
+                    self.outbox.defer([i.id for i, _ in loaded[n:]], 0.0, None)
                     break
-            elif code == 0x0000 or 0xB000 <= code <= 0xB0FF:  # success or warning
-                results.append((True, f"status 0x{code:04X}"))
+                self._send_one(assoc, item, ds)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            with self._lock:
+                self._assoc = None
+        return len(due)
+
+    def _associate(self, sop_classes: set[str]) -> Any:
+        from pynetdicom import AE
+
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        for sop_class in sorted(sop_classes):
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
+        if not assoc.is_established:
+            what = "rejected the association" if assoc.is_rejected else "no association"
+            raise ConnectionError(f"{what} (refused, unreachable or no answer)")
+        with self._lock:
+            self._assoc = assoc
+        if self.unreachable is not None:
+            logger.info("%s: reachable again", self.dest)
+        self.unreachable, self._failures = None, 0
+        return assoc
+
+    def _unreachable(self, error: str, ids: list[int]) -> None:
+        self._failures += 1
+        wait = backoff(self._failures)
+        self.outbox.defer(ids, wait, error)
+        if error != self.unreachable:
+            logger.warning(
+                "%s: cannot send results: %s; %d waiting, retried with back-off (logged "
+                "again when this changes)",
+                self.dest,
+                error,
+                len(ids),
+            )
+        self.unreachable = error
+        for _ in ids:
+            self.on_sent(str(self.dest), False)
+
+    def _send_one(self, assoc: Any, item: DueSend, ds: Dataset) -> None:
+        sop_class = str(ds.SOPClassUID)
+        if not any(cx.abstract_syntax == sop_class for cx in assoc.accepted_contexts):
+            ok: bool | None = False
+            detail = (
+                f"the destination does not accept {ds.SOPClassUID.name} (SOP class {sop_class})"
+            )
+        else:
+            try:
+                ok, detail = _acknowledged(assoc.send_c_store(ds))
+            except Exception as exc:  # e.g. a data set it cannot encode for the context
+                ok, detail = False, f"cannot send: {exc}"
+        if ok:
+            if os.environ.get(_FAULT_ENV) == "kill-after-send":
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.outbox.sent(item.id)
+            if item.last_error:
+                logger.info(
+                    "%s sent to %s after %d failed attempts (%s)",
+                    item.sr_sop_uid, self.dest, item.attempts, detail,
+                )  # fmt: skip
             else:
-                results.append((False, f"refused with status 0x{code:04X}"))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    results += [(False, "association ended early")] * (len(datasets) - len(results))
-    return results
+                logger.info("%s sent to %s (%s)", item.sr_sop_uid, self.dest, detail)
+        else:
+            attempts = item.attempts + 1
+            state, wait = self.outbox.send_failed(
+                item.id, attempts, detail, max_attempts=self.max_attempts
+            )
+            if state == "parked":
+                logger.error(
+                    "%s not sent to %s, given up after %d attempts (parked; see status): %s",
+                    item.sr_sop_uid, self.dest, attempts, detail,
+                )  # fmt: skip
+            elif detail != item.last_error:
+                logger.warning(
+                    "%s not sent to %s (%s); retried with back-off (%.0f s first), logged "
+                    "again only if this changes",
+                    item.sr_sop_uid, self.dest, detail, wait,
+                )  # fmt: skip
+            else:
+                logger.debug("%s not sent to %s again (%s)", item.sr_sop_uid, self.dest, detail)
+        self.on_sent(str(self.dest), bool(ok))
 
 
 class ResultsWorker:
-    """The background thread that writes SRs and drains the outbox."""
+    """The writer thread and one sender thread per destination."""
 
     def __init__(
         self,
@@ -93,149 +217,110 @@ class ResultsWorker:
         model_name: str,
         ae_title: str,
         destinations: list[Destination],
+        timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = MAX_SEND_ATTEMPTS,
         on_written: Callable[[], None] = lambda: None,
         on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
     ) -> None:
         self.outbox = outbox
-        self.incoming, self.reports = incoming, reports
-        self.model_name = model_name
-        self.ae_title = ae_title
         self.destinations = destinations
-        self.on_written, self.on_sent = on_written, on_sent
+        self.writer = ResultWriter(
+            outbox=outbox, incoming=incoming, reports=reports, model_name=model_name,
+            destinations=[str(d) for d in destinations], on_written=on_written,
+        )  # fmt: skip
+        self.senders = [
+            DestinationSender(
+                outbox=outbox,
+                reports=reports,
+                ae_title=ae_title,
+                dest=d,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                on_sent=on_sent,
+            )
+            for d in destinations
+        ]
         self._stop = threading.Event()
-        self.wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="xrwatch-dicom-out", daemon=True)
+        self.wake = threading.Event()  # new results recorded: write them
+        self._send_wakes = [threading.Event() for _ in self.senders]
+        self._threads = [
+            threading.Thread(target=self._write_loop, name="xrwatch-dicom-write", daemon=True)
+        ] + [
+            threading.Thread(
+                target=self._send_loop, args=(i,), name=f"xrwatch-dicom-send-{i}", daemon=True
+            )
+            for i in range(len(self.senders))
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self.wake.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        for event in (self.wake, *self._send_wakes):
+            event.set()
+        for sender in self.senders:
+            sender.abort()
+        for t in self._threads:
+            if t.is_alive():
+                t.join()
 
-    def _run(self) -> None:
+    def _write_loop(self) -> None:
         while not self._stop.is_set():
             busy = False
             try:
-                busy = self.write_due() > 0
-                for dest in self.destinations:
-                    if self._stop.is_set():
-                        break
-                    busy = self.send_due(dest) > 0 or busy
+                busy = self.writer.write_due() > 0
             except Exception:  # the ledger busy or broken: log, wait, retry
-                logger.exception("DICOM results worker failed; retrying")
-            if not busy:
+                logger.exception("DICOM results writer failed; retrying")
+            if busy:
+                for event in self._send_wakes:
+                    event.set()
+            else:
                 self.wake.wait(IDLE_SECONDS)
                 self.wake.clear()
+
+    def _send_loop(self, i: int) -> None:
+        sender, wake = self.senders[i], self._send_wakes[i]
+        while not self._stop.is_set():
+            busy = False
+            try:
+                busy = sender.send_due() > 0
+            except Exception:
+                logger.exception("DICOM sender to %s failed; retrying", sender.dest)
+            if not busy:
+                wake.wait(IDLE_SECONDS)
+                wake.clear()
+
+    def write_due(self) -> int:
+        return self.writer.write_due()
+
+    def send_due(self, dest: Destination) -> int:
+        return next(s for s in self.senders if s.dest == dest).send_due()
 
     def finish_due(self) -> None:
         """Write and send what is due now, on the caller's thread (``--once``); what
         fails waits for its back-off, i.e. for the next start."""
-        while self.write_due():
+        while self.writer.write_due():
             pass
-        for dest in self.destinations:
-            while self.send_due(dest):
-                pass
+        for sender in self.senders:
+            while sender.send_due():
+                if sender.unreachable is not None:
+                    break
 
-    # -- SRs ---------------------------------------------------------------------------
-    def _source(self, due: DueResult) -> Path | None:
-        for candidate in (self.incoming / due.source_path, due.archived_to):
-            if candidate and Path(candidate).is_file():
-                return Path(candidate)
-        return None
-
-    def write_due(self) -> int:
-        """Write the SRs that are due; return how many were handled."""
-        due = self.outbox.take_results()
-        for item in due:
-            try:
-                written = self._write(item)
-            except Exception as exc:
-                attempts = item.attempts + 1
-                logger.error(
-                    "%s: cannot write its DICOM SR (attempt %d): %s",
-                    item.source_path,
-                    attempts,
-                    exc,
-                )
-                self.outbox.result_failed(item.file_id, attempts, str(exc))
-                continue
-            self.outbox.result_written(item.file_id, written, [str(d) for d in self.destinations])
-            for _, rel in written:
-                logger.info("%s: DICOM result written to %s", item.source_path, rel)
-            self.on_written()
-        return len(due)
-
-    def _write(self, item: DueResult) -> list[tuple[str, str]]:
-        """Write the SR (and the overlay SC); ``[(SOP Instance UID, path in REPORTS)]``."""
-        source_path = self._source(item)
-        if source_path is None:
-            raise FileNotFoundError(
-                "the source file is no longer in INCOMING or the archive; its header "
-                "(patient and study) is needed for the SR"
-            )
-        source = dcmread(source_path, force=True, stop_before_pixels=True)
-        if str(source.get("SOPInstanceUID", "")) != item.source_sop_uid:
-            raise ValueError("the file at this path is no longer the instance classified")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # highdicom's warnings quote patient names
-            sr = build_sr(source, item.record, self.model_name)
-        rel = sr_relpath(item.record, item.source_sop_uid)
-        written = [self._save(sr, rel, source)]
-        heatmap = item.record.get("heatmap")
-        if heatmap:
-            png = self.reports / str(heatmap)
-            if png.is_file():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    sc = build_sc(source, png, str(item.record.get("model_sha256") or ""))
-                written.append(self._save(sc, rel.replace(".SR.dcm", ".SC.dcm"), source))
-            else:
-                logger.warning("%s: its heatmap is gone; SR without overlay", item.source_path)
-        return written
-
-    def _save(self, ds: Any, rel: str, source: Any) -> tuple[str, str]:
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        target = self.reports / rel
-        write_atomic(target, buf.getvalue(), suffix=PART_SUFFIX)
-        back = dcmread(target)  # validate: a PACS will read exactly these bytes
-        if (
-            back.SOPInstanceUID != ds.SOPInstanceUID
-            or back.StudyInstanceUID != source.StudyInstanceUID
-        ):
-            raise ValueError(f"{target}: re-read instance does not match what was built")
-        return str(ds.SOPInstanceUID), rel
-
-    # -- sends -------------------------------------------------------------------------
-    def send_due(self, dest: Destination) -> int:
-        """Send what is due to ``dest``; return how many sends were tried."""
-        due = self.outbox.take_sends(str(dest))
-        if not due:
-            return 0
-        try:
-            results = send_datasets(dest, self.ae_title, [self.reports / d.sr_path for d in due])
-        except Exception as exc:  # refused, unreachable, SR file unreadable
-            results = [(False, str(exc) or type(exc).__name__)] * len(due)
-        for item, (ok, detail) in zip(due, results, strict=True):
-            if ok:
-                if os.environ.get(_FAULT_ENV) == "kill-after-send":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                self.outbox.sent(item.id)
-                logger.info("SR %s sent to %s (%s)", item.sr_sop_uid, dest, detail)
-            else:
-                wait = self.outbox.send_failed(item.id, item.attempts + 1, detail)
-                logger.warning(
-                    "SR %s not sent to %s (%s); retrying in %.0f s",
-                    item.sr_sop_uid,
-                    dest,
-                    detail,
-                    wait,
-                )
-            self.on_sent(str(dest), ok)
-        return len(due)
+    def problems(self) -> list[str]:
+        """What ``/healthz`` reports as degraded: unreachable destinations, parked items."""
+        out = [
+            f"DICOM destination {s.dest}: {s.unreachable}" for s in self.senders if s.unreachable
+        ]
+        counts = self.outbox.destination_counts()
+        for dest, c in counts.items():
+            if c.get("parked"):
+                out.append(f"DICOM destination {dest}: {c['parked']} results parked")
+        failed = self.outbox.result_counts().get("failed", 0)
+        if failed:
+            out.append(f"{failed} DICOM SRs could not be built (parked)")
+        return out
 
 
 def echo(dest: Destination, ae_title: str, timeout: float = 10.0) -> tuple[bool, str]:

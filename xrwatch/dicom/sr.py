@@ -1,65 +1,71 @@
-"""The classification of one DICOM image as a DICOM Comprehensive SR (built with highdicom).
+"""The classification of one DICOM image as a TID 1500 Measurement Report (highdicom).
 
-The SR joins its source's study: patient and study attributes are copied from the source
-by highdicom (never invented or altered), and it references the source study, series and
-instance (Current Requested Procedure Evidence, and an IMAGE item in the content tree).
-Its own UIDs are new, but derived from (source SOP Instance UID, model sha256): the SR of
-one classification always has the same UIDs, so building it again after a crash, or
-sending it again after an unacknowledged C-STORE, never makes a second SR in the PACS.
+The SR is a Comprehensive 3D SR whose content is DICOM's Imaging Measurement Report
+(TID 1500), the template viewers such as OHIF display:
 
-Codes are local to xrwatch (coding scheme ``99XRW``, the DICOM convention for private
-schemes): a classifier's classes have no standard codes.
+- a device observer (xrwatch, Manufacturer ``xrwatch``) and the procedure reported
+  (SCT 399208008 Plain chest X-ray);
+- an image library entry (TID 1600) of the source instance;
+- for an input the model judged, one measurement group (TID 1501) per class of the model:
+  Finding = the class's code (:mod:`xrwatch.dicom.codes`), Probability (DCM 122157) of
+  it, the source image, and TID 4019 algorithm identification (model name, version,
+  weights sha256); the predicted class's group comes first;
+- for an input out of scope (not a frontal chest radiograph, by the model's scope guard or
+  the header) or one that could not be read: no finding and no probability, but one group
+  whose Summary of Analyses (DCM 111065) is Not Attempted (DCM 111225), with the reason;
+- the research-use disclaimer and any flag as TEXT content (DCM 121106 Comment).
+
+It joins its source's study: every patient and study attribute is copied from the source
+(never invented or altered). Its UIDs derive from the source and the model
+(:mod:`xrwatch.dicom.uids`): one SR series per study and model, one SR per source instance
+and model, the same each time it is built.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import uuid
+import warnings
 from typing import Any
 
 import highdicom as hd
 from pydicom import Dataset
 
 import xrwatch
+from xrwatch.dicom import codes
+from xrwatch.dicom.uids import Kind, derived_uid
 
 logger = logging.getLogger(__name__)
 
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "xrwatch:dicom-results")
-SCHEME = "99XRW"  # private coding scheme designator (DICOM PS3.16: 99 prefix = local)
-SERIES_NUMBER = 9901  # SR series number: high, so viewers list it after the images
-MANUFACTURER = "xrwatch (research use only, not a medical device)"
-
-RESULT = hd.sr.CodedConcept("XRW-RESULT", SCHEME, "Chest X-ray AI classification")
-PREDICTED = hd.sr.CodedConcept("XRW-CLASS", SCHEME, "Predicted class")
-SOURCE = hd.sr.CodedConcept("XRW-SOURCE", SCHEME, "Source image")
-MODEL = hd.sr.CodedConcept("XRW-MODEL", SCHEME, "Model name")
-MODEL_SHA = hd.sr.CodedConcept("XRW-MODEL-SHA256", SCHEME, "Model sha256")
-MODEL_VERSION = hd.sr.CodedConcept("XRW-VERSION", SCHEME, "xrwatch version")
-FLAG = hd.sr.CodedConcept("XRW-FLAG", SCHEME, "Flag")
-UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
+MANUFACTURER = "xrwatch"  # what xrwatch.dicom.provenance recognises
+SR_SERIES_NUMBER = 9901  # high, so viewers list the results after the images
+SC_SERIES_NUMBER = 9902
+SR_SERIES_DESCRIPTION = "xrwatch AI result (research use only)"
+DISCLAIMER = "Research use only. Not a medical device; not for diagnosis."
+OUT_OF_SCOPE = "out_of_scope"  # xrwatch.flags.OUT_OF_SCOPE
 
 
-def probability_code(cls: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(f"XRW-P-{cls}"[:16], SCHEME, f"Probability of {cls}")
+def software_versions() -> str:
+    return f"xrwatch {xrwatch.__version__}"
 
 
-def class_code(cls: str) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(f"XRW-C-{cls}"[:16], SCHEME, cls)
-
-
-def derived_uid(*parts: str) -> str:
-    """A ``2.25.`` UID from a name-based UUID (version 5, ISO/IEC 9834-8) of ``parts``:
-    unique to them, and the same each time they are the same."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
-
-
-def sr_uids(source_sop_uid: str, model_sha256: str) -> tuple[str, str]:
-    """``(series UID, SOP instance UID)`` of the SR for this source and model."""
+def sr_uids(study_uid: str, source_sop_uid: str, model_sha256: str) -> tuple[str, str]:
+    """``(series UID, SOP instance UID)``: one series per study and model, one SR per
+    source instance and model."""
     return (
-        derived_uid("sr-series", source_sop_uid, model_sha256),
-        derived_uid("sr", source_sop_uid, model_sha256),
+        derived_uid(Kind.SR_SERIES, study_uid, model_sha256),
+        derived_uid(Kind.SR_INSTANCE, source_sop_uid, model_sha256),
     )
+
+
+def not_attempted_reason(record: dict[str, Any]) -> str | None:
+    """Why the model's output must not be reported as a finding (``None``: it may)."""
+    if record.get("status") != "ok":
+        return f"not analysed: {record.get('error') or 'the image could not be read'}"
+    if record.get("flag") == OUT_OF_SCOPE:
+        return f"out of scope: {record.get('flag_reason') or 'not a frontal chest radiograph'}"
+    return None
 
 
 # Type 2 attributes (present, possibly empty) that highdicom copies into the SR; a source
@@ -76,71 +82,225 @@ _TYPE2 = (
     "ReferringPhysicianName",
 )
 
+# Patient and study attributes copied from the source beyond those highdicom copies.
+COPIED = (
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyDescription",
+    "PatientComments",
+)
+
 
 def evidence(source: Dataset) -> Dataset:
-    ds = copy.copy(source)  # shallow: the source is not changed
+    """A shallow copy of ``source`` with the Type 2 attributes present (empty if absent)."""
+    source.decode()  # every text value read with the source's own character set, now
+    ds = copy.deepcopy(source)  # the source is not changed (a header: small)
+    ds.SpecificCharacterSet = "ISO_IR 192"  # what highdicom builds in; see set_character_set
     for keyword in _TYPE2:
         if keyword not in ds:
             setattr(ds, keyword, None)
     return ds
 
 
-def build_sr(source: Dataset, record: dict[str, Any], model_name: str) -> hd.sr.ComprehensiveSR:
-    """The SR of ``record`` (a daemon report record with status ok) about ``source``."""
-    probs: dict[str, float] = record.get("probabilities") or {}
+def source_character_set(source: Dataset) -> str | list[str] | None:
+    """``source``'s Specific Character Set as written (``None``: it names none)."""
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    values = [value.strip()] if isinstance(value, str) else [str(v or "").strip() for v in value]
+    if not any(values):
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def _encodes(ds: Dataset) -> bool:
+    """Whether every text of ``ds`` encodes in its Specific Character Set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns, then writes '?', when one does not
+        try:
+            ds.save_as(io.BytesIO(), enforce_file_format=False)
+        except (UnicodeError, LookupError, UserWarning):
+            return False
+    return True
+
+
+def set_character_set(ds: Dataset, source: Dataset) -> None:
+    """Give ``ds`` (built by highdicom in UTF-8, its text already decoded) the source's
+    Specific Character Set, so a PACS reads both alike (``ISO_IR 100``,
+    ``\\ISO 2022 IR 87``, ``\\ISO 2022 IR 149``, none ...); UTF-8 (``ISO_IR 192``) when
+    something cannot be written in it."""
+    for candidate in (source_character_set(source), "ISO_IR 192"):
+        if candidate is None:
+            if "SpecificCharacterSet" in ds:
+                del ds.SpecificCharacterSet
+        else:
+            ds.SpecificCharacterSet = candidate
+        if _encodes(ds):
+            return
+    raise ValueError("the SR's text cannot be encoded even in UTF-8")
+
+
+def copy_patient_study(source: Dataset, target: Dataset) -> None:
+    """Copy the patient and study attributes highdicom leaves out (Issuer of Patient ID
+    ...) and the source's character set, so that they read back as they were sent."""
+    for keyword in COPIED:
+        if keyword in source and keyword not in target:
+            target[keyword] = copy.deepcopy(source[keyword])
+
+
+class _Descriptors(hd.sr.ImageLibraryEntryDescriptors):
+    """TID 1602 descriptors that leave out the projection radiography ones (TID 1603:
+    patient orientation, imager pixel spacing) when the source does not carry them,
+    rather than failing (highdicom reads them unconditionally for CR and DX)."""
+
+    def _is_projection_radiography(self, ds: Dataset) -> bool:
+        return (
+            super()._is_projection_radiography(ds)
+            and len(ds.get("PatientOrientation") or ()) == 2
+            and len(ds.get("ImagerPixelSpacing") or ()) == 2
+        )
+
+
+def image_library(source: Dataset) -> hd.sr.ContainerContentItem:
+    """TID 1600 Image Library with one entry, the source (as highdicom's ImageLibrary
+    builds it, with :class:`_Descriptors`)."""
+    entry = hd.sr.ImageContentItem(
+        name=hd.sr.CodedConcept("260753009", "SCT", "Source"),
+        referenced_sop_class_uid=source.SOPClassUID,
+        referenced_sop_instance_uid=source.SOPInstanceUID,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    entry.ContentSequence = hd.sr.ContentSequence(list(_Descriptors(source)))  # type: ignore[arg-type]
+    group = hd.sr.ContainerContentItem(
+        name=codes.IMAGE_LIBRARY_GROUP, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence([entry])
+    library = hd.sr.ContainerContentItem(
+        name=codes.IMAGE_LIBRARY, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def _algorithm(model_name: str, model_sha256: str) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=model_name[:64] or "xrwatch model",
+        version=software_versions(),
+        parameters=[f"weights sha256 {model_sha256 or 'unknown'}"],
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _tracking(sop_uid: str, what: str) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=derived_uid(Kind.TRACKING, sop_uid, what), identifier=what[:64]
+    )
+
+
+def _groups(
+    source: Dataset, record: dict[str, Any], model_name: str, sop_uid: str
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    algorithm = _algorithm(model_name, str(record.get("model_sha256") or ""))
+    image = [hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]
+    reason = not_attempted_reason(record)
+    if reason is not None:
+        return [
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(sop_uid, "xrwatch analysis"),
+                algorithm_id=algorithm,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(codes.SUMMARY_OF_ANALYSES, codes.NOT_ATTEMPTED)
+                ],
+                source_images=image,
+            )
+        ]
+    probs: dict[str, float] = dict(record.get("probabilities") or {})
+    label = str(record.get("label"))
+    order = sorted(probs, key=lambda c: (c != label, -float(probs[c])))
+    groups = []
+    for cls in order:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(sop_uid, f"xrwatch {cls}"),
+                finding_type=codes.class_code(cls),
+                algorithm_id=algorithm,
+                measurements=[
+                    hd.sr.Measurement(
+                        name=codes.PROBABILITY,
+                        value=round(float(probs[cls]), 6),
+                        unit=codes.NO_UNITS,
+                        algorithm_id=algorithm,
+                    )
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(codes.SUMMARY_OF_ANALYSES, codes.SUCCEEDED)
+                ],
+                source_images=image,
+            )
+        )
+    return groups
+
+
+def _comments(record: dict[str, Any]) -> list[str]:
+    out = [DISCLAIMER]
+    reason = not_attempted_reason(record)
+    if reason is not None:
+        out.append(reason)
+    elif record.get("flag"):
+        out.append(f"flag {record['flag']}: {record.get('flag_reason') or ''}".strip())
+    return out
+
+
+def build_sr(
+    source: Dataset, record: dict[str, Any], model_name: str, *, instance_number: int = 1
+) -> hd.sr.Comprehensive3DSR:
+    """The SR of ``record`` (a daemon report record) about ``source`` (its header)."""
     model_sha = str(record.get("model_sha256") or "")
-    items: list[hd.sr.ContentItem] = [
-        hd.sr.ImageContentItem(
-            name=SOURCE,
-            referenced_sop_class_uid=source.SOPClassUID,
-            referenced_sop_instance_uid=source.SOPInstanceUID,
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    series_uid, sop_uid = sr_uids(
+        str(source.StudyInstanceUID), str(source.SOPInstanceUID), model_sha
+    )
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DEVICE,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid(Kind.DEVICE, model_sha),
+            name="xrwatch",
+            manufacturer_name=MANUFACTURER,
+            model_name=model_name[:64] or None,
         ),
-        hd.sr.CodeContentItem(
-            name=PREDICTED,
-            value=class_code(str(record["label"])),
-            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        ),
-    ]
-    for cls, p in probs.items():
-        items.append(
-            hd.sr.NumContentItem(
-                name=probability_code(cls),
-                value=round(float(p), 6),
-                unit=UNITLESS,
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.CHEST_XRAY,
+        imaging_measurements=_groups(source, record, model_name, sop_uid),
+    )
+    root = report[0]
+    # TID 1500 row 4: the image library comes before the imaging measurements (the last item)
+    root.ContentSequence.insert(len(root.ContentSequence) - 1, image_library(source))
+    for text in _comments(record):
+        root.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.COMMENT,
+                value=text[:1024],
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
         )
-    if record.get("flag"):  # e.g. low confidence, out of distribution
-        text = str(record["flag"])
-        if record.get("flag_reason"):
-            text += f": {record['flag_reason']}"
-        items.append(
-            hd.sr.TextContentItem(
-                name=FLAG, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-        )
-    for name, value in (
-        (MODEL, model_name),
-        (MODEL_SHA, model_sha),
-        (MODEL_VERSION, xrwatch.__version__),
-    ):
-        items.append(
-            hd.sr.TextContentItem(
-                name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-            )
-        )
-    root = hd.sr.ContainerContentItem(name=RESULT, template_id=None)
-    root.ContentSequence = hd.sr.ContentSequence(items)
-    series_uid, sop_uid = sr_uids(str(source.SOPInstanceUID), model_sha)
-    return hd.sr.ComprehensiveSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=[evidence(source)],
-        content=root,
+        content=report,
         series_instance_uid=series_uid,
-        series_number=SERIES_NUMBER,
+        series_number=SR_SERIES_NUMBER,
         sop_instance_uid=sop_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description="xrwatch AI result",
+        series_description=SR_SERIES_DESCRIPTION,
     )
+    sr.SoftwareVersions = software_versions()
+    sr.ManufacturerModelName = "xrwatch"
+    copy_patient_study(source, sr)
+    set_character_set(sr, source)
+    return sr

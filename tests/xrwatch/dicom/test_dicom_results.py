@@ -42,6 +42,7 @@ def test_sr_and_overlay_sc_are_written_once_and_queued_per_destination(
     Image.fromarray(np.full((146, 128, 3), 200, np.uint8)).save(heat)
     record = {
         "file": "a.dcm",
+        "status": "ok",
         "kind": "dicom",
         "sop_instance_uid": str(source.SOPInstanceUID),
         "study_instance_uid": str(source.StudyInstanceUID),
@@ -53,29 +54,43 @@ def test_sr_and_overlay_sc_are_written_once_and_queued_per_destination(
         "heatmap": "heatmaps/a.dcm.png",
     }
     _finish(ledger, "a.dcm", record)
-    _finish(ledger, "b.dcm", {**record, "file": "b.dcm", "sop_instance_uid": "1.2.3"}, "error")
+    other = pydicom.dcmread(real_dicoms[1], force=True, stop_before_pixels=True)
+    failed = {**record, "file": "b.dcm", "status": "error", "error": "cannot decode"}
+    failed.update(sop_instance_uid=str(other.SOPInstanceUID), label=None, probabilities={})
+    failed.update(study_instance_uid=str(other.StudyInstanceUID), heatmap=None)
+    _finish(ledger, "b.dcm", failed, "error")
     worker = ResultsWorker(
         outbox=outbox, incoming=incoming, reports=reports, model_name="m.onnx",
         ae_title="XRWATCH", destinations=[PACS],
     )  # fmt: skip
-    assert worker.write_due() == 1  # the error outcome gets no SR
+    assert worker.write_due() == 2  # the error outcome gets a "not attempted" SR
     assert worker.write_due() == 0  # and nothing is written twice
+    not_done = pydicom.dcmread(
+        reports / "dicom" / str(other.StudyInstanceUID) / f"{other.SOPInstanceUID}.SR.dcm"
+    )
+    assert "Probability" not in str(not_done.ContentSequence)  # no finding, no probability
+    assert "Not Attempted" in str(not_done.ContentSequence)
     folder = reports / "dicom" / str(source.StudyInstanceUID)
     sr = pydicom.dcmread(folder / f"{source.SOPInstanceUID}.SR.dcm")
     sc = pydicom.dcmread(folder / f"{source.SOPInstanceUID}.SC.dcm")
-    assert sr.SOPInstanceUID == sr_uids(str(source.SOPInstanceUID), "ab" * 32)[1]
-    texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
-    assert texts["Flag"].TextValue == "review: low confidence"
-    assert texts["Model name"].TextValue == "m.onnx"
+    assert (
+        sr.SOPInstanceUID == sr_uids(source.StudyInstanceUID, source.SOPInstanceUID, "ab" * 32)[1]
+    )
+    texts = [(i.ConceptNameCodeSequence[0].CodeMeaning, i.TextValue)
+             for i in sr.ContentSequence if i.ValueType == "TEXT"]  # fmt: skip
+    assert ("Comment", "flag review: low confidence") in texts
+    assert ("Device Observer Model Name", "m.onnx") in texts
     assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesInstanceUID not in (source.SeriesInstanceUID, sr.SeriesInstanceUID)
-    assert sc.pixel_array.shape == (146, 128, 3)
+    assert sc.pixel_array.shape == (172, 128, 3)  # the overlay under a 2-line banner
+    assert (sc.pixel_array[146:] == 200).all()  # the overlay itself, unchanged
+    assert sc.ImageType == ["DERIVED", "SECONDARY"] and sc.Manufacturer == "xrwatch"
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     assert str(sc.get("PatientName") or "") == str(source.get("PatientName") or "")
     counts = outbox.destination_counts()[str(PACS)]
-    assert counts["pending"] == 2 and counts["sent"] == 0  # the SR and the overlay
-    assert outbox.result_counts()["written"] == 1
+    assert counts["pending"] == 3 and counts["sent"] == 0  # a's SR and overlay, b's SR
+    assert outbox.result_counts()["written"] == 2
     outbox.close()
     ledger.close()
 
