@@ -7,8 +7,10 @@ must never be silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +20,31 @@ from xrwatch.errors import ConfigError
 
 T = TypeVar("T")
 
+# The tables a config file may hold: ``xrwatch serve --config`` reads [serve], ``xrwatch
+# train --config`` reads [train]; one file may hold both. Anything else is a typo.
+TABLES = ("serve", "train")
+
+
+def nearest(name: str, known: Iterable[str]) -> str | None:
+    """The valid name closest to ``name`` (difflib), or None when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_keys_error(source: str, unknown: Iterable[str], known: Iterable[str]) -> ConfigError:
+    """The error for keys a config does not have, each with the valid key nearest to it."""
+    unknown, known = sorted(unknown), sorted(known)
+    hints = [f"did you mean {n!r} for {k!r}?" for k in unknown if (n := nearest(k, known))]
+    return ConfigError(
+        f"{source}: unknown key(s) {unknown}" + (f" ({' '.join(hints)})" if hints else "")
+        + f"; known keys: {', '.join(known)}"
+    )  # fmt: skip
+
 
 def read_toml(path: str | Path, *, table: str | None = None) -> dict[str, Any]:
-    """Read a TOML file (optionally one table of it) with clear errors."""
+    """Read a TOML file (optionally one table of it) with clear errors. With ``table``, a
+    top-level key or table other than :data:`TABLES` is an error (a misspelt ``[server]``
+    would otherwise be ignored whole), naming the nearest valid table."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -30,6 +54,14 @@ def read_toml(path: str | Path, *, table: str | None = None) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     if table is not None:
+        for name in data:
+            if name not in TABLES:
+                close = nearest(name, TABLES)
+                raise ConfigError(
+                    f"{p}: unknown table [{name}]"
+                    + (f"; did you mean [{close}]?" if close else "")
+                    + f" (a config file holds {' and/or '.join(f'[{t}]' for t in TABLES)})"
+                )
         sub = data.get(table, {})
         if not isinstance(sub, dict):
             raise ConfigError(f"{p}: [{table}] must be a table")
@@ -88,7 +120,7 @@ def build_config(cls: type[T], values: dict[str, Any], *, source: str = "config"
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        raise unknown_keys_error(source, unknown, known)
     kwargs = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
     return cls(**kwargs)
 

@@ -234,3 +234,112 @@ def test_csv_neutralises_spreadsheet_formulas_in_text_cells(
 
     assert csv_cell("-0.5") == "'-0.5" and csv_cell(-0.5) == "-0.500000" and csv_cell(3) == "3"
     assert csv_cell("a=b") == "a=b" and csv_cell("\rx") == "' x"
+
+
+def test_an_unreadable_file_given_directly_is_one_error_row(
+    folder: Path,
+    tiny_onnx_model: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a usage error (exit 2) that stops every other file: exit 1 and an error row."""
+    import os
+
+    locked = folder / "a.png"
+    if os.geteuid() == 0:  # root reads any file: deny it as the kernel would for a user
+        import xrwatch.engine
+
+        real_access, real_read = os.access, xrwatch.engine.read_and_hash
+
+        def access(path: object, mode: int, *args: object, **kw: object) -> bool:
+            return False if Path(str(path)) == locked else real_access(path, mode, *args, **kw)  # type: ignore[arg-type]
+
+        def read_and_hash(path: object, *args: object) -> object:
+            if Path(str(path)) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_read(path, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(xrwatch.engine, "read_and_hash", read_and_hash)
+    else:
+        locked.chmod(0)
+    other = folder / "sub" / "b.png"
+    code, out, err = run(
+        ["classify", str(locked), str(other), "--model", str(tiny_onnx_model), "-f", "csv"],
+        capsys,
+    )
+    assert code == EXIT_FAILED, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["file"], r["status"]) for r in rows] == [(str(locked), "error"), (str(other), "ok")]
+    assert "Permission denied" in rows[0]["error"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_rows_are_printed_batch_by_batch_as_one_document(
+    fmt: str, folder: Path, tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Each batch is printed when it is classified (before the next is read), and the whole
+    output is still one CSV (one header), one JSON list or one table (one header)."""
+    import xrwatch.engine
+
+    printed_before: list[str] = []
+    real = xrwatch.engine.InferenceEngine.predict_paths
+
+    def spy(self: object, paths: list[Path], *args: object, **kw: object) -> object:
+        printed_before.append(capsys.readouterr().out)  # what was out before this batch
+        return real(self, paths, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(xrwatch.engine.InferenceEngine, "predict_paths", spy)
+    code = main(
+        ["classify", str(folder), "--model", str(tiny_onnx_model), "-f", fmt, "--batch-size", "1"]
+    )
+    out = "".join(printed_before) + capsys.readouterr().out
+    assert code == EXIT_FAILED
+    assert len(printed_before) == 3  # one call per batch of one
+    assert printed_before[0] == "" and "a.png" in printed_before[1] and "b.png" in printed_before[2]
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert [Path(r["file"]).name for r in rows] == ["a.png", "b.png", "broken.jpg"]
+    elif fmt == "json":
+        assert [Path(r["file"]).name for r in json.loads(out)] == ["a.png", "b.png", "broken.jpg"]
+    else:
+        assert out.count("confidence") == 1 and out.count("broken.jpg") == 1
+
+
+def test_no_progress_bar_into_a_pipe(
+    folder: Path, tiny_onnx_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(["classify", str(folder), "--model", str(tiny_onnx_model)], capsys)
+    assert code == EXIT_FAILED
+    assert "classifying" not in out + err and "\x1b[" not in out + err
+
+
+def test_progress_bar_on_a_terminal(folder: Path, tiny_onnx_model: Path) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    master, slave = pty.openpty()
+    command = [sys.executable, "-m", "xrwatch", "classify", str(folder), "--batch-size", "1"]
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [*command, "--model", str(tiny_onnx_model)], stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == EXIT_FAILED
+    text = out.decode("utf-8", "replace")
+    assert "classifying" in text and "/3" in text  # the bar, counting the three files
+    assert "a.png" in text and "broken.jpg" in text

@@ -54,3 +54,23 @@ def test_train_help_names_xrwatchs_assumptions(capsys: pytest.CaptureFixture[str
     assert "xrwatch's assumptions where it states nothing" in out
     assert "study: 224" not in out and "study: 32" not in out
     assert "Global batch size" in out
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_wraps_to_the_terminal_and_shows_no_bool(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each paragraph of the description is wrapped by the terminal's width, not broken
+    where the docstring's source lines end; flags show no ``<bool>`` type."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    monkeypatch.delenv("TERMINAL_WIDTH", raising=False)
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "<bool>" not in out
+    lines = [line.strip(" │") for line in out.splitlines()]
+    command = GROUP.commands[name]  # type: ignore[attr-defined]
+    for paragraph in inspect.cleandoc(command.help or "").split("\n\n")[1:]:
+        if any(line.lstrip().startswith(("* ", "- ", "\b")) for line in paragraph.splitlines()):
+            continue  # a list keeps its lines
+        text = " ".join(paragraph.split())
+        assert any(text in line for line in lines), f"{name}: paragraph broken: {text[:60]!r}"

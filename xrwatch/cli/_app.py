@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+import re
 import sys
+from collections.abc import Callable, Iterator
 from itertools import pairwise
+from typing import Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
 
@@ -35,6 +41,33 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran, some inputs failed
 EXIT_ERROR = 2  # usage or configuration error; the command could not run
 EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar over ``total`` items while the block runs, on a terminal only (never
+    into a pipe, a file or the journal); yields ``advance(n)``. Output printed meanwhile
+    appears above the bar, which goes away at the end."""
+    if total < 2 or not (console.is_terminal and err_console.is_terminal):
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
+        console=console, transient=True,
+    )  # fmt: skip
+    with bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _version_callback(value: bool) -> None:
@@ -100,12 +133,55 @@ def log_json_error(message: str, error_type: str = "") -> None:
     sys.stderr.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit status."""
+_LIST_ITEM = re.compile(r"^(\s|[*\u2022-] |\d+[.)] )")
+
+
+def reflow(text: str) -> str:
+    """A docstring as help: each paragraph one line, which the terminal's width then wraps
+    (typer keeps the docstring's line breaks, so help broke lines mid-sentence). List items
+    and indented lines keep their own line; a paragraph starting with ``\\b`` is kept."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(text).split("\n\n"):
+        if paragraph.startswith("\b"):
+            paragraphs.append(paragraph)
+            continue
+        lines: list[str] = []
+        for line in paragraph.split("\n"):
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def _tidy(command: Any) -> None:
+    """Reflowed help, and no type column (``<bool>``) on flags, for a command and its
+    subcommands."""
+    if command.help:
+        command.help = reflow(command.help)
+    params = list(command.params)
+    help_option = command.get_help_option(typer.Context(command))
+    for param in [*params, *([help_option] if help_option is not None else [])]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _tidy(sub)
+
+
+def cli_command() -> Any:
+    """The click command behind :data:`app`, every command registered and its help tidied."""
     from xrwatch.cli import commands  # noqa: F401  (registers the commands)
 
+    command = typer.main.get_command(app)
+    _tidy(command)
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status."""
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = cli_command()(args=argv, standalone_mode=False)
     except (KeyboardInterrupt, typer.Abort):  # Abort: EOF at a prompt, or Ctrl-C in old typer
         err_console.print("interrupted")
         return EXIT_INTERRUPTED

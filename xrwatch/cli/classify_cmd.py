@@ -7,16 +7,19 @@ import io
 import json
 import logging
 import os
+import sys
+import textwrap
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from xrwatch import fields
-from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
+from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console, progress
 from xrwatch.defaults import resolve_model
 from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError
@@ -48,11 +51,15 @@ def render_json(predictions: Sequence[Prediction]) -> str:
     return json.dumps([p.to_dict() for p in predictions], indent=2, ensure_ascii=False)
 
 
-def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str:
-    """One row per file; a ``p_<class>`` column per class, in the model's class order."""
+def csv_header(classes: Sequence[str]) -> list[str]:
+    """The CSV columns: the prediction's fields, then a ``p_<class>`` column per class."""
+    return [*CSV_FIELDS, *(fields.prob_column(c) for c in classes)]
+
+
+def csv_rows(predictions: Sequence[Prediction], classes: Sequence[str]) -> str:
+    """The CSV lines of ``predictions``, without the header."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CSV_FIELDS, *(fields.prob_column(c) for c in classes)])
     for p in predictions:
         d = p.to_dict()
         probs = [csv_cell(p.probabilities.get(c)) for c in classes]
@@ -60,37 +67,102 @@ def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str
     return buffer.getvalue()
 
 
-def _print_table(predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
-    from rich.table import Table
+def render_csv(predictions: Sequence[Prediction], classes: Sequence[str]) -> str:
+    """One row per file; a ``p_<class>`` column per class, in the model's class order."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(csv_header(classes))
+    return buffer.getvalue() + csv_rows(predictions, classes)
 
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("file", overflow="fold", ratio=3)
-    table.add_column("status")
-    table.add_column("label")
-    table.add_column("confidence", justify="right")
-    table.add_column("flag")
-    for c in classes:
-        table.add_column(escape(c), justify="right")
-    table.add_column("error / flag reason", overflow="fold")
-    for p in predictions:
-        probs = [f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in classes]
-        table.add_row(
-            escape(p.file),  # rich would take [brackets] in a file name for markup
-            "ok" if p.ok else "[red]error[/]",
-            escape(p.label or ""),
-            f"{p.confidence:.3f}" if p.confidence is not None else "",
-            f"[yellow]{p.flag}[/]" if p.flag else "",
-            *probs,
-            escape(p.error or p.flag_reason or ""),
-        )
-    # piped output is not wrapped to 80 columns: one file per line stays greppable
-    out = console if console.is_terminal else Console(width=max(console.width, 200))
-    out.print(table)
+
+_PAD = 2  # a rich column's width includes its padding (one space each side)
+
+
+class _Rows:
+    """Prints the results batch by batch, as they are classified, in one format: a table
+    (the header once, then rows under it in fixed columns), CSV, or a JSON list."""
+
+    def __init__(self, fmt: OutputFormat, classes: Sequence[str], names: Sequence[str]) -> None:
+        self.fmt, self.classes, self.first = fmt, list(classes), True
+        # Column widths are fixed up front (rows come a batch at a time): the file column
+        # fits the longest name given; on a terminal it folds beyond 3/5 of what is left.
+        self.label_w = max([5, *(len(c) for c in self.classes)])
+        fixed = 6 + self.label_w + 10 + 14 + sum(max(7, len(c)) for c in self.classes)
+        # each column's padding, plus the file and reason columns' and the dividers between
+        fixed += _PAD * (6 + len(self.classes)) + 6 + len(self.classes)
+        longest = max([4, *(len(n) for n in names)])
+        if console.is_terminal:
+            self.out = console
+            rest = max(console.width - fixed, 30)
+            self.file_w = min(longest, rest * 3 // 5)
+        else:  # piped: one file per line stays greppable, whatever its length
+            self.file_w = longest
+            self.out = Console(width=max(console.width, 200, fixed + longest + 40))
+            rest = self.out.width - fixed
+        self.reason_w = max(rest - self.file_w, 20)
+
+    def add(self, predictions: Sequence[Prediction]) -> None:
+        if not predictions:
+            return
+        if self.fmt is OutputFormat.json:
+            items = ",\n".join(
+                textwrap.indent(json.dumps(p.to_dict(), indent=2, ensure_ascii=False), "  ")
+                for p in predictions
+            )
+            _echo(("[\n" if self.first else ",\n") + items)
+        elif self.fmt is OutputFormat.csv:
+            header = render_csv([], self.classes) if self.first else ""
+            _echo(header + csv_rows(predictions, self.classes), nl=False)
+        else:
+            self.out.print(self._table(predictions))
+        self.first = False
+
+    def close(self) -> None:
+        if self.fmt is OutputFormat.json:
+            _echo("[]" if self.first else "\n]")
+
+    def _table(self, predictions: Sequence[Prediction]) -> Any:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(show_header=self.first, header_style="bold", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False, padding=(0, 1))  # fmt: skip
+        table.add_column("file", overflow="fold", width=self.file_w + _PAD)
+        table.add_column("status", width=6 + _PAD)
+        table.add_column("label", width=self.label_w + _PAD)
+        table.add_column("confidence", justify="right", width=10 + _PAD)
+        table.add_column("flag", width=14 + _PAD)
+        for c in self.classes:
+            table.add_column(escape(c), justify="right", width=max(7, len(c)) + _PAD)
+        table.add_column("error / flag reason", overflow="fold", width=self.reason_w + _PAD)
+        for p in predictions:
+            probs = [
+                f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in self.classes
+            ]
+            table.add_row(
+                escape(p.file),  # rich would take [brackets] in a file name for markup
+                "ok" if p.ok else "[red]error[/]",
+                escape(p.label or ""),
+                f"{p.confidence:.3f}" if p.confidence is not None else "",
+                f"[yellow]{p.flag}[/]" if p.flag else "",
+                *probs,
+                escape(p.error or p.flag_reason or ""),
+            )
+        return table
+
+
+def _echo(text: str, nl: bool = True) -> None:
+    typer.echo(text, nl=nl)
+    sys.stdout.flush()  # each batch as it is classified, also into a pipe
 
 
 @app.command("classify")
 def classify_command(
-    paths: list[Path] = typer.Argument(..., help="Files and folders (searched recursively)."),
+    paths: list[Path] = typer.Argument(
+        ...,
+        help="Files and folders (searched recursively).",
+        readable=False,  # an unreadable file is one error row, not a usage error
+        show_default=False,
+    ),
     model: Path | None = typer.Option(
         None,
         "--model",
@@ -151,17 +223,19 @@ def classify_command(
         raise ConfigError(f"no files found under {', '.join(str(p) for p in paths)}")
     if heatmaps is not None and not engine.has_cam:
         logger.warning("%s has no cam output: no heatmaps are written", engine.path)
-    predictions = engine.predict_paths(
-        files, batch_size=batch_size, heatmaps=heatmaps, root=common_root(files)
-    )
-    if fmt is OutputFormat.json:
-        typer.echo(render_json(predictions))
-    elif fmt is OutputFormat.csv:
-        typer.echo(render_csv(predictions, engine.classes), nl=False)
-    else:
-        _print_table(predictions, engine.classes)
-    failed = sum(not p.ok for p in predictions)
-    logger.info(
-        "%d file(s) classified, %d failed, on %s", len(predictions), failed, engine.provider
-    )
+    rows = _Rows(fmt, engine.classes, [str(f) for f in files])
+    root = common_root(files)
+    failed = done = 0
+    with progress(len(files), "classifying") as advance:
+        for start in range(0, len(files), batch_size):
+            batch = engine.predict_paths(
+                files[start : start + batch_size], batch_size=batch_size, heatmaps=heatmaps,
+                root=root,
+            )  # fmt: skip
+            rows.add(batch)
+            advance(len(batch))
+            done += len(batch)
+            failed += sum(not p.ok for p in batch)
+    rows.close()
+    logger.info("%d file(s) classified, %d failed, on %s", done, failed, engine.provider)
     return EXIT_FAILED if failed else EXIT_OK

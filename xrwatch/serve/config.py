@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xrwatch import defaults
-from xrwatch.config import build_config, merge, read_toml
+from xrwatch.config import build_config, merge, read_toml, unknown_keys_error
 from xrwatch.errors import ConfigError
 from xrwatch.flags import ScopeGuard
 from xrwatch.inputs import IGNORE_PATTERNS
@@ -113,7 +113,7 @@ def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> S
     values = merge(file_values, cli_values)
     unknown = sorted(set(values) - set(field_names()))
     if unknown:  # before 'missing': a misspelt key is the likelier cause
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {field_names()}")
+        raise unknown_keys_error(source, unknown, field_names())
     if values.get("model") is None and (shipped := defaults.default_model()) is not None:
         values["model"] = str(shipped)  # the model shipped with xrwatch; --model wins
     missing = [k for k in ("incoming", "model", "reports") if values.get(k) is None]
