@@ -52,6 +52,7 @@ DEFAULT_RETRY_FOR = 60.0  # seconds a batch is retried across the fleet before i
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
 PER_IMAGE = (*GUARD_OUTPUTS, *LAYOUT_OUTPUTS)  # one value per image: [N] (Triton says [N, 1])
+_MAX_BATCH = "triton.max_batch_size"  # not a parameter: the config's own field
 
 
 def parse_urls(text: str) -> tuple[str, ...]:
@@ -144,6 +145,7 @@ class TritonFleet:
         self._next = 0
         self.props, self._inputs, self._outputs = self._connect()
         self.version = self.props[KEY_MODEL_VERSION]
+        self.max_batch = int(self.props.pop(_MAX_BATCH)) or None  # None: the server does not batch
         self.where = f"triton:{self.model}/{self.version}"
         self.meta: ModelMeta = parse_metadata(
             self.props, path=self.where, model_sha256=self.props[KEY_MODEL_SHA256]
@@ -155,7 +157,9 @@ class TritonFleet:
         """The served model's parameters and metadata; raises when it is not ready."""
         t = self.timeout
         cfg = server.client.get_model_config(self.model, as_json=True, client_timeout=t)
-        props = parameters_from_config(cfg.get("config", {}))
+        config = cfg.get("config", {})
+        props = parameters_from_config(config)
+        props[_MAX_BATCH] = str(config.get("max_batch_size", 0))
         missing = [k for k in (KEY_MODEL_SHA256, KEY_MODEL_VERSION) if k not in props]
         if missing:
             raise ModelMetadataError(
@@ -306,8 +310,16 @@ class TritonFleet:
         )
 
     def run(self, names: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs ``names`` for ``feed[INPUT_NAME]``, from whichever server answers."""
+        """The outputs ``names`` for ``feed[INPUT_NAME]``, in requests of at most the
+        server's ``max_batch_size`` images, each from whichever server answers."""
         batch = np.ascontiguousarray(feed[INPUT_NAME], dtype=np.float32)
+        step = self.max_batch or len(batch)
+        parts = [self._run_one(names, batch[i : i + step]) for i in range(0, len(batch), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(values) for values in zip(*parts, strict=True)]
+
+    def _run_one(self, names: Sequence[str], batch: np.ndarray) -> list[np.ndarray]:
         deadline = time.monotonic() + self.retry_for
         delay = BACKOFF_FIRST
         while True:

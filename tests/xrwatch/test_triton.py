@@ -1,0 +1,269 @@
+"""xrwatch against a real Triton Inference Server on loopback (no mock).
+
+The server is the ``tritonserver`` bundled in ``nvidia-pytriton``, run from a server
+environment (docs/triton.md: ``XRWATCH_TRITON_ENV``, default ``../tritonenv``), hosting the
+exported model behind Triton's Python backend with ONNX Runtime. Skipped, with the reason,
+when ``tritonclient`` or the server environment is missing (CI installs neither).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xrwatch.defaults import resolve_model
+from xrwatch.engine import InferenceEngine, Prediction
+from xrwatch.errors import ConfigError, ModelError
+from xrwatch.inputs import expand_inputs
+
+pytest.importorskip("tritonclient.grpc", reason="needs the 'triton' extra (tritonclient[grpc])")
+
+from xrwatch.remote.localserver import LocalTriton, default_env_root, find_server_env
+from xrwatch.remote.repository import (
+    KEY_MODEL_SHA256,
+    write_python_repository,
+)
+from xrwatch.remote.triton import TritonEngine, parse_model, parse_urls
+
+SAMPLES = Path(__file__).resolve().parents[2] / "xrwatch" / "samples"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def server_env():
+    root = default_env_root()
+    if root is None:
+        pytest.skip("no Triton server environment: set XRWATCH_TRITON_ENV (docs/triton.md)")
+    try:
+        return find_server_env(root)
+    except ConfigError as exc:
+        pytest.skip(f"Triton server environment unusable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def start_server(server_env, tmp_path_factory) -> Iterator[Callable[..., LocalTriton]]:
+    """Start servers on a repository; every one is stopped (SIGKILL at worst) at the end."""
+    started: list[LocalTriton] = []
+
+    def start(repository: Path, port: int | None = None) -> LocalTriton:
+        server = LocalTriton(server_env, repository, tmp_path_factory.mktemp("triton"), port=port)
+        started.append(server)
+        return server.start(timeout=120)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def default_model() -> Path:
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def default_repo(default_model: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    write_python_repository(root, default_model, name="xrwatch", max_batch_size=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def default_server(start_server, default_repo: Path) -> LocalTriton:
+    return start_server(default_repo)
+
+
+def _samples() -> list[Path]:
+    return expand_inputs([SAMPLES])
+
+
+def assert_same(local: list[Prediction], remote: list[Prediction]) -> None:
+    """Same files, labels, flags and (within TOLERANCE) probabilities and guard scores."""
+    assert [p.file for p in local] == [p.file for p in remote]
+    for a, b in zip(local, remote, strict=True):
+        assert (a.status, a.label, a.flag, a.flag_reason, a.sha256, a.model_sha256) == (
+            b.status,
+            b.label,
+            b.flag,
+            b.flag_reason,
+            b.sha256,
+            b.model_sha256,
+        ), a.file
+        assert a.probabilities.keys() == b.probabilities.keys()
+        for name, p in a.probabilities.items():
+            assert abs(p - b.probabilities[name]) <= TOLERANCE, (a.file, name)
+        if a.ood_score is None:
+            assert b.ood_score is None
+        else:
+            assert b.ood_score is not None and abs(a.ood_score - b.ood_score) <= TOLERANCE
+
+
+def test_urls_and_model_names_are_parsed_or_refused() -> None:
+    assert parse_urls("grpc://a:8001, grpc://b:9001/") == ("a:8001", "b:9001")
+    assert parse_urls("gpu-node") == ("gpu-node:8001",)
+    assert parse_model("xrwatch") == ("xrwatch", None)
+    assert parse_model("xrwatch:3") == ("xrwatch", "3")
+    for bad in ("http://a:8000", "grpc://a:x", ",", "grpc://a:1,grpc://a:1"):
+        with pytest.raises(ConfigError):
+            parse_urls(bad)
+    with pytest.raises(ConfigError):
+        parse_model("xrwatch:latest")
+
+
+def test_config_carries_the_metadata_and_pins_the_version(default_repo: Path) -> None:
+    text = (default_repo / "xrwatch" / "config.pbtxt").read_text()
+    assert "version_policy: { specific: { versions: [ 1 ] } }" in text
+    assert 'key: "xrwatch.model_version" value: { string_value: "1" }' in text
+    assert f'key: "{KEY_MODEL_SHA256}"' in text
+    assert 'name: "ood_score" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] }' in text
+
+
+def test_default_model_through_triton_matches_local(
+    default_server: LocalTriton, default_model: Path, tmp_path: Path
+) -> None:
+    """Labels, probabilities, flags, guard scores and heatmap files as a local run."""
+    files = _samples()
+    local = InferenceEngine(default_model, use_gpu=False).predict_paths(
+        files, batch_size=3, heatmaps=tmp_path / "local", root=SAMPLES
+    )
+    engine = TritonEngine(default_server.url, "xrwatch")
+    try:
+        assert engine.model_sha256 == local[0].model_sha256
+        assert engine.meta.precision == "int8"  # the shipped default is the int8 export
+        assert engine.has_cam and engine.has_guard
+        remote = engine.predict_paths(
+            files, batch_size=3, heatmaps=tmp_path / "remote", root=SAMPLES
+        )
+    finally:
+        engine.close()
+    assert_same(local, remote)
+    heatmaps = sorted(
+        p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png")
+    )
+    assert len(heatmaps) == sum(p.ok for p in local) == len(files) - 1  # and ATTRIBUTION.md
+    for rel in heatmaps:
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "remote" / rel).read_bytes()
+
+
+def test_fp32_model_without_guard_matches_local(
+    start_server, tiny_onnx_model: Path, tmp_path: Path
+) -> None:
+    """A second model: fp32, 32 px, its own classes and preprocessing from the server."""
+    repo = tmp_path / "repo"
+    write_python_repository(repo, tiny_onnx_model, name="tiny")
+    server = start_server(repo)
+    files = _samples()
+    local = InferenceEngine(tiny_onnx_model, use_gpu=False).predict_paths(files, batch_size=4)
+    engine = TritonEngine([server.url], "tiny")
+    try:
+        assert engine.spec.size == 32 and engine.meta.precision == "fp32"
+        remote = engine.predict_paths(files, batch_size=4)
+    finally:
+        engine.close()
+    assert_same(local, remote)
+
+
+def test_served_model_must_be_the_expected_one(
+    default_server: LocalTriton, default_model: Path
+) -> None:
+    with pytest.raises(ModelError, match="expected version 2"):
+        TritonEngine(default_server.url, "xrwatch", version="2", retry_for=0)
+    with pytest.raises(ModelError, match="expected " + "0" * 64):
+        TritonEngine(default_server.url, "xrwatch", expect_sha256="0" * 64, retry_for=0)
+    with pytest.raises(ModelError, match="no Triton server serves model 'other'"):
+        TritonEngine(default_server.url, "other", retry_for=0)
+
+
+def test_a_fleet_serving_two_models_is_refused(
+    start_server, default_server: LocalTriton, default_model: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    write_python_repository(repo, default_model)
+    write_python_repository(repo, default_model)  # version 2: the config now pins it
+    second = start_server(repo)
+    with pytest.raises(ModelError, match=r"serves version 2 .* but the fleet serves version 1"):
+        TritonEngine([default_server.url, second.url], "xrwatch", retry_for=0)
+    engine = TritonEngine(second.url, "xrwatch", version="2", retry_for=0)
+    engine.close()
+
+
+def test_kill9_of_one_server_the_other_takes_over(
+    start_server, default_repo: Path, default_model: Path
+) -> None:
+    """Between batches and during one: every file classified once, as locally."""
+    a, b = start_server(default_repo), start_server(default_repo)
+    files = _samples()
+    local = InferenceEngine(default_model, use_gpu=False).predict_paths(files, batch_size=2)
+    engine = TritonEngine([a.url, b.url], "xrwatch", timeout=30, retry_for=60)
+    try:
+        first = engine.predict_paths(files[:2], batch_size=2)
+        a.kill9()
+        rest = engine.predict_paths(files[2:], batch_size=1)  # round robin reaches a: it fails
+        states = {s["url"]: s for s in engine.fleet.servers()}
+    finally:
+        engine.close()
+    assert_same(local, first + rest)
+    assert states[a.url]["errors"] >= 1 and states[a.url]["state"] == "backing_off"
+    assert states[b.url]["errors"] == 0 and states[b.url]["requests"] >= len(files) - 2
+
+
+def test_a_restarted_server_is_checked_and_used_again(
+    start_server, default_repo: Path, default_model: Path
+) -> None:
+    """One server, kill -9 while the engine is in use, restarted on its port: the engine
+    waits (back-off), checks the model again, and finishes with nothing lost."""
+    server = start_server(default_repo)
+    files = _samples()
+    local = InferenceEngine(default_model, use_gpu=False).predict_paths(files, batch_size=2)
+    engine = TritonEngine(server.url, "xrwatch", timeout=30, retry_for=120)
+    results: list[Prediction] = []
+    error: list[BaseException] = []
+    killed = threading.Event()
+
+    def classify() -> None:
+        try:
+            results.extend(engine.predict_paths(files[:2], batch_size=2))
+            killed.wait(60)
+            results.extend(engine.predict_paths(files[2:], batch_size=2))
+        except BaseException as exc:  # reported by the test thread
+            error.append(exc)
+
+    worker = threading.Thread(target=classify)
+    worker.start()
+    try:
+        server.kill9()
+        killed.set()
+        server.start(timeout=120)  # same port
+        worker.join(180)
+        assert not worker.is_alive()
+    finally:
+        killed.set()
+        engine.close()
+    assert not error, error
+    assert_same(local, results)
+    served = engine.fleet.servers()[0]
+    assert served["state"] == "ready" and served["requests"] >= len(files) // 2
+
+
+def test_batches_larger_than_the_servers_limit_are_split(
+    default_server: LocalTriton, default_model: Path
+) -> None:
+    rng = np.random.default_rng(0)
+    batch = rng.random((37, 64, 64), dtype=np.float32)  # the repository's limit is 16
+    local = InferenceEngine(default_model, use_gpu=False)
+    engine = TritonEngine(default_server.url)
+    try:
+        assert engine.fleet.max_batch == 16
+        for n in (1, 16, 37):
+            a, b = local.predict_outputs(batch[:n]), engine.predict_outputs(batch[:n])
+            np.testing.assert_allclose(b.probabilities, a.probabilities, atol=TOLERANCE, rtol=0)
+            assert a.cam is not None and b.cam is not None
+            np.testing.assert_allclose(b.cam, a.cam, atol=TOLERANCE, rtol=0)
+            assert a.ood_score is not None and b.ood_score is not None
+            assert b.ood_score.shape == (n,)
+            np.testing.assert_allclose(b.ood_score, a.ood_score, atol=TOLERANCE, rtol=0)
+    finally:
+        engine.close()
