@@ -371,10 +371,12 @@ def _run(work: Path, epochs: int, keep: bool) -> int:
         console.print("(the demo's files are removed now; --keep keeps them to look at)")
         return 0
     console.print(
-        "\nNext: look at the reports, then serve a folder of your own:\n"
+        "\nNext: look at the demo's reports, then use the shipped model (not the demo's toy "
+        "model, which only learnt synthetic shapes) on X-rays of your own:\n"
         f"  cat {csv_path}\n"
-        f"  xrwatch serve {inbox} --model {model} --reports {reports}\n"
-        f"  xrwatch status --state-dir {reports / '.xrwatch-state'}",
+        "  xrwatch classify XRAYS/                         # a folder of DICOM, PNG, JPEG\n"
+        "  xrwatch serve INCOMING --reports REPORTS        # watch a folder\n"
+        "  xrwatch status --state-dir REPORTS/.xrwatch-state",
         highlight=False,
         soft_wrap=True,
     )

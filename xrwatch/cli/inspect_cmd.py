@@ -147,7 +147,12 @@ def _table(item: Inspection) -> Any:
 
 @app.command("inspect")
 def inspect_command(
-    files: list[Path] = typer.Argument(..., help="Image files (DICOM, PNG, JPEG) or folders."),
+    files: list[Path] = typer.Argument(
+        ...,
+        help="Image files (DICOM, PNG, JPEG) or folders.",
+        readable=False,  # an unreadable file is reported with its reason, not a usage error
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON list instead of tables."),
     preview: Path | None = typer.Option(
         None,
