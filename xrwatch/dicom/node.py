@@ -10,13 +10,21 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from xrwatch.dicom.outbox import Outbox, on_finish
-from xrwatch.dicom.scp import Receiver
+from xrwatch.dicom.scp import Receiver, tls_context
 from xrwatch.dicom.sender import ResultsWorker
-from xrwatch.dicom.settings import parse_destination
+from xrwatch.dicom.settings import ReceiverLimits, parse_destination
 
 logger = logging.getLogger(__name__)
 
-RECEIVE_OUTCOMES = ("stored", "duplicate", "rejected", "refused", "failed")
+# stored: kept for classification; duplicate: the same bytes again (acknowledged);
+# conflict: a known SOP Instance UID with other content (refused, 0111); ignored: not a
+# radiograph (acknowledged, dropped); own_output: made by xrwatch (acknowledged, skipped);
+# rejected: an association refused; dropped: a connection closed before any association;
+# too_large: a data set over max_file_mb, refused while it streamed in; failed: the rest.
+RECEIVE_OUTCOMES = (
+    "stored", "duplicate", "conflict", "ignored", "own_output", "rejected", "dropped",
+    "too_large", "failed",
+)  # fmt: skip
 GAUGE_SECONDS = 5.0
 
 
@@ -41,6 +49,17 @@ class DicomNode:
         )
         for outcome in RECEIVE_OUTCOMES:
             self.received.labels(outcome)
+        self.ignored = Counter(
+            "xrwatch_dicom_ignored",
+            "Instances acknowledged and dropped because they are not radiographs, by SOP class",
+            ["sop_class"],
+            registry=registry,
+        )
+        self.own_output = Counter(
+            "xrwatch_dicom_own_output",
+            "Instances made by xrwatch (its SR or heatmap routed back), acknowledged and skipped",
+            registry=registry,
+        )
         self.sr_written = Counter(
             "xrwatch_dicom_sr_written", "DICOM SRs written to REPORTS/dicom", registry=registry
         )
@@ -77,8 +96,15 @@ class DicomNode:
                 allow_ae=cfg.dicom_allow_ae,
                 allow_hosts=cfg.dicom_allow_hosts,
                 accept_other=cfg.dicom_accept_other,
+                limits=ReceiverLimits.from_config(cfg),
+                ssl_context=(
+                    tls_context(cfg.dicom_tls_cert, cfg.dicom_tls_key, cfg.dicom_tls_ca)
+                    if cfg.dicom_tls_cert is not None and cfg.dicom_tls_key is not None
+                    else None
+                ),
                 on_file=daemon.offer_complete,
-                on_event=lambda outcome: self.received.labels(outcome).inc(),
+                on_event=self._received,
+                on_ignored=lambda sop_class: self.ignored.labels(sop_class).inc(),
             )
         self.worker = ResultsWorker(
             outbox=self.outbox,
@@ -90,6 +116,15 @@ class DicomNode:
             on_written=self._written,
             on_sent=self._sent,
         )
+
+    def _received(self, outcome: str) -> None:
+        self.received.labels(outcome).inc()
+        if outcome == "own_output":
+            self.own_output.inc()
+
+    def problems(self) -> list[str]:
+        """The node's part of ``/healthz``: a wedged or dead receiver."""
+        return self.receiver.problems() if self.receiver is not None else []
 
     def _written(self) -> None:
         self.sr_written.inc()

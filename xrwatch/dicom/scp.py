@@ -1,40 +1,56 @@
 """The receiver: a pynetdicom C-STORE/C-ECHO SCP that spools instances into INCOMING.
 
-Each instance is written, exactly as received (file meta + the bytes of the data set in
-the negotiated transfer syntax), to ``INCOMING/dicom/<Study UID>/<Series UID>/<SOP UID>.dcm``:
-paths are made of UIDs only, never of patient data. The C-STORE is acknowledged only after
-the file is fsynced and renamed into place and its SOP Instance UID is in the ledger's
-``dicom_received`` table; from there the daemon's usual path (watcher, claim, classify,
-record) takes over, so a received instance has the folder's guarantees.
+Each instance streams, exactly as received (file meta + the data set in the negotiated
+transfer syntax), into a hidden file in ``INCOMING/dicom`` (:mod:`.spool`: reached without
+following links; a data set over ``max_file_mb`` is refused while it streams in). Once
+complete it is read in bounded memory (:mod:`.header`) and then:
 
-An instance whose SOP Instance UID was received before is acknowledged (success: the
-sender must not retry) but not written again, so it is never classified twice.
+- cut short or unreadable: failed at once (status C000 with a comment), never kept;
+- made by xrwatch (:mod:`.provenance`: our own SR or heatmap routed back by a PACS):
+  acknowledged, not kept (``xrwatch_dicom_own_output``);
+- not a radiograph (CT, MR, SR, PDF ... a routed study carries them): acknowledged, not
+  kept (``xrwatch_dicom_ignored{sop_class}``), unless ``dicom_accept_other``;
+- a SOP Instance UID received before: the same bytes are acknowledged and not processed
+  again; other content is refused with 0111 (:mod:`.receipts`);
+- else renamed to ``INCOMING/dicom/<Study UID>/<Series UID>/<SOP UID>.dcm`` (UIDs only,
+  never patient data), fsynced, recorded in the ledger, then acknowledged; from there the
+  daemon's usual path (watcher, claim, classify, record) takes over.
 
-Access control happens at association: a calling AE title outside ``dicom_allow_ae``, or a
-source address outside ``dicom_allow_hosts`` (when set), is rejected (A-ASSOCIATE-RJ,
-"calling AE title not recognised"). The log names the AE title and address only.
+Access control happens at association (A-ASSOCIATE-RJ, each refusal logged with its real
+reason): the called AE title must be ours; the calling AE title must be in
+``dicom_allow_ae`` ("calling AE title not recognised"); the source address in
+``dicom_allow_hosts`` when set ("no reason given": DICOM has no reason for addresses);
+at most ``dicom_max_associations`` at once and ``dicom_max_per_host`` from one address
+("local limit exceeded", transient). What a peer can hold is bounded by :mod:`.gate`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 
-from xrwatch.atomic import write_atomic
-from xrwatch.dicom.files import PART_SUFFIX, remove_stale_parts
+from xrwatch.dicom.gate import MAX_WAITING, Gate, GatedServer, Peer
+from xrwatch.dicom.header import read_header
 from xrwatch.dicom.outbox import Outbox
+from xrwatch.dicom.receipts import Receipts
+from xrwatch.dicom.settings import ReceiverLimits
+from xrwatch.dicom.spool import SPOOL, PartFile, Spool
 from xrwatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SPOOL = "dicom"  # subfolder of INCOMING the receiver writes into
+__all__ = ["SPOOL", "Receiver", "decodable_transfer_syntaxes", "tls_context"]
 
 # Projection radiography: what the classifier reads.
 RADIOGRAPH_SOP_CLASSES = {
@@ -43,15 +59,14 @@ RADIOGRAPH_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
-
 VERIFICATION = "1.2.840.10008.1.1"  # C-ECHO
 
-# DIMSE statuses (PS3.4 B.2.3)
+# DIMSE statuses (PS3.4 B.2.3, PS3.7 C.4)
 SUCCESS = 0x0000
+DUPLICATE_SOP_INSTANCE = 0x0111
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -62,11 +77,82 @@ def decodable_transfer_syntaxes() -> list[str]:
     return [str(uid) for uid in _PIXEL_DATA_DECODERS if get_decoder(uid).is_available]
 
 
+def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
+    """The receiver's TLS context (TLS 1.2 or later); with ``ca``, senders need a
+    certificate signed by it."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if ca is not None:
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"dicom_tls_cert {cert} / dicom_tls_key {key}"
+            + (f" / dicom_tls_ca {ca}" if ca else "")
+            + f": cannot be loaded ({getattr(exc, 'reason', None) or exc})"
+        ) from None
+    return ctx
+
+
 def _valid_uid(value: Any) -> str | None:
     text = str(value or "").strip()
-    if text and UID(text).is_valid and ".." not in text:
+    if text and len(text) <= 64 and UID(text).is_valid and ".." not in text:
         return text
     return None
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO
+    return ds
+
+
+class _Quiet(logging.Filter):
+    """pynetdicom logs a hostile peer as ERROR lines with tracebacks; the gate and the
+    receiver log one line per connection instead, so pynetdicom's go to DEBUG, bare."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.CRITICAL:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_original_temporary_file = dimse_messages.NamedTemporaryFile
+
+
+def _part_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's temporary file for a C-STORE data set (``STORE_RECV_CHUNKED_DATASET``):
+    for our server's associations, a :class:`PartFile` in the spool."""
+    assoc = getattr(threading.current_thread(), "assoc", None)  # the association's DUL
+    receiver = getattr(getattr(assoc, "_server", None), "receiver", None)
+    if not isinstance(receiver, Receiver):
+        return _original_temporary_file(*args, **kwargs)
+    return receiver.new_part(assoc)
+
+
+class _Refused:
+    """Where a data set goes when the spool cannot be used: nowhere (its ``name`` names
+    no file, so pynetdicom's clean-up removes nothing)."""
+
+    name = ""
+    over = committed = False
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+        self.file = self
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def discard(self) -> None: ...
 
 
 class Receiver:
@@ -83,136 +169,352 @@ class Receiver:
         allow_ae: tuple[str, ...],
         allow_hosts: tuple[str, ...] = (),
         accept_other: bool = False,
+        limits: ReceiverLimits = ReceiverLimits(),
+        ssl_context: ssl.SSLContext | None = None,
         on_file: Callable[[Path], None] = lambda _p: None,
         on_event: Callable[[str], None] = lambda _e: None,
+        on_ignored: Callable[[str], None] = lambda _c: None,
     ) -> None:
         self.incoming = incoming
-        self.spool = incoming / SPOOL
+        self.spool = Spool(incoming)
         self.outbox = outbox
+        self.receipts = Receipts(outbox.db)
         self.ae_title = ae_title
         self.host, self.port = host, port
         self.allow_ae = {a.strip() for a in allow_ae}
         self.allow_nets = [ipaddress.ip_network(h, strict=False) for h in allow_hosts]
         self.accept_other = accept_other
+        self.limits = limits
         self.on_file = on_file
-        self.on_event = on_event  # metrics: 'stored', 'duplicate', 'refused', 'failed', 'rejected'
+        self.on_event = on_event  # metrics, by outcome (node.RECEIVE_OUTCOMES)
+        self.on_ignored = on_ignored  # metrics: a non-radiograph acknowledged and dropped
         self._lock = threading.Lock()  # one SOP Instance UID is never written twice at once
-        self._server: Any = None
+        self._server: GatedServer | None = None
+        self._thread: threading.Thread | None = None
+        self.gate = Gate(limits, ssl_context, on_dropped=lambda: on_event("dropped"))
         self.syntaxes = decodable_transfer_syntaxes()
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        removed = remove_stale_parts(self.spool)
+        self.spool.ensure()  # a link there is a start-up error (ConfigError)
+        removed = self.spool.remove_stale_parts()
         if removed:
             logger.info("removed %d partly received file(s) left by a killed daemon", removed)
+        pn_logger = logging.getLogger("pynetdicom")
+        if not any(isinstance(f, _Quiet) for f in pn_logger.filters):
+            pn_logger.addFilter(_Quiet())
+        _config.STORE_RECV_CHUNKED_DATASET = True  # data sets stream to disk, not memory
+        dimse_messages.NamedTemporaryFile = _part_file  # ... into the spool (PartFile)
+        lim = self.limits
         ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = lim.acse_timeout
+        ae.dimse_timeout = lim.dimse_timeout
+        ae.network_timeout = lim.network_timeout
+        ae.maximum_pdu_size = lim.max_pdu
+        # pynetdicom's own count includes handed-over, not yet established connections;
+        # the limits that matter are checked in _on_requested
+        ae.maximum_associations = lim.max_associations + MAX_WAITING
         ae.require_calling_aet = []  # checked in _on_requested, which logs the refusal
         ae.add_supported_context(VERIFICATION)
-        if self.accept_other:
-            others = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
-            classes = list(RADIOGRAPH_SOP_CLASSES) + [
-                uid for uid in others if uid not in RADIOGRAPH_SOP_CLASSES
-            ]
-        else:
-            classes = list(RADIOGRAPH_SOP_CLASSES)
+        classes = list(RADIOGRAPH_SOP_CLASSES) + [
+            str(cx.abstract_syntax)
+            for cx in AllStoragePresentationContexts
+            if str(cx.abstract_syntax) not in RADIOGRAPH_SOP_CLASSES
+        ]
         for uid in classes:
             ae.add_supported_context(uid, self.syntaxes)
         handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, lambda e: self.gate.opened(e.assoc)),
+            (evt.EVT_PDU_RECV, self._on_pdu),
             (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_ECHO, lambda _event: SUCCESS),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
         try:
-            self._server = ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=handlers
+            server: Any = ae.make_server(
+                (self.host, self.port),
+                evt_handlers=handlers,
+                server_class=GatedServer,
+                gate=self.gate,
             )
         except OSError as exc:
             raise ConfigError(
                 f"dicom_port {self.port}: cannot listen on {self.host}:{self.port} "
                 f"({exc.strerror or exc})"
             ) from exc
-        self.port = int(self._server.server_address[1])
+        server.receiver = self  # what _part_file looks for
+        ae._servers.append(server)  # as start_server does (shutdown() removes it)
+        self._server = server
+        self.port = int(server.server_address[1])
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="xrwatch-dicom-accept", daemon=True
+        )
+        self.gate.start()
+        self._thread.start()
         logger.info(
-            "DICOM receiver %s listening on %s:%d (C-STORE, C-ECHO); callers allowed: %s%s",
+            "DICOM receiver %s listening on %s:%d%s (C-STORE, C-ECHO); callers allowed: %s%s; "
+            "at most %d associations, %d per address",
             self.ae_title,
             self.host,
             self.port,
+            " with TLS" if self.gate.ssl_context is not None else "",
             ", ".join(sorted(self.allow_ae)),
             f"; from {', '.join(map(str, self.allow_nets))}" if self.allow_nets else "",
+            lim.max_associations,
+            lim.max_per_host,
         )
 
     def stop(self) -> None:
+        """Stop accepting, end every association (whatever the peers do), then return."""
         if self._server is not None:
-            self._server.shutdown()  # stops accepting; waits for associations in progress
+            self._server.shutdown()  # stops accepting (the listening socket is closed)
             self._server = None
+            self.gate.stop()
+            self.receipts.close()
+
+    def problems(self) -> list[str]:
+        """What makes the receiver unhealthy (for ``/healthz``)."""
+        if self._server is None:
+            return []
+        if not self.gate.alive() or (self._thread is not None and not self._thread.is_alive()):
+            return ["the DICOM receiver stopped accepting connections"]
+        lim = self.limits
+        held = [p for p in self.gate.peers() if p.established is not None and p.killed is None]
+        if len(held) < lim.max_associations:
+            return []
+        now = time.monotonic()
+        stalled = max(60.0, 2 * lim.network_timeout)
+        if all(now - (p.last_done or p.established or now) > stalled for p in held):
+            return [
+                f"the DICOM receiver is wedged: all {lim.max_associations} association slots "
+                f"held, none has completed a request for {stalled:g} s"
+            ]
+        return []
+
+    # -- the spool's side of pynetdicom --------------------------------------------------
+    def new_part(self, assoc: Any) -> PartFile | _Refused:
+        """Where the data set of the C-STORE now arriving on ``assoc`` streams to."""
+        peer = self.gate.peer(assoc)
+        limit = self.limits.max_object_bytes
+
+        def over_limit(size: int) -> None:
+            self.on_event("too_large")
+            if peer is not None:
+                self.gate.kill(peer, f"data set over max_file_mb ({limit} bytes): refused")
+
+        try:
+            part: PartFile | _Refused = PartFile(self.spool, limit, over_limit)
+        except OSError as exc:
+            why = self.spool.refusal(exc)
+            logger.error("DICOM receiver: %s", why)
+            part = _Refused(why)
+        if peer is not None:
+            peer.parts.append(part)
+        return part
 
     # -- handlers ----------------------------------------------------------------------
+    def _on_pdu(self, event: Any) -> None:
+        peer = self.gate.peer(event.assoc)
+        if peer is not None:
+            peer.last_pdu = time.monotonic()
+
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
-        reason = ""
+        peer = self.gate.peer(assoc)
+        if peer is not None:
+            peer.calling_ae = calling
+        reason, code = self._refusal(calling, called, address, peer)
+        if reason:
+            logger.warning(
+                "refused DICOM association from AE %r at %s (called %r): %s",
+                calling,
+                address,
+                called,
+                reason,
+            )
+            self.on_event("rejected")
+            assoc.acse.send_reject(*code)
+            assoc.kill()  # waits until the rejection is on the wire (as pynetdicom's own does)
+
+    def _refusal(
+        self, calling: str, called: str, address: str, peer: Peer | None
+    ) -> tuple[str, tuple[int, int, int]]:
+        if called != self.ae_title:
+            return f"called AE title is not ours ({self.ae_title!r})", (0x01, 0x01, 0x07)
         if calling not in self.allow_ae:
-            reason = "calling AE title not in dicom_allow_ae"
-        elif self.allow_nets:
+            return "calling AE title not in dicom_allow_ae", (0x01, 0x01, 0x03)
+        if self.allow_nets:
             try:
                 ip = ipaddress.ip_address(address)
             except ValueError:
                 ip = None
             if ip is None or not any(ip in net for net in self.allow_nets):
-                reason = "source address not in dicom_allow_hosts"
-        if reason:
-            logger.warning(
-                "refused DICOM association from AE %r at %s: %s", calling, address, reason
-            )
-            self.on_event("rejected")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, AE not recognised
-            assoc.kill()  # waits until the rejection is on the wire (as pynetdicom's own does)
+                return "source address not in dicom_allow_hosts", (0x01, 0x01, 0x01)
+        others = [p for p in self.gate.peers() if p is not peer and p.established is not None]
+        lim = self.limits
+        if len(others) >= lim.max_associations:
+            return f"{len(others)} associations open (dicom_max_associations)", (2, 3, 2)
+        same = sum(1 for p in others if peer is not None and p.host == peer.host)
+        if same >= lim.max_per_host:
+            return f"{same} associations open from this address (dicom_max_per_host)", (2, 3, 2)
+        return "", (0, 0, 0)
 
-    def _on_store(self, event: Any) -> int:
-        calling = str(event.assoc.requestor.ae_title).strip()
+    def _on_established(self, event: Any) -> None:
+        peer = self.gate.peer(event.assoc)
+        if peer is None:
+            return
+        peer.established = time.monotonic()
+        logger.info(
+            "DICOM association from AE %r at %s:%s accepted (%d open)",
+            peer.calling_ae,
+            peer.address[0],
+            peer.address[1],
+            sum(1 for p in self.gate.peers() if p.established is not None),
+        )
+
+    def _on_echo(self, event: Any) -> int:
+        peer = self.gate.peer(event.assoc)
+        if peer is not None:
+            peer.last_done = time.monotonic()
+            peer.count("echoes")
+        return SUCCESS
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        peer = self.gate.peer(event.assoc)
+        path = str(event.dataset_path)
+        part = next((p for p in (peer.parts if peer else []) if p.name == path), None)
+        if peer is not None:
+            peer.busy += 1
+        try:
+            outcome, status = self._store(event, peer, part)
+        except Exception as exc:  # a bug must not leave the sender without an answer
+            logger.exception("C-STORE: unexpected error")
+            outcome, status = "failed", _status(OUT_OF_RESOURCES, f"receiver error: {exc}")
+        finally:
+            if part is not None:
+                part.discard()  # unless committed; pynetdicom's own unlink then finds nothing
+                part.name = ""
+                if peer is not None:
+                    peer.parts.remove(part)
+            if peer is not None:
+                peer.busy -= 1
+                peer.last_pdu = peer.last_done = time.monotonic()
+        self.on_event(outcome)
+        if peer is not None:
+            peer.count(outcome)
+        return status
+
+    def _store(
+        self, event: Any, peer: Peer | None, part: PartFile | _Refused | None
+    ) -> tuple[str, int | Dataset]:
+        calling = peer.calling_ae if peer else "?"
         sop_class = str(event.context.abstract_syntax)
         sop_uid = _valid_uid(event.request.AffectedSOPInstanceUID)
-        if sop_class not in RADIOGRAPH_SOP_CLASSES and not self.accept_other:
-            self.on_event("refused")
-            return SOP_CLASS_NOT_SUPPORTED
-        try:
-            ds = event.dataset
-            study = _valid_uid(ds.get("StudyInstanceUID"))
-            series = _valid_uid(ds.get("SeriesInstanceUID"))
-            ds_sop = _valid_uid(ds.get("SOPInstanceUID"))
-        except Exception as exc:  # a malformed data set
-            logger.warning("C-STORE from AE %r: data set cannot be parsed (%s)", calling, exc)
-            self.on_event("failed")
-            return CANNOT_UNDERSTAND
-        if sop_uid is None or ds_sop != sop_uid or study is None or series is None:
+        if part is None or isinstance(part, _Refused):
+            why = part.why if part is not None else "the data set was not received"
+            return "failed", _status(OUT_OF_RESOURCES, why)
+        part.close()
+        header = self._read(part, str(event.context.transfer_syntax), sop_class)
+        if header.problem is not None:
+            logger.warning("C-STORE from AE %r failed: the instance is %s", calling, header.problem)
+            return "failed", _status(CANNOT_UNDERSTAND, header.problem)
+        study, series = _valid_uid(header.study), _valid_uid(header.series)
+        if sop_uid is None or _valid_uid(header.sop_instance) != sop_uid or not study or not series:
             logger.warning(
                 "C-STORE from AE %r refused: missing or invalid Study, Series or SOP Instance "
                 "UID (or the SOP Instance UID differs from the request's)",
                 calling,
             )
-            self.on_event("failed")
-            return DATASET_MISMATCH
-        rel = f"{SPOOL}/{study}/{series}/{sop_uid}.dcm"
-        target = self.incoming / rel
+            return "failed", DATASET_MISMATCH
+        name = UID(sop_class).name
+        if header.own_output is not None:
+            logger.info(
+                "C-STORE from AE %r: %s %s was made by xrwatch (%s); acknowledged, not classified",
+                calling,
+                name,
+                sop_uid,
+                header.own_output,
+            )
+            return "own_output", SUCCESS
+        if sop_class not in RADIOGRAPH_SOP_CLASSES and not self.accept_other:
+            logger.info(
+                "C-STORE from AE %r: %s %s is not a radiograph; acknowledged, not kept",
+                calling,
+                name,
+                sop_uid,
+            )
+            self.on_ignored(name)
+            return "ignored", SUCCESS
+        return self._keep(part, calling, sop_uid, study, series)
+
+    def _read(self, part: PartFile, transfer_syntax: str, sop_class: str) -> Any:
+        spool = self.spool.open()
         try:
-            with self._lock:
-                if self.outbox.received_path(sop_uid) is not None or target.exists():
-                    logger.info(
-                        "C-STORE from AE %r: instance %s was received before; acknowledged, "
-                        "not processed again",
-                        calling,
-                        sop_uid,
-                    )
-                    self.on_event("duplicate")
-                    return SUCCESS
-                write_atomic(target, event.encoded_dataset(), suffix=PART_SUFFIX)
+            fd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=spool)
+        finally:
+            os.close(spool)
+        with os.fdopen(fd, "rb") as fh:
+            size = os.fstat(fd).st_size
+            return read_header(fh, size, transfer_syntax, image=sop_class in RADIOGRAPH_SOP_CLASSES)
+
+    def _keep(
+        self, part: PartFile, calling: str, sop_uid: str, study: str, series: str
+    ) -> tuple[str, int | Dataset]:
+        sha = part.sha256()
+        filename = f"{sop_uid}.dcm"
+        with self._lock:
+            known = self.receipts.sha256(sop_uid)
+            if known is None and (
+                self.outbox.received_path(sop_uid) is not None
+                or self.spool.exists(study, series, filename)
+            ):
+                known = sha  # kept before content was recorded: taken as the same
+            if known == sha:
+                logger.info(
+                    "C-STORE from AE %r: instance %s was received before; acknowledged, "
+                    "not processed again",
+                    calling,
+                    sop_uid,
+                )
+                return "duplicate", SUCCESS
+            if known is not None:
+                logger.warning(
+                    "C-STORE from AE %r refused (0111): instance %s was received before "
+                    "with other content (sha256 %s..., now %s...); a corrected image needs "
+                    "a new SOP Instance UID",
+                    calling,
+                    sop_uid,
+                    known[:12],
+                    sha[:12],
+                )
+                comment = "SOP Instance UID received before with other content"
+                return "conflict", _status(DUPLICATE_SOP_INSTANCE, comment)
+            try:
+                rel = self._commit(part, study, series, filename)
+                self.receipts.record(sop_uid, sha, rel)
                 self.outbox.record_received(sop_uid, rel, calling)
-        except Exception as exc:  # disk full, permissions, ledger busy: the sender retries
-            logger.error("C-STORE from AE %r: cannot store %s: %s", calling, rel, exc)
-            self.on_event("failed")
-            return OUT_OF_RESOURCES
+            except Exception as exc:  # disk full, a link in the way, ledger busy: retry
+                logger.error("C-STORE from AE %r: cannot store %s: %s", calling, sop_uid, exc)
+                return "failed", _status(OUT_OF_RESOURCES, "cannot store the instance")
         logger.info("received %s from AE %r", rel, calling)
-        self.on_event("stored")
-        self.on_file(target)
-        return SUCCESS
+        self.on_file(self.incoming / rel)
+        return "stored", SUCCESS
+
+    def _commit(self, part: PartFile, study: str, series: str, filename: str) -> str:
+        spool = self.spool.open()
+        try:
+            fd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=spool)
+        finally:
+            os.close(spool)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name is
+        finally:
+            os.close(fd)
+        rel = self.spool.commit(part.part, study, series, filename)
+        part.committed = True
+        return rel

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from xrwatch.errors import ConfigError
@@ -26,6 +28,62 @@ class Destination:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ReceiverLimits:
+    """What one peer, or all of them, may hold of the receiver (see ``xrwatch.dicom.gate``)."""
+
+    max_associations: int = 10  # associations at once, from all senders
+    max_per_host: int = 5  # associations at once from one source address
+    max_pdu: int = 65536  # the PDU size we accept (negotiated; bytes held per read)
+    acse_timeout: float = 30.0  # seconds from connect to an established association
+    dimse_timeout: float = 60.0  # seconds pynetdicom waits for a DIMSE message
+    network_timeout: float = 60.0  # seconds without a complete PDU before it is closed
+    max_object_bytes: int = 256 * 1024 * 1024  # a larger data set is refused as it streams
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ReceiverLimits:
+        return cls(
+            max_associations=cfg.dicom_max_associations,
+            max_per_host=cfg.dicom_max_per_host,
+            max_pdu=cfg.dicom_max_pdu,
+            acse_timeout=cfg.dicom_acse_timeout,
+            dimse_timeout=cfg.dicom_dimse_timeout,
+            network_timeout=cfg.dicom_network_timeout,
+            max_object_bytes=cfg.max_file_mb * 1024 * 1024,
+        )
+
+
+MAX_PDU_RANGE = (4096, 16 * 1024 * 1024)
+
+
+def check_limits(cfg: Any) -> None:
+    """Raise ConfigError for receiver limits that cannot work (``ServeConfig`` fields)."""
+    for name in ("dicom_max_associations", "dicom_max_per_host"):
+        value = getattr(cfg, name)
+        if not 1 <= value <= 1000:
+            raise ConfigError(f"serve: {name} must be 1..1000, got {value!r}")
+    if cfg.dicom_max_per_host > cfg.dicom_max_associations:
+        raise ConfigError(
+            f"serve: dicom_max_per_host ({cfg.dicom_max_per_host}) cannot exceed "
+            f"dicom_max_associations ({cfg.dicom_max_associations})"
+        )
+    lo, hi = MAX_PDU_RANGE
+    if not lo <= cfg.dicom_max_pdu <= hi:
+        raise ConfigError(f"serve: dicom_max_pdu must be {lo}..{hi}, got {cfg.dicom_max_pdu!r}")
+    for name in ("dicom_acse_timeout", "dicom_dimse_timeout", "dicom_network_timeout"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 1 <= value <= 3600):
+            raise ConfigError(f"serve: {name} must be 1..3600 seconds, got {value!r}")
+    cert, key, ca = cfg.dicom_tls_cert, cfg.dicom_tls_key, cfg.dicom_tls_ca
+    if (cert is None) != (key is None):
+        raise ConfigError("serve: dicom_tls_cert and dicom_tls_key go together (both or neither)")
+    if ca is not None and cert is None:
+        raise ConfigError("serve: dicom_tls_ca (client certificates) needs dicom_tls_cert and _key")
+    for name, path in (("dicom_tls_cert", cert), ("dicom_tls_key", key), ("dicom_tls_ca", ca)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"serve: {name}: {path} is not a readable file")
 
 
 def check_ae_title(value: str, what: str) -> str:
@@ -80,6 +138,7 @@ def check_settings(cfg: Any) -> None:
                 "serve: dicom_port needs dicom_allow_ae, the calling AE titles allowed to "
                 "send (e.g. --dicom-allow-ae MODALITY1); every other caller is refused"
             )
+        check_limits(cfg)
     for ae in cfg.dicom_allow_ae:
         check_ae_title(ae, "serve: dicom_allow_ae")
     allowed_networks(cfg.dicom_allow_hosts)

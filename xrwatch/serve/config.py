@@ -18,6 +18,7 @@ from xrwatch.flags import ScopeGuard
 from xrwatch.inputs import IGNORE_PATTERNS
 
 DEFAULT_IGNORE = IGNORE_PATTERNS  # hidden and temporary names, DICOMDIR
+TLS_FILES = ("dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca")
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,23 @@ class ServeConfig:
     log_level: str = "INFO"
     # -- DICOM node (xrwatch.dicom); off unless dicom_port, dicom_destinations or dicom_sr --
     dicom_port: int | None = None  # C-STORE/C-ECHO SCP on this port (above 1024: no root)
-    dicom_host: str = "0.0.0.0"  # address the SCP listens on
+    dicom_host: str = "127.0.0.1"  # address the SCP listens on (0.0.0.0: every interface)
     ae_title: str = "XRWATCH"  # our AE title: called AE of the SCP, calling AE of sends
     dicom_allow_ae: tuple[str, ...] = ()  # calling AE titles allowed to send (required)
     dicom_allow_hosts: tuple[str, ...] = ()  # source addresses/networks allowed; () = any
-    dicom_accept_other: bool = False  # accept CT, MR ... too (then reported as errors)
+    dicom_accept_other: bool = False  # keep CT, MR ... too (errors); else acknowledged, dropped
     dicom_destinations: tuple[str, ...] = ()  # send each SR to AE@host:port (C-STORE)
     dicom_sr: bool = False  # write REPORTS/dicom SRs even without port or destinations
+    # the receiver's limits (xrwatch.dicom.settings.ReceiverLimits, docs/dicom-receiver.md)
+    dicom_max_associations: int = 10  # associations at once, from all senders
+    dicom_max_per_host: int = 5  # associations at once from one source address
+    dicom_max_pdu: int = 65536  # largest PDU accepted, bytes (4096 .. 16 MiB)
+    dicom_acse_timeout: float = 30.0  # seconds from connect to an established association
+    dicom_dimse_timeout: float = 60.0  # seconds pynetdicom waits for a DIMSE message
+    dicom_network_timeout: float = 60.0  # seconds without a complete PDU: connection closed
+    dicom_tls_cert: Path | None = None  # PEM certificate: the receiver speaks DICOM TLS only
+    dicom_tls_key: Path | None = None  # its PEM private key
+    dicom_tls_ca: Path | None = None  # PEM CA bundle: senders then need a certificate from it
     heatmaps: bool = True  # REPORTS/heatmaps/<relative path>.png, for models with a cam output
     low_confidence: float | None = None  # flag threshold; default: the model's own
     # out_of_scope from "combined" (features and layout both unlike the training images) or
@@ -105,7 +116,7 @@ def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> S
     if config_file is not None:
         file_values = read_toml(config_file, table="serve")
         base = Path(config_file).resolve().parent
-        for key in ("incoming", "model", "reports", "state_dir", "archive"):
+        for key in ("incoming", "model", "reports", "state_dir", "archive", *TLS_FILES):
             value = file_values.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 file_values[key] = str(base / value)

@@ -5,6 +5,7 @@ SRs in REPORTS/dicom, non-radiographs refused or reported by config."""
 from __future__ import annotations
 
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -75,34 +76,14 @@ def test_storescu_to_serve_gives_one_result_per_instance_and_an_sr(
     assert "refused DICOM association from AE 'INTRUDER'" in log
     assert DEFAULT_PATIENT_NAME not in log and "Secret" not in log  # no PHI in the logs
 
-    # The SRs: valid DICOM, in the source's study, referencing the source instance.
+    # One SR per instance, in its source's study (the SR's content: test_dicom_results.py)
+    studies = {str(pydicom.dcmread(f, force=True).StudyInstanceUID) for f in files}
     for path in sr_files:
         sr = pydicom.dcmread(path)
-        assert sr.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
-        assert sr.Modality == "SR"
-        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
-        ref = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
-        source = pydicom.dcmread(sops[ref.ReferencedSOPInstanceUID], force=True)
-        assert sr.StudyInstanceUID == source.StudyInstanceUID == evidence.StudyInstanceUID
-        assert evidence.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-        assert sr.SeriesInstanceUID != source.SeriesInstanceUID
+        assert sr.Modality == "SR" and sr.StudyInstanceUID in studies
         assert sr.SOPInstanceUID not in sops
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
-            assert str(sr.get(keyword) or "") == str(source.get(keyword) or ""), keyword
-        row = next(r for r in rows if r["sop_instance_uid"] == source.SOPInstanceUID)
-        items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
-        assert items["Predicted class"].ConceptCodeSequence[0].CodeMeaning == row["label"]
-        for key, value in row.items():
-            if key.startswith("prob_"):
-                num = items[f"Probability of {key[5:]}"].MeasuredValueSequence[0]
-                assert float(num.NumericValue) == pytest.approx(float(value), abs=1e-5)
-        assert items["Model sha256"].TextValue == row["model_sha256"]
-        image = items["Source image"].ReferencedSOPSequence[0]
-        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        # DCMTK's SR parser reads the document without a complaint
         dump = subprocess.run([dcmtk["dsrdump"], str(path)], capture_output=True, text=True)
-        assert dump.returncode == 0 and "Comprehensive SR Document" in dump.stdout
-        assert not any(w in dump.stderr for w in ("E:", "W:", "F:")), dump.stderr
+        assert dump.returncode == 0, dump.stderr
 
 
 def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
@@ -134,20 +115,24 @@ def test_kill_9_mid_receive_then_resend_gives_exactly_one_result(
     assert not list(incoming.rglob(".*.part")), "a partly received file was left behind"
 
 
-def test_non_radiographs_are_refused_or_reported_as_errors_by_config(
+def test_non_radiographs_are_acknowledged_and_dropped_or_reported_as_errors_by_config(
     folders, daemons, dcmtk, tmp_path
 ) -> None:
     incoming, reports = folders
     ct = Path(get_testdata_file("CT_small.dcm"))
     dx = _synthetic(tmp_path / "dx", 1)
-    port = free_port()
-    d = daemons(incoming, reports, *_receiver_args(port)).start()
-    refused = storescu(dcmtk, port, [ct])
-    assert refused[0].returncode != 0  # no presentation context for CT Image Storage
-    assert all(r.returncode == 0 for r in storescu(dcmtk, port, dx))
+    port, metrics = free_port(), free_port()
+    d = daemons(incoming, reports, *_receiver_args(port), "--metrics-port", str(metrics))
+    d.start()
+    # a routed study carries CT, SR, PDF ...: acknowledged (the route goes on), not kept
+    assert all(r.returncode == 0 for r in storescu(dcmtk, port, [ct, *dx]))
     wait_for(lambda: len(csv_rows(reports)) >= 1, 60, "the DX row")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
+    assert b'xrwatch_dicom_ignored_total{sop_class="CT Image Storage"} 1.0' in body
     assert d.stop() == 0
     assert not list((incoming / "dicom").rglob(sop_uid(ct) + ".dcm"))
+    assert d.log_text().count("is not a radiograph; acknowledged, not kept") == 1
+    assert len(csv_rows(reports)) == 1
 
     port = free_port()
     d = daemons(incoming, reports, *_receiver_args(port, "--dicom-accept-other")).start()
