@@ -8,6 +8,7 @@ when ``tritonclient`` or the server environment is missing (CI installs neither)
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xrwatch.cli._app import EXIT_ERROR, EXIT_FAILED, EXIT_OK, main
 from xrwatch.defaults import resolve_model
 from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError, ModelError
@@ -267,3 +269,57 @@ def test_batches_larger_than_the_servers_limit_are_split(
             np.testing.assert_allclose(b.ood_score, a.ood_score, atol=TOLERANCE, rtol=0)
     finally:
         engine.close()
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_classify_command_through_triton(
+    default_server: LocalTriton, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["classify", str(SAMPLES), "--format", "json", "--cpu"]
+    code, out, _ = _cli(args, capsys)
+    local = json.loads(out)
+    code_r, out_r, _ = _cli([*args, "--triton", default_server.url], capsys)
+    remote = json.loads(out_r)
+    assert code == code_r == EXIT_FAILED  # ATTRIBUTION.md is not an image
+    assert len(local) == len(remote) == 9
+    for a, b in zip(local, remote, strict=True):
+        pa, pb = a.pop("probabilities"), b.pop("probabilities")
+        assert pa.keys() == pb.keys()
+        assert all(abs(pa[k] - pb[k]) <= TOLERANCE for k in pa), a["file"]
+        for key in ("confidence", "ood_score"):
+            if a[key] is not None:
+                assert abs(a.pop(key) - b.pop(key)) <= TOLERANCE
+        assert a == b
+
+
+def test_evaluate_command_through_triton(
+    default_server: LocalTriton, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ev = ["evaluate", str(SAMPLES), "--json", "--replicates", "20", "--cpu"]
+    code, out, _ = _cli(ev, capsys)
+    code_r, out_r, _ = _cli(
+        [*ev, "--triton", default_server.url, "--triton-model", "xrwatch:1"], capsys
+    )
+    assert code == code_r == EXIT_OK
+    a, b = json.loads(out), json.loads(out_r)
+    assert a["metrics"]["confusion_matrix"] == b["metrics"]["confusion_matrix"]
+    assert a["model"]["sha256"] == b["model"]["sha256"]
+
+
+def test_classify_refuses_a_fleet_serving_another_file(
+    default_server: LocalTriton,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"not the served model")
+    code, _, err = _cli(
+        ["classify", str(SAMPLES), "--triton", default_server.url, "--model", str(other)], capsys
+    )
+    assert code == EXIT_ERROR
+    assert "expected" in err and "sha256" in err, err

@@ -26,6 +26,12 @@ from xrwatch.errors import ConfigError
 from xrwatch.flags import SCOPE_GUARD_HELP, SCOPE_GUARDS
 from xrwatch.inputs import expand_inputs
 from xrwatch.logs import configure_logging
+from xrwatch.remote.options import (
+    DEFAULT_TRITON_MODEL,
+    TRITON_HELP,
+    TRITON_MODEL_HELP,
+    triton_engine,
+)
 from xrwatch.serve.reports import csv_cell
 
 logger = logging.getLogger(__name__)
@@ -197,6 +203,10 @@ def classify_command(
         help=SCOPE_GUARD_HELP + ".",
     ),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    triton: str | None = typer.Option(None, "--triton", help=TRITON_HELP),
+    triton_model: str = typer.Option(
+        DEFAULT_TRITON_MODEL, "--triton-model", help=TRITON_MODEL_HELP
+    ),
 ) -> int:
     """Classify X-ray files and folders with an exported model.
 
@@ -210,14 +220,24 @@ def classify_command(
         raise ConfigError("--cpu and --require-gpu contradict each other")
     if scope_guard not in SCOPE_GUARDS:
         raise ConfigError(f"--scope-guard must be one of {', '.join(SCOPE_GUARDS)}")
-    engine = InferenceEngine(
-        resolve_model(model),
-        use_gpu=not cpu,
-        require_gpu=require_gpu,
-        intra_op_threads=threads,
-        low_confidence=low_confidence,
-        scope_guard=scope_guard,
-    )
+    if triton is not None:  # the model runs on Triton server(s): xrwatch.remote
+        engine: InferenceEngine = triton_engine(
+            triton,
+            triton_model,
+            expected_model=model,
+            low_confidence=low_confidence,
+            scope_guard=scope_guard,
+            require_gpu=require_gpu,
+        )
+    else:
+        engine = InferenceEngine(
+            resolve_model(model),
+            use_gpu=not cpu,
+            require_gpu=require_gpu,
+            intra_op_threads=threads,
+            low_confidence=low_confidence,
+            scope_guard=scope_guard,
+        )
     files = expand_inputs(paths)
     if not files:
         raise ConfigError(f"no files found under {', '.join(str(p) for p in paths)}")
