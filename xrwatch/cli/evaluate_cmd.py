@@ -21,6 +21,12 @@ from xrwatch.engine import InferenceEngine
 from xrwatch.errors import DatasetError, ReportWriteError
 from xrwatch.evaluation import BOOTSTRAP_REPLICATES, PER_CLASS_KEYS, evaluate_with_ci
 from xrwatch.logs import configure_logging
+from xrwatch.remote.options import (
+    DEFAULT_TRITON_MODEL,
+    TRITON_HELP,
+    TRITON_MODEL_HELP,
+    triton_engine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +228,10 @@ def evaluate_command(
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a GPU is present."),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0 = all)."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    triton: str | None = typer.Option(None, "--triton", help=TRITON_HELP),
+    triton_model: str = typer.Option(
+        DEFAULT_TRITON_MODEL, "--triton-model", help=TRITON_MODEL_HELP
+    ),
 ) -> int:
     """Evaluate a model on labelled images, with 95 % CIs over patients.
 
@@ -230,8 +240,10 @@ def evaluate_command(
     not images. Unreadable images are left out and listed.
     """
     configure_logging(log_level)
-    model_path = resolve_model(model)
-    engine = InferenceEngine(model_path, use_gpu=not cpu, intra_op_threads=threads)
+    if triton is not None:  # the model runs on Triton server(s): xrwatch.remote
+        engine: InferenceEngine = triton_engine(triton, triton_model, expected_model=model)
+    else:
+        engine = InferenceEngine(resolve_model(model), use_gpu=not cpu, intra_op_threads=threads)
     wanted = split.upper() if split else None
     samples = load_labelled(data, engine.meta.task, wanted)
     if not samples:
