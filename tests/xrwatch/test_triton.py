@@ -8,8 +8,12 @@ when ``tritonclient`` or the server environment is missing (CI installs neither)
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from xrwatch.defaults import resolve_model
 from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ConfigError, ModelError
 from xrwatch.inputs import expand_inputs
+from xrwatch.serve.config import ServeConfig
+from xrwatch.serve.daemon import Daemon
 
 pytest.importorskip("tritonclient.grpc", reason="needs the 'triton' extra (tritonclient[grpc])")
 
@@ -323,3 +329,91 @@ def test_classify_refuses_a_fleet_serving_another_file(
     )
     assert code == EXIT_ERROR
     assert "expected" in err and "sha256" in err, err
+
+
+def _rows(reports: Path) -> list[dict[str, str]]:
+    path = reports / "predictions.csv"
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _wait(pred: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_daemon_kill9_of_servers_loses_and_duplicates_nothing(
+    start_server, default_repo: Path, default_model: Path, real_images: list[Path], tmp_path: Path
+) -> None:
+    """The daemon on a two-server fleet: kill -9 one mid-run, bring it back, kill -9 the
+    other: every file is reported exactly once, with the local engine's results."""
+    a, b = start_server(default_repo), start_server(default_repo)
+    chosen = real_images[::5][:24]
+    incoming, reports = tmp_path / "in", tmp_path / "reports"
+    incoming.mkdir()
+    config = ServeConfig(
+        incoming, default_model, reports, stable_seconds=0.2, max_wait=0.05, batch_size=2
+    )
+    engines: list[TritonEngine] = []
+
+    def factory(cfg: ServeConfig) -> TritonEngine:
+        engine = TritonEngine(
+            [a.url, b.url],
+            timeout=30,
+            retry_for=20,  # then the daemon's own retry (files stay claimed)
+            low_confidence=cfg.low_confidence,
+            scope_guard=cfg.scope_guard,
+        )
+        engines.append(engine)
+        return engine
+
+    daemon = Daemon(config, engine_factory=factory)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert daemon.ready.wait(60)
+
+        def drop(first: int, last: int) -> None:
+            for n in range(first, last):  # complete files appear by rename
+                part = incoming / f".part-{n}"
+                shutil.copyfile(chosen[n], part)
+                os.replace(part, incoming / f"{n:02d}-{chosen[n].name}")
+
+        drop(0, 12)
+        _wait(lambda: len(_rows(reports)) >= 2, "the first results")
+        a.kill9()  # while the daemon has batches in flight
+        _wait(lambda: len(_rows(reports)) >= 12, "the rest, from the other server")
+        a.start(timeout=120)  # same port: checked again before it is used
+        b.kill9()
+        before = {s["url"]: s["requests"] for s in engines[0].fleet.servers()}
+        drop(12, len(chosen))
+        _wait(lambda: len(_rows(reports)) >= len(chosen), "every result")
+    finally:
+        daemon.request_stop()
+        runner.join(120)
+        for engine in engines:
+            engine.close()
+    assert not runner.is_alive()
+    rows = _rows(reports)
+    names = sorted(Path(r["file"]).name for r in rows)
+    assert names == sorted(f"{n:02d}-{src.name}" for n, src in enumerate(chosen))  # once each
+    local = InferenceEngine(default_model, use_gpu=False)
+    expected = {
+        Path(p.file).name: p for p in local.predict_paths(sorted(incoming.iterdir()), batch_size=4)
+    }
+    for row in rows:
+        want = expected[Path(row["file"]).name]
+        assert row["status"] == want.status == "ok"
+        assert row["label"] == want.label and row["flag"] == want.flag
+        assert row["provider"] == "triton"
+        for cls, p in want.probabilities.items():
+            assert abs(float(row[f"prob_{cls}"]) - p) <= TOLERANCE + 1e-6, row["file"]
+    servers = {s["url"]: s for s in engines[0].fleet.servers()}
+    assert servers[a.url]["errors"] >= 1 and servers[b.url]["errors"] >= 1
+    assert servers[a.url]["requests"] > before[a.url]  # the restarted server took over
