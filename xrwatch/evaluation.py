@@ -179,3 +179,64 @@ def evaluate_with_ci(
     }
     out["confusion_matrix"] = point["confusion_matrix"] if point else [[0] * k] * k
     return out
+
+
+# -- the low_confidence rule: which share of wrong and right predictions a threshold flags --
+
+# Thresholds the risk-coverage table shows: flag a result whose top probability is below.
+RISK_COVERAGE_THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
+
+
+def flag_rates(correct: np.ndarray, confidence: np.ndarray, threshold: float) -> dict[str, Any]:
+    """What flagging ``confidence < threshold`` does: the share flagged, the accuracy of
+    what stays unflagged, and the shares of the wrong and of the right predictions flagged
+    (None where there are none to share)."""
+    ok = np.asarray(correct, dtype=bool)
+    flagged = np.asarray(confidence, dtype=np.float64) < threshold
+    n, n_wrong, n_right = len(ok), int((~ok).sum()), int(ok.sum())
+
+    def share(part: int, whole: int) -> float | None:
+        return part / whole if whole else None
+
+    return {
+        "threshold": float(threshold),
+        "n": n,
+        "flagged": int(flagged.sum()),
+        "flagged_share": share(int(flagged.sum()), n),
+        "accuracy_unflagged": share(int((ok & ~flagged).sum()), int((~flagged).sum())),
+        "wrong_flagged": share(int((~ok & flagged).sum()), n_wrong),
+        "right_flagged": share(int((ok & flagged).sum()), n_right),
+        "n_wrong": n_wrong,
+        "n_right": n_right,
+    }
+
+
+def risk_coverage(
+    correct: np.ndarray,
+    confidence: np.ndarray,
+    thresholds: Sequence[float] = RISK_COVERAGE_THRESHOLDS,
+) -> list[dict[str, Any]]:
+    """:func:`flag_rates` at each threshold: how accuracy of the unflagged results rises as
+    more are flagged (coverage = 1 - ``flagged_share``)."""
+    return [flag_rates(correct, confidence, t) for t in thresholds]
+
+
+def choose_low_confidence(
+    correct: np.ndarray, confidence: np.ndarray, *, max_right_flagged: float = 0.2
+) -> dict[str, Any]:
+    """The threshold to store for ``low_confidence``, chosen on validation predictions: the
+    highest top probability (of those seen, rounded down to 0.01) below which at most
+    ``max_right_flagged`` of the right predictions fall - so as many wrong ones as possible
+    are flagged while the right ones flagged stay within that share. Its rates on these
+    predictions come with it (``flag_rates``); measure them again on held-out data."""
+    ok = np.asarray(correct, dtype=bool)
+    conf = np.asarray(confidence, dtype=np.float64)
+    if not ok.any():
+        raise ValueError("no right prediction to choose a threshold on")
+    # flagging below t flags the right predictions with confidence < t; the largest t that
+    # keeps their share within the budget is the next right confidence above the quantile
+    right = np.sort(conf[ok])
+    allowed = int(np.floor(max_right_flagged * len(right)))  # right ones that may fall below
+    limit = right[allowed] if allowed < len(right) else 1.0
+    threshold = float(np.floor(limit * 100) / 100)  # a round number, never above the limit
+    return flag_rates(ok, conf, threshold)

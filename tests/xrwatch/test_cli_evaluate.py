@@ -113,3 +113,59 @@ def test_evaluate_never_loads_torch(labelled: Path, tiny_onnx_model: Path) -> No
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_prints_the_risk_coverage_table_of_the_shipped_model(
+    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shipped model has calibration and a stored threshold: the table marks it, and
+    its rates are those of the predictions written."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(labelled), "--out", str(out), "--replicates", "20"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "| flag below | flagged | accuracy of the unflagged |" in printed
+    low = json.loads((out / "evaluation.json").read_text())["low_confidence"]
+    assert [r["threshold"] for r in low["risk_coverage"]][:2] == [0.4, 0.5]
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    right = [float(r["confidence"]) for r in rows if r["true"] == r["predicted"]]
+    wrong = [float(r["confidence"]) for r in rows if r["true"] != r["predicted"]]
+    t = low["threshold"]
+    assert t is not None and f"| {t:g} (model) |" in printed
+    assert low["rates"]["right_flagged"] == pytest.approx(sum(c < t for c in right) / len(right))
+    if wrong:
+        assert low["rates"]["wrong_flagged"] == pytest.approx(
+            sum(c < t for c in wrong) / len(wrong)
+        )
+    for r in rows:  # the flag column is the engine's: low_confidence exactly below t
+        if r["flag"] != "out_of_scope":
+            assert (r["flag"] == "low_confidence") == (float(r["confidence"]) < t)
+
+
+def test_out_escapes_formulas_and_is_written_while_classifying(
+    shared_xray: Path, tiny_onnx_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xrwatch.engine
+
+    root = tmp_path / "data"
+    for cls in CLASSES:
+        (root / cls).mkdir(parents=True)
+        src = sorted((shared_xray / "real" / cls).iterdir())[0]
+        (root / cls / ("=cmd|calc" + src.suffix)).symlink_to(src)
+    out = tmp_path / "eval"
+    seen: list[int] = []
+    real = xrwatch.engine.InferenceEngine.predict_paths
+
+    def spy(self: object, paths: list[Path], *args: object, **kw: object) -> object:
+        csv_path = out / "predictions.csv"
+        seen.append(len(csv_path.read_text().splitlines()) if csv_path.exists() else 0)
+        return real(self, paths, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(xrwatch.engine.InferenceEngine, "predict_paths", spy)
+    argv = ["evaluate", str(root), "--model", str(tiny_onnx_model), "--out", str(out)]
+    assert main([*argv, "--replicates", "10", "--batch-size", "1"]) == EXIT_OK
+    assert seen == [0, 2, 3, 4]  # header + each earlier row on disk before the next batch
+    text = (out / "predictions.csv").read_text()
+    rows = list(csv.DictReader(text.splitlines()))
+    # the patient group of a file directly in a class folder is its name's stem
+    assert [r["group"] for r in rows] == ["'=cmd|calc"] * 4  # shown as text by a spreadsheet
+    assert "\n=" not in text and ",=" not in text

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,17 @@ import numpy as np
 import typer
 from rich.markup import escape
 
-from xrwatch.cli._app import EXIT_OK, app, console
+from xrwatch.cli._app import EXIT_OK, app, console, progress
 from xrwatch.defaults import resolve_model
-from xrwatch.engine import InferenceEngine
+from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import DatasetError, ReportWriteError
-from xrwatch.evaluation import BOOTSTRAP_REPLICATES, PER_CLASS_KEYS, evaluate_with_ci
+from xrwatch.evaluation import (
+    BOOTSTRAP_REPLICATES,
+    PER_CLASS_KEYS,
+    evaluate_with_ci,
+    flag_rates,
+    risk_coverage,
+)
 from xrwatch.logs import configure_logging
 from xrwatch.remote.options import (
     DEFAULT_TRITON_MODEL,
@@ -27,6 +34,7 @@ from xrwatch.remote.options import (
     TRITON_MODEL_HELP,
     triton_engine,
 )
+from xrwatch.serve.reports import csv_cell
 
 logger = logging.getLogger(__name__)
 
@@ -145,18 +153,30 @@ def evaluate_model(
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = 0,
     batch_size: int = 8,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every sample and compute the metrics with CIs; unreadable files are left
-    out and listed under ``failed``."""
+    out and listed under ``failed``. ``on_batch`` gets each batch's prediction rows (those
+    that were classified) as soon as it is done."""
     classes = list(engine.classes)
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
         raise DatasetError(
             f"labels {unknown} are not classes of the model {engine.path} ({classes})"
         )
-    predictions = engine.predict_paths([s.path for s in samples], batch_size=batch_size)
-    kept = [(s, p) for s, p in zip(samples, predictions, strict=True) if p.ok]
-    failed = [{"file": p.file, "error": p.error} for p in predictions if not p.ok]
+    kept: list[tuple[Labelled, Prediction]] = []
+    failed: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        predictions = engine.predict_paths([s.path for s in batch], batch_size=batch_size)
+        done = [(s, p) for s, p in zip(batch, predictions, strict=True) if p.ok]
+        failed += [{"file": p.file, "error": p.error} for p in predictions if not p.ok]
+        new = [_row(s, p, classes) for s, p in done]
+        kept += done
+        rows += new
+        if on_batch is not None:
+            on_batch(new)
     if not kept:
         raise DatasetError(f"none of the {len(samples)} image(s) could be classified")
     y = [classes.index(s.label) for s, _ in kept]
@@ -164,6 +184,9 @@ def evaluate_model(
     metrics = evaluate_with_ci(
         y, probs, [s.group for s, _ in kept], classes, replicates=replicates, seed=seed
     )
+    correct = np.array([p.label == s.label for s, p in kept])
+    confidence = np.array([p.confidence for _, p in kept], dtype=np.float64)
+    threshold = engine.low_confidence
     return {
         "model": {"path": str(engine.path), "name": engine.meta.name,
                   "sha256": engine.model_sha256, "precision": engine.meta.precision},
@@ -171,30 +194,95 @@ def evaluate_model(
         "n_images": metrics["n_images"],
         "n_patients": metrics["n_patients"],
         "metrics": metrics,
+        "low_confidence": {
+            "threshold": threshold,
+            "rates": None if threshold is None else flag_rates(correct, confidence, threshold),
+            "risk_coverage": risk_coverage(correct, confidence),
+        },
+        "flags": dict(Counter(p.flag or "none" for _, p in kept)),
         "failed": failed,
-        "predictions": [
-            {"file": str(s.path), "true": s.label, "predicted": p.label, "group": s.group,
-             **{f"prob_{c}": p.probabilities[c] for c in classes}}
-            for s, p in kept
-        ],
+        "predictions": rows,
     }  # fmt: skip
 
 
+def _row(s: Labelled, p: Prediction, classes: list[str]) -> dict[str, Any]:
+    return {
+        "file": str(s.path), "true": s.label, "predicted": p.label, "flag": p.flag,
+        "confidence": p.confidence, "group": s.group,
+        **{f"prob_{c}": p.probabilities[c] for c in classes},
+    }  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def risk_coverage_markdown(low: dict[str, Any], whose: str = "model") -> str:
+    """The risk-coverage table: at each threshold, the share of results flagged
+    low_confidence, the accuracy of the rest, and the shares of wrong and right ones flagged."""
+    lines = [
+        "low_confidence: flag a result whose top probability is below the threshold"
+        + (f" ({whose}: {low['threshold']:g})" if low["threshold"] is not None else ""),
+        "",
+        "| flag below | flagged | accuracy of the unflagged | wrong ones flagged "
+        "| right ones flagged |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    rows = list(low["risk_coverage"])
+    if low["rates"] is not None and low["threshold"] not in [r["threshold"] for r in rows]:
+        rows = sorted([*rows, low["rates"]], key=lambda r: r["threshold"])
+    for r in rows:
+        mark = f" ({whose})" if r["threshold"] == low["threshold"] else ""
+        lines.append(
+            f"| {r['threshold']:g}{mark} | {_pct(r['flagged_share'])} | "
+            f"{_pct(r['accuracy_unflagged'])} | {_pct(r['wrong_flagged'])} of {r['n_wrong']} | "
+            f"{_pct(r['right_flagged'])} of {r['n_right']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+class _PredictionsCsv:
+    """``predictions.csv`` of ``--out``, written row by row as images are classified, its
+    text cells escaped as the reports escape them (no spreadsheet formulas)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+        self._writer: Any = None
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            if self._fh is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = self.path.open("w", newline="", encoding="utf-8")
+                self._writer = csv.writer(self._fh, lineterminator="\n")
+                self._writer.writerow(list(rows[0]))
+            self._writer.writerows([[csv_cell(v) for v in row.values()] for row in rows])
+            self._fh.flush()
+        except OSError as exc:
+            raise ReportWriteError(f"{self.path}: cannot write the predictions: {exc}") from exc
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
 def write_outputs(result: dict[str, Any], out: Path, title: str) -> None:
-    """``evaluation.json``, ``evaluation.md``, ``predictions.csv`` and
-    ``confusion_matrix.png`` in ``out``."""
+    """``evaluation.json``, ``evaluation.md`` and ``confusion_matrix.png`` in ``out``
+    (``predictions.csv`` is written while the images are classified)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(
             json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=2) + "\n",
             encoding="utf-8",
         )
-        (out / "evaluation.md").write_text(f"# {title}\n\n" + table_markdown(result), "utf-8")
-        with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as fh:
-            rows = result["predictions"]
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        (out / "evaluation.md").write_text(
+            f"# {title}\n\n" + table_markdown(result) + "\n"
+            + risk_coverage_markdown(result["low_confidence"]),
+            "utf-8",
+        )  # fmt: skip
     except OSError as exc:
         raise ReportWriteError(f"{out}: cannot write the evaluation: {exc}") from exc
     confusion_png(result["metrics"]["confusion_matrix"], result["classes"], title,
@@ -227,6 +315,7 @@ def evaluate_command(
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on the CPU even when a GPU is present."),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0 = all)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per model run."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
     triton: str | None = typer.Option(None, "--triton", help=TRITON_HELP),
     triton_model: str = typer.Option(
@@ -237,7 +326,9 @@ def evaluate_command(
 
     Accuracy, balanced accuracy, macro-F1, per-class sensitivity/PPV/F1, one-vs-rest
     AUROC and the confusion matrix; each CI comes from a bootstrap that resamples patients,
-    not images. Unreadable images are left out and listed.
+    not images. Unreadable images are left out and listed. Then the risk-coverage table of
+    the low_confidence flag: at a range of thresholds, the share of results flagged, the
+    accuracy of the rest, and the shares of wrong and of right predictions flagged.
     """
     configure_logging(log_level)
     if triton is not None:  # the model runs on Triton server(s): xrwatch.remote
@@ -249,7 +340,22 @@ def evaluate_command(
     if not samples:
         raise DatasetError(f"{data}: no labelled image found" + (f" in {wanted}" if wanted else ""))
     logger.info("evaluating %s on %d image(s) of %s", engine.meta.name, len(samples), data)
-    result = evaluate_model(engine, samples, replicates=replicates, seed=seed)
+    sink = _PredictionsCsv(out / "predictions.csv") if out is not None else None
+    try:
+        with progress(len(samples), "evaluating") as advance:
+
+            def on_batch(rows: list[dict[str, Any]]) -> None:
+                if sink is not None:
+                    sink.add(rows)
+                advance(min(batch_size, len(samples)))
+
+            result = evaluate_model(
+                engine, samples, replicates=replicates, seed=seed, batch_size=batch_size,
+                on_batch=on_batch,
+            )  # fmt: skip
+    finally:
+        if sink is not None:
+            sink.close()
     result["data"] = str(data)
     title = f"{engine.meta.name} on {data}"
     if out is not None:
@@ -259,6 +365,7 @@ def evaluate_command(
     else:
         console.print(f"[bold]{escape(title)}[/] (model sha256 {engine.model_sha256[:12]})")
         console.print(escape(table_markdown(result)), highlight=False)
+        console.print(escape(risk_coverage_markdown(result["low_confidence"])), highlight=False)
         counts = Counter(s.label for s in samples)
         logger.info("class counts: %s", dict(counts))
         if result["failed"]:
