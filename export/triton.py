@@ -7,8 +7,10 @@ Layout (Triton's convention)::
     DIR/<name>/<version>/model.onnx
 
 The same self-describing ONNX file is served, so a Triton cluster computes exactly what
-``xrwatch classify`` computes; clients still apply ``xrwatch.preprocess`` (the spec is in
-the model's metadata) and send float32 N x 1 x H x W.
+``xrwatch classify`` computes. The config (:func:`xrwatch.remote.repository.render_config`)
+names every output of the file, carries its xrwatch metadata as parameters and pins the
+version just written: ``xrwatch serve/classify --triton`` read the metadata from the server,
+apply ``xrwatch.preprocess`` locally and send float32 N x 1 x H x W (docs/triton.md).
 """
 
 from __future__ import annotations
@@ -20,54 +22,11 @@ from pathlib import Path
 
 from xrwatch.errors import ConfigError
 from xrwatch.modelmeta import ModelMeta
+from xrwatch.remote.repository import DEFAULT_MAX_BATCH, read_served_model, render_config
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 32
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def render_config(name: str, meta: ModelMeta, *, max_batch_size: int = DEFAULT_MAX_BATCH) -> str:
-    """config.pbtxt text. Dims exclude the batch axis (Triton adds it: max_batch_size > 0)."""
-    size, n = meta.spec.size, len(meta.classes)
-    preferred = sorted({b for b in (4, 8, 16, max_batch_size) if b <= max_batch_size})
-    header = f"# xrwatch {meta.arch} ({meta.experiment}, {meta.precision})"
-    return f"""{header}; model sha256 {meta.model_sha256}
-# Research use only - not a medical device.
-name: "{name}"
-backend: "onnxruntime"
-max_batch_size: {max_batch_size}
-input [
-  {{
-    name: "image"
-    data_type: TYPE_FP32
-    dims: [ 1, {size}, {size} ]
-  }}
-]
-output [
-  {{
-    name: "logits"
-    data_type: TYPE_FP32
-    dims: [ {n} ]
-  }},
-  {{
-    name: "probabilities"
-    data_type: TYPE_FP32
-    dims: [ {n} ]
-    label_filename: "labels.txt"
-  }}
-]
-dynamic_batching {{
-  preferred_batch_size: [ {", ".join(str(b) for b in preferred)} ]
-  max_queue_delay_microseconds: 2000
-}}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_AUTO
-  }}
-]
-"""
 
 
 def write_repository(
@@ -95,8 +54,14 @@ def write_repository(
     (model_dir / str(version)).mkdir()
     shutil.copyfile(model_path, model_dir / str(version) / "model.onnx")
     (model_dir / "labels.txt").write_text("\n".join(meta.classes) + "\n", encoding="utf-8")
-    (model_dir / "config.pbtxt").write_text(
-        render_config(name, meta, max_batch_size=max_batch_size), encoding="utf-8"
+    config = render_config(  # every output, the metadata as parameters, this version pinned
+        name,
+        read_served_model(model_path),
+        version=version,
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        labels_file="labels.txt",
     )
+    (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
     logger.info("Triton repository %s: model %s version %d", root, name, version)
     return model_dir

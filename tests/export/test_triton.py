@@ -86,9 +86,14 @@ def test_repository_layout_and_config(full_export: ExportResult) -> None:
     (inp,) = config["input"]
     assert inp == {"name": "image", "data_type": "TYPE_FP32", "dims": [1, 64, 64]}
     outputs = {o["name"]: o for o in config["output"]}
-    assert set(outputs) == {"logits", "probabilities"}
-    for out in outputs.values():
-        assert out["data_type"] == "TYPE_FP32" and out["dims"] == [len(full_export.meta.classes)]
+    assert {"logits", "probabilities", "cam"} <= set(outputs)  # every output of the file
+    for name in ("logits", "probabilities"):
+        assert outputs[name]["dims"] == [len(full_export.meta.classes)]
+    assert all(out["data_type"] == "TYPE_FP32" for out in outputs.values())
+    params = {p["key"]: p["value"]["string_value"] for p in config["parameters"]}
+    assert params["xrwatch.model_sha256"] == fp32.sha256  # for xrwatch's --triton clients
+    assert params["xrwatch.model_version"] == "1"
+    assert config["version_policy"] == {"specific": {"versions": [1]}}
     labels = (model_dir / outputs["probabilities"]["label_filename"]).read_text().splitlines()
     assert labels == list(full_export.meta.classes)
 
@@ -104,7 +109,10 @@ def test_config_matches_the_onnx_graph(full_export: ExportResult) -> None:
         for v in [*model.graph.input, *model.graph.output]
     }
     for entry in [*config["input"], *config["output"]]:
-        assert graph_dims[entry["name"]] == entry["dims"]
+        # one value per image ([N] in the graph) is declared [1] reshaped to []
+        dims = entry.get("reshape", {}).get("shape", entry["dims"])
+        assert graph_dims[entry["name"]] == dims
+    assert {e["name"] for e in config["output"]} == {o.name for o in model.graph.output}
 
 
 def test_second_export_adds_a_version(full_export: ExportResult, tmp_path: Path) -> None:

@@ -103,9 +103,16 @@ def metadata_parameters(model: ServedModel, version: int) -> dict[str, str]:
     }
 
 
-def _output_block(name: str, dims: tuple[int, ...]) -> str:
+# the onnxruntime backend's optimization { graph { level } } for each xrwatch.graph_optimization
+# (its README: -1 basic, 1 extended, 2 none; absent = all)
+ORT_BACKEND_LEVELS = {"disable": 2, "basic": -1, "extended": 1}
+
+
+def _output_block(name: str, dims: tuple[int, ...], label_file: str | None) -> str:
+    label = f' label_filename: "{label_file}"' if label_file else ""
     if dims:  # rank >= 2 in the file: the batch axis plus these
-        return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {", ".join(map(str, dims))} ] }}'
+        shape = ", ".join(map(str, dims))
+        return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ {shape} ]{label} }}'
     # one value per image: Triton needs a non-empty shape, so [1] reshaped to none
     return f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
 
@@ -119,11 +126,21 @@ def render_config(
     max_batch_size: int = DEFAULT_MAX_BATCH,
     instances: int = 1,
     kind: str = "KIND_AUTO",
+    labels_file: str | None = None,
 ) -> str:
-    """config.pbtxt for ``model`` served as ``name`` version ``version`` by ``backend``."""
+    """config.pbtxt for ``model`` served as ``name`` version ``version`` by ``backend``
+    (``python`` or ``onnxruntime``); ``labels_file`` names the probabilities' labels."""
     size = model.meta.spec.size
     preferred = sorted({b for b in (4, 8, 16, max_batch_size) if b <= max_batch_size})
-    outputs = ",\n".join(_output_block(n, d) for n, d in model.outputs)
+    outputs = ",\n".join(
+        _output_block(n, d, labels_file if n == "probabilities" else None) for n, d in model.outputs
+    )
+    level = ORT_BACKEND_LEVELS.get(model.meta.graph_optimization)
+    optimization = (  # the level export verified the file at, as the local engine uses
+        f"optimization {{ graph {{ level: {level} }} }}\n"
+        if backend == "onnxruntime" and level is not None
+        else ""
+    )
     params = "\n".join(
         f"parameters {{ key: {pbtxt_string(k)} value: {{ string_value: {pbtxt_string(v)} }} }}"
         for k, v in sorted(metadata_parameters(model, version).items())
@@ -147,7 +164,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: 2000
 }}
 instance_group [ {{ count: {instances} kind: {kind} }} ]
-{params}
+{optimization}{params}
 """
 
 
