@@ -30,7 +30,7 @@ from xrwatch.serve.daemon import Daemon
 
 pytest.importorskip("tritonclient.grpc", reason="needs the 'triton' extra (tritonclient[grpc])")
 
-from xrwatch.remote.localserver import LocalTriton, default_env_root, find_server_env
+from xrwatch.remote.localserver import LocalTriton, default_env_root, find_server_env, free_port
 from xrwatch.remote.repository import (
     KEY_MODEL_SHA256,
     write_python_repository,
@@ -417,3 +417,19 @@ def test_daemon_kill9_of_servers_loses_and_duplicates_nothing(
     servers = {s["url"]: s for s in engines[0].fleet.servers()}
     assert servers[a.url]["errors"] >= 1 and servers[b.url]["errors"] >= 1
     assert servers[a.url]["requests"] > before[a.url]  # the restarted server took over
+
+
+def test_doctor_checks_each_server(
+    default_server: LocalTriton, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    argv = ["doctor", "--json", "--no-cuda", "--triton", f"{default_server.url},{dead}"]
+    code, out, _ = _cli(argv, capsys)
+    rows = {r["item"]: r for r in json.loads(out) if r["section"] == "triton"}
+    assert rows[default_server.url]["status"] == "ok"
+    assert "version 1" in rows[default_server.url]["value"]
+    assert "one image in" in rows[default_server.url]["value"]
+    assert rows[dead]["status"] == "fail" and "unusable" in rows[dead]["value"]
+    assert code == EXIT_FAILED
+    code, out, _ = _cli([*argv[:-1], default_server.url], capsys)
+    assert [r["status"] for r in json.loads(out) if r["section"] == "triton"] == ["ok"]

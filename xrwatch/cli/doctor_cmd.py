@@ -348,6 +348,10 @@ def doctor_command(
     as_json: bool = typer.Option(False, "--json", help="Print the checks as a JSON list."),
     no_cuda: bool = typer.Option(False, "--no-cuda", help="Skip the CUDA session test."),
     log_level: str = typer.Option("WARNING", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
+    triton: str | None = typer.Option(
+        None, "--triton", help="Also check these Triton servers (grpc://HOST:PORT,...)."
+    ),
+    triton_model: str = typer.Option("xrwatch", "--triton-model", help="NAME[:VERSION]."),
 ) -> int:
     """Show what this installation can do, in one table.
 
@@ -358,6 +362,10 @@ def doctor_command(
     """
     configure_logging(log_level)
     checks = collect_checks(cuda=not no_cuda)
+    if triton is not None:  # each server: ready, the model it serves, one inference
+        from xrwatch.remote.options import triton_doctor_rows
+
+        checks += [Check(*row) for row in triton_doctor_rows(triton, triton_model)]
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2))
     else:
