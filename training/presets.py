@@ -48,7 +48,9 @@ class TrainConfig:
     strict: bool = False  # stop on a missing/unreadable image instead of leaving it out
     # the experiment
     experiment: str = "custom"  # preset name (PRCE ...) or custom
-    arch: Literal["resnet50", "densenet121", "tinycnn"] = "resnet50"
+    arch: Literal["resnet50", "densenet121", "resnet18", "mobilenet_v3_small", "tinycnn"] = (
+        "resnet50"
+    )
     weights: Weights = "imagenet"  # pretrained backbone: imagenet, chexnet, or none (scratch)
     imagenet_weights: str | None = None  # a local torchvision ImageNet state_dict (offline)
     chexnet_weights: str | None = None  # CheXNet model.pth.tar (needed for weights=chexnet)

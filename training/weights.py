@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 IMAGENET_WEIGHTS: dict[str, tvm.WeightsEnum] = {
     "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
     "densenet121": tvm.DenseNet121_Weights.IMAGENET1K_V1,
+    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
 }
 _OLD_DENSENET_NAME = re.compile(r"\.(norm|relu|conv)\.(\d+)\.")  # norm.1. -> norm1.
 

@@ -1,0 +1,80 @@
+"""The packaged default, rebuilt by one command: train, export, evaluate, card, ship.
+
+    .venv/bin/python benchmarks/paediatric_default.py --out /work/artifacts/ped          # all
+    .venv/bin/python benchmarks/paediatric_default.py --out /work/artifacts/ped --ship   # + package
+    .venv/bin/python benchmarks/paediatric_default.py --out OUT --train-only             # stage 1
+
+Trains :mod:`training.default_recipe` (paediatric Normal / Bacteria / Virus with an
+``Adult`` population unit, MobileNetV3-Small at 224 px from scratch, PACS augmentation)
+into ``OUT/run`` - resumed after the last completed epoch when re-run - then exports it
+(fp32 and int8, temperature and scope guard fitted on the calibration split), evaluates it
+on the held-out paediatric sets (``kermany/TEST``, ``real/``'s Kermany classes; original-
+resolution and squashed images separately), measures the population gate on adult and
+paediatric films, and writes ``OUT/card.md``. ``--ship`` copies the model and its card to
+``xrwatch/models/default.onnx`` and ``default.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("paediatric_default")
+
+DATA = "../shared/data/xray"
+
+
+def train_stage(args: argparse.Namespace) -> Path:
+    from xrwatch_training.default_recipe import DefaultConfig, train_default
+
+    run = Path(args.out) / "run"
+    values = {"data": args.data, "arch": args.arch, "epochs": args.epochs, "seed": args.seed,
+              "threads": args.threads, "cache_dir": args.cache_dir}  # fmt: skip
+    if args.max_images:
+        values.update(max_images=args.max_images, max_steps_per_epoch=args.max_steps)
+    stored = run / "config.json"
+    if stored.is_file() and args.epochs is None:
+        values = {
+            **json.loads(stored.read_text(encoding="utf-8")),
+            **{k: v for k, v in values.items() if v is not None and k != "epochs"},
+        }
+    cfg = DefaultConfig.from_dict({k: v for k, v in values.items() if v is not None})
+    if (run / "done.json").is_file():
+        logger.info("%s: finished run reused", run)
+        return run
+    return train_default(cfg, run)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=DATA, help="the shared X-ray folder (its README)")
+    p.add_argument("--out", required=True, help="run, models, evaluations and card go here")
+    p.add_argument("--arch", default=None, help="default mobilenet_v3_small")
+    p.add_argument("--epochs", type=int, default=None, help="default 16 (or the run's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--max-images", type=int, default=None, help="tests: per split")
+    p.add_argument("--max-steps", type=int, default=None, help="tests: steps per epoch")
+    p.add_argument("--train-only", action="store_true", help="stop after training")
+    p.add_argument("--ship", action="store_true", help="copy the model into the package")
+    args = p.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run = train_stage(args)
+    if args.train_only:
+        return 0
+    from paediatric_stages import finish  # export, evaluate, card, ship
+
+    return finish(run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
