@@ -164,8 +164,68 @@ def serve(
     dicom_accept_other: bool | None = typer.Option(
         None,
         "--dicom-accept-other/--no-dicom-accept-other",
-        help="Accept CT, MR and other non-radiographs (reported as errors) instead of "
-        "refusing them at association (default: refuse).",
+        help="Keep CT, MR and other non-radiographs (reported as errors) instead of "
+        "acknowledging and dropping them (default: drop, counted by SOP class).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_max_associations: int | None = typer.Option(
+        None,
+        "--dicom-max-associations",
+        help=_with_default(
+            "DICOM associations at once, from all senders", "dicom_max_associations"
+        ),
+        rich_help_panel="DICOM",
+    ),
+    dicom_max_per_host: int | None = typer.Option(
+        None,
+        "--dicom-max-per-host",
+        help=_with_default("DICOM associations at once from one address", "dicom_max_per_host"),
+        rich_help_panel="DICOM",
+    ),
+    dicom_max_pdu: int | None = typer.Option(
+        None,
+        "--dicom-max-pdu",
+        help=_with_default("Largest PDU the receiver accepts, bytes", "dicom_max_pdu"),
+        rich_help_panel="DICOM",
+    ),
+    dicom_acse_timeout: float | None = typer.Option(
+        None,
+        "--dicom-acse-timeout",
+        help=_with_default(
+            "Seconds from connect to an established association", "dicom_acse_timeout"
+        ),
+        rich_help_panel="DICOM",
+    ),
+    dicom_dimse_timeout: float | None = typer.Option(
+        None,
+        "--dicom-dimse-timeout",
+        help=_with_default("Seconds to wait for a DIMSE message", "dicom_dimse_timeout"),
+        rich_help_panel="DICOM",
+    ),
+    dicom_network_timeout: float | None = typer.Option(
+        None,
+        "--dicom-network-timeout",
+        help=_with_default(
+            "Seconds without a complete PDU before a connection is closed", "dicom_network_timeout"
+        ),
+        rich_help_panel="DICOM",
+    ),
+    dicom_tls_cert: Path | None = typer.Option(
+        None,
+        "--dicom-tls-cert",
+        help="PEM certificate: the DICOM receiver then speaks TLS only (with --dicom-tls-key).",
+        rich_help_panel="DICOM",
+    ),
+    dicom_tls_key: Path | None = typer.Option(
+        None,
+        "--dicom-tls-key",
+        help="PEM private key of --dicom-tls-cert.",
+        rich_help_panel="DICOM",
+    ),
+    dicom_tls_ca: Path | None = typer.Option(
+        None,
+        "--dicom-tls-ca",
+        help="PEM CA bundle: senders must then present a certificate signed by it.",
         rich_help_panel="DICOM",
     ),
     dicom_destination: list[str] | None = typer.Option(
@@ -240,6 +300,15 @@ def serve(
         "dicom_allow_ae": dicom_allow_ae or None,
         "dicom_allow_hosts": dicom_allow_host or None,
         "dicom_accept_other": dicom_accept_other,
+        "dicom_max_associations": dicom_max_associations,
+        "dicom_max_per_host": dicom_max_per_host,
+        "dicom_max_pdu": dicom_max_pdu,
+        "dicom_acse_timeout": dicom_acse_timeout,
+        "dicom_dimse_timeout": dicom_dimse_timeout,
+        "dicom_network_timeout": dicom_network_timeout,
+        "dicom_tls_cert": dicom_tls_cert,
+        "dicom_tls_key": dicom_tls_key,
+        "dicom_tls_ca": dicom_tls_ca,
         "dicom_destinations": dicom_destination or None,
         "dicom_sr": dicom_sr,
         "heatmaps": heatmaps,
