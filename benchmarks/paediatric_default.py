@@ -38,14 +38,13 @@ def train_stage(args: argparse.Namespace) -> Path:
               "threads": args.threads, "cache_dir": args.cache_dir}  # fmt: skip
     if args.max_images:
         values.update(max_images=args.max_images, max_steps_per_epoch=args.max_steps)
+    values = {k: v for k, v in values.items() if v is not None}
     stored = run / "config.json"
-    if stored.is_file() and args.epochs is None:
-        values = {
-            **json.loads(stored.read_text(encoding="utf-8")),
-            **{k: v for k, v in values.items() if v is not None and k != "epochs"},
-        }
+    if stored.is_file():  # the run's own config; --epochs (and --threads) may change it
+        values = {**json.loads(stored.read_text(encoding="utf-8")), **values}
     cfg = DefaultConfig.from_dict({k: v for k, v in values.items() if v is not None})
-    if (run / "done.json").is_file():
+    done = run / "done.json"
+    if done.is_file() and json.loads(done.read_text(encoding="utf-8"))["epochs"] == cfg.epochs:
         logger.info("%s: finished run reused", run)
         return run
     return train_default(cfg, run)
@@ -56,7 +55,7 @@ def main() -> int:
     p.add_argument("--data", default=DATA, help="the shared X-ray folder (its README)")
     p.add_argument("--out", required=True, help="run, models, evaluations and card go here")
     p.add_argument("--arch", default=None, help="default mobilenet_v3_small")
-    p.add_argument("--epochs", type=int, default=None, help="default 16 (or the run's)")
+    p.add_argument("--epochs", type=int, default=None, help="default 10 (or the run's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)

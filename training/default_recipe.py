@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from .report import write_json, write_metrics_csv
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "paediatric-default"
+RESUMABLE_CHANGES = {"epochs", "threads"}  # what a resumed run may change
 UNITS = (*DIAGNOSES, ADULT)
 
 
@@ -58,7 +60,7 @@ class DefaultConfig:
     data: str = "../shared/data/xray"
     arch: str = "mobilenet_v3_small"
     image_size: int = 224
-    epochs: int = 16
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3  # Adam, cosine-annealed per epoch to lr * min_lr_factor
     min_lr_factor: float = 0.02
@@ -141,6 +143,14 @@ def selection_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     return m
 
 
+def learning_rate(cfg: DefaultConfig, epoch: int) -> float:
+    """Cosine annealing from ``lr`` (epoch 1) to ``lr * min_lr_factor`` (the last epoch),
+    a function of the epoch alone, so a resumed run with a new length follows the new one."""
+    floor = cfg.lr * cfg.min_lr_factor
+    t = (epoch - 1) / max(cfg.epochs - 1, 1)
+    return floor + (cfg.lr - floor) * (1 + math.cos(math.pi * t)) / 2
+
+
 def train_default(cfg: DefaultConfig, out: Path, *, resume: bool = True) -> Path:
     """Train (or continue) the run in ``out``; returns it. ``best.pt`` is export's input."""
     out.mkdir(parents=True, exist_ok=True)
@@ -153,8 +163,17 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
     stored = run / "config.json"
     if stored.is_file():
         before = json.loads(stored.read_text(encoding="utf-8"))
-        if before != json.loads(json.dumps(cfg.to_dict())):
-            raise ConfigError(f"{run} holds a run with another config; use another folder")
+        now = json.loads(json.dumps(cfg.to_dict()))
+        changed = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
+        if set(changed) - RESUMABLE_CHANGES:
+            raise ConfigError(
+                f"{run} holds a run with another config ({', '.join(sorted(changed))} "
+                "differ); use another folder"
+            )
+        if changed:  # e.g. --epochs: the learning-rate schedule follows the new length
+            with (run / "config_history.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"event": "resume", "changed": changed}) + "\n")
+            logger.info("%s: config changed on resume: %s", run, changed)
     write_json(stored, cfg.to_dict())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -180,9 +199,6 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
     backbone = build_model(cfg.arch, len(UNITS))
     model = wrap(backbone, spec.to_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=cfg.epochs, eta_min=cfg.lr * cfg.min_lr_factor
-    )
     counts = torch.bincount(y_train, minlength=len(UNITS)).clamp(min=1).float()
     weight = (counts.sum() / (len(UNITS) * counts)) if cfg.class_weighted else None
     start, best, history = 1, -1.0, []
@@ -190,15 +206,15 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
         ckpt = load_checkpoint(run / "last.pt")
         backbone.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
         start, best = ckpt["epoch"] + 1, ckpt["best_val_balanced_accuracy"]
         history = list(ckpt.get("history") or [])
         logger.info("resuming %s after epoch %d of %d", run, ckpt["epoch"], cfg.epochs)
     aug = cfg.augmentation()
     for epoch in range(start, cfg.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, epoch)
         row = _epoch(model, x_train, y_train, weight, optimizer, aug, cfg, epoch)
         row["lr"] = optimizer.param_groups[0]["lr"]
-        scheduler.step()
         t0 = time.perf_counter()
         sel = selection_metrics(predict(model, x_sel), y_sel.numpy())
         row.update(val_seconds=time.perf_counter() - t0, val_loss=sel["loss"],
@@ -212,7 +228,7 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
         ckpt = make_checkpoint(
             arch=cfg.arch, classes=list(DIAGNOSES), task="multiclass", experiment=EXPERIMENT,
             preprocess=spec, config=cfg.to_dict(), model_state=backbone.state_dict(),
-            optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+            optimizer_state=optimizer.state_dict(), scheduler_state=None,
             scaler_state=None, epoch=epoch,
             metrics={"val": sel, "test": None, "train": {"accuracy": row["train_accuracy"],
                                                          "loss": row["train_loss"]}},

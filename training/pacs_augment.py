@@ -120,9 +120,12 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
 def stretch(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """Window stretch of each image: its ``clip`` quantile to 0, its 1 - ``clip`` to 1."""
     n = x.shape[0]
-    flat = x.reshape(n, -1).float()
-    lo = torch.stack([torch.quantile(flat[i], float(clip[i])) for i in range(n)])
-    hi = torch.stack([torch.quantile(flat[i], 1 - float(clip[i])) for i in range(n)])
+    flat = x[..., ::2, ::2].reshape(n, -1).float()  # quantiles of a quarter of the pixels
+    ordered = flat.sort(dim=1).values
+    last = ordered.shape[1] - 1
+    k = (clip.clamp(0, 0.5) * last).round().long()
+    lo = ordered.gather(1, k[:, None]).squeeze(1)
+    hi = ordered.gather(1, (last - k)[:, None]).squeeze(1)
     scale = (hi - lo).clamp(min=1e-3)
     return ((x - lo.view(n, 1, 1, 1)) / scale.view(n, 1, 1, 1)).clamp(0, 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def test_augment_is_seeded_bounded_and_does_what_it_says() -> None:
     assert float((bordered == 0).float().mean()) > 0.05  # black borders were drawn
     eq = equalize(x[:1])
     assert abs(float(eq.mean()) - 0.5) < 0.06 and float(eq.max()) == 1.0
-    s = stretch(x[:1], torch.tensor([0.02]))
+    big = torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(5))
+    s = stretch(big, torch.tensor([0.02]))
     assert float((s == 0).float().mean()) == pytest.approx(0.02, abs=0.01)
     assert float((s == 1).float().mean()) == pytest.approx(0.02, abs=0.01)
     img = x[0, 0].numpy()
@@ -101,9 +103,26 @@ def test_train_default_writes_a_four_unit_checkpoint_and_resumes_exactly(
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
-def test_another_config_in_the_same_folder_is_refused(fake_shared: Path, tmp_path: Path) -> None:
+def test_another_recipe_is_refused_but_a_longer_run_resumes(
+    fake_shared: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+    import json
+
     from xrwatch.errors import ConfigError
 
     dr.train_default(_cfg(fake_shared, tmp_path, 1), tmp_path / "run")
     with pytest.raises(ConfigError, match="another config"):
-        dr.train_default(_cfg(fake_shared, tmp_path, 2), tmp_path / "run")
+        dr.train_default(dataclasses.replace(_cfg(fake_shared, tmp_path, 1), lr=0.1),
+                         tmp_path / "run")  # fmt: skip
+    dr.train_default(_cfg(fake_shared, tmp_path, 2), tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert "epochs" in (tmp_path / "run" / "config_history.jsonl").read_text()
+
+
+def test_learning_rate_is_cosine_from_lr_to_the_floor() -> None:
+    cfg = dr.DefaultConfig(epochs=5, lr=1e-3, min_lr_factor=0.1)
+    rates = [dr.learning_rate(cfg, e) for e in range(1, 6)]
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in itertools.pairwise(rates))
