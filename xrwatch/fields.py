@@ -39,9 +39,12 @@ OOD_SCORE = "ood_score"  # the scope guard's score (> 1 = out of scope); empty w
 HEATMAP = "heatmap"  # the overlay PNG's path (daemon: relative to REPORTS); empty when none
 EXPLANATION = (FLAG, FLAG_REASON, OOD_SCORE, HEATMAP)
 
-# What a prediction says, in classify's and the daemon's outputs alike.
+# What a prediction says, in classify's and the daemon's outputs alike. The flag sits next
+# to the label it qualifies (a reader of the CSV sees them together), its reason after the
+# confidence.
 PREDICTION = (
-    FILE, STATUS, LABEL, CONFIDENCE, ERROR, SHA256, MODEL_SHA256, *DICOM_IDS, *EXPLANATION,
+    FILE, STATUS, LABEL, FLAG, CONFIDENCE, FLAG_REASON, ERROR, SHA256, MODEL_SHA256,
+    *DICOM_IDS, OOD_SCORE, HEATMAP,
 )  # fmt: skip
 
 # Every fact about the image itself (inspect shows them all; the daemon a few).

@@ -2,9 +2,13 @@
 
 The overlay is the model-input image (what the network saw, after preprocessing) in grey,
 with the predicted class's activation map - upsampled bilinearly to the input size, its
-negative part cut off and scaled to [0, 1] per image - as a colour overlay, and a legend
-strip: the colour scale and the label with its probability. Nothing from the file or its
-DICOM header is drawn, and the PNG carries no text chunks.
+negative part cut off and scaled min-to-max per image (as pytorch-grad-cam scales it, so the
+lowest value is 0 and the highest 1) - as a colour overlay, and a legend strip: the colour
+scale and the label with its probability. A flagged result says so in the image, in a
+banner above it: ``LOW CONFIDENCE`` (the map is drawn), or ``OUT OF SCOPE`` (no map and no
+class: the input does not look like a frontal chest X-ray, so a map "for" a class would
+mean nothing). Nothing from the file or its DICOM header is drawn, and the PNG carries no
+text chunks.
 
 The map shows where the evidence for the predicted class was strongest *relative to the
 rest of this image*. It is not a segmentation, not a measure of certainty and not proof
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xrwatch import flags
 from xrwatch.atomic import make_dirs, replace_all, write_atomic
 from xrwatch.pngwrite import encode_rgb
 
@@ -76,10 +81,12 @@ def colormap(values: np.ndarray) -> np.ndarray:
 
 def heat_image(cam: np.ndarray, size: int) -> Image.Image:
     """A class map (h x w) -> ``size`` x ``size`` 8-bit image: negative part cut off, scaled
-    to [0, 255] by its peak, upsampled bilinearly (as pytorch-grad-cam does)."""
+    min-to-max to [0, 255], upsampled bilinearly (as pytorch-grad-cam does). Scaled by its
+    peak alone, a map whose values are all alike (a small grid on a real image) would be
+    one flat colour; min-to-max shows where it is highest and lowest. A constant map is 0."""
     positive = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
-    peak = float(positive.max())
-    scaled = positive * (255.0 / peak) if peak > 0 else positive
+    low, high = float(positive.min()), float(positive.max())
+    scaled = (positive - low) * (255.0 / (high - low)) if high > low else positive * 0.0
     small = Image.fromarray((scaled + 0.5).astype(np.uint8), mode="L")
     return small.resize((size, size), Image.Resampling.BILINEAR)
 
@@ -88,12 +95,14 @@ _PALETTE = _LUT.reshape(-1).tolist()
 _ALPHA_LUT = [round(ALPHA * v) for v in range(256)]  # heat -> blend weight of the colour
 
 
-def _legend(width: int, caption: str) -> np.ndarray:
-    """The legend strip (``LEGEND_HEIGHT`` x ``width`` x 3): colour scale, then the caption."""
+def _legend(width: int, caption: str, scale: bool = True) -> np.ndarray:
+    """The legend strip (``LEGEND_HEIGHT`` x ``width`` x 3): colour scale (unless ``scale``
+    is false: no map drawn), then the caption."""
     strip = Image.new("RGB", (width, LEGEND_HEIGHT), (0, 0, 0))
-    bar_w = max(width // 4, 32)
-    ramp = colormap(np.linspace(0.0, 1.0, bar_w))[None].repeat(LEGEND_HEIGHT - 8, axis=0)
-    strip.paste(Image.fromarray(ramp, mode="RGB"), (4, 4))
+    bar_w = max(width // 4, 32) if scale else -4
+    if scale:
+        ramp = colormap(np.linspace(0.0, 1.0, bar_w))[None].repeat(LEGEND_HEIGHT - 8, axis=0)
+        strip.paste(Image.fromarray(ramp, mode="RGB"), (4, 4))
     ImageDraw.Draw(strip).text((bar_w + 8, 3), caption, fill=(255, 255, 255))
     pixels = np.asarray(strip).copy()
     pixels.setflags(write=False)  # shared by every overlay (and thread) with this caption
@@ -103,6 +112,30 @@ def _legend(width: int, caption: str) -> np.ndarray:
 # Drawing the caption costs more than the rest of the overlay; captions repeat (one per
 # label and rounded probability, at one width per model), so each strip is drawn once.
 _cached_legend = functools.lru_cache(maxsize=LEGEND_CACHE_SIZE)(_legend)
+
+# A flagged result's banner, above the image: (text, background colour) per flag.
+BANNERS = {
+    flags.LOW_CONFIDENCE: ("LOW CONFIDENCE: {label} p={p:.2f}", (200, 120, 0)),
+    flags.OUT_OF_SCOPE: ("OUT OF SCOPE: ignore the label", (170, 0, 0)),
+}
+
+
+@functools.lru_cache(maxsize=LEGEND_CACHE_SIZE)
+def _banner(width: int, text: str, colour: tuple[int, int, int]) -> np.ndarray:
+    """A ``LEGEND_HEIGHT`` x ``width`` strip in ``colour`` with ``text`` in white."""
+    strip = Image.new("RGB", (width, LEGEND_HEIGHT), colour)
+    ImageDraw.Draw(strip).text((4, 3), text, fill=(255, 255, 255))
+    pixels = np.asarray(strip).copy()
+    pixels.setflags(write=False)
+    return pixels
+
+
+def banner_of(flag: str, label: str, confidence: float) -> tuple[str, tuple[int, int, int]] | None:
+    """The banner text and colour of a flagged result; None when it is not flagged."""
+    if flag not in BANNERS:
+        return None
+    text, colour = BANNERS[flag]
+    return text.format(label=label, p=confidence), colour
 
 
 @functools.cache
@@ -121,30 +154,49 @@ def _blend_table() -> np.ndarray:
     return table
 
 
-def overlay_pixels(pixels: np.ndarray, cam: np.ndarray, caption: str) -> np.ndarray:
+def overlay_pixels(
+    pixels: np.ndarray,
+    cam: np.ndarray | None,
+    caption: str,
+    banner: tuple[str, tuple[int, int, int]] | None = None,
+) -> np.ndarray:
     """The overlay of ``cam`` (h x w, one class) on ``pixels`` (S x S in [0, 1]), with its
     legend, as uint8 RGB (height x width x 3). One table lookup per pixel blends the grey
-    image with the colour scale; inputs under ``MIN_SIDE`` are enlarged (nearest) after it."""
+    image with the colour scale; inputs under ``MIN_SIDE`` are enlarged (nearest) after it.
+    ``cam`` None: the grey image alone, legend without a scale. ``banner`` (text, colour):
+    a strip above the image (:func:`banner_of`)."""
     gray = np.clip(np.asarray(pixels, dtype=np.float32), 0.0, 1.0)
     size = gray.shape[0]
-    index = np.asarray(heat_image(cam, size)).astype(np.intp)
+    index = (
+        np.asarray(heat_image(cam, size)).astype(np.intp)
+        if cam is not None
+        else np.zeros((size, size), dtype=np.intp)  # heat 0: the grey pixel itself
+    )
     index <<= 8
     index += (gray * 255.0 + 0.5).astype(np.uint8)
     table = _blend_table()
+    top = LEGEND_HEIGHT if banner is not None else 0
+    side = size * -(-MIN_SIDE // size) if size < MIN_SIDE else size
+    out = np.empty((top + side + LEGEND_HEIGHT, side, 3), dtype=np.uint8)
     if size < MIN_SIDE:
-        side = size * -(-MIN_SIDE // size)
         small = Image.fromarray(table.take(index, axis=0), mode="RGB")
-        image = np.asarray(small.resize((side, side), Image.Resampling.NEAREST))
-        return np.concatenate([image, _cached_legend(side, caption)])
-    out = np.empty((size + LEGEND_HEIGHT, size, 3), dtype=np.uint8)
-    np.take(table, index, axis=0, out=out[:size])
-    out[size:] = _cached_legend(size, caption)
+        out[top : top + side] = np.asarray(small.resize((side, side), Image.Resampling.NEAREST))
+    else:
+        np.take(table, index, axis=0, out=out[top : top + side])
+    out[top + side :] = _cached_legend(side, caption, cam is not None)
+    if banner is not None:
+        out[:top] = _banner(side, *banner)
     return out
 
 
-def render_overlay(pixels: np.ndarray, cam: np.ndarray, caption: str) -> Image.Image:
+def render_overlay(
+    pixels: np.ndarray,
+    cam: np.ndarray | None,
+    caption: str,
+    banner: tuple[str, tuple[int, int, int]] | None = None,
+) -> Image.Image:
     """:func:`overlay_pixels` as a Pillow image."""
-    return Image.fromarray(overlay_pixels(pixels, cam, caption), mode="RGB")
+    return Image.fromarray(overlay_pixels(pixels, cam, caption, banner), mode="RGB")
 
 
 def heatmap_path(root: Path, rel: str) -> Path:
@@ -161,7 +213,10 @@ def write_png_atomic(image: Image.Image | np.ndarray, path: Path) -> Path:
     return path
 
 
-def caption_of(label: str, confidence: float) -> str:
+def caption_of(label: str, confidence: float, flag: str = "") -> str:
+    """The legend's text: the class whose map is drawn, or, out of scope, that none is."""
+    if flag == flags.OUT_OF_SCOPE:
+        return "no class map: input out of scope"
     return f"CAM for {label}, p={confidence:.2f}"  # the bar runs from low to high
 
 
@@ -176,12 +231,19 @@ class HeatmapJob:
     label: str
     confidence: float
     source: str = ""  # how log lines name the input; ``rel`` when empty
+    flag: str = ""  # the result's flag (xrwatch.flags): shown in a banner above the image
+
+
+def job_pixels(job: HeatmapJob) -> np.ndarray:
+    """``job``'s overlay as uint8 RGB: banner when flagged, no map when out of scope."""
+    cam = None if job.flag == flags.OUT_OF_SCOPE else job.cam
+    caption = caption_of(job.label, job.confidence, job.flag)
+    return overlay_pixels(job.pixels, cam, caption, banner_of(job.flag, job.label, job.confidence))
 
 
 def encode_overlay(job: HeatmapJob) -> bytes:
     """The PNG file of ``job``'s overlay."""
-    overlay = overlay_pixels(job.pixels, job.cam, caption_of(job.label, job.confidence))
-    return encode_rgb(overlay, level=PNG_COMPRESS_LEVEL)
+    return encode_rgb(job_pixels(job), level=PNG_COMPRESS_LEVEL)
 
 
 def default_threads() -> int:

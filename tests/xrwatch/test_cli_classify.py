@@ -343,3 +343,10 @@ def test_progress_bar_on_a_terminal(folder: Path, tiny_onnx_model: Path) -> None
     text = out.decode("utf-8", "replace")
     assert "classifying" in text and "/3" in text  # the bar, counting the three files
     assert "a.png" in text and "broken.jpg" in text
+
+
+def test_csv_puts_the_flag_next_to_the_label() -> None:
+    from xrwatch.cli.classify_cmd import csv_header
+
+    header = csv_header(CLASSES)
+    assert header[header.index("label") + 1] == "flag"

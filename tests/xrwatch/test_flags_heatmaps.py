@@ -361,3 +361,35 @@ def test_a_heatmap_bug_stops_the_daemon_but_the_batches_after_it_are_recorded(
     first_batch = {f"{Path(rel).name}.json" for rel in calls[:2]}
     assert reported and not reported & first_batch  # the failing batch is not recorded ...
     assert len(reported) >= 2  # ... but the one inferred after it is, at shutdown
+
+
+def test_every_flagged_overlay_shows_its_flag(
+    fitted_run: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where a person looks: the overlay PNG of each flagged result carries the banner of its
+    flag (out of scope: no class map), an unflagged one none."""
+    from xrwatch import heatmap
+
+    heat = tmp_path / "heat"
+    main(["classify", str(inputs), "-m", str(fitted_run / "model.onnx"), "-f", "csv",
+          "--heatmaps", str(heat), "--cpu", "--low-confidence", "0.99"])  # fmt: skip
+    rows = _csv(capsys.readouterr().out)
+    seen = set()
+    for row in rows.values():
+        if row["status"] != "ok":
+            continue
+        with Image.open(row["heatmap"]) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        side = pixels.shape[1]
+        if not row["flag"]:
+            assert pixels.shape[0] == side + heatmap.LEGEND_HEIGHT
+            continue
+        seen.add(row["flag"])
+        banner_colour = heatmap.BANNERS[row["flag"]][1]
+        assert pixels.shape[0] == side + 2 * heatmap.LEGEND_HEIGHT, row
+        banner = pixels[: heatmap.LEGEND_HEIGHT].reshape(-1, 3)
+        assert (banner == banner_colour).all(axis=1).mean() > 0.6, row["file"]
+        if row["flag"] == flags.OUT_OF_SCOPE:
+            image = pixels[heatmap.LEGEND_HEIGHT : heatmap.LEGEND_HEIGHT + side].astype(int)
+            assert (image.max(axis=2) == image.min(axis=2)).all()  # grey: no class map
+    assert seen == {flags.OUT_OF_SCOPE, flags.LOW_CONFIDENCE}  # photo, blank; the X-ray < 0.99

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xrwatch import heatmap
+from xrwatch import flags, heatmap
 from xrwatch.heatmap import HeatmapJob, HeatmapWriter, render_overlay
 from xrwatch.pngwrite import PNG_SIGNATURE, encode_rgb
 
@@ -242,3 +242,53 @@ def test_submit_many_writes_batches_in_the_background_in_order(
             failing.result(10)
     after = writer.submit_many([_job(tmp_path, "late.png", 4)])  # closed: written at once
     assert after.done() and after.result() == [tmp_path / "late.png.png"]
+
+
+def test_map_is_scaled_min_to_max() -> None:
+    """Values all alike (a 2 x 2 grid on a real image) still span the colour scale."""
+    cam = np.array([[5.0, 5.2], [5.1, 5.3]], dtype=np.float32)
+    heat = np.asarray(heatmap.heat_image(cam, 2))
+    assert heat.min() == 0 and heat.max() == 255
+    assert heat[0, 0] < heat[1, 0] < heat[0, 1] < heat[1, 1]
+    assert np.asarray(heatmap.heat_image(np.full((2, 2), 3.0), 4)).max() == 0  # flat: no heat
+
+
+def _flagged(flag: str, size: int = 64) -> tuple[HeatmapJob, np.ndarray]:
+    rng = np.random.default_rng(5)
+    job = HeatmapJob(
+        root=Path("/unused"), rel="x", pixels=rng.random((size, size), dtype=np.float32),
+        cam=rng.normal(size=(4, 4)).astype(np.float32), label="Virus", confidence=0.61,
+        flag=flag,
+    )  # fmt: skip
+    return job, heatmap.job_pixels(job)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_a_flagged_overlay_says_so_in_a_banner(size: int) -> None:
+    _, plain = _flagged("", size)
+    side = plain.shape[1]
+    assert plain.shape[0] == side + heatmap.LEGEND_HEIGHT  # not flagged: no banner
+    for flag, colour in ((flags.LOW_CONFIDENCE, (200, 120, 0)), (flags.OUT_OF_SCOPE, (170, 0, 0))):
+        _, pixels = _flagged(flag, size)
+        top = heatmap.LEGEND_HEIGHT
+        assert pixels.shape == (top + side + heatmap.LEGEND_HEIGHT, side, 3)
+        banner = pixels[:top].reshape(-1, 3)
+        assert (banner == colour).all(axis=1).mean() > 0.6  # the colour, with white text
+        assert (banner.min(axis=1) > 200).sum() > 50  # white text on it
+        expected_text, _ = heatmap.banner_of(flag, "Virus", 0.61) or ("", None)
+        assert expected_text.startswith(flag.upper().replace("_", " "))
+        if flag == flags.LOW_CONFIDENCE:  # the map is drawn as for any result
+            assert np.array_equal(pixels[top:], plain)
+    assert "Virus" in (heatmap.banner_of(flags.LOW_CONFIDENCE, "Virus", 0.61) or ("",))[0]
+
+
+def test_out_of_scope_draws_no_class_map() -> None:
+    _, pixels = _flagged(flags.OUT_OF_SCOPE)
+    top, side = heatmap.LEGEND_HEIGHT, pixels.shape[1]
+    image = pixels[top : top + side].astype(int)
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    assert heatmap.caption_of("Virus", 0.61, flags.OUT_OF_SCOPE).startswith("no class map")
+    assert "Virus" not in heatmap.caption_of("Virus", 0.61, flags.OUT_OF_SCOPE)
+    legend = pixels[top + side :]
+    coloured = (legend.max(axis=2).astype(int) - legend.min(axis=2)) > 30
+    assert not coloured.any()  # no colour scale in the legend either
