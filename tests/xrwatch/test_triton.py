@@ -433,3 +433,26 @@ def test_doctor_checks_each_server(
     assert code == EXIT_FAILED
     code, out, _ = _cli([*argv[:-1], default_server.url], capsys)
     assert [r["status"] for r in json.loads(out) if r["section"] == "triton"] == ["ok"]
+
+
+def test_a_hung_server_times_out_and_the_other_answers(
+    start_server, default_repo: Path, default_model: Path
+) -> None:
+    """SIGSTOP one of two servers: its requests time out, the batches go to the other."""
+    a, b = start_server(default_repo), start_server(default_repo)
+    files = _samples()
+    local = InferenceEngine(default_model, use_gpu=False).predict_paths(files, batch_size=2)
+    engine = TritonEngine([a.url, b.url], "xrwatch", timeout=2.0, retry_for=60)
+    try:
+        a.pause()
+        try:
+            remote = engine.predict_paths(files, batch_size=2)
+            states = {s["url"]: s for s in engine.fleet.servers()}
+        finally:
+            a.resume()
+    finally:
+        engine.close()
+    assert_same(local, remote)
+    assert states[a.url]["errors"] >= 1 and "DEADLINE_EXCEEDED" in states[a.url]["last_error"]
+    images = sum(p.ok for p in local)  # ATTRIBUTION.md is never sent
+    assert states[b.url]["requests"] == images // 2  # b answered every batch of two

@@ -227,11 +227,19 @@ class LocalTriton:
         self._signal_group(signal.SIGKILL)
         self._reap()
 
+    def pause(self) -> None:
+        """``SIGSTOP`` the server: it keeps its port but answers nothing (a hung server)."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent."""
         if self._proc is None:
             return
         if self._proc.poll() is None:
+            self._signal_group(signal.SIGCONT)  # a paused server could not act on SIGTERM
             self._signal_group(signal.SIGTERM)
             try:
                 self._proc.wait(timeout)

@@ -49,6 +49,7 @@ PROVIDER = "triton"
 DEFAULT_PORT = 8001  # Triton's gRPC port
 DEFAULT_TIMEOUT = 60.0  # seconds one request may take before the server counts as failed
 DEFAULT_RETRY_FOR = 60.0  # seconds a batch is retried across the fleet before it fails
+PROBE_TIMEOUT = 5.0  # seconds for the questions that check a server (not inference)
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
 PER_IMAGE = (*GUARD_OUTPUTS, *LAYOUT_OUTPUTS)  # one value per image: [N] (Triton says [N, 1])
@@ -155,7 +156,7 @@ class TritonFleet:
 
     def _describe(self, server: _Server) -> tuple[dict[str, str], dict[str, Any]]:
         """The served model's parameters and metadata; raises when it is not ready."""
-        t = self.timeout
+        t = min(self.timeout, PROBE_TIMEOUT)  # a server that does not answer costs little
         cfg = server.client.get_model_config(self.model, as_json=True, client_timeout=t)
         config = cfg.get("config", {})
         props = parameters_from_config(config)
