@@ -43,9 +43,39 @@ logger = logging.getLogger(__name__)
 IDLE_SECONDS = 1.0  # how often an idle thread looks for new work
 DEFAULT_TIMEOUT = 30.0  # seconds: association, each C-STORE's answer, network silence
 SEND_BATCH = 32  # items per association
+VERIFICATION = "1.2.840.10008.1.1"
 # Fault injection for the exactly-once test: die right after a destination acknowledged a
 # C-STORE and before the ledger records it (the window in which an SR could be sent twice).
 _FAULT_ENV = "XRWATCH_DICOM_FAULT"
+
+
+class _OwnAssociations(logging.Filter):
+    """Drops pynetdicom's records about the associations we request (the sender's and
+    ``dicom-echo``'s): ``connection refused`` once per attempt would flood the log, and the
+    sender logs each failure itself, once per change. Their DEBUG and INFO records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pynetdicom.association import Association
+
+        thread: Any = threading.current_thread()  # an association, or its DUL's reactor
+        assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+        if isinstance(assoc, Association) and assoc.is_requestor:
+            return record.levelno < logging.WARNING
+        return True
+
+
+_FILTER = _OwnAssociations()
+
+
+def quiet_own_associations() -> None:
+    """Put :class:`_OwnAssociations` on every pynetdicom logger (once)."""
+    import pynetdicom  # noqa: F401  (its module loggers exist once it is imported)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "pynetdicom" or name.startswith("pynetdicom."):
+            log = logging.getLogger(name)
+            if _FILTER not in log.filters:
+                log.addFilter(_FILTER)
 
 
 def _acknowledged(status: Any) -> tuple[bool | None, str]:
@@ -129,11 +159,15 @@ class DestinationSender:
     def _associate(self, sop_classes: set[str]) -> Any:
         from pynetdicom import AE
 
+        quiet_own_associations()
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
         for sop_class in sorted(sop_classes):
             ae.add_requested_context(sop_class)
+        # Verification too: a PACS that accepts none of these SOP classes still associates,
+        # so each item is refused alone (and parked in time), not the destination judged down.
+        ae.add_requested_context(VERIFICATION)
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
         if not assoc.is_established:
             what = "rejected the association" if assoc.is_rejected else "no association"
@@ -329,7 +363,7 @@ def echo(dest: Destination, ae_title: str, timeout: float = 10.0) -> tuple[bool,
 
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if assoc.is_rejected:
         return False, "association rejected (is our AE title allowed there?)"

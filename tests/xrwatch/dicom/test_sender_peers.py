@@ -1,0 +1,217 @@
+"""The sender against PACSs that misbehave: pynetdicom SCPs on 127.0.0.1 that refuse
+Secondary Capture, answer only after the sender's timeout, or never answer.
+
+Every SR is delivered (acknowledged) exactly once, an acknowledged item is never sent again,
+what cannot be delivered is parked and shown, one hung PACS delays only itself, and each
+failure is logged once per item and change. Nothing here waits on the clock: a "slow" PACS
+answers only once the sender has given up on the association (it waits for the abort).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_tools import LOOPBACK, free_port
+from PIL import Image
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from serve_harness import wait_for
+
+import xrwatch.dicom.outbox as outbox_mod
+from xrwatch.dicom.outbox import Outbox, on_finish
+from xrwatch.dicom.sender import ResultsWorker
+from xrwatch.dicom.settings import Destination
+from xrwatch.serve.ledger import Ledger
+
+TIMEOUT = 4.0  # the sender's timeouts; the slow and hung peers outlast them by design
+
+
+class Peer:
+    """A PACS on loopback: stores SR (and SC unless ``sc=False``); ``mode`` ``slow``
+    answers each instance's first C-STORE only after the sender aborted; ``hang`` never
+    answers until the test ends."""
+
+    def __init__(self, *, sc: bool = True, mode: str = "ok") -> None:
+        self.mode = mode
+        self.received: Counter[str] = Counter()  # C-STOREs that reached us, per SOP UID
+        self.acknowledged: Counter[str] = Counter()  # answered 0x0000 on a live association
+        self.in_store = threading.Event()
+        self.end = threading.Event()
+        ae = AE("PACS")
+        ae.add_supported_context(Verification)  # C-ECHO: every PACS answers it
+        ae.add_supported_context(Comprehensive3DSRStorage)
+        if sc:
+            ae.add_supported_context(SecondaryCaptureImageStorage)
+        self.port = free_port()
+        self.dest = Destination("PACS", LOOPBACK, self.port)
+        self.server = ae.start_server(
+            (LOOPBACK, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.received[uid] += 1
+        self.in_store.set()
+        if self.mode == "hang":
+            self.end.wait(120)
+        elif self.mode == "slow" and self.received[uid] == 1:
+            deadline = time.monotonic() + 120  # bound: the sender aborts after TIMEOUT
+            while event.assoc.is_established and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if event.assoc.is_established:
+            self.acknowledged[uid] += 1
+        return 0x0000
+
+    def stop(self) -> None:
+        self.end.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Peer]]:
+    made: list[Peer] = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+@pytest.fixture(autouse=True)
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(outbox_mod, "BACKOFF_FIRST", 0.2)  # retries in 0.2, 0.4 ... s
+
+
+def _results(tmp_path: Path, real_dicoms: list[Path], dests: list[Destination], **kw):
+    """Two classified sources with heatmaps: their SRs and SCs written and queued."""
+    incoming, reports = tmp_path / "in", tmp_path / "rep"
+    incoming.mkdir()
+    ledger = Ledger(tmp_path / "state")
+    outbox = Outbox(ledger.path)
+    outbox.create()
+    for i, src in enumerate(real_dicoms[:2]):
+        shutil.copyfile(src, incoming / f"{i}.dcm")
+        ds = pydicom.dcmread(src, force=True, stop_before_pixels=True)
+        heat = reports / "heatmaps" / f"{i}.png"
+        heat.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((242, 224, 3), 40 * i, np.uint8)).save(heat)
+        record = {"file": f"{i}.dcm", "status": "ok", "kind": "dicom", "label": "Normal",
+                  "sop_instance_uid": str(ds.SOPInstanceUID), "heatmap": f"heatmaps/{i}.png",
+                  "study_instance_uid": str(ds.StudyInstanceUID), "model_sha256": "ab" * 32,
+                  "probabilities": {"Normal": 0.8, "Virus": 0.2}}  # fmt: skip
+        row = ledger.claim(f"{i}.dcm", f"{i}.dcm", "", 1, 1, 0.0)
+        ledger.finish([(row, "ok", record)], [on_finish])
+    worker = ResultsWorker(
+        outbox=outbox, incoming=incoming, reports=reports, model_name="m.onnx",
+        ae_title="XRWATCH", destinations=dests, timeout=TIMEOUT, **kw,
+    )  # fmt: skip
+    assert worker.write_due() == 2
+    srs = {p.stem.split(".")[0]: p for p in reports.rglob("*.dcm")}
+    uids = {p.name: str(pydicom.dcmread(p).SOPInstanceUID) for p in reports.rglob("*.dcm")}
+    return worker, outbox, ledger, srs, uids
+
+
+def _split(uids: dict[str, str]) -> tuple[set[str], set[str]]:
+    return ({u for n, u in uids.items() if n.endswith(".SR.dcm")},
+            {u for n, u in uids.items() if n.endswith(".SC.dcm")})  # fmt: skip
+
+
+def test_a_pacs_refusing_sc_gets_every_sr_once_and_the_scs_are_parked_logged_once(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer], caplog
+) -> None:
+    peers.append(pacs := Peer(sc=False))
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest], max_attempts=3)
+    srs, scs = _split(uids)
+    caplog.set_level(logging.DEBUG, logger="xrwatch.dicom")
+    worker.start()
+    try:
+        wait_for(lambda: outbox.destination_counts()[str(pacs.dest)]["parked"] == len(scs),
+                 60, "the SCs parked")  # fmt: skip
+    finally:
+        worker.stop()
+    counts = outbox.destination_counts()[str(pacs.dest)]
+    assert counts["sent"] == len(srs) and counts["pending"] == 0
+    assert counts["parked"] == len(scs) and "does not accept" in counts["last_error"]
+    assert pacs.received == Counter({u: 1 for u in srs})  # each SR once, no SC ever
+    assert worker.send_due(pacs.dest) == 0  # nothing left to send: nothing is resent
+    parked = {p["sop_instance_uid"] for p in outbox.parked() if p["what"] == "send"}
+    assert parked == scs
+    assert any(f"{len(scs)} results parked" in p for p in worker.problems())
+    for uid in scs:  # 3 attempts: one WARNING (first failure), one ERROR (parked), no more
+        lines = [r for r in caplog.records if uid in r.getMessage()]
+        assert [r.levelname for r in lines if r.levelno >= logging.WARNING] == [
+            "WARNING", "ERROR"]  # fmt: skip
+    outbox.close()
+    ledger.close()
+
+
+def test_a_slow_pacs_gets_each_result_acknowledged_once_and_nothing_acknowledged_resent(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer]
+) -> None:
+    peers.append(pacs := Peer(mode="slow"))
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest])
+    worker.start()
+    try:
+        wait_for(lambda: outbox.destination_counts()[str(pacs.dest)]["sent"] == len(uids),
+                 120, "every result sent")  # fmt: skip
+    finally:
+        worker.stop()
+    # Each first C-STORE timed out (aborted, never acknowledged to us); the resend was.
+    assert pacs.received == Counter({u: 2 for u in uids.values()})
+    assert pacs.acknowledged == Counter({u: 1 for u in uids.values()})
+    assert worker.send_due(pacs.dest) == 0
+    assert outbox.destination_counts()[str(pacs.dest)]["parked"] == 0
+    outbox.close()
+    ledger.close()
+
+
+def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer]
+) -> None:
+    peers.append(hung := Peer(mode="hang"))
+    peers.append(good := Peer())
+    worker, outbox, ledger, _, uids = _results(
+        tmp_path, real_dicoms, [hung.dest, good.dest], max_attempts=2
+    )
+    worker.start()
+    try:
+        assert hung.in_store.wait(60)  # the hung PACS holds its sender ...
+        wait_for(lambda: outbox.destination_counts()[str(good.dest)]["sent"] == len(uids),
+                 60, "the good PACS served meanwhile")  # fmt: skip
+        wait_for(lambda: outbox.destination_counts()[str(hung.dest)]["parked"] == len(uids),
+                 240, "the hung PACS's items parked")  # fmt: skip
+    finally:
+        worker.stop()
+    assert good.received == Counter({u: 1 for u in uids.values()})
+    assert sum(hung.acknowledged.values()) == 0
+    counts = outbox.destination_counts()[str(hung.dest)]
+    assert counts["sent"] == 0 and "no answer" in counts["last_error"]
+    assert any(str(hung.dest) in p for p in worker.problems())
+    outbox.close()
+    ledger.close()
+
+
+def test_an_unreachable_pacs_parks_nothing_and_logs_once(
+    tmp_path: Path, real_dicoms: list[Path], caplog
+) -> None:
+    down = Destination("PACS", LOOPBACK, free_port())  # nothing listens there
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [down], max_attempts=1)
+    caplog.set_level(logging.DEBUG, logger="xrwatch.dicom")
+    for _ in range(3):
+        worker.send_due(down)
+        outbox._con().execute("UPDATE dicom_outbox SET next_attempt_at=0")  # due again now
+    counts = outbox.destination_counts()[str(down)]
+    assert counts["pending"] == len(uids) and counts["parked"] == 0  # the PACS was down
+    assert counts["failed_attempts"] == 0
+    warnings_ = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings_) == 1 and "cannot send results" in warnings_[0].getMessage()
+    outbox.close()
+    ledger.close()
