@@ -43,7 +43,7 @@ SR_SERIES_NUMBER = 9901  # high, so viewers list the results after the images
 SC_SERIES_NUMBER = 9902
 SR_SERIES_DESCRIPTION = "xrwatch AI result (research use only)"
 DISCLAIMER = "Research use only. Not a medical device; not for diagnosis."
-OUT_OF_SCOPE = "out_of_scope"  # xrwatch.flags.OUT_OF_SCOPE
+NOT_JUDGED = ("out_of_scope", "out_of_population")  # flags (xrwatch.flags) with no finding
 
 
 def software_versions() -> str:
@@ -59,12 +59,20 @@ def sr_uids(study_uid: str, source_sop_uid: str, model_sha256: str) -> tuple[str
     )
 
 
-def not_attempted_reason(record: dict[str, Any]) -> str | None:
-    """Why the model's output must not be reported as a finding (``None``: it may)."""
+def not_attempted_reason(record: dict[str, Any], source: Dataset | None = None) -> str | None:
+    """Why the model's output must not be reported as a finding (``None``: it may): an
+    input that could not be read, one out of scope or out of population (the record's
+    flag), or raw detector data (DX Presentation Intent Type FOR PROCESSING)."""
     if record.get("status") != "ok":
         return f"not analysed: {record.get('error') or 'the image could not be read'}"
-    if record.get("flag") == OUT_OF_SCOPE:
-        return f"out of scope: {record.get('flag_reason') or 'not a frontal chest radiograph'}"
+    if record.get("flag") in NOT_JUDGED:
+        why = (
+            record.get("flag_reason") or "not a frontal chest radiograph of the trained population"
+        )
+        return f"{str(record['flag']).replace('_', ' ')}: {why}"
+    intent = str(source.get("PresentationIntentType", "") if source is not None else "")
+    if intent.strip().upper() == "FOR PROCESSING":
+        return "out of scope: DICOM Presentation Intent Type FOR PROCESSING (raw detector data)"
     return None
 
 
@@ -206,7 +214,7 @@ def _groups(
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     algorithm = _algorithm(model_name, str(record.get("model_sha256") or ""))
     image = [hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]
-    reason = not_attempted_reason(record)
+    reason = not_attempted_reason(record, source)
     if reason is not None:
         return [
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -245,9 +253,9 @@ def _groups(
     return groups
 
 
-def _comments(record: dict[str, Any]) -> list[str]:
+def _comments(record: dict[str, Any], source: Dataset) -> list[str]:
     out = [DISCLAIMER]
-    reason = not_attempted_reason(record)
+    reason = not_attempted_reason(record, source)
     if reason is not None:
         out.append(reason)
     elif record.get("flag"):
@@ -280,7 +288,7 @@ def build_sr(
     root = report[0]
     # TID 1500 row 4: the image library comes before the imaging measurements (the last item)
     root.ContentSequence.insert(len(root.ContentSequence) - 1, image_library(source))
-    for text in _comments(record):
+    for text in _comments(record, source):
         root.ContentSequence.append(
             hd.sr.TextContentItem(
                 name=codes.COMMENT,

@@ -156,7 +156,7 @@ class ResultWriter:
         rel = sr_relpath(item.record, item.source_sop_uid)
         written = [self._save(sr, rel, source)]
         heatmap = item.record.get("heatmap")
-        if heatmap and not_attempted_reason(item.record) is None:
+        if heatmap and not_attempted_reason(item.record, source) is None:
             png = inside(self.reports, str(heatmap))
             if png.is_file():
                 with warnings.catch_warnings():

@@ -146,19 +146,23 @@ def test_highdicom_reads_the_sr_back_as_a_tid_1500_measurement_report(
     "changes",
     [
         {"flag": "out_of_scope", "flag_reason": "DICOM ViewPosition LL (PA/AP expected)"},
+        {"flag": "out_of_population", "flag_reason": "DICOM patient age 40 y >= 18 y"},
         {
             "status": "error",
             "error": "cannot decode the pixel data",
             "label": None,
             "probabilities": {},
         },
+        {"PresentationIntentType": "FOR PROCESSING"},  # DX raw detector data
     ],
-    ids=["out_of_scope", "unreadable"],
+    ids=["out_of_scope", "out_of_population", "unreadable", "dx_for_processing"],
 )
 def test_an_input_not_judged_gets_no_finding_but_a_coded_not_attempted_with_the_reason(
-    changes: dict, real_dicoms: list[Path], tmp_path: Path, dciodvfy: str
+    changes: dict[str, object], real_dicoms: list[Path], tmp_path: Path, dciodvfy: str
 ) -> None:
-    source = _source(real_dicoms, "empty")
+    source, changes = _source(real_dicoms, "empty"), dict(changes)
+    if "PresentationIntentType" in changes:  # a header fact, not the record's
+        source.PresentationIntentType = changes.pop("PresentationIntentType")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = _write(build_sr(source, _record(**changes), "m.onnx"), tmp_path / "sr.dcm")
@@ -170,7 +174,7 @@ def test_an_input_not_judged_gets_no_finding_but_a_coded_not_attempted_with_the_
     assert evaluation.name == xcodes.SUMMARY_OF_ANALYSES
     assert evaluation.value == xcodes.NOT_ATTEMPTED
     texts = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
-    reason = changes.get("flag_reason") or changes.get("error")
+    reason = changes.get("flag_reason") or changes.get("error") or "FOR PROCESSING"
     assert any(str(reason) in t for t in texts)
     assert "Bacterial" not in str(sr.ContentSequence)  # no coded diagnosis anywhere
 
