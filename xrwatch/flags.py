@@ -45,6 +45,9 @@ def header_evidence(meta: Any) -> list[str]:
     view = (getattr(meta, "view_position", None) or "").strip().upper()
     if view and view not in FRONTAL_VIEWS:
         found.append(f"DICOM ViewPosition {view} (PA/AP expected)")
+    intent = (getattr(meta, "presentation_intent", None) or "").strip().upper()
+    if intent == "FOR PROCESSING":  # DX raw detector data, not an image to read
+        found.append("DICOM Presentation Intent Type FOR PROCESSING (FOR PRESENTATION expected)")
     return found
 
 
