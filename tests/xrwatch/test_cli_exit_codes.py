@@ -66,8 +66,8 @@ def test_error_message_keeps_brackets_in_paths(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     state = tmp_path / "[bold]state"
-    assert main(["status", "--state-dir", str(state)]) == EXIT_ERROR
-    assert f"{state}: no ledger here" in capsys.readouterr().err.replace("\n", "")
+    assert main(["status", "--state-dir", str(state)]) == 3  # LSB: not running
+    assert f"no ledger here ({state}/ledger.sqlite3)" in capsys.readouterr().out.replace("\n", "")
 
 
 def test_bare_command_prints_help_and_exits_2_without_traceback() -> None:

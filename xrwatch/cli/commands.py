@@ -14,5 +14,6 @@ from xrwatch.cli import (  # noqa: F401
     export_cmd,
     inspect_cmd,
     serve_cmd,
+    status_cmd,
     train_cmd,
 )

@@ -1,16 +1,14 @@
-"""``xrwatch serve`` (the folder daemon) and ``xrwatch status`` (what its ledger says)."""
+"""``xrwatch serve``: the folder daemon (``xrwatch status`` is in :mod:`.status_cmd`)."""
 
 from __future__ import annotations
 
-import json
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from xrwatch.cli._app import EXIT_ERROR, app, console, log_json_error
+from xrwatch.cli._app import EXIT_ERROR, app, log_json_error
+from xrwatch.cli.status_cmd import daemon_state as daemon_state  # re-exported (tests use it)
 from xrwatch.errors import XRWatchError
 from xrwatch.flags import SCOPE_GUARD_HELP
 from xrwatch.serve.config import ServeConfig
@@ -325,163 +323,3 @@ def serve(
         log_json_error(str(exc), type(exc).__name__)
         raise typer.Exit(EXIT_ERROR) from None
     raise typer.Exit(code)
-
-
-def _ago(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-STALE_AFTER_SECONDS = 30.0  # no heartbeat for this long: the daemon is stale (hung)
-
-
-def daemon_state(d: dict[str, Any], now: float, host: str) -> str:
-    """``alive``, ``stale`` (no recent heartbeat) or ``stopped`` (gone without a goodbye).
-
-    On this host the pid decides whether the process exists; a daemon on another host is
-    judged by its heartbeat only (``stale`` then may also mean stopped).
-    """
-    from xrwatch.serve.ledger import _pid_alive
-
-    if d["host"] == host and not _pid_alive(int(d["pid"])):
-        return "stopped"
-    if now - float(d["heartbeat_at"]) > STALE_AFTER_SECONDS:
-        return "stale"
-    return "alive"
-
-
-_STATE_TEXT = {
-    "alive": "alive",
-    "stale": "stale: no heartbeat for over {stale:.0f} s (hung, or stopped on another host)",
-    "stopped": "stopped: the process is gone (killed?); its files are taken over at the next start",
-}
-
-
-def _dicom_status(state_dir: Path) -> dict[str, Any] | None:
-    """The DICOM node's counts from the ledger, or None when it never ran there."""
-    from xrwatch.dicom.outbox import Outbox
-
-    outbox = Outbox(state_dir / "ledger.sqlite3")
-    try:
-        if not outbox.has_tables():
-            return None
-        return {"results": outbox.result_counts(), "destinations": outbox.destination_counts()}
-    finally:
-        outbox.close()
-
-
-@app.command()
-def status(
-    state_dir: Path = typer.Option(..., "--state-dir", help="The daemon's state folder."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
-    errors: int = typer.Option(5, "--errors", min=0, help="How many recent errors to show."),
-) -> int:
-    """Show whether a daemon is alive, its counts, throughput, last errors.
-
-    Read from the ledger in --state-dir; works while the daemon runs. Each daemon is
-    alive, stale (no heartbeat for 30 s) or stopped (its process is gone). Results
-    recorded but not written to the reports (e.g. a report that could not be written)
-    are listed too.
-    """
-    import socket
-
-    from xrwatch.errors import ConfigError
-    from xrwatch.safetext import printable
-    from xrwatch.serve.ledger import Ledger
-
-    if not (state_dir / "ledger.sqlite3").is_file():
-        raise ConfigError(f"{state_dir}: no ledger here (expected {state_dir / 'ledger.sqlite3'})")
-    ledger = Ledger(state_dir)
-    try:
-        now = time.time()
-        counts = ledger.counts()
-        last_min, last_hour = ledger.finished_since(now - 60), ledger.finished_since(now - 3600)
-        last_errors = ledger.last_errors(errors)
-        daemons = ledger.daemons()
-        unreported, held = ledger.unreported_counts()
-        held_rows = ledger.held_reports(errors)
-    finally:
-        ledger.close()
-    host = socket.gethostname()
-    dicom = _dicom_status(state_dir)
-    data: dict[str, Any] = {
-        "counts": {k: counts.get(k, 0) for k in ("ok", "error", "claimed")},
-        "unreported": {"total": unreported, "held": held},
-        "throughput_per_minute": {
-            "last_minute": last_min,
-            "last_hour_avg": round(last_hour / 60, 2),
-        },
-        "daemons": [
-            {
-                **d,
-                "incoming": printable(str(d["incoming"])),
-                "heartbeat_age_s": round(now - float(d["heartbeat_at"]), 1),
-                "state": daemon_state(d, now, host),
-            }
-            for d in daemons
-        ],
-        "last_errors": [
-            {"time": _ago(t), "file": printable(p), "error": printable(e)}
-            for t, p, e in last_errors
-        ],
-        "held_reports": [{"file": printable(p), "reason": printable(e)} for p, e in held_rows],
-    }
-    if dicom is not None:
-        data["dicom"] = dicom
-    if as_json:
-        console.print_json(json.dumps(data))
-        return 0
-    c = data["counts"]
-    console.print(
-        f"files: {c['ok']} ok, {c['error']} error, {c['claimed']} in progress", highlight=False
-    )
-    console.print(
-        f"throughput: {last_min} in the last minute, {last_hour} in the last hour", highlight=False
-    )
-    if unreported:
-        console.print(
-            f"not in the reports yet: {unreported} result(s), {held} held back because their "
-            "report could not be written",
-            highlight=False,
-        )
-        for item in data["held_reports"]:
-            console.print(
-                f"  {item['file']}: {item['reason']}", highlight=False, markup=False, soft_wrap=True
-            )
-    if daemons:
-        for d in data["daemons"]:
-            state = _STATE_TEXT[d["state"]].format(stale=STALE_AFTER_SECONDS)
-            console.print(
-                f"daemon pid {d['pid']} on {d['host']} watching {d['incoming']}: {state} "
-                f"(heartbeat {d['heartbeat_age_s']} s ago)",
-                highlight=False,
-                markup=False,
-                soft_wrap=True,  # one line per daemon, whatever the width
-            )
-    else:
-        console.print("no daemon running on this state dir", highlight=False)
-    if dicom is not None:
-        r = dicom["results"]
-        console.print(
-            f"dicom: {r['received']} instances received; SRs {r['written']} written, "
-            f"{r['pending']} pending, {r['failed']} failed",
-            highlight=False,
-            soft_wrap=True,
-        )
-        for dest, c in dicom["destinations"].items():
-            console.print(
-                f"  to {dest}: {c['sent']} sent, {c['pending']} pending, "
-                f"{c['failed_attempts']} failed attempts"
-                + (f" (last error: {printable(c['last_error'])})" if c["last_error"] else ""),
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
-    if last_errors:
-        console.print("last errors:", highlight=False)
-        for item in data["last_errors"]:
-            console.print(
-                f"  {item['time']}  {item['file']}: {item['error']}", highlight=False, markup=False
-            )
-    return 0
