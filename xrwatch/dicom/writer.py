@@ -155,22 +155,29 @@ class ResultWriter:
             sr = build_sr(source, item.record, self.model_name, instance_number=item.file_id)
         rel = sr_relpath(item.record, item.source_sop_uid)
         written = [self._save(sr, rel, source)]
-        heatmap = item.record.get("heatmap")
-        if heatmap and not_attempted_reason(item.record, source) is None:
-            png = inside(self.reports, str(heatmap))
-            if png.is_file():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    sc = build_sc(
-                        source,
-                        png,
-                        str(item.record.get("model_sha256") or ""),
-                        instance_number=item.file_id,
-                    )
-                written.append(self._save(sc, rel.replace(".SR.dcm", ".SC.dcm"), source))
-            else:
-                logger.warning("%s: its heatmap is gone; SR without overlay", item.source_path)
+        png = self._heatmap(item, source)
+        if png is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sha = str(item.record.get("model_sha256") or "")
+                sc = build_sc(source, png, sha, instance_number=item.file_id)
+            written.append(self._save(sc, rel.replace(".SR.dcm", ".SC.dcm"), source))
         return written
+
+    def _heatmap(self, item: DueResult, source: Dataset) -> Path | None:
+        """The overlay PNG to send as an SC: only for a judged input that has one."""
+        heatmap = item.record.get("heatmap")
+        if not heatmap or not_attempted_reason(item.record, source) is not None:
+            return None
+        try:
+            png = inside(self.reports, str(heatmap))
+        except Unbuildable as exc:  # never from the daemon; the overlay is optional
+            logger.warning("%s: its heatmap %s; SR without overlay", item.source_path, exc)
+            return None
+        if not png.is_file():
+            logger.warning("%s: its heatmap is gone; SR without overlay", item.source_path)
+            return None
+        return png
 
     def _save(self, ds: Dataset, rel: str, source: Dataset) -> tuple[str, str]:
         buf = io.BytesIO()
