@@ -3,7 +3,10 @@
 It feeds and drains the folder daemon through its ledger and never classifies anything
 itself; the daemon's loop stays the one place that claims, infers and records.
 
-- :mod:`.scp`       C-STORE/C-ECHO receiver -> durable files in ``INCOMING/dicom/<UIDs>``
+- :mod:`.scp`       C-STORE/C-ECHO receiver -> durable files in ``INCOMING/dicom/<UIDs>``;
+  with :mod:`.gate` (what a peer may hold), :mod:`.spool` (no links followed),
+  :mod:`.header` (complete or truncated), :mod:`.receipts` (one content per SOP UID),
+  :mod:`.provenance` (xrwatch's own output, also for the folder), :mod:`.pynetdicom_glue`
 - :mod:`.outbox`    the ledger's DICOM tables: received UIDs, pending results, sends
 - :mod:`.sr`, :mod:`.sc`   a result as a Comprehensive SR; its heatmap as a Secondary Capture
 - :mod:`.sender`    background thread: write SRs into ``REPORTS/dicom``, C-STORE them out

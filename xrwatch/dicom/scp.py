@@ -38,11 +38,18 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from xrwatch.dicom.gate import MAX_WAITING, Gate, GatedServer, Peer
 from xrwatch.dicom.header import read_header
 from xrwatch.dicom.outbox import Outbox
+from xrwatch.dicom.pynetdicom_glue import (
+    Quiet,
+    Refused,
+    decodable_transfer_syntaxes,
+    stream_to_spool,
+    tls_context,
+)
 from xrwatch.dicom.receipts import Receipts
 from xrwatch.dicom.settings import ReceiverLimits
 from xrwatch.dicom.spool import SPOOL, PartFile, Spool
@@ -69,33 +76,6 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 
-def decodable_transfer_syntaxes() -> list[str]:
-    """The transfer syntaxes whose pixel data the installed pydicom plugins decode."""
-    from pydicom.pixels import get_decoder
-    from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS
-
-    return [str(uid) for uid in _PIXEL_DATA_DECODERS if get_decoder(uid).is_available]
-
-
-def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
-    """The receiver's TLS context (TLS 1.2 or later); with ``ca``, senders need a
-    certificate signed by it."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cert, key)
-        if ca is not None:
-            ctx.load_verify_locations(ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"dicom_tls_cert {cert} / dicom_tls_key {key}"
-            + (f" / dicom_tls_ca {ca}" if ca else "")
-            + f": cannot be loaded ({getattr(exc, 'reason', None) or exc})"
-        ) from None
-    return ctx
-
-
 def _valid_uid(value: Any) -> str | None:
     text = str(value or "").strip()
     if text and len(text) <= 64 and UID(text).is_valid and ".." not in text:
@@ -108,51 +88,6 @@ def _status(code: int, comment: str) -> Dataset:
     ds.Status = code
     ds.ErrorComment = comment[:64]  # LO
     return ds
-
-
-class _Quiet(logging.Filter):
-    """pynetdicom logs a hostile peer as ERROR lines with tracebacks; the gate and the
-    receiver log one line per connection instead, so pynetdicom's go to DEBUG, bare."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.CRITICAL:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_original_temporary_file = dimse_messages.NamedTemporaryFile
-
-
-def _part_file(*args: Any, **kwargs: Any) -> Any:
-    """pynetdicom's temporary file for a C-STORE data set (``STORE_RECV_CHUNKED_DATASET``):
-    for our server's associations, a :class:`PartFile` in the spool."""
-    assoc = getattr(threading.current_thread(), "assoc", None)  # the association's DUL
-    receiver = getattr(getattr(assoc, "_server", None), "receiver", None)
-    if not isinstance(receiver, Receiver):
-        return _original_temporary_file(*args, **kwargs)
-    return receiver.new_part(assoc)
-
-
-class _Refused:
-    """Where a data set goes when the spool cannot be used: nowhere (its ``name`` names
-    no file, so pynetdicom's clean-up removes nothing)."""
-
-    name = ""
-    over = committed = False
-
-    def __init__(self, why: str) -> None:
-        self.why = why
-        self.file = self
-
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def discard(self) -> None: ...
 
 
 class Receiver:
@@ -201,10 +136,8 @@ class Receiver:
         if removed:
             logger.info("removed %d partly received file(s) left by a killed daemon", removed)
         pn_logger = logging.getLogger("pynetdicom")
-        if not any(isinstance(f, _Quiet) for f in pn_logger.filters):
-            pn_logger.addFilter(_Quiet())
-        _config.STORE_RECV_CHUNKED_DATASET = True  # data sets stream to disk, not memory
-        dimse_messages.NamedTemporaryFile = _part_file  # ... into the spool (PartFile)
+        if not any(isinstance(f, Quiet) for f in pn_logger.filters):
+            pn_logger.addFilter(Quiet())
         lim = self.limits
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = lim.acse_timeout
@@ -250,6 +183,7 @@ class Receiver:
         self._thread = threading.Thread(
             target=server.serve_forever, name="xrwatch-dicom-accept", daemon=True
         )
+        stream_to_spool(True)
         self.gate.start()
         self._thread.start()
         logger.info(
@@ -272,6 +206,7 @@ class Receiver:
             self._server = None
             self.gate.stop()
             self.receipts.close()
+            stream_to_spool(False)
 
     def problems(self) -> list[str]:
         """What makes the receiver unhealthy (for ``/healthz``)."""
@@ -284,7 +219,7 @@ class Receiver:
         if len(held) < lim.max_associations:
             return []
         now = time.monotonic()
-        stalled = max(60.0, 2 * lim.network_timeout)
+        stalled = 2 * lim.network_timeout
         if all(now - (p.last_done or p.established or now) > stalled for p in held):
             return [
                 f"the DICOM receiver is wedged: all {lim.max_associations} association slots "
@@ -293,7 +228,7 @@ class Receiver:
         return []
 
     # -- the spool's side of pynetdicom --------------------------------------------------
-    def new_part(self, assoc: Any) -> PartFile | _Refused:
+    def new_part(self, assoc: Any) -> PartFile | Refused:
         """Where the data set of the C-STORE now arriving on ``assoc`` streams to."""
         peer = self.gate.peer(assoc)
         limit = self.limits.max_object_bytes
@@ -304,11 +239,11 @@ class Receiver:
                 self.gate.kill(peer, f"data set over max_file_mb ({limit} bytes): refused")
 
         try:
-            part: PartFile | _Refused = PartFile(self.spool, limit, over_limit)
+            part: PartFile | Refused = PartFile(self.spool, limit, over_limit)
         except OSError as exc:
             why = self.spool.refusal(exc)
             logger.error("DICOM receiver: %s", why)
-            part = _Refused(why)
+            part = Refused(why)
         if peer is not None:
             peer.parts.append(part)
         return part
@@ -410,12 +345,12 @@ class Receiver:
         return status
 
     def _store(
-        self, event: Any, peer: Peer | None, part: PartFile | _Refused | None
+        self, event: Any, peer: Peer | None, part: PartFile | Refused | None
     ) -> tuple[str, int | Dataset]:
         calling = peer.calling_ae if peer else "?"
         sop_class = str(event.context.abstract_syntax)
         sop_uid = _valid_uid(event.request.AffectedSOPInstanceUID)
-        if part is None or isinstance(part, _Refused):
+        if part is None or isinstance(part, Refused):
             why = part.why if part is not None else "the data set was not received"
             return "failed", _status(OUT_OF_RESOURCES, why)
         part.close()
