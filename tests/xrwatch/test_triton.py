@@ -52,17 +52,29 @@ def server_env():
         pytest.skip(f"Triton server environment unusable: {exc}")
 
 
-@pytest.fixture(scope="module")
-def start_server(server_env, tmp_path_factory) -> Iterator[Callable[..., LocalTriton]]:
-    """Start servers on a repository; every one is stopped (SIGKILL at worst) at the end."""
-    started: list[LocalTriton] = []
-
+def _launcher(env, tmp_path_factory, started: list[LocalTriton]) -> Callable[..., LocalTriton]:
     def start(repository: Path, port: int | None = None) -> LocalTriton:
-        server = LocalTriton(server_env, repository, tmp_path_factory.mktemp("triton"), port=port)
+        server = LocalTriton(env, repository, tmp_path_factory.mktemp("triton"), port=port)
         started.append(server)
         return server.start(timeout=120)
 
-    yield start
+    return start
+
+
+@pytest.fixture
+def start_server(server_env, tmp_path_factory) -> Iterator[Callable[..., LocalTriton]]:
+    """Start servers for one test; each is stopped (SIGKILL at worst) when the test ends."""
+    started: list[LocalTriton] = []
+    yield _launcher(server_env, tmp_path_factory, started)
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def default_server(server_env, tmp_path_factory, default_repo: Path) -> Iterator[LocalTriton]:
+    """One server of the shipped default for the module's tests."""
+    started: list[LocalTriton] = []
+    yield _launcher(server_env, tmp_path_factory, started)(default_repo)
     for server in started:
         server.stop()
 
@@ -77,11 +89,6 @@ def default_repo(default_model: Path, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     write_python_repository(root, default_model, name="xrwatch", max_batch_size=16)
     return root
-
-
-@pytest.fixture(scope="module")
-def default_server(start_server, default_repo: Path) -> LocalTriton:
-    return start_server(default_repo)
 
 
 def _samples() -> list[Path]:
