@@ -41,6 +41,7 @@ from xrwatch.engine import (
     GUARD_OUTPUTS,
     LAYOUT_OUTPUTS,
     LOGITS,
+    POPULATION,
     PROBABILITIES,
 )
 from xrwatch_training.models import NormalizedClassifier, TinyCNN
@@ -56,7 +57,7 @@ LAYOUT_EPS = 1e-3  # added to a thumbnail's standard deviation (a flat one stays
 def split_backbone(model: NormalizedClassifier) -> tuple[nn.Module, nn.Linear, str]:
     """``(features, head, name)``: the module producing the last feature map (non-negative,
     after the last ReLU), the linear head applied to its spatial mean, and a name for it."""
-    from torchvision.models import DenseNet, ResNet
+    from torchvision.models import DenseNet, MobileNetV3, ResNet
 
     b = model.backbone
     if isinstance(b, ResNet):
@@ -64,6 +65,10 @@ def split_backbone(model: NormalizedClassifier) -> tuple[nn.Module, nn.Linear, s
             b.conv1, b.bn1, b.relu, b.maxpool, b.layer1, b.layer2, b.layer3, b.layer4
         )
         return trunk, b.fc, "layer4"
+    if isinstance(b, MobileNetV3):
+        if not isinstance(b.classifier, nn.Linear):
+            raise ValueError("CAM needs MobileNetV3 with a single linear classifier")
+        return b.features, b.classifier, "features"
     if isinstance(b, DenseNet):
         # torchvision applies F.relu after ``features`` in forward(); make it a module
         return nn.Sequential(b.features, nn.ReLU()), b.classifier, "features.norm5+relu"
@@ -73,22 +78,57 @@ def split_backbone(model: NormalizedClassifier) -> tuple[nn.Module, nn.Linear, s
 
 
 class FeatureNet(nn.Module):
-    """The checkpoint's model, split: ``image -> (pooled features, logits, feature map)``."""
+    """The checkpoint's model, split: ``image -> (pooled features, logits, feature map)``.
+
+    With ``n_classes`` smaller than the head's units (a checkpoint with a population gate,
+    :func:`training.models.population_classes`), ``head`` holds the first ``n_classes``
+    rows (the diagnoses: logits, CAM, calibration) and ``gate`` the rest (the population
+    units, e.g. ``Adult``), applied to the same pooled features.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, model: NormalizedClassifier) -> None:
+    def __init__(self, model: NormalizedClassifier, n_classes: int | None = None) -> None:
         super().__init__()
-        self.features, self.head, self.layer_name = split_backbone(model)
+        self.features, head, self.layer_name = split_backbone(model)
+        units = head.out_features
+        n = units if n_classes is None else n_classes
+        if not 0 < n <= units:
+            raise ValueError(f"{n} classes for a head of {units} units")
+        self.head, self.gate = head, None
+        if n < units:
+            self.head = _rows(head, 0, n)
+            self.gate = _rows(head, n, units)
         self.register_buffer("mean", model.mean.clone())
         self.register_buffer("std", model.std.clone())
+
+    def all_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Every unit of the checkpoint's head: the classes, then any population units."""
+        logits = self.head(pooled)
+        return logits if self.gate is None else torch.cat([logits, self.gate(pooled)], dim=1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
         fmap = self.features(x)
         pooled = fmap.mean(dim=(2, 3))
         return pooled, self.head(pooled), fmap
+
+
+def _rows(head: nn.Linear, start: int, stop: int) -> nn.Linear:
+    """A linear layer computing units ``start:stop`` of ``head``."""
+    part = nn.Linear(head.in_features, stop - start, bias=head.bias is not None)
+    with torch.no_grad():
+        part.weight.copy_(head.weight[start:stop])
+        if head.bias is not None:
+            part.bias.copy_(head.bias[start:stop])
+    return part
+
+
+def population_probability(logits: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """P(population unit) under the softmax over every unit: the share of the gate's units
+    (``Adult``) against the diagnoses', ``sigmoid(logsumexp(gate) - logsumexp(logits))``."""
+    return torch.sigmoid(torch.logsumexp(gate, dim=1) - torch.logsumexp(logits, dim=1))
 
 
 class LogitsOnly(nn.Module):
@@ -172,11 +212,19 @@ class ExplainedClassifier(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
+        population = (POPULATION,) if self.net.gate is not None else ()
         if not self.has_guard:
-            return OUTPUTS
-        return OUTPUTS + GUARD_OUTPUTS + (LAYOUT_OUTPUTS if self.layout_pool else ())
+            return OUTPUTS + population
+        return OUTPUTS + GUARD_OUTPUTS + (LAYOUT_OUTPUTS if self.layout_pool else ()) + population
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self._outputs(image)
+        if self.net.gate is None:
+            return out
+        pooled = self.net(image)[0]
+        return (*out, population_probability(out[0], self.net.gate(pooled)))
+
+    def _outputs(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled, logits, fmap = self.net(image)
         probs = torch.softmax(logits / self.temperature, dim=1)
         cam = torch.einsum("ck,nkhw->nchw", self.net.head.weight, fmap)

@@ -27,6 +27,7 @@ from xrwatch_training.models import model_from_checkpoint
 from . import card as model_card
 from . import triton as triton_repo
 from .calibcheck import CALIBRATION_OUTPUTS, measure_calibration
+from .contract import POPULATION_THRESHOLD, contract_metadata, with_temperature
 from .explain import CalibratedLogits, ExplainedClassifier, FeatureNet
 from .fitting import (
     GUARD_PASS_RATE,
@@ -90,6 +91,9 @@ class ExportOptions:
     guard_pass_rate: float = GUARD_PASS_RATE
     min_contrast: float = MIN_CONTRAST
     low_confidence: float = LOW_CONFIDENCE
+    temperature: float | None = None  # ship this temperature instead of the fitted one
+    temperature_reason: str = ""  # why (recorded in xrwatch.calibration)
+    population_threshold: float = POPULATION_THRESHOLD  # for a checkpoint with a gate
 
     def validate(self) -> None:
         if self.output.suffix != ".onnx":
@@ -115,6 +119,10 @@ class ExportOptions:
             raise ConfigError("--guard-pass-rate must be in [0.5, 1]")
         if not 0.0 <= self.low_confidence < 1.0:
             raise ConfigError("--low-confidence must be in [0, 1)")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.population_threshold < 1.0:
+            raise ConfigError("the population threshold must be in (0, 1)")
         if self.splits is not None and not self.splits.is_dir():
             raise ConfigError(f"{self.splits}: no such splits folder")
 
@@ -178,8 +186,10 @@ def export_model(options: ExportOptions) -> ExportResult:
     checkpoint_sha256 = file_sha256(selection.path)
     model = model_from_checkpoint(ckpt)
     spec = PreprocessSpec.from_dict(ckpt["preprocess"])
-    net = FeatureNet(model).eval()
+    net = FeatureNet(model, n_classes=len(ckpt["classes"])).eval()
     fitted = _fit(options, selection.path, net, spec, tuple(ckpt["classes"]))
+    if fitted is not None and options.temperature is not None:
+        fitted = with_temperature(fitted, options.temperature, options.temperature_reason)
     explained = ExplainedClassifier(
         net,
         temperature=fitted.temperature if fitted else 1.0,
@@ -193,6 +203,7 @@ def export_model(options: ExportOptions) -> ExportResult:
     reference = torch_probabilities(CalibratedLogits(explained), inputs.arrays)
     metadata = build_metadata(ckpt, checkpoint_sha256=checkpoint_sha256, precision="fp32")
     metadata.update(_extra_metadata(explained, spec.size, len(ckpt["classes"]), fitted))
+    metadata.update(contract_metadata(ckpt, options.population_threshold))
 
     options.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".xrwatch-export-", dir=options.output.parent))

@@ -155,7 +155,10 @@ def check_split(model: nn.Module, net: nn.Module, inputs: np.ndarray) -> None:
     x = torch.from_numpy(inputs[:RUN_BATCH])
     with torch.no_grad():
         expected = model(x)
-        got = net(x)[1]
+        pooled, got, _ = net(x)
+        all_logits = getattr(net, "all_logits", None)
+        if all_logits is not None:  # a head with population units: check them too
+            got = all_logits(pooled)
     scale = max(1.0, float(expected.abs().max()))
     diff = float((expected - got).abs().max()) / scale
     if not diff <= SPLIT_TOLERANCE:

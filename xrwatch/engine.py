@@ -56,6 +56,7 @@ FEATURE_SCORE = "feature_score"
 LAYOUT_SCORE = "layout_score"
 GUARD_OUTPUTS = (OOD_SCORE, CONTRAST)  # the scope guard's outputs
 LAYOUT_OUTPUTS = (FEATURE_SCORE, LAYOUT_SCORE)  # and, with the coarse-layout check, these
+POPULATION = "population"  # P(outside the trained population), with xrwatch.population
 
 Status = Literal["ok", "error"]
 
@@ -99,6 +100,7 @@ class BatchOutputs:
     cam: np.ndarray | None = None  # N x C x h x w
     ood_score: np.ndarray | None = None  # N
     contrast: np.ndarray | None = None  # N
+    population: np.ndarray | None = None  # N: the population gate's score
 
 
 def _cuda_driver_present() -> bool:
@@ -308,6 +310,12 @@ class InferenceEngine:
         meta = self.meta
         self.has_cam = CAM in outputs and meta.cam is not None
         self.has_guard = {OOD_SCORE, CONTRAST} <= outputs and meta.guard is not None
+        gate = meta.population or {}
+        self.has_population = POPULATION in outputs and meta.population is not None
+        self.population_threshold = (
+            _as_float(gate.get("threshold")) if self.has_population else None
+        )
+        self.adult_age = _as_float(gate.get("adult_age_years")) or flags.ADULT_AGE_YEARS
         model_low = (meta.calibration or {}).get("low_confidence")
         if low_confidence is not None and not 0.0 <= low_confidence < 1.0:
             raise ValueError(f"low_confidence must be in [0, 1), got {low_confidence}")
@@ -367,6 +375,8 @@ class InferenceEngine:
             names.append(CAM)
         if self.has_guard:
             names += [self.guard_output, CONTRAST]
+        if self.has_population:
+            names.append(POPULATION)
         try:
             values = self._session.run(names, {INPUT_NAME: self._as_input(batch)})
         except Exception as exc:  # onnxruntime's errors are untyped
@@ -377,6 +387,7 @@ class InferenceEngine:
             cam=out.get(CAM),
             ood_score=out.get(self.guard_output),
             contrast=out.get(CONTRAST),
+            population=out.get(POPULATION),
         )
 
     def flag(
@@ -386,16 +397,23 @@ class InferenceEngine:
         ood_score: float | None = None,
         contrast: float | None = None,
         meta: Any = None,
+        population: float | None = None,
     ) -> tuple[str, str]:
-        """``(flag, reason)`` of an ok result (see :mod:`xrwatch.flags`)."""
+        """``(flag, reason)`` of an ok result (see :mod:`xrwatch.flags`). The DICOM age
+        counts for a model with a population gate even when ``population`` is not given."""
+        gated = self.has_population
         return flags.decide(
             confidence,
             ood_score=ood_score if self.has_guard else None,
             contrast=contrast if self.has_guard else None,
-            image_meta=meta if self.has_guard else None,  # header evidence only with a guard
+            # header evidence with a guard; the age with a population gate
+            image_meta=meta if self.has_guard or gated else None,
             low_confidence=self.low_confidence,
             min_contrast=self.min_contrast,
             layout_checked=self.guard_layout,
+            population=population if gated else None,
+            population_threshold=self.population_threshold,
+            adult_age=self.adult_age,
         )
 
     def predict_arrays(self, batch: np.ndarray) -> np.ndarray:
@@ -420,6 +438,7 @@ class InferenceEngine:
         ood_score: float | None = None,
         contrast: float | None = None,
         heatmap: str | None = None,
+        population: float | None = None,
     ) -> Prediction:
         """An ``ok`` :class:`Prediction` from one row of :meth:`predict_arrays`.
 
@@ -431,7 +450,9 @@ class InferenceEngine:
             raise ValueError(f"expected {len(self.classes)} probabilities, got {row.shape[0]}")
         best = int(np.argmax(row))
         confidence = float(row[best])
-        flag, reason = self.flag(confidence, ood_score=ood_score, contrast=contrast, meta=meta)
+        flag, reason = self.flag(
+            confidence, ood_score=ood_score, contrast=contrast, meta=meta, population=population
+        )
         return Prediction(
             file=str(file),
             status="ok",
@@ -514,6 +535,7 @@ class InferenceEngine:
                     meta=meta,
                     ood_score=_item(out.ood_score, i),
                     contrast=_item(out.contrast, i),
+                    population=_item(out.population, i),
                 )
                 for i, (_, path, _, meta, sha) in enumerate(pending)
             ]

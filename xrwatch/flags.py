@@ -1,4 +1,5 @@
-"""The ``flag`` of a result: ``""``, ``low_confidence`` or ``out_of_scope``, and why.
+"""The ``flag`` of a result: ``""``, ``low_confidence``, ``out_of_population`` or
+``out_of_scope``, and why.
 
 A flagged result keeps its label and probabilities (its status stays ``ok``); the flag says
 how far to trust them:
@@ -8,18 +9,30 @@ how far to trust them:
   images than the validation threshold - and, for a model whose guard has the layout
   check, the coarse layout too; ``contrast`` below the model's minimum: a blank or
   constant image), and for DICOM the header (Modality, BodyPartExamined, ViewPosition).
+* ``out_of_population``: a chest radiograph, but not of the population the model was
+  trained on (the packaged default: children aged 1-5). Evidence: the DICOM patient age
+  (PatientAge, else PatientBirthDate with StudyDate) at or above the model's adult age
+  (18 y); without an age, the model's ``population`` output (P(adult)) at or above its
+  threshold. An age below it overrides the image: a child's film is never flagged for
+  looking adult.
 * ``low_confidence``: the calibrated top probability is below the threshold stored in the
   model (``xrwatch.calibration.low_confidence``) or set in the serve config.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import re
 from typing import Any, Literal, get_args
 
 LOW_CONFIDENCE = "low_confidence"
 OUT_OF_SCOPE = "out_of_scope"
-FLAGS = ("", LOW_CONFIDENCE, OUT_OF_SCOPE)
+OUT_OF_POPULATION = "out_of_population"
+FLAGS = ("", LOW_CONFIDENCE, OUT_OF_POPULATION, OUT_OF_SCOPE)
+ADULT_AGE_YEARS = 18.0  # default; a model's xrwatch.population may state its own
+_AGE = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 ScopeGuard = Literal["combined", "features"]  # which guard score flags out_of_scope
 SCOPE_GUARDS: tuple[str, ...] = get_args(ScopeGuard)
 SCOPE_GUARD_HELP = (
@@ -51,6 +64,44 @@ def header_evidence(meta: Any) -> list[str]:
     return found
 
 
+def age_years(
+    patient_age: str | None, birth_date: str | None = None, study_date: str | None = None
+) -> float | None:
+    """The patient's age in years from DICOM PatientAge (``nnnD/W/M/Y``), else from
+    PatientBirthDate and StudyDate (``YYYYMMDD``); None when neither gives one. Only the
+    age leaves this function, never the dates."""
+    if patient_age and (m := _AGE.match(str(patient_age))):
+        return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2).upper()]
+    try:
+        born = dt.datetime.strptime(str(birth_date or "").strip()[:8], "%Y%m%d").date()
+        seen = dt.datetime.strptime(str(study_date or "").strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+    days = (seen - born).days
+    return days / 365.25 if 0 <= days < 150 * 366 else None
+
+
+def population_evidence(
+    *,
+    patient_age: float | None,
+    population: float | None,
+    threshold: float | None,
+    adult_age: float = ADULT_AGE_YEARS,
+) -> str:
+    """Why a film is outside the trained population, or ``""``: the DICOM age decides when
+    there is one (either way); else the image's ``population`` score against ``threshold``."""
+    if patient_age is not None:
+        if patient_age >= adult_age:
+            return f"DICOM patient age {patient_age:.0f} y >= {adult_age:g} y (model for children)"
+        return ""
+    if population is not None and threshold is not None and population >= threshold:
+        return (
+            f"image looks like an adult film (population score {population:.2f} >= "
+            f"{threshold:g}; no DICOM age)"
+        )
+    return ""
+
+
 def decide(
     confidence: float,
     *,
@@ -60,12 +111,18 @@ def decide(
     low_confidence: float | None = None,
     min_contrast: float | None = None,
     layout_checked: bool = False,
+    population: float | None = None,
+    population_threshold: float | None = None,
+    adult_age: float = ADULT_AGE_YEARS,
 ) -> tuple[str, str]:
     """``(flag, reason)`` for one ok result; ``("", "")`` when nothing is wrong.
 
-    ``None`` thresholds (a model exported without calibration or guard) disable that check.
-    ``layout_checked``: the model's ``ood_score`` is the smaller of its feature and its
-    coarse-layout score (both must exceed 1), which the reason then says.
+    ``None`` thresholds (a model exported without calibration, guard or population gate)
+    disable that check. ``layout_checked``: the model's ``ood_score`` is the smaller of its
+    feature and its coarse-layout score (both must exceed 1), which the reason then says.
+    Order: ``out_of_scope`` (not a frontal chest radiograph), ``out_of_population``,
+    ``low_confidence``. The patient's age comes from ``image_meta.patient_age_years`` and
+    only counts for a model with a population gate (``population_threshold`` set).
     """
     evidence = []
     if contrast is not None and min_contrast is not None and contrast < min_contrast:
@@ -80,6 +137,15 @@ def decide(
     header = header_evidence(image_meta)
     if evidence or header:
         return OUT_OF_SCOPE, "; ".join(evidence + header)
+    if population_threshold is not None:
+        why = population_evidence(
+            patient_age=getattr(image_meta, "patient_age_years", None),
+            population=population,
+            threshold=population_threshold,
+            adult_age=adult_age,
+        )
+        if why:
+            return OUT_OF_POPULATION, why
     if low_confidence is not None and confidence < low_confidence:
         return LOW_CONFIDENCE, f"top probability {confidence:.3f} < {low_confidence:g}"
     return "", ""

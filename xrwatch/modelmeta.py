@@ -7,8 +7,9 @@ here, so a model cannot be served with the wrong classes or the wrong input size
 
 A model lacking any of the required keys is refused with
 :class:`~xrwatch.errors.ModelMetadataError` naming the file and the missing keys. The
-optional keys (:data:`OPTIONAL_KEYS`: heatmaps, calibration, scope guard) came later; a
-model without them still loads and serves, without heatmaps and flags.
+optional keys (:data:`OPTIONAL_KEYS`: heatmaps, calibration, scope guard, population gate,
+input contract) came later; a model without them still loads and serves, without heatmaps
+and flags.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ DEFAULT_GRAPH_OPTIMIZATION = "all"  # what serving always used before the key ex
 KEY_CAM = "xrwatch.cam"
 KEY_CALIBRATION = "xrwatch.calibration"
 KEY_GUARD = "xrwatch.guard"
-OPTIONAL_KEYS = (KEY_CAM, KEY_CALIBRATION, KEY_GUARD)
+EXPLAIN_KEYS = (KEY_CAM, KEY_CALIBRATION, KEY_GUARD)  # a model without them logs a warning
+# The population gate (``population`` output: P(outside the trained population), its
+# threshold, the age rule) and the input contract (range, where normalisation happens,
+# resize/aspect policy, reduced-resolution decoding). Only the packaged default and models
+# exported since have them; a model without them serves as before, without that flag.
+KEY_POPULATION = "xrwatch.population"
+KEY_INPUT = "xrwatch.input"
+OPTIONAL_KEYS = (*EXPLAIN_KEYS, KEY_POPULATION, KEY_INPUT)
 
 # Every key export always writes; all are required at load.
 METADATA_KEYS = (
@@ -95,14 +103,16 @@ class ModelMeta:
     cam: Mapping[str, Any] | None = None  # xrwatch.cam: the graph has a ``cam`` output
     calibration: Mapping[str, Any] | None = None  # temperature, ECE, low_confidence
     guard: Mapping[str, Any] | None = None  # ood_score/contrast thresholds
+    population: Mapping[str, Any] | None = None  # xrwatch.population: the gate
+    input: Mapping[str, Any] | None = None  # xrwatch.input: the input contract
 
     @property
     def missing_optional(self) -> tuple[str, ...]:
-        """The optional keys this model lacks (older exports)."""
+        """The heatmap, calibration and guard keys this model lacks (older exports)."""
         return tuple(
             key
             for key, value in zip(
-                OPTIONAL_KEYS, (self.cam, self.calibration, self.guard), strict=True
+                EXPLAIN_KEYS, (self.cam, self.calibration, self.guard), strict=True
             )
             if value is None
         )
@@ -133,6 +143,8 @@ class ModelMeta:
             "cam": dict(self.cam) if self.cam is not None else None,
             "calibration": dict(self.calibration) if self.calibration is not None else None,
             "guard": dict(self.guard) if self.guard is not None else None,
+            "population": dict(self.population) if self.population is not None else None,
+            "input": dict(self.input) if self.input is not None else None,
         }
 
 
@@ -229,6 +241,8 @@ def parse_metadata(
         cam=optional[KEY_CAM],
         calibration=optional[KEY_CALIBRATION],
         guard=optional[KEY_GUARD],
+        population=optional[KEY_POPULATION],
+        input=optional[KEY_INPUT],
     )
 
 

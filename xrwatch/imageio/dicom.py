@@ -50,6 +50,7 @@ from xrwatch.errors import (
     TruncatedImageError,
     UnsupportedImageError,
 )
+from xrwatch.flags import age_years
 from xrwatch.imageio.boxreduce import box_factor, box_reduce
 from xrwatch.imageio.budget import DECODE_BUDGET, estimate_decode_bytes
 from xrwatch.imageio.codestream import (
@@ -208,6 +209,9 @@ def _meta(
         accession_number=_str(ds, "AccessionNumber"),
         body_part=_str(ds, "BodyPartExamined"),
         view_position=_str(ds, "ViewPosition"),
+        patient_age_years=age_years(
+            _str(ds, "PatientAge"), _str(ds, "PatientBirthDate"), _str(ds, "StudyDate")
+        ),
     )
 
 

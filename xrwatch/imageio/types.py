@@ -34,9 +34,14 @@ class ImageMeta:
     accession_number: str | None = None
     body_part: str | None = None
     view_position: str | None = None
+    # DICOM PatientAge, else PatientBirthDate with StudyDate, as years (xrwatch.flags:
+    # the population gate); the dates themselves are never kept. Not in reports.
+    patient_age_years: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("patient_age_years")
+        return d
 
 
 @dataclass(frozen=True)
