@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from xrwatch.metrics_ci import N_BOOT
+from xrwatch.metrics_ci import N_BOOT, exact_if_degenerate
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,28 @@ def evaluate_with_ci(
                 if m[key][i] is not None:
                     class_draws[(key, i)].append(m[key][i])
 
-    def entry(value: float | None, values: list[float]) -> dict[str, Any]:
-        return {"value": value, "ci": _percentile_ci(values), "n_defined": len(values)}
+    def entry(
+        value: float | None, values: list[float], trials: int | None = None
+    ) -> dict[str, Any]:
+        """``trials``: patients behind a proportion; its 0 or 1 gets the exact interval."""
+        ci, method = _percentile_ci(values), "percentile bootstrap"
+        if trials is not None:
+            ci, method = exact_if_degenerate(value, trials, ci, CI_LEVEL)
+        out = {"value": value, "ci": ci, "n_defined": len(values)}
+        if method != "percentile bootstrap":
+            out["ci_method"] = method
+        return out
+
+    yp = np.argmax(p, axis=1) if len(y) else np.zeros(0, int)
+
+    def patients(mask: np.ndarray) -> int:
+        return len({inverse[j] for j in np.flatnonzero(mask)})
+
+    # the patients behind each per-class proportion (sensitivity, PPV)
+    trials: dict[str, list[int]] = {
+        "sensitivity": [patients(y == i) for i in range(k)],
+        "ppv": [patients(yp == i) for i in range(k)],
+    }
 
     out: dict[str, Any] = {
         "n_images": len(y),
@@ -165,13 +185,18 @@ def evaluate_with_ci(
         },
     }
     for key in SUMMARY_KEYS:
-        out[key] = entry(point[key] if point else None, draws[key])
+        n_trials = len(names) if key == "accuracy" else None
+        out[key] = entry(point[key] if point else None, draws[key], n_trials)
     out["per_class"] = {
         name: {
             "support": int(point["support"][i]) if point else 0,
             "patients": len({inverse[j] for j in np.flatnonzero(y == i)}),
             **{
-                key: entry(point[key][i] if point else None, class_draws[(key, i)])
+                key: entry(
+                    point[key][i] if point else None,
+                    class_draws[(key, i)],
+                    trials[key][i] if key in trials else None,
+                )
                 for key in PER_CLASS_KEYS
             },
         }

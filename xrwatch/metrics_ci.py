@@ -11,6 +11,12 @@ bootstrap, seeded). Metrics follow :mod:`training.metrics` (scikit-learn's defin
 * balanced accuracy: mean sensitivity over the classes present in the (re)sample;
 * macro-F1: mean F1 over the classes present in the (re)sample (a class never predicted
   has F1 0).
+
+Where the bootstrap degenerates - a proportion of 0/n or n/n, whose every resample gives
+the same value, so the percentile interval is a point ("1.000 (1.000-1.000)") - the
+interval is the exact binomial (Clopper-Pearson) one instead, with the patients as trials
+(conservative: images of one patient are not independent): for n/n it is
+[(alpha/2)^(1/n), 1], e.g. [0.884, 1] for 30/30. :func:`clopper_pearson_degenerate`.
 """
 
 from __future__ import annotations
@@ -77,6 +83,27 @@ def bootstrap_replicates(
     return metrics_from_confusion(cms)
 
 
+def clopper_pearson_degenerate(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """The exact (Clopper-Pearson) interval of ``k`` successes in ``n`` trials when ``k`` is
+    0 or ``n`` (the cases a bootstrap cannot show); None otherwise or for ``n`` = 0."""
+    if n <= 0 or k not in (0, n):
+        return None
+    edge = ((1 - level) / 2) ** (1 / n)
+    return [0.0, float(1 - edge)] if k == 0 else [float(edge), 1.0]
+
+
+def exact_if_degenerate(
+    value: float | None, n: int, ci: list[float] | None, level: float = 0.95
+) -> tuple[list[float] | None, str]:
+    """``(interval, method)``: ``ci`` with ``"percentile bootstrap"``, unless ``value`` is a
+    proportion of 0 or 1 over ``n`` trials: then the Clopper-Pearson interval."""
+    if value is not None and n > 0 and value in (0.0, 1.0):
+        exact = clopper_pearson_degenerate(round(value * n), n, level)
+        if exact is not None:
+            return exact, "clopper-pearson"
+    return ci, "percentile bootstrap"
+
+
 def bootstrap_ci(
     y_true: Sequence[int] | np.ndarray,
     y_pred: Sequence[int] | np.ndarray,
@@ -107,6 +134,14 @@ def bootstrap_ci(
             if len(finite)
             else None
         )
+    # all right or all wrong: every resample agrees, so the interval is the exact one
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(y_true):
+        accuracy = float((y_true == y_pred).mean())
+        exact, method = exact_if_degenerate(accuracy, out["patients"], out["accuracy"], level)
+        if method != "percentile bootstrap":
+            out["accuracy"] = exact
+            out["exact"] = {"accuracy": method}
     return out
 
 

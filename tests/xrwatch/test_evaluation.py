@@ -109,3 +109,16 @@ def test_summary_intervals_equal_training_intervals() -> None:
     theirs = bootstrap_ci(y, probs.argmax(1), groups, 4, n_boot=200, seed=3)
     for key in ("accuracy", "balanced_accuracy", "macro_f1"):
         assert ours[key]["ci"] == pytest.approx(theirs[key])
+
+
+def test_all_correct_sets_get_exact_intervals_instead_of_a_point() -> None:
+    from xrwatch.evaluation import evaluate_with_ci
+
+    y = [0] * 15 + [1] * 15
+    probs = np.eye(2)[y] * 0.9 + 0.05
+    out = evaluate_with_ci(y, probs, [f"p{i}" for i in range(30)], ["A", "B"], replicates=100)
+    assert out["accuracy"]["ci"][0] == pytest.approx(0.8843, abs=1e-4)
+    assert out["accuracy"]["ci_method"] == "clopper-pearson"
+    sens = out["per_class"]["A"]["sensitivity"]
+    assert sens["ci"][0] == pytest.approx(0.7820, abs=1e-4)  # 15/15 patients
+    assert out["auroc_macro"]["ci"] == [1.0, 1.0]  # not a proportion: left as it is

@@ -72,3 +72,21 @@ def test_coverage_note_names_the_classes_a_figure_covers() -> None:
     assert coverage_note(metrics, classes) == ""
     assert format_ci({"accuracy": [0.5812, 0.6594]}, "accuracy") == "[58.1–65.9]"
     assert format_ci(None, "accuracy") == ""
+
+
+def test_degenerate_proportions_get_the_exact_clopper_pearson_interval() -> None:
+    from xrwatch.metrics_ci import bootstrap_ci, clopper_pearson_degenerate
+
+    assert clopper_pearson_degenerate(30, 30)[0] == pytest.approx(0.8843, abs=1e-4)
+    assert clopper_pearson_degenerate(0, 30) == pytest.approx([0.0, 1 - 0.8843], abs=1e-4)
+    assert clopper_pearson_degenerate(15, 30) is None
+    y = [0] * 15 + [1] * 15
+    groups = [f"p{i}" for i in range(30)]
+    ci = bootstrap_ci(y, y, groups, 2)
+    assert ci["accuracy"][0] == pytest.approx(0.8843, abs=1e-4) and ci["accuracy"][1] == 1.0
+    assert ci["exact"] == {"accuracy": "clopper-pearson"}
+    # two images per patient: the patients are the trials (15/15 -> 0.782)
+    ci2 = bootstrap_ci(y, y, [f"p{i // 2}" for i in range(30)], 2)
+    assert ci2["accuracy"][0] == pytest.approx(clopper_pearson_degenerate(15, 15)[0])
+    mixed = bootstrap_ci(y, [0] * 30, groups, 2)
+    assert "exact" not in mixed and mixed["accuracy"][0] < 0.5 < mixed["accuracy"][1]
