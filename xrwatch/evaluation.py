@@ -157,7 +157,7 @@ def evaluate_with_ci(
         ci, method = _percentile_ci(values), "percentile bootstrap"
         if trials is not None:
             ci, method = exact_if_degenerate(value, trials, ci, CI_LEVEL)
-        out = {"value": value, "ci": ci, "n_defined": len(values)}
+        out: dict[str, Any] = {"value": value, "ci": ci, "n_defined": len(values)}
         if method != "percentile bootstrap":
             out["ci_method"] = method
         return out
