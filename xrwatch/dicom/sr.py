@@ -30,7 +30,9 @@ import warnings
 from typing import Any
 
 import highdicom as hd
+import pydicom.config
 from pydicom import Dataset
+from pydicom.valuerep import validate_value
 
 import xrwatch
 from xrwatch.dicom import codes
@@ -89,6 +91,14 @@ _TYPE2 = (
     "StudyTime",
     "ReferringPhysicianName",
 )
+
+# The General Study module's attributes (the Patient module is group 0010).
+_STUDY = frozenset(
+    ("StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
+     "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy")
+)  # fmt: skip
+
+_TEXT_VRS = frozenset({"AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"})
 
 # Patient and study attributes copied from the source beyond those highdicom copies.
 COPIED = (
@@ -154,10 +164,25 @@ def set_character_set(ds: Dataset, source: Dataset) -> None:
 
 def copy_patient_study(source: Dataset, target: Dataset) -> None:
     """Copy the patient and study attributes highdicom leaves out (Issuer of Patient ID
-    ...) and the source's character set, so that they read back as they were sent."""
+    ...); then, of every value taken from the source, keep only those valid for their VR
+    (a PatientAge ``81`` is no Age String): a Type 2 one is emptied, another left out."""
     for keyword in COPIED:
         if keyword in source and keyword not in target:
             target[keyword] = copy.deepcopy(source[keyword])
+    for element in list(target):
+        keyword = element.keyword
+        if element.VR not in _TEXT_VRS or not (element.tag.group == 0x0010 or keyword in _STUDY):
+            continue
+        if element.tag not in source or source[element.tag].value != element.value:
+            continue  # not taken from the source
+        try:
+            validate_value(element.VR, element.value, pydicom.config.RAISE)
+        except ValueError:
+            logger.debug("source %s is invalid for its VR; not copied", keyword)
+            if keyword in _TYPE2:
+                target[element.tag].value = None
+            else:
+                del target[element.tag]
 
 
 class _Descriptors(hd.sr.ImageLibraryEntryDescriptors):

@@ -194,3 +194,17 @@ def test_every_dcm_code_is_the_standards_and_uids_are_stable(real_dicoms: list[P
     assert a[0] == b[0] and a[1] != b[1]  # one series per study and model
     assert sr_uids("1.2.3", "1.2.3.4", "cd" * 32)[0] != a[0]  # another model: another series
     assert all(len(u) <= 64 and is_valid_uid(u) for u in (*a, *b))
+
+
+def test_patient_attributes_are_copied_only_when_valid(real_dicoms: list[Path]) -> None:
+    source = _source(real_dicoms, "ISO_IR 100")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the invalid age it is given
+        source.PatientAge, source.PatientWeight, source.StudyDescription = "81", "70.5", "THORAX"
+        sr = build_sr(source, _record(), "m.onnx")
+    assert "PatientAge" not in sr  # "81" is no Age String (nnnY): left out, not copied
+    assert sr.PatientWeight == 70.5 and sr.StudyDescription == "THORAX"
+    source.PatientAge = "081Y"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert build_sr(source, _record(), "m.onnx").PatientAge == "081Y"
