@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from xrwatch.cli._app import EXIT_ERROR, EXIT_FAILED, EXIT_OK, main
 from xrwatch.defaults import resolve_model
@@ -218,10 +219,19 @@ def test_kill9_of_one_server_the_other_takes_over(
         a.kill9()
         rest = engine.predict_paths(files[2:], batch_size=1)  # round robin reaches a: it fails
         states = {s["url"]: s for s in engine.fleet.servers()}
+        registry = CollectorRegistry()
+        registry.register(engine.collector())
+        metrics = generate_latest(registry).decode()
+        healthy, why = engine.health()
     finally:
         engine.close()
+    assert f'xrwatch_triton_server_ready{{server="{a.url}"}} 0.0' in metrics
+    assert f'xrwatch_triton_server_ready{{server="{b.url}"}} 1.0' in metrics
+    assert f'xrwatch_triton_errors_total{{server="{a.url}"}} 1.0' in metrics
+    assert f'xrwatch_triton_request_seconds_count{{server="{b.url}"}}' in metrics
+    assert healthy and "1/2 server(s) usable" in why
     assert_same(local, first + rest)
-    assert states[a.url]["errors"] >= 1 and states[a.url]["state"] == "backing_off"
+    assert states[a.url]["errors"] >= 1 and states[a.url]["state"] in ("backing_off", "failing")
     assert states[b.url]["errors"] == 0 and states[b.url]["requests"] >= len(files) - 2
 
 

@@ -102,10 +102,12 @@ class _Server:
     last_error: str | None = None
 
     def state(self, now: float) -> str:
+        """``ready``; ``backing_off`` (failed, left alone until ``retry_at``); ``failing``
+        (failed, the next batch tries it); ``unverified`` (not reached yet); ``refused``."""
         if self.refused:
             return "refused"
-        if self.retry_at > now:
-            return "backing_off"
+        if self.failures:
+            return "backing_off" if self.retry_at > now else "failing"
         return "ready" if self.verified else "unverified"
 
 
@@ -449,6 +451,22 @@ class TritonEngine(InferenceEngine):
                 "servers": self.fleet.servers(),
             },
         }
+
+    def collector(self) -> Any:
+        """A prometheus-client collector of the fleet's readiness, latency and errors."""
+        from xrwatch.remote.metrics import FleetCollector
+
+        return FleetCollector(self.fleet)
+
+    def health(self) -> tuple[bool, str]:
+        """Whether some server is usable (answered last time, or not tried yet), and why."""
+        servers = self.fleet.servers()
+        usable = [s["url"] for s in servers if s["state"] in ("ready", "unverified")]
+        if usable:  # states are as the last batch found them; an idle daemon asks nobody
+            return True, f"triton: {len(usable)}/{len(servers)} server(s) usable"
+        return False, "triton: no server usable: " + "; ".join(
+            f"{s['url']} {s['state']} ({s['last_error']})" for s in servers
+        )
 
     def close(self) -> None:
         self.fleet.close()
