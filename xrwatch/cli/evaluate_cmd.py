@@ -153,11 +153,11 @@ def evaluate_model(
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = 0,
     batch_size: int = 8,
-    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+    on_batch: Callable[[list[dict[str, Any]], int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every sample and compute the metrics with CIs; unreadable files are left
     out and listed under ``failed``. ``on_batch`` gets each batch's prediction rows (those
-    that were classified) as soon as it is done."""
+    that were classified) and its number of images as soon as it is done."""
     classes = list(engine.classes)
     unknown = sorted({s.label for s in samples} - set(classes))
     if unknown:
@@ -176,7 +176,7 @@ def evaluate_model(
         kept += done
         rows += new
         if on_batch is not None:
-            on_batch(new)
+            on_batch(new, len(batch))
     if not kept:
         raise DatasetError(f"none of the {len(samples)} image(s) could be classified")
     y = [classes.index(s.label) for s, _ in kept]
@@ -344,10 +344,10 @@ def evaluate_command(
     try:
         with progress(len(samples), "evaluating") as advance:
 
-            def on_batch(rows: list[dict[str, Any]]) -> None:
+            def on_batch(rows: list[dict[str, Any]], n: int) -> None:
                 if sink is not None:
                     sink.add(rows)
-                advance(min(batch_size, len(samples)))
+                advance(n)
 
             result = evaluate_model(
                 engine, samples, replicates=replicates, seed=seed, batch_size=batch_size,
