@@ -34,8 +34,15 @@ def train_stage(args: argparse.Namespace) -> Path:
     from xrwatch_training.default_recipe import DefaultConfig, train_default
 
     run = Path(args.out) / "run"
-    values = {"data": args.data, "arch": args.arch, "epochs": args.epochs, "seed": args.seed,
-              "threads": args.threads, "cache_dir": args.cache_dir}  # fmt: skip
+    values = {
+        "data": args.data,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "threads": args.threads,
+        "cache_dir": args.cache_dir,
+    }
     if args.max_images:
         values.update(max_images=args.max_images, max_steps_per_epoch=args.max_steps)
     values = {k: v for k, v in values.items() if v is not None}
@@ -55,6 +62,7 @@ def main() -> int:
     p.add_argument("--data", default=DATA, help="the shared X-ray folder (its README)")
     p.add_argument("--out", required=True, help="run, models, evaluations and card go here")
     p.add_argument("--arch", default=None, help="default mobilenet_v3_small")
+    p.add_argument("--image-size", type=int, default=None, help="default 224")
     p.add_argument("--epochs", type=int, default=None, help="default 10 (or the run's)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -87,11 +87,19 @@ def contract_metadata(ckpt: dict[str, Any], threshold: float) -> dict[str, str]:
                 "when present: >= adult_age_years flags, below never flags; the image "
                 "score decides only without an age",
                 "trained_on": info.get("trained_on", ""),
-                "population": info.get("population", ""),
+                "population": info.get("population") or _stated_population(ckpt),
             },
             sort_keys=True,
         )
     return out
+
+
+def _stated_population(ckpt: dict[str, Any]) -> str:
+    """The default recipe's population, for its checkpoints that do not state it."""
+    from xrwatch_training.default_recipe import EXPERIMENT
+    from xrwatch_training.pool import POPULATION as PAEDIATRIC
+
+    return PAEDIATRIC if ckpt.get("experiment") == EXPERIMENT else ""
 
 
 def with_temperature(fitted: Fitted, temperature: float, reason: str) -> Fitted:

@@ -43,7 +43,15 @@ from .engine import hold_run_folder
 from .metrics import classification_metrics
 from .models import build_model, wrap
 from .pacs_augment import PacsAugment, pacs_augment
-from .pool import ADULT, DIAGNOSES, PoolImage, build_default_data, describe, write_split_files
+from .pool import (
+    ADULT,
+    DIAGNOSES,
+    POPULATION,
+    PoolImage,
+    build_default_data,
+    describe,
+    write_split_files,
+)
 from .report import write_json, write_metrics_csv
 
 logger = logging.getLogger(__name__)
@@ -234,7 +242,11 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
                                                          "loss": row["train_loss"]}},
             best_val_balanced_accuracy=best,
         )  # fmt: skip
-        ckpt["population"] = {"classes": [ADULT], "trained_on": "adult/ vs paediatric pool"}
+        ckpt["population"] = {
+            "classes": [ADULT],
+            "trained_on": "adult/ vs paediatric pool",
+            "population": POPULATION,
+        }
         ckpt["history"] = copy.deepcopy(history)
         if improved:
             save_checkpoint({**ckpt, "optimizer": None, "lr_scheduler": None}, run / "best.pt")

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 DIAGNOSES = ("Normal", "Bacteria", "Virus")  # the default's classes
 ADULT = "Adult"  # the population output's class (a unit of the head, not a diagnosis)
+POPULATION = (
+    "children aged 1-5, frontal (AP) chest radiographs (Kermany et al. 2018, Guangzhou "
+    "Women and Children's Medical Center)"
+)
 SUBSET_DIR = "coronahack-subset"
 SUBSET_IMAGES = "Coronahack-Chest-XRay-Dataset/Coronahack-Chest-XRay-Dataset"
 SQUASHED_SIZE = "224x224"

@@ -131,3 +131,32 @@ def test_shipped_default_passes_real_chest_x_rays_and_catches_non_chest_kinds(
     assert all(p.flag == flags.OUT_OF_SCOPE for p in others), [
         (Path(p.file).name, p.ood_score) for p in others
     ]
+
+
+def test_dicom_age_reads_patient_age_then_birth_and_study_dates() -> None:
+    from xrwatch.flags import age_years
+
+    assert age_years("045Y") == 45
+    assert age_years("018M") == pytest.approx(1.5)
+    assert age_years("003W") == pytest.approx(3 * 7 / 365.25)
+    assert age_years(None, "20180301", "20210301") == pytest.approx(3.0, abs=0.01)
+    assert age_years("", "garbage", "20210301") is None
+    assert age_years(None, "20210301", "20180301") is None  # study before birth: no age
+    assert age_years(None) is None
+
+
+def test_population_flag_age_overrides_the_image_and_scope_comes_first() -> None:
+    from types import SimpleNamespace
+
+    from xrwatch.flags import OUT_OF_POPULATION, OUT_OF_SCOPE, decide
+
+    adult, child = SimpleNamespace(patient_age_years=40.0), SimpleNamespace(patient_age_years=4.0)
+    gate = {"population_threshold": 0.5}
+    assert decide(0.9, image_meta=adult, population=0.0, **gate)[0] == OUT_OF_POPULATION
+    assert decide(0.9, image_meta=child, population=1.0, **gate) == ("", "")
+    flag, why = decide(0.9, population=0.7, **gate)
+    assert flag == OUT_OF_POPULATION and "0.70" in why
+    assert decide(0.9, population=0.3, **gate) == ("", "")
+    assert decide(0.9, ood_score=2.0, image_meta=adult, **gate)[0] == OUT_OF_SCOPE
+    # a model without a gate never flags by age or score
+    assert decide(0.9, image_meta=adult, population=0.99) == ("", "")

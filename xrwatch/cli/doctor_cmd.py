@@ -19,13 +19,16 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import typer
 
 from xrwatch import __version__
 from xrwatch.cli._app import EXIT_FAILED, EXIT_OK, app, console
 from xrwatch.logs import configure_logging
+
+if TYPE_CHECKING:
+    from xrwatch.modelmeta import ModelMeta
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +260,7 @@ def collect_checks(*, cuda: bool = True) -> list[Check]:
     checks.extend(_ort_checks(cuda=cuda))
     checks.extend(_dicom_checks())
     checks.append(default_model_check())
+    checks += _default_population()
     torch_version = _version("torch")
     if importlib.util.find_spec("torch") is not None:
         value = (
@@ -270,6 +274,21 @@ def collect_checks(*, cuda: bool = True) -> list[Check]:
         )
     checks.append(Check("torch", "torch", value, "info"))
     return checks
+
+
+def _default_population() -> list[Check]:
+    """The population row of the shipped default (nothing when there is none)."""
+    from xrwatch import defaults
+    from xrwatch.errors import XRWatchError
+    from xrwatch.modelmeta import read_model_metadata
+
+    shipped = defaults.default_model()
+    if shipped is None:
+        return []
+    try:
+        return [population_check(read_model_metadata(shipped))]
+    except XRWatchError:
+        return []  # default_model_check reports it
 
 
 def default_model_check() -> Check:
@@ -290,6 +309,23 @@ def default_model_check() -> Check:
         "default",
         f"{shipped} ({meta.name}, classes {', '.join(meta.classes)}, input {meta.spec.size} px, "
         f"sha256 {meta.model_sha256[:12]}); card {defaults.DEFAULT_CARD.name}; --model overrides",
+        "ok",
+    )
+
+
+def population_check(meta: ModelMeta) -> Check:
+    """Who the default model is for (its ``xrwatch.population``), said plainly."""
+    gate = meta.population
+    if gate is None:
+        return Check("model", "population", "not stated by the model (no population gate)", "warn")
+    stated = gate.get("population") or "its training population"
+    return Check(
+        "model",
+        "population",
+        f"for {stated}; not for adults: films with DICOM age >= "
+        f"{gate.get('adult_age_years', 18):g} y, or without an age whose image scores "
+        f"{gate.get('output', 'population')} >= {gate.get('threshold')}, are flagged "
+        "out_of_population",
         "ok",
     )
 
