@@ -118,3 +118,19 @@ def test_shipped_model_matches_its_card() -> None:
         assert "## Scope guard" in text
         assert "flagged `out_of_scope`" in text and "non-chest images caught" in text
         assert "no out-of-distribution check" not in text
+
+
+def test_doctor_states_the_population_a_model_is_for(tiny_onnx_model: Path) -> None:
+    from dataclasses import replace
+
+    from xrwatch.cli.doctor_cmd import population_check
+    from xrwatch.modelmeta import read_model_metadata
+
+    meta = read_model_metadata(tiny_onnx_model)
+    assert population_check(meta).status == "warn"  # no population gate stated
+    gated = replace(meta, population={"population": "children aged 1-5", "threshold": 0.5,
+                                      "adult_age_years": 18, "output": "population"})  # fmt: skip
+    check = population_check(gated)
+    assert check.status == "ok"
+    assert "children aged 1-5" in check.value and "not for adults" in check.value
+    assert "out_of_population" in check.value
