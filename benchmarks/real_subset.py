@@ -22,9 +22,12 @@ the export code changed. Then, per run:
 
 ``OUT/summary.md`` and ``OUT/summary.json`` hold the table (beside the study's 62.1-80.2 %
 test accuracy range), the wall time of each training run and the CPU/GPU it ran on.
-``--ship`` copies the run with the best *validation* balanced accuracy (never test) into
-``xrwatch/models/default.onnx`` with its model card ``default.md``: fp32 when it fits in
-``MAX_SHIP_MB``, else int8 when its agreement with fp32 is >= 98 %.
+``--ship`` copies the run with the best *validation* balanced accuracy (never test) to
+``OUT/package/default.onnx`` with its model card ``default.md``: fp32 when it fits in
+``MAX_SHIP_MB``, else int8 when its agreement with fp32 is >= 98 %. These are the study's
+four-class reproductions (COVID-19 included); the *packaged* default
+(``xrwatch/models/default.onnx``, paediatric, no COVID-19 class) is rebuilt by
+``benchmarks/paediatric_default.py --ship`` (issue #20).
 """
 
 from __future__ import annotations
@@ -301,7 +304,7 @@ def summarise(rows: list[dict[str, Any]], out: Path) -> str:
     return text
 
 
-def ship(rows: list[dict[str, Any]], out: Path, real: Path) -> Path:
+def ship(rows: list[dict[str, Any]], out: Path, real: Path, target_dir: Path | None = None) -> Path:
     """Copy the best-on-validation model that fits into ``xrwatch/models/`` with its card
     (ranked by :mod:`training.ranking`: validation balanced accuracy, then the lower
     validation loss, then the run path)."""
@@ -318,10 +321,11 @@ def ship(rows: list[dict[str, Any]], out: Path, real: Path) -> Path:
         else:
             logger.warning("%s: no variant small and faithful enough to ship", r["name"])
             continue
-        DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
-        target = DEFAULT_DIR / "default.onnx"
+        folder = target_dir or DEFAULT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / "default.onnx"
         shutil.copyfile(r["models"][precision], target)
-        card = DEFAULT_DIR / "default.md"
+        card = folder / "default.md"
         text = model_card(r, precision, file_sha256(target), explain_section(target, real))
         card.write_text(text, encoding="utf-8")
         logger.info("shipped %s (%s) as %s", r["name"], precision, target)
@@ -400,7 +404,7 @@ def model_card(
         f"best epoch {r['best_epoch']} of {r['epochs_done']} trained ({cfg['epochs']} planned), "
         "chosen on validation balanced "
         f"accuracy ({r['val_balanced_accuracy']:.3f}), never on test.",
-        "Rebuilt and re-shipped by `python benchmarks/real_subset.py --out OUT --ship`.",
+        "Rebuilt by `python benchmarks/real_subset.py --out OUT --ship` (into OUT/package).",
         "",
         "## Data",
         "",
@@ -461,7 +465,9 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ship", action="store_true", help="copy the best model into the package")
+    p.add_argument(
+        "--ship", action="store_true", help="copy the best model and its card to OUT/package"
+    )
     p.add_argument(
         "--reexport",
         action="store_true",
@@ -503,7 +509,7 @@ def main() -> int:
         })  # fmt: skip
     print(summarise(rows, out))
     if args.ship:
-        print(f"shipped: {ship(rows, out, Path(args.real))}")
+        print(f"shipped: {ship(rows, out, Path(args.real), out / 'package')}")
     return 0
 
 
