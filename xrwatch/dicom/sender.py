@@ -78,6 +78,21 @@ def quiet_own_associations() -> None:
                 log.addFilter(_FILTER)
 
 
+def _abort_negotiation(ae: Any) -> None:
+    """End an association request of ``ae`` still waiting for the peer's answer: its
+    caller waits for a primitive from the DUL (up to the ACSE timeout), so hand it an
+    A-P-ABORT, as the DUL itself does when the connection drops."""
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
+    for thread in threading.enumerate():
+        if not isinstance(thread, DULServiceProvider):
+            continue
+        assoc: Any = thread.assoc
+        if getattr(assoc, "ae", None) is ae and not assoc.is_established:
+            thread.to_user_queue.put(A_P_ABORT())
+
+
 def _acknowledged(status: Any) -> tuple[bool | None, str]:
     """``(True, detail)`` success or warning; ``(False, ...)`` refused; ``(None, ...)``
     no answer (timed out or connection lost)."""
@@ -107,15 +122,19 @@ class DestinationSender:
         self.timeout, self.max_attempts, self.on_sent = timeout, max_attempts, on_sent
         self.unreachable: str | None = None  # the error while the destination is down
         self._failures = 0  # consecutive association failures (the destination's back-off)
-        self._assoc: Any = None
+        self._ae: Any = None  # the AE of the association in progress
+        self._stopping = False
         self._lock = threading.Lock()
 
     def abort(self) -> None:
-        """Abort the association in progress (at shutdown: a hung PACS must not hold us)."""
+        """Abort the association in progress, even one still being negotiated (at
+        shutdown: a PACS that hangs must not hold the daemon for its timeout)."""
         with self._lock:
-            assoc = self._assoc
-        if assoc is not None and assoc.is_established:
-            assoc.abort()
+            self._stopping = True
+            ae = self._ae
+        if ae is not None:
+            ae.shutdown()  # aborts its established associations
+            _abort_negotiation(ae)
 
     def send_due(self) -> int:
         """Send what is due; return how many items were handled."""
@@ -141,6 +160,8 @@ class DestinationSender:
         try:
             assoc = self._associate({str(ds.SOPClassUID) for _, ds in loaded})
         except ConnectionError as exc:
+            with self._lock:
+                self._ae = None
             self._unreachable(str(exc), [item.id for item, _ in loaded])
             return len(due)
         try:
@@ -153,7 +174,7 @@ class DestinationSender:
             if assoc.is_established:
                 assoc.release()
             with self._lock:
-                self._assoc = None
+                self._ae = None
         return len(due)
 
     def _associate(self, sop_classes: set[str]) -> Any:
@@ -168,12 +189,14 @@ class DestinationSender:
         # Verification too: a PACS that accepts none of these SOP classes still associates,
         # so each item is refused alone (and parked in time), not the destination judged down.
         ae.add_requested_context(VERIFICATION)
+        with self._lock:
+            if self._stopping:
+                raise ConnectionError("the daemon is stopping")
+            self._ae = ae
         assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.ae_title)
         if not assoc.is_established:
             what = "rejected the association" if assoc.is_rejected else "no association"
             raise ConnectionError(f"{what} (refused, unreachable or no answer)")
-        with self._lock:
-            self._assoc = assoc
         if self.unreachable is not None:
             logger.info("%s: reachable again", self.dest)
         self.unreachable, self._failures = None, 0
@@ -338,6 +361,8 @@ class ResultsWorker:
         while self.writer.write_due():
             pass
         for sender in self.senders:
+            with sender._lock:
+                sender._stopping = False  # stopped threads; this caller sends now
             while sender.send_due():
                 if sender.unreachable is not None:
                     break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import threading
 import time
 from collections import Counter
@@ -195,6 +196,34 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
     counts = outbox.destination_counts()[str(hung.dest)]
     assert counts["sent"] == 0 and "no answer" in counts["last_error"]
     assert any(str(hung.dest) in p for p in worker.problems())
+    outbox.close()
+    ledger.close()
+
+
+def test_stop_aborts_an_association_a_silent_peer_never_answers(
+    tmp_path: Path, real_dicoms: list[Path]
+) -> None:
+    """A peer that accepts the TCP connection and never says a word: the sender's stop
+    aborts the association being negotiated instead of waiting for its timeout."""
+    listener = socket.create_server((LOOPBACK, 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    silent = Destination("PACS", LOOPBACK, listener.getsockname()[1])
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [silent])
+    worker.senders[0].timeout = 600.0  # far longer than this test may take
+    worker.start()
+    try:
+        wait_for(lambda: accepted, 60, "the sender connected")
+        stopper = threading.Thread(target=worker.stop)
+        stopper.start()
+        stopper.join(60)  # a bound only: without the abort it would take 600 s
+        assert not stopper.is_alive()
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    counts = outbox.destination_counts()[str(silent)]
+    assert counts["pending"] == len(uids) and counts["failed_attempts"] == 0
     outbox.close()
     ledger.close()
 
