@@ -34,8 +34,8 @@ def test_usage_errors_exit_2_with_the_reason(
 
 
 def test_config_error_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "--state-dir", str(tmp_path)]) == EXIT_ERROR
-    assert "no ledger here" in capsys.readouterr().err
+    assert main(["status", "--config", str(tmp_path / "missing.toml")]) == EXIT_ERROR
+    assert "missing.toml: config file not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, __import__("typer").Abort])

@@ -32,11 +32,14 @@ def _deep(base: Path, length: int) -> Path:
 def test_error_with_a_long_path_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], length: int
 ) -> None:
-    state = _deep(tmp_path, max(length, len(str(tmp_path)) + 14))
-    assert main(["status", "--state-dir", str(state)]) == EXIT_ERROR
+    folder = _deep(tmp_path, max(length, len(str(tmp_path)) + 14))
+    assert main(["status", "--config", str(folder / "x.toml")]) == EXIT_ERROR
     err = capsys.readouterr().err
-    expected = f"error: {state}: no ledger here (expected {state / 'ledger.sqlite3'})"
+    expected = f"error: {folder / 'x.toml'}: config file not found"
     assert expected in err.splitlines(), err
+    assert main(["status", "--state-dir", str(folder)]) == 3  # not running: said on stdout
+    out = capsys.readouterr().out
+    assert f"not running: no ledger here ({folder / 'ledger.sqlite3'})" in out.splitlines()[0]
 
 
 def test_serve_start_up_error_with_a_path_over_200_characters_is_one_line(
