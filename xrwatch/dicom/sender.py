@@ -367,8 +367,9 @@ class ResultsWorker:
                 if sender.unreachable is not None:
                     break
 
-    def problems(self) -> list[str]:
-        """What ``/healthz`` reports as degraded: unreachable destinations, parked items."""
+    def degraded(self) -> list[str]:
+        """What ``/healthz`` adds to a healthy answer (degraded, not down): destinations
+        that cannot be reached, results parked, SRs that could not be built."""
         out = [
             f"DICOM destination {s.dest}: {s.unreachable}" for s in self.senders if s.unreachable
         ]

@@ -145,7 +145,7 @@ def test_a_pacs_refusing_sc_gets_every_sr_once_and_the_scs_are_parked_logged_onc
     assert worker.send_due(pacs.dest) == 0  # nothing left to send: nothing is resent
     parked = {p["sop_instance_uid"] for p in outbox.parked() if p["what"] == "send"}
     assert parked == scs
-    assert any(f"{len(scs)} results parked" in p for p in worker.problems())
+    assert any(f"{len(scs)} results parked" in p for p in worker.degraded())
     for uid in scs:  # 3 attempts: one WARNING (first failure), one ERROR (parked), no more
         lines = [r for r in caplog.records if uid in r.getMessage()]
         assert [r.levelname for r in lines if r.levelno >= logging.WARNING] == [
@@ -195,7 +195,7 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
     assert sum(hung.acknowledged.values()) == 0
     counts = outbox.destination_counts()[str(hung.dest)]
     assert counts["sent"] == 0 and "no answer" in counts["last_error"]
-    assert any(str(hung.dest) in p for p in worker.problems())
+    assert any(str(hung.dest) in p for p in worker.degraded())
     outbox.close()
     ledger.close()
 
