@@ -136,7 +136,7 @@ def test_status_reports_counts_and_last_errors(folders, tiny_onnx_model: Path) -
         [sys.executable, "-m", "xrwatch", "status", "--state-dir", str(state), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 3, r.stderr  # LSB: not running (--once ended cleanly)
     data = json.loads(r.stdout)
     assert data["counts"] == {"ok": 1, "error": 1, "claimed": 0}
     assert data["throughput_per_minute"]["last_minute"] == 2
@@ -151,7 +151,7 @@ def test_status_reports_counts_and_last_errors(folders, tiny_onnx_model: Path) -
         [sys.executable, "-m", "xrwatch", "status", "--state-dir", str(incoming)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert r.returncode == 2 and "no ledger" in r.stderr
+    assert r.returncode == 3 and "no ledger" in r.stdout  # LSB: not running, never started
 
 
 def test_metrics_healthz_and_sd_notify(folders, daemons) -> None:
