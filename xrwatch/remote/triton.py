@@ -33,12 +33,7 @@ from typing import Any
 import numpy as np
 
 from xrwatch import flags
-from xrwatch.engine import (
-    GUARD_OUTPUTS,
-    INPUT_NAME,
-    LAYOUT_OUTPUTS,
-    InferenceEngine,
-)
+from xrwatch.engine import INPUT_NAME, InferenceEngine
 from xrwatch.errors import ConfigError, ModelError, ModelMetadataError, require_extra
 from xrwatch.modelmeta import ModelMeta, parse_metadata
 from xrwatch.remote.repository import KEY_MODEL_SHA256, KEY_MODEL_VERSION, parameters_from_config
@@ -52,8 +47,8 @@ DEFAULT_RETRY_FOR = 60.0  # seconds a batch is retried across the fleet before i
 PROBE_TIMEOUT = 5.0  # seconds for the questions that check a server (not inference)
 BACKOFF_FIRST = 0.25
 BACKOFF_MAX = 30.0
-PER_IMAGE = (*GUARD_OUTPUTS, *LAYOUT_OUTPUTS)  # one value per image: [N] (Triton says [N, 1])
-_MAX_BATCH = "triton.max_batch_size"  # not a parameter: the config's own field
+_MAX_BATCH = "triton.max_batch_size"  # not parameters: read from the config's own fields
+_PER_IMAGE = "triton.per_image_outputs"
 
 
 def parse_urls(text: str) -> tuple[str, ...]:
@@ -149,6 +144,10 @@ class TritonFleet:
         self.props, self._inputs, self._outputs = self._connect()
         self.version = self.props[KEY_MODEL_VERSION]
         self.max_batch = int(self.props.pop(_MAX_BATCH)) or None  # None: the server does not batch
+        self.per_image = frozenset(filter(None, self.props.pop(_PER_IMAGE).split(",")))
+        for port in self._outputs:
+            if port.name in self.per_image:  # [N, 1] as Triton says -> [N] as in the file
+                port.shape[:] = port.shape[:1]
         self.where = f"triton:{self.model}/{self.version}"
         self.meta: ModelMeta = parse_metadata(
             self.props, path=self.where, model_sha256=self.props[KEY_MODEL_SHA256]
@@ -163,6 +162,13 @@ class TritonFleet:
         config = cfg.get("config", {})
         props = parameters_from_config(config)
         props[_MAX_BATCH] = str(config.get("max_batch_size", 0))
+        # one value per image ([N] in the file) is declared dims [1], reshape to none
+        per_image = [
+            o["name"]
+            for o in config.get("output", [])
+            if "reshape" in o and not (o["reshape"] or {}).get("shape")
+        ]
+        props[_PER_IMAGE] = ",".join(per_image)
         missing = [k for k in (KEY_MODEL_SHA256, KEY_MODEL_VERSION) if k not in props]
         if missing:
             raise ModelMetadataError(
@@ -283,7 +289,7 @@ class TritonFleet:
         values = []
         for name in names:
             value = np.asarray(result.as_numpy(name), dtype=np.float32)
-            if name in PER_IMAGE:
+            if name in self.per_image:
                 value = value.reshape(-1)
             if value.shape[0] != batch.shape[0]:
                 raise ModelError(
