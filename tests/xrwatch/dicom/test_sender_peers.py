@@ -34,7 +34,7 @@ from xrwatch.dicom.sender import ResultsWorker
 from xrwatch.dicom.settings import Destination
 from xrwatch.serve.ledger import Ledger
 
-TIMEOUT = 4.0  # the sender's timeouts; the slow and hung peers outlast them by design
+TIMEOUT = 6.0  # the sender's timeouts; the slow and hung peers outlast them by design
 
 
 class Peer:
