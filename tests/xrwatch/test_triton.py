@@ -474,3 +474,47 @@ def test_a_hung_server_times_out_and_the_other_answers(
     assert states[a.url]["errors"] >= 1 and "DEADLINE_EXCEEDED" in states[a.url]["last_error"]
     images = sum(p.ok for p in local)  # ATTRIBUTION.md is never sent
     assert states[b.url]["requests"] == images // 2  # b answered every batch of two
+
+
+@pytest.mark.slow
+def test_exported_int8_model_with_population_gate_matches_local(
+    start_server, tmp_path_factory, tmp_path: Path
+) -> None:
+    """A fresh int8 export of the default's recipe (tiny): its population output and
+    out_of_population flags come through Triton as they come locally."""
+    pytest.importorskip("torch")
+    from tests.training.pedfixture import write_fake_shared
+    from xrwatch_export.pipeline import ExportOptions, export_model
+    from xrwatch_training.default_recipe import DefaultConfig, train_default
+
+    root = tmp_path_factory.mktemp("gated")
+    shared = write_fake_shared(root / "shared", per_class=8)
+    cfg = DefaultConfig(data=str(shared), arch="tinycnn", image_size=32, epochs=1,
+                        batch_size=8, max_steps_per_epoch=2, cache_dir=str(root / "cache"),
+                        threads=1)  # fmt: skip
+    run = train_default(cfg, root / "run")
+    result = export_model(
+        ExportOptions(source=run / "best.pt", output=root / "out" / "model.onnx",
+                      int8=True, calibration=(shared / "real",), min_int8_agreement=0.0,
+                      temperature=1.0, temperature_reason="test: tiny run")
+    )  # fmt: skip
+    int8 = result.variant("int8").path
+    repo = tmp_path / "repo"
+    write_python_repository(repo, int8, name="gated")
+    server = start_server(repo)
+    files = [*_samples(), *expand_inputs([shared / "real"])[:12]]
+    local_engine = InferenceEngine(int8, use_gpu=False)
+    local = local_engine.predict_paths(files, batch_size=4)
+    engine = TritonEngine(server.url, "gated")
+    try:
+        assert engine.meta.precision == "int8" and engine.has_population
+        assert engine.population_threshold == local_engine.population_threshold
+        remote = engine.predict_paths(files, batch_size=4)
+        x = np.stack([np.zeros((32, 32), np.float32), np.full((32, 32), 0.5, np.float32)])
+        a, b = local_engine.predict_outputs(x), engine.predict_outputs(x)
+    finally:
+        engine.close()
+    assert_same(local, remote)
+    assert a.population is not None and b.population is not None
+    assert b.population.shape == (2,)
+    np.testing.assert_allclose(b.population, a.population, atol=TOLERANCE, rtol=0)
