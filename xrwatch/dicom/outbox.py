@@ -35,7 +35,7 @@ from typing import Any
 
 from xrwatch import fields
 from xrwatch.atomic import immediate_transaction
-from xrwatch.serve.ledger import owner_gone
+from xrwatch.leases import owner_gone
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS dicom_received (

@@ -31,6 +31,8 @@ from typing import Any
 
 from xrwatch.atomic import immediate_transaction
 from xrwatch.errors import XRWatchError
+from xrwatch.leases import owner_gone, process_start
+from xrwatch.leases import pid_alive as _pid_alive  # noqa: F401  (xrwatch status uses it)
 
 logger = logging.getLogger(__name__)
 
@@ -97,56 +99,6 @@ class Finished:
     sha256: str
     state: str
     record: dict[str, Any]
-
-
-def process_start(pid: int) -> str | None:
-    """``boot_id:starttime`` of ``pid`` (Linux), None when unknown or the pid is dead.
-
-    A pid alone does not name a process: in a container a restarted daemon usually gets
-    the very pid of the one that died.
-    """
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) "
-    return f"{boot}:{fields[19].decode()}" if len(fields) > 19 else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_gone(con: sqlite3.Connection, owner: str | None, host: str, lease_seconds: float) -> bool:
-    """Whether the daemon ``owner`` (as registered in the ``daemons`` table) is gone, so that
-    its claims and leases may be taken over. One rule for the ledger and the DICOM outbox."""
-    if owner is None:
-        return True
-    row = con.execute(
-        "SELECT host, pid, heartbeat_at, proc_start FROM daemons WHERE owner=?", (owner,)
-    ).fetchone()
-    if row is None:
-        return True
-    owner_host, pid, heartbeat_at, proc_start = row
-    silent = time.time() - float(heartbeat_at)
-    if owner_host == host:
-        # On this host the process decides: a live daemon busy with a long batch keeps
-        # its claims. A pid now held by another process (ours, after a container
-        # restart) is told apart by its start time; the long silence bound only covers
-        # ledgers written before start times were recorded.
-        if not _pid_alive(int(pid)):
-            return True
-        if proc_start is not None and process_start(int(pid)) not in (None, proc_start):
-            return True
-        return silent > 10 * lease_seconds
-    return bool(silent > lease_seconds)
 
 
 class Ledger:
