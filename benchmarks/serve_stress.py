@@ -201,7 +201,7 @@ def main() -> int:
     ap.add_argument("--poll", action="store_true", help="run the daemons with --poll")
     args = ap.parse_args()
 
-    from xrwatch.serve.daemon import HEARTBEAT_SECONDS
+    from xrwatch.serve.liveness import HEARTBEAT_SECONDS
 
     work = Path(tempfile.mkdtemp(prefix="xrwatch-stress-"))
     try:

@@ -2,7 +2,7 @@
 
 Whoever can write to INCOMING could replace ``INCOMING/dicom`` (or a study folder in it)
 by a symbolic link to anywhere; every received image, full of PHI, would then be written
-there. So, as :mod:`xrwatch.serve.safefs` reads INCOMING, the spool is reached from a
+there. So, as :mod:`xrwatch.safefs` reads INCOMING, the spool is reached from a
 descriptor of INCOMING one component at a time with ``O_NOFOLLOW``: a link fails with
 ``ELOOP`` and nothing is written through it. Names inside are made of validated UIDs only.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xrwatch.dicom.files import PART_SUFFIX
 from xrwatch.errors import ConfigError
-from xrwatch.serve.safefs import open_dir
+from xrwatch.safefs import open_dir
 
 logger = logging.getLogger(__name__)
 

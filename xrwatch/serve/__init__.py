@@ -5,11 +5,16 @@ Modules, in the order a file meets them:
 
 - :mod:`.watcher`    watchdog events, backlog scan and periodic rescan -> candidate paths
 - :mod:`.stability`  waits until a candidate is complete (closed, or size+mtime stable)
+- :mod:`.intake`     a worker reads it safely out of INCOMING, hashes, claims, decodes
 - :mod:`.ledger`     SQLite (WAL) source of truth: atomic claims, outcomes, report flags
-- :mod:`.daemon`     worker pool (hash, claim, decode) -> batches -> inference engine
-- :mod:`.reports`    CSV + per-file JSON, reconciled from the ledger at start
-- :mod:`.archive`    optional move to ``processed/`` or ``failed/``
-- :mod:`.metrics`, :mod:`.sdnotify`   Prometheus + /healthz, systemd notify protocol
+- :mod:`.pipeline`   batches -> inference engine -> begun-batch queue -> ledger
+- :mod:`.outcomes`   a result's report record, flag and heatmap job
+- :mod:`.delivery`   reports written from the ledger (:mod:`.reports`: CSV + per-file
+  JSON), then the optional move to ``processed/`` or ``failed/`` (:mod:`.archive`)
+- :mod:`.liveness`   heartbeat thread, ``/healthz`` and the status line
+  (:mod:`.metrics`, :mod:`.sdnotify`: Prometheus + /healthz, systemd notify protocol)
+- :mod:`.daemon`     the lifecycle: checks the folders (:mod:`.folders`), builds the
+  rooms above, runs the loop between them, handles signals and shuts down
 
 This package never imports torch.
 """

@@ -1,7 +1,7 @@
 """``--archive DIR``: processed inputs move to ``DIR/processed/…``, failed ones to
 ``DIR/failed/…``, each keeping its path relative to INCOMING. An existing file is never
 overwritten: the new one gets a ``.1``, ``.2``… suffix before its extension. Only the
-inode that was classified is moved (:func:`xrwatch.serve.safefs.move_verified`)."""
+inode that was classified is moved (:func:`xrwatch.safefs.move_verified`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from xrwatch.serve.safefs import FileId, move_verified
+from xrwatch.safefs import FileId, move_verified
 
 logger = logging.getLogger(__name__)
 

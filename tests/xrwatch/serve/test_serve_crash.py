@@ -62,7 +62,7 @@ def test_two_daemons_on_one_folder_never_process_a_file_twice(folders, daemons) 
         return sum(
             1
             for e in d.log_events()
-            if e["logger"] == "xrwatch.serve.daemon" and ".png: " in e["message"]
+            if e["logger"] == "xrwatch.serve.pipeline" and ".png: " in e["message"]
         )
 
     names: list[str] = []
