@@ -15,6 +15,11 @@
 3. Latency: files dropped one by one at half the burst throughput; latency = report JSON
    written (its mtime) - drop time; p50 and p95.
 
+With ``--compare-tree OTHER`` (another checkout, e.g. ``git worktree add /tmp/old HASH``)
+only the bursts are run, alternately with the daemon of OTHER and of this checkout (OTHER,
+this, this, OTHER), with the same model, files and settings: the ratio of their time per
+file (this / OTHER; below 1 = this checkout is faster).
+
 Files are the real JPEGs in ``../shared/data/xray/real`` cycled under unique names (the
 ledger keys on path + content, so each is a new file). Figures go to stdout.
 """
@@ -63,7 +68,9 @@ def count_json(reports: Path) -> int:
 
 
 class Daemon:
-    def __init__(self, incoming: Path, reports: Path, model: Path, args: list[str]) -> None:
+    def __init__(
+        self, incoming: Path, reports: Path, model: Path, args: list[str], root: Path = ROOT
+    ) -> None:
         self.sockdir = tempfile.mkdtemp(prefix="xrwb", dir="/tmp")
         self.sock_path = os.path.join(self.sockdir, "n")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -74,7 +81,7 @@ class Daemon:
                 sys.executable, "-m", "xrwatch", "serve", str(incoming), "--model", str(model),
                 "--reports", str(reports), "--log-level", "WARNING", *args,
             ],
-            cwd=ROOT, env=dict(os.environ, NOTIFY_SOCKET=self.sock_path),
+            cwd=root, env=dict(os.environ, NOTIFY_SOCKET=self.sock_path, PYTHONPATH=str(root)),
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.sock.settimeout(120)
@@ -91,14 +98,19 @@ class Daemon:
 
 
 def burst(
-    work: Path, model: Path, daemon_args: list[str], sources: list[Path], files: int
+    work: Path,
+    model: Path,
+    daemon_args: list[str],
+    sources: list[Path],
+    files: int,
+    root: Path = ROOT,
 ) -> tuple[float, float, list[tuple[int, float]], float]:
     """Drop ``files`` copies into an idle daemon's empty folder as fast as possible;
     ``(files/s from the first drop to the last report, seconds the drop took, (reports
     written, RSS MiB) samples every 0.5 s, RSS when ready)``."""
     incoming, reports = work / "incoming", work / "reports"
     incoming.mkdir(parents=True)
-    d = Daemon(incoming, reports, model, daemon_args)
+    d = Daemon(incoming, reports, model, daemon_args, root)
     samples: list[tuple[int, float]] = []
     stop_sampling = threading.Event()
 
@@ -126,6 +138,40 @@ def burst(
     return files / (last - t_first), t_dropped - t_first, samples, rss_start
 
 
+def serving_from(root: Path) -> Path:
+    """The daemon module a ``xrwatch serve`` started as :class:`Daemon` does would run."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import xrwatch.serve.daemon as d; print(d.__file__)"],
+        cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return Path(out.stdout.strip())
+
+
+def compare_trees(
+    other: Path, work: Path, model: Path, daemon_args: list[str], sources: list[Path], files: int
+) -> int:
+    """Bursts with OTHER's daemon and this one's, OTHER / this / this / OTHER."""
+    other = other.resolve()
+    for root in (other, ROOT):
+        module = serving_from(root)
+        if not module.is_relative_to(root):
+            print(f"{root}: its daemon would be imported from {module}", file=sys.stderr)
+            return 2
+        print(f"daemon of {root}: {module}")
+    order = [other, ROOT, ROOT, other]
+    fps = [
+        burst(work / f"compare{i}", model, daemon_args, sources, files, root)[0]
+        for i, root in enumerate(order)
+    ]
+    this = statistics.mean(1 / f for f, r in zip(fps, order, strict=True) if r == ROOT)
+    them = statistics.mean(1 / f for f, r in zip(fps, order, strict=True) if r == other)
+    print(f"daemon bursts of {files}, {other} / this / this / {other}: "
+          f"{' / '.join(f'{f:.1f}' for f in fps)} files/s; time per file this / other: "
+          f"{this / them:.3f}")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -144,6 +190,11 @@ def main() -> int:
         "--compare-heatmaps",
         action="store_true",
         help="also run the burst with --no-heatmaps and print what the heatmaps cost",
+    )
+    ap.add_argument(
+        "--compare-tree",
+        type=Path,
+        help="another checkout: run only the bursts, its daemon and this one's alternately",
     )
     args = ap.parse_args()
     from xrwatch.sysinfo import describe
@@ -181,6 +232,9 @@ def main() -> int:
             "--batch-size", str(args.batch_size), "--workers", str(args.workers),
             "--stable-seconds", str(args.stable_seconds), "--max-wait", str(args.max_wait),
         ]  # fmt: skip
+
+        if args.compare_tree is not None:
+            return compare_trees(args.compare_tree, work, model, daemon_args, sources, args.files)
 
         # 2. burst
         burst_fps, drop_s, samples, rss_start = burst(
