@@ -12,8 +12,12 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -229,7 +233,7 @@ def test_kill9_of_one_server_the_other_takes_over(
     assert f'xrwatch_triton_server_ready{{server="{b.url}"}} 1.0' in metrics
     assert f'xrwatch_triton_errors_total{{server="{a.url}"}} 1.0' in metrics
     assert f'xrwatch_triton_request_seconds_count{{server="{b.url}"}}' in metrics
-    assert healthy and "1/2 server(s) usable" in why
+    assert healthy and why == "1/2 server(s) usable"
     assert_same(local, first + rest)
     assert states[a.url]["errors"] >= 1 and states[a.url]["state"] in ("backing_off", "failing")
     assert states[b.url]["errors"] == 0 and states[b.url]["requests"] >= len(files) - 2
@@ -518,3 +522,93 @@ def test_exported_int8_model_with_population_gate_matches_local(
     assert a.population is not None and b.population is not None
     assert b.population.shape == (2,)
     np.testing.assert_allclose(b.population, a.population, atol=TOLERANCE, rtol=0)
+
+
+def _images(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for n, src in enumerate(p for p in _samples() if p.suffix != ".md"):
+        shutil.copyfile(src, folder / f"{n}-{src.name}")
+
+
+def test_serve_once_through_triton_matches_local(default_server: LocalTriton, tmp_path) -> None:
+    """``xrwatch serve --once --triton``: the local run's rows and heatmap files."""
+    incoming = tmp_path / "in"
+    _images(incoming)
+    base = [sys.executable, "-m", "xrwatch", "serve", str(incoming), "--once",
+            "--stable-seconds", "0.1", "--batch-size", "3"]  # fmt: skip
+    runs = {}
+    for kind, extra in (
+        ("local", ["--provider", "cpu"]),
+        ("triton", ["--triton", default_server.url]),
+    ):
+        reports = tmp_path / kind
+        done = subprocess.run(
+            [*base, "--reports", str(reports), *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[kind] = {Path(r["file"]).name: r for r in _rows(reports)}
+    local, remote = runs["local"], runs["triton"]
+    assert sorted(local) == sorted(remote) and len(local) == 8
+    for name, a in local.items():
+        b = remote[name]
+        assert (a["status"], a["label"], a["flag"], a["model_sha256"]) == (
+            b["status"], b["label"], b["flag"], b["model_sha256"],
+        )  # fmt: skip
+        for key in (k for k in a if k.startswith("prob_")):
+            assert abs(float(a[key]) - float(b[key])) <= TOLERANCE + 1e-6, (name, key)
+        assert b["provider"] == "triton" and b["model"].endswith("(triton:xrwatch@1)")
+    pngs = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png"))
+    assert len(pngs) == 8
+    for rel in pngs:
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "triton" / rel).read_bytes()
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_serve_health_status_and_metrics_show_the_fleet(
+    start_server, default_repo: Path, default_model: Path, tmp_path: Path
+) -> None:
+    """/healthz, the status line and /metrics follow the server: killed, then back."""
+    server = start_server(default_repo)
+    incoming, reports = tmp_path / "in", tmp_path / "reports"
+    incoming.mkdir()
+    port = free_port()
+    config = ServeConfig(
+        incoming, default_model, reports, stable_seconds=0.2, max_wait=0.05,
+        metrics_port=port, triton=(server.url,),
+    )  # fmt: skip
+    daemon = Daemon(config)  # load_engine: the Triton engine, from the config
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    sources = [p for p in _samples() if p.suffix != ".md"]
+    try:
+        assert daemon.ready.wait(60)
+        shutil.copyfile(sources[0], incoming / "a.jpeg")
+        _wait(lambda: len(_rows(reports)) == 1, "the first result")
+        code, text = _get(port, "/healthz")
+        assert code == 200 and text.strip() == "ok; triton: 1/1 server(s) usable"
+        assert "provider triton (1/1 server(s) usable)" in daemon.status_line()
+        _, metrics = _get(port, "/metrics")
+        assert f'xrwatch_triton_server_ready{{server="{server.url}"}} 1.0' in metrics
+        assert f'xrwatch_triton_request_seconds_count{{server="{server.url}"}} 1.0' in metrics
+
+        server.kill9()
+        shutil.copyfile(sources[1], incoming / "b.jpeg")
+        _wait(lambda: _get(port, "/healthz")[0] == 503, "/healthz to see the dead server")
+        assert "unhealthy: triton: no server usable" in _get(port, "/healthz")[1]
+        server.start(timeout=120)  # same port: the pipeline's retry gets the file through
+        _wait(lambda: len(_rows(reports)) == 2, "the file held while the server was down")
+        assert _get(port, "/healthz") == (200, "ok; triton: 1/1 server(s) usable\n")
+    finally:
+        daemon.request_stop()
+        runner.join(120)
+        daemon.engine.close()
+    assert not runner.is_alive()
+    assert sorted(r["file"].rsplit("/", 1)[-1] for r in _rows(reports)) == ["a.jpeg", "b.jpeg"]

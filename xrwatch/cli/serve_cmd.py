@@ -257,6 +257,17 @@ def serve(
         "--scope-guard",
         help=_with_default(SCOPE_GUARD_HELP, "scope_guard"),
     ),
+    triton: str | None = typer.Option(
+        None,
+        "--triton",
+        help="Run the model on Triton server(s), grpc://HOST:PORT, several comma-separated "
+        "(a failing one is retried on another; needs the 'triton' extra; docs/triton.md).",
+    ),
+    triton_model: str | None = typer.Option(
+        None,
+        "--triton-model",
+        help=_with_default("The served model: NAME[:VERSION]", "triton_model"),
+    ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
 
@@ -312,6 +323,8 @@ def serve(
         "heatmaps": heatmaps,
         "low_confidence": low_confidence,
         "scope_guard": scope_guard,
+        "triton": [u for u in (triton or "").split(",") if u.strip()] or None,
+        "triton_model": triton_model,
     }
     cfg = load_serve_config(config, cli_values)
     configure_logging(cfg.log_level, cfg.log_format)

@@ -148,7 +148,7 @@ class TritonFleet:
         for port in self._outputs:
             if port.name in self.per_image:  # [N, 1] as Triton says -> [N] as in the file
                 port.shape[:] = port.shape[:1]
-        self.where = f"triton:{self.model}/{self.version}"
+        self.where = f"triton:{self.model}@{self.version}"
         self.meta: ModelMeta = parse_metadata(
             self.props, path=self.where, model_sha256=self.props[KEY_MODEL_SHA256]
         )
@@ -469,8 +469,8 @@ class TritonEngine(InferenceEngine):
         servers = self.fleet.servers()
         usable = [s["url"] for s in servers if s["state"] in ("ready", "unverified")]
         if usable:  # states are as the last batch found them; an idle daemon asks nobody
-            return True, f"triton: {len(usable)}/{len(servers)} server(s) usable"
-        return False, "triton: no server usable: " + "; ".join(
+            return True, f"{len(usable)}/{len(servers)} server(s) usable"
+        return False, "no server usable: " + "; ".join(
             f"{s['url']} {s['state']} ({s['last_error']})" for s in servers
         )
 

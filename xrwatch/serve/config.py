@@ -72,6 +72,9 @@ class ServeConfig:
     # out_of_scope from "combined" (features and layout both unlike the training images) or
     # "features" (the feature distance alone: stricter, flags more real chest X-rays)
     scope_guard: ScopeGuard = "combined"
+    # -- the model on a Triton fleet (xrwatch.remote, docs/triton.md); off unless triton --
+    triton: tuple[str, ...] = ()  # grpc://HOST:PORT of each server (model is then not run)
+    triton_model: str = "xrwatch"  # the served model: NAME or NAME:VERSION
 
     def __post_init__(self) -> None:
         positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")

@@ -69,6 +69,17 @@ def load_engine(config: ServeConfig) -> Engine:
     """Load the model named in ``config`` (raises ModelError/ProviderError clearly)."""
     from xrwatch.engine import InferenceEngine
 
+    if config.triton:  # the model runs on a Triton fleet (xrwatch.remote, docs/triton.md)
+        from xrwatch.remote.options import triton_engine
+
+        return triton_engine(
+            ",".join(config.triton),
+            config.triton_model,
+            low_confidence=config.low_confidence,
+            scope_guard=config.scope_guard,
+            require_gpu=config.provider == "cuda",
+            retry_for=10.0,  # then the pipeline's own retry, with the files still claimed
+        )
     return InferenceEngine(
         config.model,
         use_gpu=config.provider != "cpu",
@@ -119,11 +130,15 @@ class Daemon:
         self.classes = list(self.engine.classes)
         self.spec = self.engine.spec
         meta = getattr(self.engine, "meta", None)  # a test's stand-in engine may have none
+        source = getattr(self.engine, "path", cfg.model)  # Triton: triton:NAME@VERSION
         # every report row names the model: <arch>-<experiment>-<precision> (file name)
-        self.model_name = f"{meta.name} ({cfg.model.name})" if meta else cfg.model.name
+        self.model_name = f"{meta.name} ({source.name})" if meta else cfg.model.name
+        collector = getattr(self.engine, "collector", None)  # Triton: per-server metrics
+        if collector is not None:
+            self.metrics.registry.register(collector())
         logger.info(
             "model %s (%s): classes %s, input %dx%d, provider %s",
-            cfg.model,
+            source,
             self.model_name,
             ",".join(self.classes),
             self.spec.size,
@@ -138,7 +153,7 @@ class Daemon:
         self.ledger.retry_held_reports()  # whatever held them may have been fixed
         self.metrics.model.info(
             {
-                "model": str(cfg.model.name),
+                "model": str(source.name),
                 "model_sha256": self.engine.model_sha256,
                 "provider": self.engine.provider,
             }
@@ -224,12 +239,23 @@ class Daemon:
     # -- health and status ---------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
         """What ``/healthz`` answers: (healthy, reason)."""
-        return self.liveness.health(
+        healthy, reason = self.liveness.health(
             lambda: self.config.once or not self._started or self.watcher.alive()
         )
+        fleet = getattr(getattr(self, "engine", None), "health", None)  # Triton: its servers
+        if fleet is None:
+            return healthy, reason
+        usable, servers = fleet()
+        if healthy and not usable:
+            return False, f"unhealthy: triton: {servers}"
+        return healthy and usable, f"{reason}; triton: {servers}"
 
     def status_line(self) -> str:
-        return self.standing.status_line(self._queue_depth(), self.engine.provider)
+        provider = self.engine.provider
+        fleet = getattr(self.engine, "health", None)  # Triton: how many servers answer
+        if fleet is not None:
+            provider = f"{provider} ({fleet()[1]})"
+        return self.standing.status_line(self._queue_depth(), provider)
 
     def _queue_depth(self) -> int:
         pipeline = getattr(self, "pipeline", None)
