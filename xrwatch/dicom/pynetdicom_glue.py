@@ -61,6 +61,16 @@ class Quiet(logging.Filter):
         return True
 
 
+def quiet_pynetdicom() -> None:
+    """Put :class:`Quiet` on every pynetdicom logger (a filter on a parent logger does
+    not see its children's records)."""
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pynetdicom"]
+    for name in ["pynetdicom", *names]:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, Quiet) for f in log.filters):
+            log.addFilter(Quiet())
+
+
 _original_temporary_file = dimse_messages.NamedTemporaryFile
 _streaming = [0]  # receivers running in this process (pynetdicom's switches are global)
 _streaming_lock = threading.Lock()

@@ -44,9 +44,9 @@ from xrwatch.dicom.gate import MAX_WAITING, Gate, GatedServer, Peer
 from xrwatch.dicom.header import read_header
 from xrwatch.dicom.outbox import Outbox
 from xrwatch.dicom.pynetdicom_glue import (
-    Quiet,
     Refused,
     decodable_transfer_syntaxes,
+    quiet_pynetdicom,
     stream_to_spool,
     tls_context,
 )
@@ -135,9 +135,7 @@ class Receiver:
         removed = self.spool.remove_stale_parts()
         if removed:
             logger.info("removed %d partly received file(s) left by a killed daemon", removed)
-        pn_logger = logging.getLogger("pynetdicom")
-        if not any(isinstance(f, Quiet) for f in pn_logger.filters):
-            pn_logger.addFilter(Quiet())
+        quiet_pynetdicom()
         lim = self.limits
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = lim.acse_timeout
