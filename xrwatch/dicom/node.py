@@ -81,6 +81,12 @@ class DicomNode:
             ["destination"],
             registry=registry,
         )
+        self.parked = Gauge(
+            "xrwatch_dicom_outbox_parked",
+            "Results given up on after the send attempts (dead letters), by destination",
+            ["destination"],
+            registry=registry,
+        )
         destinations = [parse_destination(d) for d in cfg.dicom_destinations]
         for d in destinations:
             self.sent.labels(str(d))
@@ -126,6 +132,11 @@ class DicomNode:
         """The node's part of ``/healthz``: a wedged or dead receiver."""
         return self.receiver.problems() if self.receiver is not None else []
 
+    def notes(self) -> list[str]:
+        """What ``/healthz`` adds to ``ok`` (degraded, not down): unreachable destinations,
+        parked results (:meth:`ResultsWorker.degraded`)."""
+        return self.worker.degraded()
+
     def _written(self) -> None:
         self.sr_written.inc()
 
@@ -136,6 +147,7 @@ class DicomNode:
     def update_gauges(self) -> None:
         for dest, counts in self.outbox.destination_counts().items():
             self.pending.labels(dest).set(counts["pending"])
+            self.parked.labels(dest).set(counts["parked"])
 
     def start(self) -> None:
         self.outbox.release_dead_leases()

@@ -242,6 +242,13 @@ class Daemon:
         healthy, reason = self.liveness.health(
             lambda: self.config.once or not self._started or self.watcher.alive()
         )
+        for service in self.services:  # the DICOM node: its problems and notes (degraded)
+            found: list[str] = getattr(service, "problems", list)()
+            if found:
+                prefix = f"{reason}; " if not healthy else "unhealthy: "
+                healthy, reason = False, prefix + "; ".join(found)
+            elif healthy:
+                reason += "".join(f"; {n}" for n in getattr(service, "notes", list)())
         fleet = getattr(getattr(self, "engine", None), "health", None)  # Triton: its servers
         if fleet is None:
             return healthy, reason
@@ -389,6 +396,7 @@ class Daemon:
                 pipeline.begin_due()
                 continue
             pipeline.finish_ready()
+            pipeline.retry_overlays(now)  # results held until their heatmap can be written
             if delivery.retry_at and now >= delivery.retry_at:
                 delivery.flush()
             if now >= self._next_rescan:
