@@ -10,8 +10,9 @@ of ``--files`` real X-rays (``../shared/data/xray/real``, cycled under unique na
 its default settings (heatmaps on), once with the local engine and once with
 :class:`xrwatch.remote.triton.TritonEngine`, alternately (local, triton, triton, local per
 two rounds) so that load from elsewhere hits both alike. Throughput = files / (the last
-result recorded - the daemon ready). Then ``--shared`` daemons at once (each its own
-folder, ``--files`` each), all on the one server: their combined files/s.
+result recorded - the daemon ready). Then ``--shared`` ``xrwatch serve --once --triton``
+processes at once (each its own folder, ``--files`` each), all on the one server: their
+combined files/s, start-up included.
 
 Prints files/s of each run, the ratio triton/local of the medians, and the CPU. On one
 machine the server and the daemon share the cores; on a fleet the server has its own GPU.
@@ -23,6 +24,7 @@ import argparse
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -154,28 +156,28 @@ def main() -> int:
             print(f"via Triton   : {tm:7.1f} files/s (median of {len(rates['triton'])})")
             print(f"ratio triton/local: {tm / lm:.2f}")
 
-            if args.shared > 1:
-                totals: list[float] = []
-                threads = []
-                began = time.monotonic()
+            if args.shared > 1:  # separate `xrwatch serve --once --triton` processes
+                procs = []
                 for i in range(args.shared):
                     incoming, reports = work / f"shared-in{i}", work / f"shared-out{i}"
                     fill(incoming, sources, args.files)
-
-                    def one(incoming: Path = incoming, reports: Path = reports) -> None:
-                        run_daemon(incoming, reports, model, remote, args.batch_size)
-                        totals.append(count_rows(reports))
-
-                    threads.append(threading.Thread(target=one))
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
+                    procs.append((reports, [
+                        sys.executable, "-m", "xrwatch", "serve", str(incoming), "--once",
+                        "--reports", str(reports), "--stable-seconds", "0.1",
+                        "--batch-size", str(args.batch_size), "--triton", server.url,
+                        "--log-level", "WARNING",
+                    ]))  # fmt: skip
+                began = time.monotonic()
+                running = [subprocess.Popen(cmd, cwd=ROOT) for _, cmd in procs]
+                codes = [p.wait(timeout=3600) for p in running]
                 seconds = time.monotonic() - began
+                if any(codes):
+                    raise SystemExit(f"a shared daemon exited {codes}")
+                total = sum(count_rows(reports) for reports, _ in procs)
                 print(
-                    f"{args.shared} daemons sharing the server: {sum(totals) / seconds:7.1f} "
-                    f"files/s together ({sum(totals)} files, {seconds:.1f} s, incl. start-up; "
-                    "threads of this one process)"
+                    f"{args.shared} daemons (processes) sharing the server: "
+                    f"{total / seconds:7.1f} files/s together ({total} files, {seconds:.1f} s, "
+                    "including each daemon's start-up)"
                 )
         finally:
             server.stop()
