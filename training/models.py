@@ -63,6 +63,12 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         model = tvm.mobilenet_v3_small(weights=None)
         # global average pooling + one linear layer, so that CAM is exact
         model.classifier = nn.Linear(model.classifier[0].in_features, num_classes)
+        # torchvision's BatchNorm momentum 0.01 suits ImageNet-length runs; at ~100 steps an
+        # epoch the running statistics would lag the weights for epochs and evaluation would
+        # see other activations than training (one class for every image). torch's default:
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
         return model
     if arch == "densenet121":
         model = tvm.densenet121(weights=None)
