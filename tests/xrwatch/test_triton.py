@@ -612,3 +612,30 @@ def test_serve_health_status_and_metrics_show_the_fleet(
         daemon.engine.close()
     assert not runner.is_alive()
     assert sorted(r["file"].rsplit("/", 1)[-1] for r in _rows(reports)) == ["a.jpeg", "b.jpeg"]
+
+
+def test_a_server_that_appears_with_another_version_is_never_used(
+    start_server, server_env, default_repo: Path, default_model: Path, tmp_path: Path
+) -> None:
+    """A server unreachable at start, then up with version 2: refused, never sent a batch."""
+    a = start_server(default_repo)
+    other = tmp_path / "repo2"
+    write_python_repository(other, default_model)
+    write_python_repository(other, default_model)  # the config pins version 2
+    late = LocalTriton(server_env, other, tmp_path / "late")
+    (tmp_path / "late").mkdir()
+    files = _samples()
+    local = InferenceEngine(default_model, use_gpu=False).predict_paths(files, batch_size=1)
+    engine = TritonEngine([a.url, late.url], "xrwatch", retry_for=30)
+    try:
+        assert [s["state"] for s in engine.fleet.servers()] == ["ready", "unverified"]
+        late.start(timeout=120)
+        remote = engine.predict_paths(files, batch_size=1)  # every other batch tries it first
+        states = {s["url"]: s for s in engine.fleet.servers()}
+    finally:
+        engine.close()
+        late.stop()
+    assert_same(local, remote)
+    assert states[late.url]["state"] == "refused" and states[late.url]["requests"] == 0
+    assert "serves version 2" in states[late.url]["last_error"]
+    assert states[a.url]["requests"] == sum(p.ok for p in local)

@@ -243,7 +243,12 @@ class TritonFleet:
         return reference, _ports(md["inputs"]), _ports(md["outputs"])
 
     def _verify(self, server: _Server) -> None:
-        props, _ = self._describe(server)
+        """Check a server before it gets a batch: the fleet's model, version and weights."""
+        try:
+            props, _ = self._describe(server)
+        except ModelMetadataError as exc:  # not an xrwatch repository: never used again
+            server.refused = str(exc)
+            raise
         why = self._mismatch(props, self.props)
         if why:
             server.refused = why
