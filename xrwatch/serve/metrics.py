@@ -6,13 +6,19 @@ its watch is alive, results can be written to the reports and the ledger can be 
 else 503 with the reason. (See :meth:`xrwatch.serve.daemon.Daemon.health`.)
 
 The server bounds what idle or slow clients can hold: a connection silent for
-``IDLE_TIMEOUT`` seconds is closed, and at most ``MAX_CONNECTIONS`` are served at once
-(more are closed at once), so it never keeps a thread per idle connection.
+``IDLE_TIMEOUT`` seconds is closed, and so is every connection ``REQUEST_DEADLINE``
+seconds after it was accepted, however it trickles (the idle timeout restarts with each
+byte). At most ``MAX_CONNECTIONS`` are served at once: with every slot taken, the oldest
+connection is closed for the new one if it is older than ``EVICT_AFTER`` (a scrape takes
+milliseconds), else the new one is closed; so clients trickling bytes cannot starve
+``/healthz``, and it never keeps a thread per idle connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 IDLE_TIMEOUT = 5.0  # seconds a connection may stay silent (a scrape takes milliseconds)
-MAX_CONNECTIONS = 16  # connections served at once; more are closed without an answer
+MAX_CONNECTIONS = 16  # connections served at once (see EVICT_AFTER for more)
+REQUEST_DEADLINE = 10.0  # seconds a connection may last, whatever it sends
+EVICT_AFTER = 1.0  # a connection this old gives its slot to a new one when all are taken
 
 
 class Metrics:
@@ -147,26 +155,51 @@ class MetricsServer:
 
 
 class _BoundedServer(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS at once."""
+    """A thread per connection, at most MAX_CONNECTIONS at once, none older than
+    REQUEST_DEADLINE (see the module docstring)."""
 
     daemon_threads = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._open: dict[int, list[Any]] = {}  # id(request) -> [accepted, request, closed]
+        self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            logger.debug("metrics: %d connections open; closing a new one", MAX_CONNECTIONS)
-            self.shutdown_request(request)
-            return
+        now = time.monotonic()
+        with self._open_lock:
+            live = sorted((e for e in self._open.values() if not e[2]), key=lambda e: e[0])
+            if len(live) >= MAX_CONNECTIONS:
+                if now - live[0][0] < EVICT_AFTER:  # a burst: the newcomer waits its turn
+                    logger.debug("metrics: %d connections open; closing a new one", len(live))
+                    self.shutdown_request(request)
+                    return
+                _close(live[0])  # the oldest (a slow or stuck client) makes room
+            self._open[id(request)] = [now, request, False]
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._open_lock:
+                self._open.pop(id(request), None)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever every poll interval: end connections past the deadline."""
+        super().service_actions()
+        cutoff = time.monotonic() - REQUEST_DEADLINE
+        with self._open_lock:
+            for entry in self._open.values():
+                if entry[0] < cutoff and not entry[2]:
+                    _close(entry)
+
+
+def _close(entry: list[Any]) -> None:
+    """Shut a connection down: its thread's next read or write ends."""
+    entry[2] = True
+    with contextlib.suppress(OSError):
+        entry[1].shutdown(socket.SHUT_RDWR)
 
 
 def health_check(
