@@ -387,7 +387,9 @@ def doctor_command(
     triton: str | None = typer.Option(
         None, "--triton", help="Also check these Triton servers (grpc://HOST:PORT,...)."
     ),
-    triton_model: str = typer.Option("xrwatch", "--triton-model", help="NAME[:VERSION]."),
+    triton_model: str = typer.Option(
+        "xrwatch", "--triton-model", help="The served model: NAME or NAME:VERSION."
+    ),
 ) -> int:
     """Show what this installation can do, in one table.
 

@@ -266,7 +266,7 @@ def serve(
     triton_model: str | None = typer.Option(
         None,
         "--triton-model",
-        help=_with_default("The served model: NAME[:VERSION]", "triton_model"),
+        help=_with_default("The served model: NAME or NAME:VERSION", "triton_model"),
     ),
 ) -> int:
     """Watch INCOMING and classify every file dropped into it.
