@@ -1,22 +1,8 @@
-"""The temporary files DICOM writes leave behind when killed: what they are called, and
-the sweep that removes them (the writes themselves: :func:`xrwatch.atomic.write_atomic`
-with ``suffix=PART_SUFFIX``)."""
+"""The name of the temporary files DICOM writes (:func:`xrwatch.atomic.write_atomic` with
+``suffix=PART_SUFFIX``, and the receiver's :class:`xrwatch.dicom.spool.PartFile`); a
+killed daemon's are swept at start by :meth:`xrwatch.dicom.spool.Spool.remove_stale_parts`,
+which never follows a link out of the spool."""
 
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-
 PART_SUFFIX = ".part"  # temporary files are ".<random>.part": hidden, so no watcher takes them
-
-
-def remove_stale_parts(root: Path) -> int:
-    """Delete temporary files a killed writer left under ``root``; return how many."""
-    n = 0
-    if not root.is_dir():
-        return 0
-    for tmp in root.rglob(f".*{PART_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            n += 1
-    return n
