@@ -178,7 +178,8 @@ def _model_name(daemon: Any) -> str:
     """The model file's name, with ``<arch>-<experiment>-<precision>`` when known."""
     meta = getattr(daemon.engine, "meta", None)
     name = getattr(meta, "name", None)
-    return f"{daemon.config.model.name} ({name})" if name else str(daemon.config.model.name)
+    source = getattr(daemon.engine, "path", daemon.config.model)  # Triton: triton:NAME@VERSION
+    return f"{source.name} ({name})" if name else str(source.name)
 
 
 def attach(daemon: Any) -> DicomNode:
