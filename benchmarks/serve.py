@@ -17,8 +17,9 @@
 
 With ``--compare-tree OTHER`` (another checkout, e.g. ``git worktree add /tmp/old HASH``)
 only the bursts are run, alternately with the daemon of OTHER and of this checkout (OTHER,
-this, this, OTHER), with the same model, files and settings: the ratio of their time per
-file (this / OTHER; below 1 = this checkout is faster).
+this, this, OTHER), with the same model, files and settings: the ratios of their time per
+file and of the daemon's own CPU time per file (this / OTHER; below 1 = this checkout is
+faster). The CPU time is the steadier of the two on a machine shared with other work.
 
 Files are the real JPEGs in ``../shared/data/xray/real`` cycled under unique names (the
 ledger keys on path + content, so each is a new file). Figures go to stdout.
@@ -43,6 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared" / "data" / "xray" / "real"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its threads included)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -104,10 +112,11 @@ def burst(
     sources: list[Path],
     files: int,
     root: Path = ROOT,
-) -> tuple[float, float, list[tuple[int, float]], float]:
+) -> tuple[float, float, list[tuple[int, float]], float, float]:
     """Drop ``files`` copies into an idle daemon's empty folder as fast as possible;
     ``(files/s from the first drop to the last report, seconds the drop took, (reports
-    written, RSS MiB) samples every 0.5 s, RSS when ready)``."""
+    written, RSS MiB) samples every 0.5 s, RSS when ready, the daemon's CPU seconds from
+    ready to the last report)``."""
     incoming, reports = work / "incoming", work / "reports"
     incoming.mkdir(parents=True)
     d = Daemon(incoming, reports, model, daemon_args, root)
@@ -122,6 +131,7 @@ def burst(
     sampler = threading.Thread(target=sample)
     sampler.start()
     rss_start = rss_mib(d.proc.pid)
+    cpu_start = cpu_seconds(d.proc.pid)
     t_first = time.time()
     for i in range(files):  # studies of up to 500 files, each in a folder
         src = sources[i % len(sources)]
@@ -132,10 +142,11 @@ def burst(
     while count_json(reports) < files:
         time.sleep(0.05)
     last = max(p.stat().st_mtime for p in (reports / "json").rglob("*.json"))
+    cpu = cpu_seconds(d.proc.pid) - cpu_start
     stop_sampling.set()
     sampler.join()
     assert d.stop() == 0
-    return files / (last - t_first), t_dropped - t_first, samples, rss_start
+    return files / (last - t_first), t_dropped - t_first, samples, rss_start, cpu
 
 
 def serving_from(root: Path) -> Path:
@@ -160,15 +171,21 @@ def compare_trees(
             return 2
         print(f"daemon of {root}: {module}")
     order = [other, ROOT, ROOT, other]
-    fps = [
-        burst(work / f"compare{i}", model, daemon_args, sources, files, root)[0]
-        for i, root in enumerate(order)
-    ]
-    this = statistics.mean(1 / f for f, r in zip(fps, order, strict=True) if r == ROOT)
-    them = statistics.mean(1 / f for f, r in zip(fps, order, strict=True) if r == other)
+    runs = [burst(work / f"compare{i}", model, daemon_args, sources, files, root)
+            for i, root in enumerate(order)]  # fmt: skip
+    fps = [run[0] for run in runs]
+    cpu_ms = [run[4] / files * 1000 for run in runs]  # the daemon's CPU time per file
+
+    def ratio(per_file: list[float]) -> float:
+        this = statistics.mean(v for v, r in zip(per_file, order, strict=True) if r == ROOT)
+        them = statistics.mean(v for v, r in zip(per_file, order, strict=True) if r == other)
+        return this / them
+
     print(f"daemon bursts of {files}, {other} / this / this / {other}: "
-          f"{' / '.join(f'{f:.1f}' for f in fps)} files/s; time per file this / other: "
-          f"{this / them:.3f}")  # fmt: skip
+          f"{' / '.join(f'{f:.1f}' for f in fps)} files/s; "
+          f"{' / '.join(f'{c:.1f}' for c in cpu_ms)} CPU ms per file (the daemon's own, "
+          "less moved by other load); this / other: time per file "
+          f"{ratio([1 / f for f in fps]):.3f}, CPU per file {ratio(cpu_ms):.3f}")  # fmt: skip
     return 0
 
 
@@ -237,7 +254,7 @@ def main() -> int:
             return compare_trees(args.compare_tree, work, model, daemon_args, sources, args.files)
 
         # 2. burst
-        burst_fps, drop_s, samples, rss_start = burst(
+        burst_fps, drop_s, samples, rss_start, _ = burst(
             work / "burst", model, daemon_args, sources, args.files
         )
 
