@@ -393,3 +393,48 @@ def test_every_flagged_overlay_shows_its_flag(
             image = pixels[heatmap.LEGEND_HEIGHT : heatmap.LEGEND_HEIGHT + side].astype(int)
             assert (image.max(axis=2) == image.min(axis=2)).all()  # grey: no class map
     assert seen == {flags.OUT_OF_SCOPE, flags.LOW_CONFIDENCE}  # photo, blank; the X-ray < 0.99
+
+
+def test_daemon_shows_the_flag_in_its_log_csv_overlay_and_status(
+    fitted_run: Path,
+    inputs: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The daemon's side of "flags where people look": each flagged file's log line names
+    its flag (its own field in JSON logs), the CSV has flag right after label, the overlay
+    has its banner, and ``status`` counts the results by flag."""
+    from xrwatch import heatmap
+    from xrwatch.serve.config import ServeConfig
+    from xrwatch.serve.daemon import Daemon
+    from xrwatch.serve.reports import read_csv
+
+    reports = tmp_path / "reports"
+    config = ServeConfig(
+        incoming=inputs, model=fitted_run / "model.onnx", reports=reports, once=True,
+        stable_seconds=0.1, provider="cpu",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="xrwatch.serve"):
+        assert Daemon(config).run() == 1  # bad.png failed
+    header = (reports / "predictions.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert header[header.index("label") + 1] == "flag"
+    rows = {r["file"]: r for r in read_csv(reports / "predictions.csv")}  # relative paths
+    lines = {
+        name: [r for r in caplog.records if r.getMessage().startswith(f"{name}: ")] for name in rows
+    }
+    flagged = {name: r["flag"] for name, r in rows.items() if r["status"] == "ok" and r["flag"]}
+    assert {"photo.png", "blank.png"} <= set(flagged)
+    for name, flag in flagged.items():
+        (record,) = lines[name]
+        assert f"flagged {flag}" in record.getMessage() and record.flag == flag  # type: ignore[attr-defined]
+        with Image.open(reports / rows[name]["heatmap"]) as img:
+            top = np.asarray(img.convert("RGB"))[: heatmap.LEGEND_HEIGHT].reshape(-1, 3)
+        assert (top == heatmap.BANNERS[flag][1]).all(axis=1).mean() > 0.6, name
+    for name, r in rows.items():
+        if r["status"] == "ok" and not r["flag"]:
+            assert "flagged" not in lines[name][0].getMessage()
+    assert main(["status", "--state-dir", str(reports / ".xrwatch-state"), "--json"]) == 3
+    counts = json.loads(capsys.readouterr().out)["flags"]
+    for flag in (flags.OUT_OF_SCOPE, flags.LOW_CONFIDENCE):
+        assert counts[flag] == sum(f == flag for f in flagged.values())

@@ -123,6 +123,7 @@ class Outcomes:
             cam=cam[i][best],
             label=record["label"],
             confidence=record["confidence"],
+            flag=record.get("flag") or "",  # the overlay shows it (a banner; no map out of scope)
         )
 
 

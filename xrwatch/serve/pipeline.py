@@ -231,7 +231,12 @@ class Pipeline:
         for _, state, record in outcomes:
             self.standing.counts[state] += 1
             if state == "ok":
-                logger.info("%s: %s (%.3f)", record["file"], record["label"], record["confidence"])
+                flag = record.get("flag") or ""
+                logger.info(
+                    "%s: %s (%.3f)%s", record["file"], record["label"], record["confidence"],
+                    f", flagged {flag}: {record.get('flag_reason') or ''}" if flag else "",
+                    extra={"flag": flag},  # a field of its own in JSON logs
+                )  # fmt: skip
         for w in batch:
             if w.kind in ("input", "error"):
                 self.delivery.archive_later(w, w.kind == "input")

@@ -29,7 +29,7 @@ from typing import Any
 
 from xrwatch.atomic import MAX_OPEN, make_dirs, replace_all, write_atomic
 from xrwatch.errors import ReportWriteError
-from xrwatch.fields import DICOM_IDS, EXPLANATION
+from xrwatch.fields import DICOM_IDS, EXPLANATION, FLAG
 from xrwatch.serve.ledger import Finished, Ledger
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def csv_columns(classes: list[str]) -> list[str]:
         "sha256",
         "status",
         "label",
+        FLAG,  # next to the label it qualifies (read together); its reason further on
         "confidence",
         *[f"prob_{c}" for c in classes],
         "error",
@@ -57,7 +58,7 @@ def csv_columns(classes: list[str]) -> list[str]:
         "modality",
         "width",
         "height",
-        *EXPLANATION,
+        *(c for c in EXPLANATION if c != FLAG),
     ]
 
 
