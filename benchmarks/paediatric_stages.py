@@ -45,21 +45,6 @@ SUBSET_TRAIN = "coronahack-subset/Coronahack-Chest-XRay-Dataset/Coronahack-Chest
 
 
 # ----------------------------------------------------------------------------- export
-def weights_sha256(model_path: Path) -> str:
-    """sha256 over the ONNX file's initializers (name, shape, bytes; sorted by name): the
-    weights, independent of metadata such as creation time."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    h = hashlib.sha256()
-    for t in sorted(model.graph.initializer, key=lambda t: t.name):
-        a = numpy_helper.to_array(t)
-        h.update(f"{t.name}|{a.dtype}|{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def state_sha256(ckpt: dict[str, Any]) -> str:
     """sha256 over a checkpoint's weights (state_dict tensors, sorted by name)."""
     h = hashlib.sha256()
@@ -430,6 +415,8 @@ def measure(run: Path, stamp: dict[str, Any], args: argparse.Namespace) -> dict[
     report["robustness_images"] = len(arrays)
     report["meta"] = {k: read_model_metadata(Path(v)).to_dict() for k, v in stamp["models"].items()}
     report["sizes_mb"] = {k: Path(v).stat().st_size / 1e6 for k, v in stamp["models"].items()}
+    from xrwatch_export.contract import weights_sha256
+
     report["weights_sha256"] = {k: weights_sha256(Path(v)) for k, v in stamp["models"].items()}
     return report
 

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from xrwatch import modelmeta as mm
@@ -30,6 +32,23 @@ from .fitting import Fitted
 logger = logging.getLogger(__name__)
 
 POPULATION_THRESHOLD = 0.5  # P(adult) at or above which a film without an age is flagged
+
+
+def weights_sha256(model_path: Path) -> str:
+    """sha256 over an ONNX file's initializers (name, dtype, shape, bytes; sorted by name):
+    its weights, independent of metadata such as the creation time, so a rebuild from the
+    same checkpoint has the same hash."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path))
+    h = hashlib.sha256()
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        a = numpy_helper.to_array(t)
+        h.update(f"{t.name}|{a.dtype}|{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def input_contract(spec: PreprocessSpec) -> dict[str, Any]:

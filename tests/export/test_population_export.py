@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,3 +102,23 @@ def test_engine_flags_out_of_population_by_age_first_then_by_image(
     x = np.random.default_rng(1).random((2, 32, 32), dtype=np.float32)
     out = engine.predict_outputs(x)
     assert out.population is not None and out.population.shape == (2,)
+
+
+def test_weights_hash_ignores_metadata_and_follows_the_weights(
+    gated: dict[str, Any], tmp_path: Path
+) -> None:
+    import onnx
+
+    from xrwatch_export.contract import weights_sha256
+
+    path = gated["result"].variant("fp32").path
+    model = onnx.load(str(path))
+    model.metadata_props.add(key="xrwatch.created_at", value="another time")
+    onnx.save(model, str(tmp_path / "same.onnx"))
+    assert weights_sha256(tmp_path / "same.onnx") == weights_sha256(path)
+    init = model.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr.flat[0] += 1
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    assert weights_sha256(tmp_path / "other.onnx") != weights_sha256(path)
