@@ -19,7 +19,8 @@ With ``--compare-tree OTHER`` (another checkout, e.g. ``git worktree add /tmp/ol
 only the bursts are run, alternately with the daemon of OTHER and of this checkout (OTHER,
 this, this, OTHER), with the same model, files and settings: the ratios of their time per
 file and of the daemon's own CPU time per file (this / OTHER; below 1 = this checkout is
-faster). The CPU time is the steadier of the two on a machine shared with other work.
+faster), after an uncounted warm-up burst. The CPU time is the steadier of the two on a
+machine shared with other work.
 
 Files are the real JPEGs in ``../shared/data/xray/real`` cycled under unique names (the
 ledger keys on path + content, so each is a new file). Figures go to stdout.
@@ -170,6 +171,8 @@ def compare_trees(
             print(f"{root}: its daemon would be imported from {module}", file=sys.stderr)
             return 2
         print(f"daemon of {root}: {module}")
+    # a first burst pays for cold caches (the source files, the model): not counted
+    burst(work / "warm-up", model, daemon_args, sources, max(1, files // 4), other)
     order = [other, ROOT, ROOT, other]
     runs = [burst(work / f"compare{i}", model, daemon_args, sources, files, root)
             for i, root in enumerate(order)]  # fmt: skip
