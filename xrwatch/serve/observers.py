@@ -7,6 +7,10 @@ for polling): a tree about a thousand folders deep, present at start or moved in
 inotify emitter calls, replaced by equivalents) walk iteratively instead; everything else
 is watchdog's. (Folders deeper than :data:`xrwatch.serve.watcher.MAX_DEPTH` are still
 watched, cheaply, but their files are not read: see the watcher.)
+
+The inotify observer's reader thread (:class:`_Reader`) also gives its three descriptors
+back when it is stopped before its first read, as a watch whose start failed is (watchdog
+leaves them open then; on a busy machine, on every retry of the watch).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from watchdog.observers.inotify import (
     InotifyWatchGroup,
     Mask,
 )
+from watchdog.observers.inotify_c import InotifyFD
 from watchdog.observers.polling import PollingEmitter
 from watchdog.utils.dirsnapshot import DirectorySnapshot
 
@@ -145,8 +150,45 @@ class PollingObserver(BaseObserver):
         super().__init__(_PollingEmitter, timeout=timeout)
 
 
+class _Reader(InotifyFD):
+    """watchdog's inotify reader thread, which also gives its descriptors (the inotify
+    instance and its wake-up pipe) back when it is stopped before its first read.
+
+    watchdog hands the closing to the reader thread while that thread may be reading, and
+    its thread closes them only after a read; stopped before the first one (a watch whose
+    start failed at once, sooner on a busy machine) it ends with all three still open.
+    """
+
+    _released = False
+
+    def _close_resources(self) -> None:
+        self._released = True
+        super()._close_resources()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            with self._lock:
+                if not self._released:
+                    self._closed = True  # a later close() has nothing left to do
+                    self._close_resources()
+
+
+class _InotifyObserver(InotifyObserver):
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:  # as watchdog's own schedule does, with the reader above
+            if self._inotify_fd is None:
+                reader = _Reader()
+                reader.start()
+                self._inotify_fd = reader
+                self._emitter_kwargs["inotify_fd"] = reader
+        return super().schedule(*args, **kwargs)
+
+
 def inotify_observer() -> BaseObserver:
-    """watchdog's ``InotifyObserver``, walking iteratively."""
-    observer = InotifyObserver()
+    """watchdog's ``InotifyObserver``, walking iteratively, whose reader thread never keeps
+    its descriptors."""
+    observer = _InotifyObserver()
     observer._emitter_class = _InotifyEmitter
     return observer

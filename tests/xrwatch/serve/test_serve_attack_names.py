@@ -151,8 +151,13 @@ def _open_fds() -> int:
 
 def test_failed_watch_starts_leak_no_descriptors(tmp_path: Path, monkeypatch) -> None:
     """A watch that cannot start (here: adding the inotify watches raises, as a deep tree
-    did) is retried on every rescan; each try must give its inotify descriptors back."""
+    did) is retried on every rescan; each try must give its inotify descriptors back.
+
+    On a busy machine the inotify reader thread may not have run at all when the failed
+    watch is stopped; that interleaving (which leaked three descriptors a try) is forced
+    here on every try, so the result does not depend on how busy the machine is."""
     from watchdog.observers.inotify import InotifyWatchGroup
+    from watchdog.observers.inotify_c import InotifyFD
 
     from xrwatch.serve.stability import StabilityTracker
     from xrwatch.serve.watcher import FolderWatcher
@@ -160,7 +165,14 @@ def test_failed_watch_starts_leak_no_descriptors(tmp_path: Path, monkeypatch) ->
     def refuse(self: object) -> None:
         raise RecursionError("maximum recursion depth exceeded")
 
+    real_run = InotifyFD.run
+
+    def run_once_stopped(self: InotifyFD) -> None:
+        assert self.stopped_event.wait(30), "the failed watch was never stopped"
+        real_run(self)
+
     monkeypatch.setattr(InotifyWatchGroup, "_activate", refuse)
+    monkeypatch.setattr(InotifyFD, "run", run_once_stopped)
     watcher = FolderWatcher(tmp_path, StabilityTracker(0.3), ignore=())
     counts = []
     try:
@@ -175,7 +187,7 @@ def test_failed_watch_starts_leak_no_descriptors(tmp_path: Path, monkeypatch) ->
         watcher.stop()
     assert counts[-1] <= counts[0], counts
     assert not watcher.alive()
-    assert not [t for t in threading.enumerate() if type(t).__name__ == "InotifyFD"]
+    assert not [t for t in threading.enumerate() if isinstance(t, InotifyFD)]
 
 
 def test_observer_thread_death_is_loud_and_the_watch_restarts(
