@@ -288,7 +288,11 @@ class Receiver:
                 ip = None
             if ip is None or not any(ip in net for net in self.allow_nets):
                 return "source address not in dicom_allow_hosts", (0x01, 0x01, 0x01)
-        others = [p for p in self.gate.peers() if p is not peer and p.established is not None]
+        others = [  # established and not on their way out
+            p
+            for p in self.gate.peers()
+            if p is not peer and p.established is not None and p.killed is None
+        ]
         lim = self.limits
         if len(others) >= lim.max_associations:
             return f"{len(others)} associations open (dicom_max_associations)", (2, 3, 2)

@@ -102,7 +102,16 @@ def test_idle_half_open_and_trickling_peers_time_out_and_healthz_says_wedged(
         for t in senders:
             t.join(60)
     wait_for(lambda: _healthz(metrics)[0] == 200, 60, "healthy again")
-    assert d.stop() == 0
+    # SIGTERM while a sender is mid-transfer and never finishes: the daemon still exits
+    stop = threading.Event()
+    sender = threading.Thread(target=_slow_store, args=(port, pdf, 0.5, stop))
+    sender.start()
+    try:
+        wait_for(lambda: d.log_text().count("accepted (") >= 5, 60, "the last slow sender in")
+        assert d.stop() == 0
+    finally:
+        stop.set()
+        sender.join(60)
     log = d.log_text()
     assert "no complete association request within 2 s" in log
     assert "no complete PDU for 2 s" in log

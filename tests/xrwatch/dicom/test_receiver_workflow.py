@@ -170,3 +170,19 @@ def test_dicom_tls_with_storescu(folders, daemons, dcmtk, tmp_path) -> None:
     wait_for(lambda: "TLS handshake failed" in d.log_text(), 60, "the plain connection's line")
     assert d.stop() == 0
     assert f"listening on 127.0.0.1:{port} with TLS" in d.log_text()
+
+    # with dicom_tls_ca, a sender needs a certificate signed by it (here: the same one)
+    port = free_port()
+    d = daemons(incoming, reports, *_args(port, *tls, "--dicom-tls-ca", str(cert))).start()
+    with_cert = [dcmtk["storescu"], "+tls", str(key), str(cert), "+cf", str(cert)]
+    anonymous = [dcmtk["storescu"], "+tla", "+cf", str(cert)]
+    for cmd, ok in ((with_cert, True), (anonymous, False)):
+        other = write_dicom(tmp_path / f"dx{ok}.dcm", pixels=gradient(41, 36))
+        done = subprocess.run(
+            [*cmd, "-aet", "MODALITY", "-aec", "XRWATCH", LOOPBACK, str(port), str(other)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    wait_for(lambda: len(csv_rows(reports)) == 2, 60, "the row of the certified sender")
+    assert d.stop() == 0
+    assert "TLS handshake failed" in d.log_text()
