@@ -42,6 +42,7 @@ class Standing:
     report_error: str | None = None  # the last report write failed with this
     unreported: int = 0  # results not in the reports ...
     held: int = 0  # ... of which held back (their report could not be written)
+    overlays_held: int = 0  # results held back until their heatmap can be written
 
     def problems(self) -> list[str]:
         """What makes the daemon unhealthy now."""
@@ -58,13 +59,17 @@ class Standing:
 
     def notes(self) -> list[str]:
         """What a healthy answer adds after ``ok``."""
-        held = self.held
-        if not held:
-            return []
-        return [
-            f"{held} result(s) held back: their report could not be written "
-            "(see xrwatch status); the other files go on"
-        ]
+        found = []
+        if self.held:
+            found.append(
+                f"{self.held} result(s) held back: their report could not be written "
+                "(see xrwatch status); the other files go on"
+            )
+        if self.overlays_held:
+            found.append(
+                f"{self.overlays_held} result(s) held back until their heatmap can be written"
+            )
+        return found
 
     def status_line(self, waiting: int, provider: str) -> str:
         held = self.unreported if self.report_error else self.held

@@ -33,6 +33,7 @@ from xrwatch.serve.ledger import FinishHook, Ledger, LedgerError
 from xrwatch.serve.liveness import RETRY_MAX_SECONDS, Liveness, Standing
 from xrwatch.serve.metrics import Metrics
 from xrwatch.serve.outcomes import Engine, Outcomes
+from xrwatch.serve.overlays import Overlays
 
 if TYPE_CHECKING:
     from xrwatch.heatmap import HeatmapJob, HeatmapWriter
@@ -90,6 +91,7 @@ class Pipeline:
         self.liveness = liveness
         self._stop = stop
         self._wake = wake
+        self.overlays = Overlays(config.reports, once=config.once)  # results held for them
         self.batch: list[Work] = []
         self.batch_started: float | None = None
         # inferred, heatmaps being written, not yet recorded; oldest first, at most two
@@ -106,8 +108,8 @@ class Pipeline:
         return len(self.batch)
 
     def idle(self) -> bool:
-        """No batch gathered, none begun."""
-        return not self.batch and not self.begun
+        """No batch gathered, none begun, no result held for its heatmap."""
+        return not self.batch and not self.begun and not len(self.overlays)
 
     def add(self, work: Work) -> None:
         """An input, or a file that failed to read, for the next batch."""
@@ -205,14 +207,38 @@ class Pipeline:
             self.begun.pop(0)
 
     def _finish(self, begun: _Begun) -> None:
-        """Record a begun batch: once its heatmaps are written (or failed: logged, the
-        record keeps ``None``), the ledger, then the reports and the archive."""
+        """Record a begun batch once its heatmaps are written: the ledger, then the reports
+        and the archive. A result whose heatmap failed is held back (:mod:`.overlays`)."""
         batch, outcomes = begun.batch, begun.outcomes
         if begun.written is not None:
             paths = begun.written.result()  # every heatmap written (or failed) before the ledger
-            for (record, _), path in zip(begun.heatmaps, paths, strict=True):
+            held: set[int] = set()
+            for (record, job), path in zip(begun.heatmaps, paths, strict=True):
                 if path is not None:
                     record["heatmap"] = path.relative_to(self.config.reports).as_posix()
+                    continue
+                outcome = next(o for o in outcomes if o[2] is record)
+                work = next(w for w in batch if w.row_id == outcome[0])
+                self.overlays.hold(work, outcome, job, "not written (see the error above)")
+                held.add(work.row_id)
+            if held:
+                batch = [w for w in batch if w.row_id not in held]
+                outcomes = [o for o in outcomes if o[0] not in held]
+                self.standing.overlays_held = len(self.overlays)
+        self._record(batch, outcomes)
+
+    def retry_overlays(self, now: float) -> None:
+        """Write the held heatmaps that are due; record the results they belong to."""
+        if self.overlays.due(now):
+            self._record_ready(self.overlays.retry(now))
+
+    def _record_ready(self, ready: list[tuple[Work, tuple[int, str, dict[str, Any]]]]) -> None:
+        if ready:
+            self._record([w for w, _ in ready], [o for _, o in ready])
+        self.standing.overlays_held = len(self.overlays)
+
+    def _record(self, batch: list[Work], outcomes: list[tuple[int, str, dict[str, Any]]]) -> None:
+        """The ledger (retried with back-off), then the reports and the archive."""
         backoff = 1.0
         while True:
             try:
@@ -264,3 +290,9 @@ class Pipeline:
                 self.batch[self.config.batch_size :],
             )
             self._or_give_up(self._commit, batch, len(batch))
+        # held results: their heatmaps tried once more; with --once, the rest recorded
+        # without (nothing is left for a later start); else they stay claimed for it
+        ready = self.overlays.retry(time.monotonic(), last=True)
+        if self.config.once:
+            ready += self.overlays.give_up()
+        self._or_give_up(self._record_ready, ready, len(ready))

@@ -1,0 +1,65 @@
+"""Heatmaps that cannot be written (#21 item 9), against a real ``xrwatch serve``.
+
+A folder in the way of ``REPORTS/heatmaps/x.png.png`` (as a full disk, it makes the write
+fail) used to lose the overlay for good: the result was recorded at once without it, and
+its DICOM SR went without its overlay. Now the result is held back (no row, no SR) and its
+heatmap retried like a report; once the way is clear it is recorded with its heatmap.
+With ``--once`` the retries are few, and the result is then recorded without it, saying
+why (``heatmap_error``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from serve_harness import csv_rows, make_png, run_once, wait_for
+
+
+def _blocked(reports: Path, name: str) -> Path:
+    blocker = reports / "heatmaps" / f"{name}.png"  # where name's overlay goes, as a folder
+    (blocker / "in-the-way").mkdir(parents=True)
+    return blocker
+
+
+def _files(reports: Path) -> list[str]:
+    return sorted(row["file"] for row in csv_rows(reports))
+
+
+def test_a_heatmap_in_the_way_is_retried_and_the_result_waits_for_it(folders, daemons) -> None:
+    incoming, reports = folders
+    blocker = _blocked(reports, "x.png")
+    d = daemons(incoming, reports).start()
+    make_png(incoming / "x.png", seed=1)
+    make_png(incoming / "y.png", seed=2)
+    wait_for(lambda: _files(reports) == ["y.png"], 60, "y.png reported")
+    wait_for(lambda: "held back until its heatmap" in d.log_text(), 30, "x.png held")
+    assert _files(reports) == ["y.png"]  # x.png: no row while its heatmap is missing
+    shutil.rmtree(blocker)
+    wait_for(lambda: _files(reports) == ["x.png", "y.png"], 90, "x.png reported after all")
+    assert d.stop() == 0
+    record = json.loads((reports / "json" / "x.png.json").read_text())
+    assert record["heatmap"] == "heatmaps/x.png.png"
+    assert (reports / "heatmaps" / "x.png.png").is_file()
+    assert "heatmap_error" not in record
+    events = [e["message"] for e in d.log_events() if "x.png" in e["message"]]
+    assert sum("held back" in m for m in events) == 1  # once per state, not per try
+
+
+def test_with_once_a_heatmap_still_in_the_way_is_given_up_knowingly(
+    folders, tiny_onnx_model: Path
+) -> None:
+    incoming, reports = folders
+    _blocked(reports, "x.png")
+    make_png(incoming / "x.png", seed=1)
+    make_png(incoming / "y.png", seed=2)
+    result = run_once(incoming, reports, tiny_onnx_model)
+    assert result.returncode == 0, result.stderr
+    assert _files(reports) == ["x.png", "y.png"]
+    record = json.loads((reports / "json" / "x.png.json").read_text())
+    assert record["heatmap"] is None
+    assert "heatmaps/x.png.png" in record["heatmap_error"]
+    assert "recorded without its heatmap" in result.stderr
+    other = json.loads((reports / "json" / "y.png.json").read_text())
+    assert other["heatmap"] == "heatmaps/y.png.png"
