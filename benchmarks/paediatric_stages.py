@@ -443,14 +443,14 @@ def _laterals(data: Path) -> set[str]:
 
 # ----------------------------------------------------------------------------- ship
 def choose_precision(report: dict[str, Any]) -> str:
-    """fp32 when it fits in MAX_SHIP_MB, else int8 when it agrees with fp32 >= 98 %."""
-    if report["sizes_mb"]["fp32"] <= MAX_SHIP_MB:
-        return "fp32"
-    if (
-        report["int8_agreement"]["rate"] >= MIN_INT8_AGREEMENT
-        and report["sizes_mb"]["int8"] <= MAX_SHIP_MB
-    ):
+    """int8 when it agrees with fp32 on >= 98 % of the held-out real images (the smaller file,
+    as before), else fp32 when it fits in MAX_SHIP_MB."""
+    agreement = report["int8_agreement"]["rate"]
+    if agreement >= MIN_INT8_AGREEMENT and report["sizes_mb"]["int8"] <= MAX_SHIP_MB:
         return "int8"
+    if report["sizes_mb"]["fp32"] <= MAX_SHIP_MB:
+        logger.warning("int8 agrees with fp32 on %.1f%% only: shipping fp32", 100 * agreement)
+        return "fp32"
     raise SystemExit("no variant small and faithful enough to ship")
 
 
