@@ -296,8 +296,9 @@ def measure(run: Path, stamp: dict[str, Any], args: argparse.Namespace) -> dict[
 
     data = Path(args.data)
     splits = run / "splits"
-    fp32 = InferenceEngine(Path(stamp["models"]["fp32"]), use_gpu=False)
-    int8 = InferenceEngine(Path(stamp["models"]["int8"]), use_gpu=False)
+    threads = getattr(args, "threads", None) or 0  # 1 on a busy shared machine
+    fp32 = InferenceEngine(Path(stamp["models"]["fp32"]), use_gpu=False, intra_op_threads=threads)
+    int8 = InferenceEngine(Path(stamp["models"]["int8"]), use_gpu=False, intra_op_threads=threads)
     classes = fp32.classes
     temperature = float(stamp["temperature"]["shipped"])
     runner, runner8 = Runner(fp32), Runner(int8)
@@ -458,6 +459,10 @@ def finish(run: Path, args: argparse.Namespace) -> int:
     from xrwatch.filehash import file_sha256
 
     out = Path(args.out)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     stamp = export_stage(run, out)
     report = measure(run, stamp, args)
     precision = choose_precision(report)
