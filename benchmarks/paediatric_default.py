@@ -70,12 +70,19 @@ def main() -> int:
     p.add_argument("--max-images", type=int, default=None, help="tests: per split")
     p.add_argument("--max-steps", type=int, default=None, help="tests: steps per epoch")
     p.add_argument("--train-only", action="store_true", help="stop after training")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="use the run's best.pt as it stands (an unfinished run: the card says so)",
+    )
     p.add_argument("--ship", action="store_true", help="copy the model into the package")
     args = p.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run = train_stage(args)
+    run = Path(args.out) / "run" if args.no_train else train_stage(args)
+    if args.no_train and not (run / "best.pt").is_file():
+        raise SystemExit(f"{run}: --no-train, but no epoch has finished yet")
     if args.train_only:
         return 0
     from paediatric_stages import finish  # export, evaluate, card, ship
