@@ -5,10 +5,10 @@ with the predicted class's activation map - upsampled bilinearly to the input si
 negative part cut off and scaled min-to-max per image (as pytorch-grad-cam scales it, so the
 lowest value is 0 and the highest 1) - as a colour overlay, and a legend strip: the colour
 scale and the label with its probability. A flagged result says so in the image, in a
-banner above it: ``LOW CONFIDENCE`` (the map is drawn), or ``OUT OF SCOPE`` (no map and no
-class: the input does not look like a frontal chest X-ray, so a map "for" a class would
-mean nothing). Nothing from the file or its DICOM header is drawn, and the PNG carries no
-text chunks.
+banner above it: ``LOW CONFIDENCE`` (the map is drawn), or ``OUT OF SCOPE`` / ``OUT OF
+POPULATION`` (no map and no class: the input is not a frontal chest X-ray, or not of the
+population the model was made for, so a map "for" a class would mean nothing). Nothing
+from the file or its DICOM header is drawn, and the PNG carries no text chunks.
 
 The map shows where the evidence for the predicted class was strongest *relative to the
 rest of this image*. It is not a segmentation, not a measure of certainty and not proof
@@ -113,11 +113,15 @@ def _legend(width: int, caption: str, scale: bool = True) -> np.ndarray:
 # label and rounded probability, at one width per model), so each strip is drawn once.
 _cached_legend = functools.lru_cache(maxsize=LEGEND_CACHE_SIZE)(_legend)
 
-# A flagged result's banner, above the image: (text, background colour) per flag.
+# A flagged result's banner, above the image: (text, background colour) per flag; a flag
+# not listed gets its name on grey. Flags whose label is not to be read get no class map.
 BANNERS = {
     flags.LOW_CONFIDENCE: ("LOW CONFIDENCE: {label} p={p:.2f}", (200, 120, 0)),
     flags.OUT_OF_SCOPE: ("OUT OF SCOPE: ignore the label", (170, 0, 0)),
+    flags.OUT_OF_POPULATION: ("OUT OF POPULATION: ignore the label", (120, 0, 140)),
 }
+OTHER_BANNER = (90, 90, 90)
+NO_MAP_FLAGS = frozenset({flags.OUT_OF_SCOPE, flags.OUT_OF_POPULATION})
 
 
 @functools.lru_cache(maxsize=LEGEND_CACHE_SIZE)
@@ -132,9 +136,9 @@ def _banner(width: int, text: str, colour: tuple[int, int, int]) -> np.ndarray:
 
 def banner_of(flag: str, label: str, confidence: float) -> tuple[str, tuple[int, int, int]] | None:
     """The banner text and colour of a flagged result; None when it is not flagged."""
-    if flag not in BANNERS:
+    if not flag:
         return None
-    text, colour = BANNERS[flag]
+    text, colour = BANNERS.get(flag, (flag.upper().replace("_", " "), OTHER_BANNER))
     return text.format(label=label, p=confidence), colour
 
 
@@ -214,9 +218,12 @@ def write_png_atomic(image: Image.Image | np.ndarray, path: Path) -> Path:
 
 
 def caption_of(label: str, confidence: float, flag: str = "") -> str:
-    """The legend's text: the class whose map is drawn, or, out of scope, that none is."""
+    """The legend's text: the class whose map is drawn, or, for a flag whose label is not to
+    be read (:data:`NO_MAP_FLAGS`), that none is."""
     if flag == flags.OUT_OF_SCOPE:
         return "no class map: input out of scope"
+    if flag in NO_MAP_FLAGS:
+        return "no class map: outside the model's population"
     return f"CAM for {label}, p={confidence:.2f}"  # the bar runs from low to high
 
 
@@ -236,7 +243,7 @@ class HeatmapJob:
 
 def job_pixels(job: HeatmapJob) -> np.ndarray:
     """``job``'s overlay as uint8 RGB: banner when flagged, no map when out of scope."""
-    cam = None if job.flag == flags.OUT_OF_SCOPE else job.cam
+    cam = None if job.flag in NO_MAP_FLAGS else job.cam
     caption = caption_of(job.label, job.confidence, job.flag)
     return overlay_pixels(job.pixels, cam, caption, banner_of(job.flag, job.label, job.confidence))
 

@@ -292,3 +292,18 @@ def test_out_of_scope_draws_no_class_map() -> None:
     legend = pixels[top + side :]
     coloured = (legend.max(axis=2).astype(int) - legend.min(axis=2)) > 30
     assert not coloured.any()  # no colour scale in the legend either
+
+
+def test_every_flag_gets_a_banner_and_the_unreadable_ones_no_map() -> None:
+    for flag in flags.FLAGS:
+        if not flag:
+            continue
+        _, pixels = _flagged(flag)
+        top, side = heatmap.LEGEND_HEIGHT, pixels.shape[1]
+        assert pixels.shape[0] == top + side + heatmap.LEGEND_HEIGHT, flag
+        image = pixels[top : top + side].astype(int)
+        grey = bool((image.max(axis=2) == image.min(axis=2)).all())
+        assert grey == (flag in heatmap.NO_MAP_FLAGS), flag
+    assert flags.OUT_OF_POPULATION in heatmap.NO_MAP_FLAGS
+    text, colour = heatmap.banner_of("some_new_flag", "Virus", 0.5) or ("", None)
+    assert text == "SOME NEW FLAG" and colour == heatmap.OTHER_BANNER

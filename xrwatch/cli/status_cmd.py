@@ -21,6 +21,7 @@ import typer
 
 from xrwatch.cli._app import app, console
 from xrwatch.errors import ConfigError
+from xrwatch.flags import FLAGS
 
 STALE_AFTER_SECONDS = 30.0  # no heartbeat for this long: the daemon is stale (hung)
 
@@ -91,7 +92,7 @@ def flag_counts(ledger_path: Path) -> dict[str, int]:
         ).fetchall()
     finally:
         con.close()
-    counts = {"none": 0, "low_confidence": 0, "out_of_scope": 0}
+    counts = {"none": 0, **{flag: 0 for flag in FLAGS if flag}}
     counts.update({str(flag): int(n) for flag, n in rows})
     return counts
 
@@ -218,11 +219,8 @@ def _print(data: dict[str, Any]) -> None:
         return
     c, f = data["counts"], data["flags"]
     out(f"files: {c['ok']} ok, {c['error']} error, {c['claimed']} in progress", highlight=False)
-    out(
-        f"flags of the ok results: {f['low_confidence']} low_confidence, "
-        f"{f['out_of_scope']} out_of_scope, {f['none']} not flagged",
-        highlight=False,
-    )
+    flagged = ", ".join(f"{n} {flag}" for flag, n in sorted(f.items()) if flag != "none")
+    out(f"flags of the ok results: {flagged}, {f['none']} not flagged", highlight=False)
     t = data["throughput_per_minute"]
     out(
         f"throughput: {t['last_minute']} in the last minute, "
