@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import stat
 import types
 import typing
 from collections.abc import Iterable
@@ -23,6 +26,7 @@ T = TypeVar("T")
 # The tables a config file may hold: ``xrwatch serve --config`` reads [serve], ``xrwatch
 # train --config`` reads [train]; one file may hold both. Anything else is a typo.
 TABLES = ("serve", "train")
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; a larger one is not a config
 
 
 def nearest(name: str, known: Iterable[str]) -> str | None:
@@ -41,16 +45,54 @@ def unknown_keys_error(source: str, unknown: Iterable[str], known: Iterable[str]
     )  # fmt: skip
 
 
+def read_config_text(path: str | Path) -> str:
+    """The text of the config file ``path``: a regular file of UTF-8 text, at most
+    :data:`MAX_CONFIG_BYTES`. Anything else is a :class:`ConfigError` naming the file and
+    the reason, never a hang (a FIFO with no writer, a device, an endless file) or a
+    traceback (bytes that are not UTF-8)."""
+    p = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer would wait for one forever
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot open the config file ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, pipe or socket"
+            raise ConfigError(f"{p}: config file is {kind}, not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: config file is over {MAX_CONFIG_BYTES >> 10} KiB; a config is a short TOML text"
+        )
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{p}: config file is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})"
+        ) from None
+
+
 def read_toml(path: str | Path, *, table: str | None = None) -> dict[str, Any]:
     """Read a TOML file (optionally one table of it) with clear errors. With ``table``, a
     top-level key or table other than :data:`TABLES` is an error (a misspelt ``[server]``
     would otherwise be ignored whole), naming the nearest valid table."""
     p = Path(path)
     try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
+        data = tomllib.loads(read_config_text(p))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     if table is not None:
@@ -97,7 +139,13 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         items = [_coerce(name, v, inner, source) for v in value]
         return tuple(items) if origin is tuple else items
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
+        return number
     if hint is Path or hint == "Path":
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{source}: {name} must be a path string, got {value!r}")

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from xrwatch.config import build_config, merge, read_toml
+from xrwatch.config import MAX_CONFIG_BYTES, build_config, merge, read_toml
 from xrwatch.errors import ConfigError
 
 
@@ -61,3 +62,33 @@ def test_read_toml_table_and_errors(tmp_path: Path) -> None:
 
 def test_merge_cli_overrides_file_but_none_means_not_given() -> None:
     assert merge({"a": 1, "b": 2}, {"a": 10, "b": None, "c": 3}) == {"a": 10, "b": 2, "c": 3}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10**400])
+def test_build_config_refuses_numbers_that_are_not_finite(value: object) -> None:
+    with pytest.raises(ConfigError, match="wait_s must be a finite number") as info:
+        build_config(Example, {"wait_s": value}, source="serve.toml")
+    assert "serve.toml" in str(info.value)
+
+
+def test_read_toml_refuses_what_is_not_a_short_utf8_text_file(tmp_path: Path) -> None:
+    """Each is one ConfigError naming the file, never a traceback, a hang or an endless read."""
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[serve]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=r"latin1.toml: config file is not UTF-8 .*line 2"):
+        read_toml(latin1)
+    with pytest.raises(ConfigError, match="is a device, pipe or socket"):
+        read_toml("/dev/null")
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # no writer: opening it must not wait for one
+    with pytest.raises(ConfigError, match=r"fifo\.toml: config file is a device, pipe or socket"):
+        read_toml(fifo)
+    with pytest.raises(ConfigError, match="is a folder"):
+        read_toml(tmp_path)
+    big = tmp_path / "big.toml"
+    big.write_text("# x\n" * (MAX_CONFIG_BYTES // 4 + 1))
+    with pytest.raises(ConfigError, match=r"big\.toml: config file is over 1024 KiB"):
+        read_toml(big)
+    ok = tmp_path / "ok.toml"
+    ok.write_text("# x\n" * (MAX_CONFIG_BYTES // 4 - 10) + "[serve]\nname = 'é'\n")
+    assert read_toml(ok, table="serve") == {"name": "é"}

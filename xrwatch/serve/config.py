@@ -7,6 +7,7 @@ keys are an error (see :func:`xrwatch.config.build_config`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,22 @@ from xrwatch.flags import ScopeGuard
 from xrwatch.inputs import IGNORE_PATTERNS
 
 DEFAULT_IGNORE = IGNORE_PATTERNS  # hidden and temporary names, DICOMDIR
+
+# The range of each number (lowest, highest; the lowest excluded for OPEN_BELOW): a value
+# outside cannot run as meant (a wait of an hour or more per batch, a lease shorter than two
+# of the daemon's 5 s heartbeats, which would let another host take over live claims).
+LIMITS: dict[str, tuple[float, float]] = {
+    "stable_seconds": (0, 3600),
+    "truncated_timeout": (0, 7 * 86400),
+    "rescan_interval": (0, 86400),
+    "poll_interval": (0, 3600),
+    "max_wait": (0, 3600),
+    "lease_seconds": (10, 86400),
+    "batch_size": (1, 1024),
+    "workers": (1, 64),
+    "max_file_mb": (1, 65536),
+}
+OPEN_BELOW = frozenset({"stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval"})
 TLS_FILES = ("dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca")
 
 
@@ -77,14 +94,18 @@ class ServeConfig:
     triton_model: str = "xrwatch"  # the served model: NAME or NAME:VERSION
 
     def __post_init__(self) -> None:
-        positive = ("stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval")
-        for name in (*positive, "max_wait", "lease_seconds"):
-            if getattr(self, name) < 0 or (name in positive and getattr(self, name) == 0):
-                raise ConfigError(f"serve: {name} must be > 0, got {getattr(self, name)!r}")
-        if self.batch_size < 1 or self.workers < 1:
-            raise ConfigError("serve: batch_size and workers must be at least 1")
-        if self.max_file_mb < 1:
-            raise ConfigError(f"serve: max_file_mb must be at least 1, got {self.max_file_mb}")
+        for f in dataclasses.fields(self):  # nan would pass every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"serve: {f.name} must be a finite number, got {value!r}")
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            above = value > low if name in OPEN_BELOW else value >= low
+            if not (above and value <= high):
+                bracket = "(" if name in OPEN_BELOW else "["
+                raise ConfigError(
+                    f"serve: {name} must be in {bracket}{low:g}, {high:g}], got {value!r}"
+                )
         if self.low_confidence is not None and not 0.0 <= self.low_confidence < 1.0:
             raise ConfigError(f"serve: low_confidence must be in [0, 1), got {self.low_confidence}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -141,7 +162,13 @@ def load_serve_config(config_file: Path | None, cli_values: dict[str, Any]) -> S
                 else ""
             )
         )
-    return build_config(ServeConfig, values, source=source)
+    try:
+        return build_config(ServeConfig, values, source=source)
+    except ConfigError as exc:  # a range check of ServeConfig: name where the value came from
+        text = str(exc)
+        if not text.startswith("serve: "):
+            raise
+        raise ConfigError(f"{source}: {text.removeprefix('serve: ')}") from None
 
 
 def field_names() -> list[str]:
