@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,29 @@ class Finished:
     record: dict[str, Any]
 
 
+class _Held:
+    """One thread's connection, held in its thread-local storage: it goes when the
+    thread ends, and its finalizer then closes the connection."""
+
+    __slots__ = ("__weakref__", "con")
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+
+def _release(
+    con: sqlite3.Connection, every: list[sqlite3.Connection], lock: threading.RLock
+) -> None:
+    with lock:
+        if con in every:
+            every.remove(con)
+    with contextlib.suppress(sqlite3.Error):
+        con.close()
+
+
 class Ledger:
-    """Thread-safe access to the ledger; each thread gets its own connection."""
+    """Thread-safe access to the ledger; each thread gets its own connection, closed when
+    the thread ends (or at :meth:`close`)."""
 
     def __init__(self, state_dir: Path, *, lease_seconds: float = 30.0) -> None:
         self.path = Path(state_dir) / "ledger.sqlite3"
@@ -112,7 +134,7 @@ class Ledger:
         self._local = threading.local()
         self._owner_thread = threading.current_thread()
         self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # also taken by a thread's finalizer (_release)
         try:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             self._con().executescript(_SCHEMA)  # idempotent; executescript commits itself
@@ -134,9 +156,13 @@ class Ledger:
 
     # -- connections -------------------------------------------------------------------
     def _con(self) -> sqlite3.Connection:
-        con: sqlite3.Connection | None = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is None:
+            # check_same_thread=False: only this thread uses it, but close() (at shutdown)
+            # and the end of the thread close it from elsewhere
+            con = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             con.execute("PRAGMA journal_mode=WAL")
             # Outcomes and report marks (main thread) are durable before the report row is
             # written (FULL). Claims (worker threads) may use NORMAL: WAL order means a
@@ -145,10 +171,13 @@ class Ledger:
             sync = "FULL" if threading.current_thread() is self._owner_thread else "NORMAL"
             con.execute(f"PRAGMA synchronous={sync}")
             con.execute("PRAGMA busy_timeout=30000")
-            self._local.con = con
+            held = self._local.held = _Held(con)
             with self._lock:
                 self._all.append(con)
-        return con
+            # A thread's connection (two descriptors: the database and its WAL) is closed
+            # when the thread ends, as the watch's threads do at each restart of the watch
+            weakref.finalize(held, _release, con, self._all, self._lock)
+        return held.con
 
     def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return immediate_transaction(self._con())
