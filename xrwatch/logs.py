@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 from xrwatch.errors import ConfigError
+from xrwatch.safetext import printable
 
 LogFormat = Literal["text", "json"]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -69,10 +70,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class OneLineFormatter(logging.Formatter):
-    """Text format that keeps every event (tracebacks included) on one line."""
+    """Text format that keeps every event (tracebacks included) on one line, with control
+    characters (a terminal escape in a class name or a DICOM value) written as ``\\xNN``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).replace("\n", " | ")
+        return printable(super().format(record).replace("\n", " | "))
 
 
 class JournalFormatter(logging.Formatter):

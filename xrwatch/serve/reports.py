@@ -30,6 +30,7 @@ from typing import Any
 from xrwatch.atomic import MAX_OPEN, make_dirs, replace_all, write_atomic
 from xrwatch.errors import ReportWriteError
 from xrwatch.fields import DICOM_IDS, EXPLANATION, FLAG
+from xrwatch.safetext import printable
 from xrwatch.serve.ledger import Finished, Ledger
 
 logger = logging.getLogger(__name__)
@@ -38,28 +39,26 @@ CSV_NAME = "predictions.csv"
 UID_COLUMNS = DICOM_IDS
 
 
+# the flag next to the label it qualifies (read together); its reason with the others
+COLUMNS_BEFORE = ("processed_at", "file", "sha256", "status", "label", FLAG, "confidence")
+COLUMNS_AFTER = (
+    "error", "model", "model_sha256", "provider", *UID_COLUMNS, "kind", "modality", "width",
+    "height", *(c for c in EXPLANATION if c != FLAG),
+)  # fmt: skip
+
+
 def csv_columns(classes: list[str]) -> list[str]:
-    """The CSV header for a model with these classes."""
-    return [
-        "processed_at",
-        "file",
-        "sha256",
-        "status",
-        "label",
-        FLAG,  # next to the label it qualifies (read together); its reason further on
-        "confidence",
-        *[f"prob_{c}" for c in classes],
-        "error",
-        "model",
-        "model_sha256",
-        "provider",
-        *UID_COLUMNS,
-        "kind",
-        "modality",
-        "width",
-        "height",
-        *(c for c in EXPLANATION if c != FLAG),
-    ]
+    """The CSV header for a model with these classes: ``prob_<class>`` between the label and
+    the error. Class names come from the model file, so control characters in them (a
+    terminal escape) are written as ``\\xNN``, like those of file names."""
+    return [*COLUMNS_BEFORE, *[f"prob_{printable(c)}" for c in classes], *COLUMNS_AFTER]
+
+
+def csv_line(cells: list[str]) -> str:
+    """One CSV line (no line break) of ``cells``, quoted where CSV needs it."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(cells)
+    return buf.getvalue().removesuffix("\n")
 
 
 # A spreadsheet takes a cell starting with one of these for a formula (OWASP, "CSV
@@ -82,19 +81,19 @@ def csv_cell(value: Any) -> str:
     text = str(value)
     if text.startswith(FORMULA_STARTS):
         text = "'" + text
-    # One row per line, always: no embedded line breaks.
-    return text.replace("\r", " ").replace("\n", " ")
+    # One row per line, always: no embedded line breaks; other control characters (a
+    # terminal escape in a class name or a DICOM value) written as \xNN.
+    return printable(text.replace("\r", " ").replace("\n", " "))
 
 
-def csv_row(record: dict[str, Any], columns: list[str]) -> list[str]:
+def csv_row(record: dict[str, Any], classes: list[str]) -> list[str]:
+    """The cells of ``record``, in the order of :func:`csv_columns` for ``classes``."""
     probs = record.get("probabilities") or {}
-    row = []
-    for col in columns:
-        if col.startswith("prob_"):
-            row.append(csv_cell(probs.get(col[5:])))
-        else:
-            row.append(csv_cell(record.get(col)))
-    return row
+    return [
+        *(csv_cell(record.get(col)) for col in COLUMNS_BEFORE),
+        *(csv_cell(probs.get(c)) for c in classes),
+        *(csv_cell(record.get(col)) for col in COLUMNS_AFTER),
+    ]
 
 
 # -- JSON report names: safe by construction ----------------------------------------------
@@ -165,7 +164,8 @@ class ReportWriter:
 
     def __init__(self, reports: Path, classes: list[str]) -> None:
         self.reports = Path(reports)
-        self.columns = csv_columns(classes)
+        self.classes = list(classes)
+        self.columns = csv_columns(self.classes)
         self.csv_path = self.reports / CSV_NAME
         self._lock_path = self.reports / ".predictions.lock"
         self._writers_fd: int | None = None
@@ -282,7 +282,7 @@ class ReportWriter:
             fh.truncate(pos)
 
     def _ensure_header(self) -> None:
-        header = ",".join(self.columns)
+        header = csv_line(self.columns)
         if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
             with self.csv_path.open(encoding="utf-8", newline="") as fh:
                 existing = fh.readline().rstrip("\r\n")
@@ -359,7 +359,7 @@ class ReportWriter:
                 buf = io.StringIO()
                 writer = csv.writer(buf, lineterminator="\n")
                 for row in written:
-                    writer.writerow(csv_row(row.record, self.columns))
+                    writer.writerow(csv_row(row.record, self.classes))
                 data = buf.getvalue().encode("utf-8", "backslashreplace")
                 ids = [r.id for r in written]
                 offset = self.csv_path.stat().st_size
