@@ -63,3 +63,26 @@ def test_with_once_a_heatmap_still_in_the_way_is_given_up_knowingly(
     assert "recorded without its heatmap" in result.stderr
     other = json.loads((reports / "json" / "y.png.json").read_text())
     assert other["heatmap"] == "heatmaps/y.png.png"
+
+
+def test_the_dicom_sr_waits_for_its_overlay(folders, daemons, real_dicoms: list[Path]) -> None:
+    """With ``--dicom-sr``, a DICOM result is queued for its SR when it is recorded: held,
+    no SR is written for it (while the other file's SR is); once its heatmap is written,
+    its SR comes with the overlay's Secondary Capture."""
+    incoming, reports = folders
+    blocker = _blocked(reports, "a.dcm")
+    d = daemons(incoming, reports, "--dicom-sr").start()
+
+    def written(kind: str) -> int:
+        return len(list((reports / "dicom").rglob(f"*.{kind}.dcm")))
+
+    shutil.copyfile(real_dicoms[0], incoming / "a.dcm")
+    shutil.copyfile(real_dicoms[1], incoming / "b.dcm")
+    wait_for(lambda: _files(reports) == ["b.dcm"], 60, "b.dcm reported")
+    wait_for(lambda: written("SR") == 1 and written("SC") == 1, 60, "b.dcm's SR and SC")
+    wait_for(lambda: "held back until its heatmap" in d.log_text(), 30, "a.dcm held")
+    assert written("SR") == 1  # none for a.dcm while its overlay is missing
+    shutil.rmtree(blocker)
+    wait_for(lambda: written("SR") == 2 and written("SC") == 2, 90, "a.dcm's SR with its SC")
+    assert d.stop() == 0
+    assert _files(reports) == ["a.dcm", "b.dcm"]
