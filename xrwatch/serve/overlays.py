@@ -1,21 +1,22 @@
 """Overlays: results whose heatmap could not be written, held and retried.
 
 Owns what happens when a batch's heatmap overlay cannot be written (the disk is full, a
-folder or a too-long name is in the way of ``REPORTS/heatmaps/<relative path>.png``):
-instead of recording the result without its picture for good, the result is held back
-(its file stays claimed; nothing of it is in the ledger, the reports or the DICOM outbox
-yet) and its overlay is written again with back-off, as failed reports are. Once written,
-the result is recorded with it, so the DICOM SR that follows carries its overlay. After
-``GIVE_UP_SECONDS`` of failures (with ``--once``, ``ONCE_TRIES`` tries) it is recorded
-without it, knowingly: ``heatmap`` is null and ``heatmap_error`` says why. Each held
-result is logged when it is held, when it is written and when it is given up, not at
-every try. At shutdown the ones still held stay claimed and unrecorded; the next start
-reads their files again.
+folder is in the way of ``REPORTS/heatmaps/<relative path>.png``): instead of recording
+the result without its picture for good, the result is held back (its file stays claimed;
+nothing of it is in the ledger, the reports or the DICOM outbox yet) and its overlay is
+written again with back-off, as failed reports are. Once written, the result is recorded
+with it, so the DICOM SR that follows carries its overlay. After ``GIVE_UP_SECONDS`` of
+failures (with ``--once``, ``ONCE_TRIES`` tries), or at once when no retry can help (a
+name too long for the file system), it is recorded without it, knowingly: ``heatmap`` is
+null and ``heatmap_error`` says why. Each held result is logged when it is held, when it
+is written and when it is given up, not at every try. At shutdown the ones still held
+stay claimed and unrecorded; the next start reads their files again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,17 @@ GIVE_UP_SECONDS = 600.0  # failing this long: recorded without its heatmap
 ONCE_TRIES = 3  # with --once, recorded without its heatmap after this many failed tries
 
 Outcome = tuple[int, str, dict[str, Any]]  # (ledger row, state, record)
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing
+    parent) allows; 255 when it cannot be asked."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return int(os.pathconf(candidate, "PC_NAME_MAX"))
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 @dataclass
@@ -58,10 +70,19 @@ class Overlays:
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, work: Work, outcome: Outcome, job: HeatmapJob, error: str) -> None:
-        """``outcome``'s heatmap ``job`` failed with ``error``: hold it for a retry."""
+    def hold(self, work: Work, outcome: Outcome, job: HeatmapJob, error: str) -> bool:
+        """``outcome``'s heatmap ``job`` failed with ``error``: hold it for a retry. When no
+        retry can help (its file name is longer than the file system allows), say so and
+        return False: ``outcome`` is then to be recorded now, without its heatmap."""
+        from xrwatch.heatmap import heatmap_path
+
         now = time.monotonic()
         held = _Held(work, outcome, job, now, error, due=now + self._wait(1))
+        name = heatmap_path(job.root, job.rel).name
+        if len(os.fsencode(name)) > _name_max(self.reports):
+            held.error = f"its file name {name!r} is longer than the file system allows"
+            self._without(held)
+            return False
         self._held.append(held)
         logger.warning(
             "%s: result held back until its heatmap can be written (%s); retrying for up to %s",
@@ -69,6 +90,7 @@ class Overlays:
             error,
             f"{ONCE_TRIES} tries" if self.once else f"{GIVE_UP_SECONDS:.0f} s",
         )
+        return True
 
     def due(self, now: float) -> bool:
         return any(h.due <= now for h in self._held)

@@ -219,8 +219,8 @@ class Pipeline:
                     continue
                 outcome = next(o for o in outcomes if o[2] is record)
                 work = next(w for w in batch if w.row_id == outcome[0])
-                self.overlays.hold(work, outcome, job, "not written (see the error above)")
-                held.add(work.row_id)
+                if self.overlays.hold(work, outcome, job, "not written (see the error above)"):
+                    held.add(work.row_id)
             if held:
                 batch = [w for w in batch if w.row_id not in held]
                 outcomes = [o for o in outcomes if o[0] not in held]

@@ -86,3 +86,20 @@ def test_the_dicom_sr_waits_for_its_overlay(folders, daemons, real_dicoms: list[
     wait_for(lambda: written("SR") == 2 and written("SC") == 2, 90, "a.dcm's SR with its SC")
     assert d.stop() == 0
     assert _files(reports) == ["a.dcm", "b.dcm"]
+
+
+def test_a_heatmap_name_too_long_is_given_up_at_once_knowingly(folders, daemons) -> None:
+    """A 252-byte input name: its heatmap's name (``<name>.png``) is over the file system's
+    255 bytes, which no retry can change. The result is recorded at once, saying so."""
+    from xrwatch.serve.reports import json_path
+
+    incoming, reports = folders
+    name = "a" * 248 + ".png"
+    d = daemons(incoming, reports).start()
+    make_png(incoming / name, seed=1)
+    wait_for(lambda: _files(reports) == [name], 60, "its row")
+    assert d.stop() == 0
+    record = json.loads(json_path(reports, name).read_text())
+    assert record["heatmap"] is None
+    assert "longer than the file system allows" in record["heatmap_error"]
+    assert "held back" not in d.log_text()
