@@ -92,19 +92,26 @@ class _Rows:
         # Column widths are fixed up front (rows come a batch at a time): the file column
         # fits the longest name given; on a terminal it folds beyond 3/5 of what is left.
         self.label_w = max([5, *(len(c) for c in self.classes)])
-        fixed = 6 + self.label_w + 10 + 14 + sum(max(7, len(c)) for c in self.classes)
-        # each column's padding, plus the file and reason columns' and the dividers between
-        fixed += _PAD * (6 + len(self.classes)) + 6 + len(self.classes)
+        # status, label, confidence, flag; each column's padding (file and reason included)
+        # and the dividers between them; then a column per class (padding, divider)
+        fixed = 6 + self.label_w + 10 + 14 + _PAD * 6 + 5
+        per_class = sum(max(7, len(c)) + _PAD + 1 for c in self.classes)
         longest = max([4, *(len(n) for n in names)])
+        self.probs = True
         if console.is_terminal:
             self.out = console
-            rest = max(console.width - fixed, 30)
+            # a narrow terminal leaves out the per-class probabilities (CSV and JSON keep
+            # them) rather than cut every column to an ellipsis
+            self.probs = console.width >= fixed + per_class + 40
+            fixed += per_class if self.probs else 0
+            rest = max(console.width - fixed, 24)
             self.file_w = min(longest, rest * 3 // 5)
         else:  # piped: one file per line stays greppable, whatever its length
+            fixed += per_class
             self.file_w = longest
             self.out = Console(width=max(console.width, 200, fixed + longest + 40))
             rest = self.out.width - fixed
-        self.reason_w = max(rest - self.file_w, 20)
+        self.reason_w = max(rest - self.file_w, 8)  # what is left: the table fits the width
 
     def add(self, predictions: Sequence[Prediction]) -> None:
         if not predictions:
@@ -137,13 +144,12 @@ class _Rows:
         table.add_column("label", width=self.label_w + _PAD)
         table.add_column("confidence", justify="right", width=10 + _PAD)
         table.add_column("flag", width=14 + _PAD)
-        for c in self.classes:
+        shown = self.classes if self.probs else []
+        for c in shown:
             table.add_column(escape(c), justify="right", width=max(7, len(c)) + _PAD)
         table.add_column("error / flag reason", overflow="fold", width=self.reason_w + _PAD)
         for p in predictions:
-            probs = [
-                f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in self.classes
-            ]
+            probs = [f"{p.probabilities[c]:.3f}" if c in p.probabilities else "" for c in shown]
             table.add_row(
                 escape(p.file),  # rich would take [brackets] in a file name for markup
                 "ok" if p.ok else "[red]error[/]",
