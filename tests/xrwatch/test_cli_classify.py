@@ -325,7 +325,7 @@ def test_progress_bar_on_a_terminal(folder: Path, tiny_onnx_model: Path) -> None
 
     master, slave = pty.openpty()
     command = [sys.executable, "-m", "xrwatch", "classify", str(folder), "--batch-size", "1"]
-    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    env = {**os.environ, "COLUMNS": "300", "TERM": "xterm"}  # wide: no name is folded
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen(
         [*command, "--model", str(tiny_onnx_model)], stdout=slave, stderr=slave, env=env
