@@ -142,11 +142,11 @@ def storescu_with_timeout(
     return subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=timeout)
 
 
-def _vm_hwm_mib(pid: int) -> float:
+def _vm_mib(pid: int, field: str = "VmHWM") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {field}")
 
 
 def test_a_data_set_over_the_limit_is_refused_while_it_streams_in(
@@ -156,6 +156,7 @@ def test_a_data_set_over_the_limit_is_refused_while_it_streams_in(
     port = free_port()
     d = daemons(incoming, reports, *_args(port, "--max-file-mb", "32")).start()
     assert d.proc is not None
+    idle = _vm_mib(d.proc.pid, "VmRSS")
     small = _pdf(tmp_path / "small.dcm", 24 * 1024 * 1024)  # under the limit: kept in bounds
     big = _pdf(tmp_path / "big.dcm", 100 * 1024 * 1024)
     cmd = [dcmtk["storescu"], "-aet", "MODALITY", "-aec", "XRWATCH", LOOPBACK, str(port)]
@@ -166,10 +167,10 @@ def test_a_data_set_over_the_limit_is_refused_while_it_streams_in(
     assert [p.wait(300) for p in parallel] == [0, 0, 0, 0]
     refused = storescu(dcmtk, port, [big])
     assert refused[0].returncode != 0  # aborted mid-stream: the sender knows
-    rss = _vm_hwm_mib(d.proc.pid)
+    rss = _vm_mib(d.proc.pid)
     wait_for(lambda: "data set over max_file_mb" in d.log_text(), 60, "the refusal line")
     assert d.stop() == 0
-    print(f"peak RSS of the daemon: {rss:.0f} MiB (4 x 24 MiB at once kept, 100 MiB refused)")
+    print(f"daemon RSS: {idle:.0f} MiB ready, peak {rss:.0f} MiB (4 x 24 MiB, 100 MiB refused)")
     assert rss < 500, rss
     assert not [p for p in incoming.rglob("*") if p.is_file()], "nothing kept or left behind"
     assert sop_uid(small) in d.log_text()  # acknowledged as a non-radiograph

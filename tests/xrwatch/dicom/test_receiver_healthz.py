@@ -71,7 +71,10 @@ def test_idle_half_open_and_trickling_peers_time_out_and_healthz_says_wedged(
     ).start()  # fmt: skip
     half = _open(port, HALF_RQ)
     half.settimeout(60)
-    assert half.recv(10) == b""  # closed by the receiver, not by us
+    try:  # closed (reset) by the receiver, not by us
+        assert half.recv(10) == b""
+    except ConnectionResetError:
+        pass
     half.close()
 
     ae = AE(ae_title="MODALITY")
