@@ -108,10 +108,8 @@ class Gate:
         self.ssl_context = ssl_context
         self.on_dropped = on_dropped  # metrics: a connection closed before any association
         self.server: GatedServer | None = None
-        self._epoll = select.epoll()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._epoll: Any = None  # the epoll and the wake-up pipe are made by start()
+        self._wake_r = self._wake_w = -1
         self._new: list[_Waiting] = []
         self._waiting: dict[int, _Waiting] = {}  # fd -> connection, oldest first
         self._peers: dict[int, Peer] = {}  # id(assoc) -> peer
@@ -122,6 +120,10 @@ class Gate:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
         self._thread.start()
 
     def alive(self) -> bool:
@@ -130,10 +132,14 @@ class Gate:
     def stop(self) -> None:
         """Close every connection and wait (at most :data:`STOP_GRACE` + a little) for the
         association threads; call after the server stopped accepting."""
+        if self._epoll is None:
+            return  # never started
         self._stopping.set()
         os.write(self._wake_w, b"x")
         self._thread.join()
-        for waiting in list(self._waiting.values()):
+        with self._lock:
+            new, self._new = self._new, []
+        for waiting in [*self._waiting.values(), *new]:
             self._close(waiting.sock)
         self._waiting.clear()
         with self._lock:
@@ -151,6 +157,7 @@ class Gate:
             peer.assoc.join(1.0)
             self._end(peer)
         self._epoll.close()
+        self._epoll = None
         os.close(self._wake_r)
         os.close(self._wake_w)
 
