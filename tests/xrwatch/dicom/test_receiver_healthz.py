@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -111,7 +112,9 @@ def test_idle_half_open_and_trickling_peers_time_out_and_healthz_says_wedged(
     sender.start()
     try:
         wait_for(lambda: d.log_text().count("accepted (") >= 5, 60, "the last slow sender in")
+        asked = time.monotonic()
         assert d.stop() == 0
+        print(f"SIGTERM to exit with a sender mid-transfer: {time.monotonic() - asked:.1f} s")
     finally:
         stop.set()
         sender.join(60)
