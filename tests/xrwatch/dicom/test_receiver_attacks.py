@@ -118,8 +118,10 @@ def test_slow_loris_and_garbage_neither_keep_a_sender_out_nor_delay_sigterm(
     held = [_open(port, HALF_RQ) for _ in range(10)]  # half-open association requests
     garbage = [_open(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(200)]
     try:
+        sent = time.monotonic()
         done = storescu_with_timeout(dcmtk, port, files, 30)
         assert done.returncode == 0, done.stderr
+        print(f"storescu stored past 10 slow-loris + 200 garbage: {time.monotonic() - sent:.1f} s")
         wait_for(lambda: len(csv_rows(reports)) == 1, 60, "the sent image's row")
         wait_for(
             lambda: d.log_text().count("not a DICOM association request") >= 200, 60, "200 lines"
