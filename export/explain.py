@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 OUTPUTS = (LOGITS, PROBABILITIES, CAM)  # the names serving reads (xrwatch.engine)
 LAYOUT_GRID = 8  # thumbnail side: 8 x 8 block means of the model input
 LAYOUT_COMPONENTS = 8  # principal components of the training thumbnails kept
+GUARD_COMBINE = ("both", "either")  # how the feature and layout checks combine
 LAYOUT_EPS = 1e-3  # added to a thumbnail's standard deviation (a flat one stays finite)
 
 
@@ -168,6 +169,10 @@ class GuardStats:
     whitening: np.ndarray  # K x K, with whitening @ whitening.T = inverse covariance
     threshold: float  # raw Mahalanobis distance that ``feature_score`` = 1 stands for
     layout: LayoutStats | None = None
+    # "both": out of scope only when features and layout both exceed 1 (ood_score = min);
+    # "either": when either does (ood_score = max) - for a model whose population gate,
+    # not the guard, handles chest films from other populations and hospitals
+    combine: str = "both"
 
 
 class ExplainedClassifier(nn.Module):
@@ -199,6 +204,9 @@ class ExplainedClassifier(nn.Module):
             )
             self.register_buffer("guard_threshold", torch.tensor(float(guard.threshold)))
         self.layout_pool = 0
+        self.guard_either = guard is not None and guard.combine == "either"
+        if guard is not None and guard.combine not in GUARD_COMBINE:
+            raise ValueError(f"guard combine must be one of {GUARD_COMBINE}, got {guard.combine!r}")
         if guard is not None and guard.layout is not None:
             layout = guard.layout
             self.layout_pool = layout.pool
@@ -243,7 +251,10 @@ class ExplainedClassifier(nn.Module):
         r = (d - z @ self.layout_basis) * self.layout_inv_noise_std
         z = z * self.layout_inv_std
         layout = torch.sqrt((z * z).sum(dim=1) + (r * r).sum(dim=1)) / self.layout_threshold
-        return logits, probs, cam, torch.minimum(feature, layout), contrast, feature, layout
+        ood = (
+            torch.maximum(feature, layout) if self.guard_either else torch.minimum(feature, layout)
+        )
+        return logits, probs, cam, ood, contrast, feature, layout
 
 
 class CalibratedLogits(nn.Module):
@@ -336,11 +347,16 @@ def layout_distance(
     return np.sqrt((z * z).sum(axis=1) + (r * r).sum(axis=1))
 
 
-def guard_passes(scores: np.ndarray, contrast: np.ndarray, min_contrast: float) -> np.ndarray:
+def guard_passes(
+    scores: np.ndarray, contrast: np.ndarray, min_contrast: float, combine: str = "both"
+) -> np.ndarray:
     """Which images pass the guard as the exported graph decides it: ``scores`` (one row per
     score - feature distance, layout distance - each divided by its threshold) has a row at
-    or below 1, and the image's ``contrast`` is at least ``min_contrast``."""
-    return (np.min(scores, axis=0) <= 1.0) & (contrast >= min_contrast)
+    or below 1 (``combine`` "both": flagged only when all exceed) or every row at or below 1
+    ("either": flagged when any exceeds), and the image's ``contrast`` is at least
+    ``min_contrast``."""
+    worst = np.max(scores, axis=0) if combine == "either" else np.min(scores, axis=0)
+    return (worst <= 1.0) & (contrast >= min_contrast)
 
 
 def pass_threshold(distances: np.ndarray, pass_rate: float) -> float:

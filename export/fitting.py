@@ -134,6 +134,7 @@ def fit_extras(
     guard_pass_rate: float = GUARD_PASS_RATE,
     min_contrast: float = MIN_CONTRAST,
     low_confidence: float = LOW_CONFIDENCE,
+    guard_combine: str = "both",
 ) -> Fitted:
     """Fit temperature and guard on the splits in ``splits`` (see the module docstring)."""
     data = {}
@@ -168,6 +169,7 @@ def fit_extras(
         except OSError as exc:
             logger.warning("%s: cannot write the reliability diagram: %s", run_dir, exc)
 
+    combine = guard_combine if layout_possible(spec) else "both"
     mean, whitening = fit_guard(outputs["train"][0])
     val_dist = mahalanobis(outputs["val"][0], mean, whitening)
     threshold = pass_threshold(val_dist, guard_pass_rate)
@@ -180,7 +182,7 @@ def fit_extras(
         if layout is not None:
             scores.append(layout.distance(arrays) / layout.threshold)
         contrast = arrays.reshape(len(arrays), -1).std(axis=1)
-        return guard_passes(np.stack(scores), contrast, min_contrast)
+        return guard_passes(np.stack(scores), contrast, min_contrast, combine)
 
     guard_meta: dict[str, Any] = {
         "method": "mahalanobis",
@@ -193,6 +195,7 @@ def fit_extras(
         "val_pass_rate": float(passing("val").mean()),
         "n_train": len(data["train"][1]),
         "n_val": len(val_labels),
+        "combine": combine,
     }
     if layout is not None:
         guard_meta["layout"] = {
@@ -200,7 +203,9 @@ def fit_extras(
             "grid": layout.grid,
             "components": int(layout.basis.shape[0]),
             "raw_threshold": layout.threshold,
-            "combined": "out of scope only when features and layout both exceed 1",
+            "combined": "out of scope only when features and layout both exceed 1"
+            if combine == "both"
+            else "out of scope when features or layout exceeds 1",
         }
     if "test" in outputs and len(data["test"][1]):
         guard_meta["test_pass_rate"] = float(passing("test").mean())
@@ -213,7 +218,9 @@ def fit_extras(
     }
     return Fitted(
         temperature=temperature,
-        guard=GuardStats(mean=mean, whitening=whitening, threshold=threshold, layout=layout),
+        guard=GuardStats(
+            mean=mean, whitening=whitening, threshold=threshold, layout=layout, combine=combine
+        ),
         calibration_meta=calibration_meta,
         guard_meta=guard_meta,
         reliability_png=png,
@@ -222,6 +229,11 @@ def fit_extras(
         val_labels=val_labels,
         test_labels=data["test"][1] if "test" in data else None,
     )
+
+
+def layout_possible(spec: PreprocessSpec) -> bool:
+    """Whether the input side allows the coarse-layout check (a multiple of the grid)."""
+    return spec.size % LAYOUT_GRID == 0
 
 
 def fit_layout_stats(

@@ -63,6 +63,7 @@ def tune_guard(
         return guard
     rate = float(guard.get("target_pass_rate", 0.98))
     min_contrast = float(guard.get("min_contrast", 0.0))
+    combine = str(guard.get("combine", "both"))
     layout = guard.get("layout")
     names = [THRESHOLD_INITIALIZER] + ([LAYOUT_THRESHOLD_INITIALIZER] if layout else [])
     inits = {i.name: i for i in model.graph.initializer if i.name in names}
@@ -85,7 +86,8 @@ def tune_guard(
 
     def pass_rate(out: np.ndarray) -> float:
         """The file's pass rate once the thresholds are ``new``: scores scale by old/new."""
-        return float(guard_passes(out[:-1] * (old / new)[:, None], out[-1], min_contrast).mean())
+        scaled = out[:-1] * (old / new)[:, None]
+        return float(guard_passes(scaled, out[-1], min_contrast, combine).mean())
 
     guard.update(
         {

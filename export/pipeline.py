@@ -94,6 +94,7 @@ class ExportOptions:
     temperature: float | None = None  # ship this temperature instead of the fitted one
     temperature_reason: str = ""  # why (recorded in xrwatch.calibration)
     population_threshold: float = POPULATION_THRESHOLD  # for a checkpoint with a gate
+    guard_combine: str = "both"  # features and layout: "both" must exceed, or "either"
 
     def validate(self) -> None:
         if self.output.suffix != ".onnx":
@@ -119,6 +120,8 @@ class ExportOptions:
             raise ConfigError("--guard-pass-rate must be in [0.5, 1]")
         if not 0.0 <= self.low_confidence < 1.0:
             raise ConfigError("--low-confidence must be in [0, 1)")
+        if self.guard_combine not in ("both", "either"):
+            raise ConfigError(f"guard combine must be both or either, got {self.guard_combine!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.population_threshold < 1.0:
@@ -314,6 +317,7 @@ def _fit(
         guard_pass_rate=options.guard_pass_rate,
         min_contrast=options.min_contrast,
         low_confidence=options.low_confidence,
+        guard_combine=options.guard_combine,
     )
 
 

@@ -411,6 +411,7 @@ class InferenceEngine:
             low_confidence=self.low_confidence,
             min_contrast=self.min_contrast,
             layout_checked=self.guard_layout,
+            layout_either=self.guard_layout and (self.meta.guard or {}).get("combine") == "either",
             population=population if gated else None,
             population_threshold=self.population_threshold,
             adult_age=self.adult_age,

@@ -111,6 +111,7 @@ def decide(
     low_confidence: float | None = None,
     min_contrast: float | None = None,
     layout_checked: bool = False,
+    layout_either: bool = False,
     population: float | None = None,
     population_threshold: float | None = None,
     adult_age: float = ADULT_AGE_YEARS,
@@ -119,10 +120,11 @@ def decide(
 
     ``None`` thresholds (a model exported without calibration, guard or population gate)
     disable that check. ``layout_checked``: the model's ``ood_score`` is the smaller of its
-    feature and its coarse-layout score (both must exceed 1), which the reason then says.
-    Order: ``out_of_scope`` (not a frontal chest radiograph), ``out_of_population``,
-    ``low_confidence``. The patient's age comes from ``image_meta.patient_age_years`` and
-    only counts for a model with a population gate (``population_threshold`` set).
+    feature and its coarse-layout score (both must exceed 1), or with ``layout_either`` the
+    larger (either may exceed 1), which the reason then says. Order: ``out_of_scope`` (not a
+    frontal chest radiograph), ``out_of_population``, ``low_confidence``. The patient's age
+    comes from ``image_meta.patient_age_years`` and only counts for a model with a population
+    gate (``population_threshold`` set).
     """
     evidence = []
     if contrast is not None and min_contrast is not None and contrast < min_contrast:
@@ -130,7 +132,11 @@ def decide(
             f"nearly uniform image (contrast {contrast:.4f} < {min_contrast:g}): blank or constant"
         )
     if ood_score is not None and not (math.isfinite(ood_score) and ood_score <= 1.0):
-        what = "features and coarse layout" if layout_checked else "features"
+        what = (
+            ("features or coarse layout" if layout_either else "features and coarse layout")
+            if layout_checked
+            else "features"
+        )
         evidence.append(
             f"image {what} unlike the training chest X-rays (guard score {ood_score:.2f} > 1)"
         )

@@ -26,7 +26,8 @@ def gated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     result = export_model(
         ExportOptions(source=run / "best.pt", output=root / "out" / "model.onnx",
                       int8=True, calibration=(shared / "real",), min_int8_agreement=0.0,
-                      temperature=1.0, temperature_reason="test: held-out NLL not lower")
+                      temperature=1.0, temperature_reason="test: held-out NLL not lower",
+                      guard_combine="either")
     )  # fmt: skip
     return {"run": run, "result": result, "shared": shared}
 
@@ -122,3 +123,22 @@ def test_weights_hash_ignores_metadata_and_follows_the_weights(
     init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     onnx.save(model, str(tmp_path / "other.onnx"))
     assert weights_sha256(tmp_path / "other.onnx") != weights_sha256(path)
+
+
+def test_either_guard_flags_when_features_or_layout_exceed(gated: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    from xrwatch.modelmeta import read_model_metadata
+    from xrwatch_export.explain import guard_passes
+
+    path = gated["result"].variant("fp32").path
+    assert read_model_metadata(path).guard["combine"] == "either"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = ["ood_score", "feature_score", "layout_score"]
+    x = np.random.default_rng(2).random((4, 1, 32, 32), dtype=np.float32)
+    ood, feature, layout = session.run(names, {"image": x})
+    assert np.allclose(ood, np.maximum(feature, layout))
+    scores = np.array([[0.5, 1.5, 0.5], [0.5, 0.5, 1.5]])
+    contrast = np.ones(3)
+    assert guard_passes(scores, contrast, 0.0, "either").tolist() == [True, False, False]
+    assert guard_passes(scores, contrast, 0.0, "both").tolist() == [True, True, True]
