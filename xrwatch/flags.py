@@ -36,9 +36,9 @@ _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 ScopeGuard = Literal["combined", "features"]  # which guard score flags out_of_scope
 SCOPE_GUARDS: tuple[str, ...] = get_args(ScopeGuard)
 SCOPE_GUARD_HELP = (
-    "out_of_scope from 'combined' (features and coarse layout both unlike the training "
-    "X-rays) or 'features' (feature distance alone: catches more non-chest images, flags "
-    "more chest X-rays from other hospitals)"
+    "out_of_scope from 'combined' (the model's own rule over features and coarse layout: "
+    "both unlike the training X-rays, or for a model whose guard combines with 'either' - the "
+    "packaged default - either one) or 'features' (the feature distance alone)"
 )
 
 CHEST_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})  # projection radiography
