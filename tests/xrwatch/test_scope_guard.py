@@ -44,6 +44,8 @@ def test_reason_says_which_checks_decided() -> None:
     alone = flags.decide(0.9, ood_score=1.3)
     assert alone[0] == flags.OUT_OF_SCOPE and "layout" not in alone[1]
     assert flags.decide(0.9, ood_score=0.99, layout_checked=True) == ("", "")
+    either = flags.decide(0.9, ood_score=1.3, layout_checked=True, layout_either=True)
+    assert either[0] == flags.OUT_OF_SCOPE and "features or coarse layout" in either[1]
 
 
 def test_combined_passes_a_shifted_chest_x_ray_that_features_alone_flag(
