@@ -4,6 +4,7 @@ xrwatch's own output in it, called-AE and address refusals that say why, DICOM T
 
 from __future__ import annotations
 
+import json
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -186,3 +187,51 @@ def test_dicom_tls_with_storescu(folders, daemons, dcmtk, tmp_path) -> None:
     wait_for(lambda: len(csv_rows(reports)) == 2, 60, "the row of the certified sender")
     assert d.stop() == 0
     assert "TLS handshake failed" in d.log_text()
+
+
+def _orthanc(orthanc, method: str, path: str, body: bytes | str | None = None) -> object:
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(
+        f"http://{LOOPBACK}:{orthanc.http_port}{path}", data=data, method=method
+    )
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def test_orthanc_pushes_a_whole_study_and_only_its_radiographs_are_classified(
+    folders, daemons, orthanc, tmp_path
+) -> None:
+    incoming, reports = folders
+    port = free_port()
+    study = generate_uid()
+    cr = [
+        write_dicom(tmp_path / f"cr{i}.dcm", pixels=gradient(40 + i, 36), study_instance_uid=study)
+        for i in range(3)
+    ]
+    ours = write_dicom(  # the heatmap SC xrwatch sent before, now part of the study
+        tmp_path / "ours.dcm",
+        pixels=gradient(48, 36),
+        study_instance_uid=study,
+        sop_class_uid=SecondaryCaptureImageStorage,
+        sop_instance_uid=f"{UID_ROOT}.4.777",
+        extra={"Manufacturer": "xrwatch"},
+    )
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))  # someone else's report
+    first = pydicom.dcmread(cr[0], stop_before_pixels=True)
+    sr.StudyInstanceUID, sr.PatientID, sr.PatientName = study, first.PatientID, first.PatientName
+    sr.save_as(tmp_path / "sr.dcm")
+    for path in [*cr, ours, tmp_path / "sr.dcm"]:
+        _orthanc(orthanc, "POST", "/instances", path.read_bytes())
+    (study_id,) = _orthanc(orthanc, "GET", "/studies")  # type: ignore[misc]
+    d = daemons(incoming, reports, *_args(port), "--dicom-allow-ae", "ORTHANC").start()
+    peer = json.dumps({"AET": "XRWATCH", "Host": LOOPBACK, "Port": port})
+    _orthanc(orthanc, "PUT", "/modalities/xrwatch", peer)
+    # the whole study, as a routing rule would push it: every instance accepted
+    done = _orthanc(orthanc, "POST", "/modalities/xrwatch/store", json.dumps([study_id]))
+    assert isinstance(done, dict), done
+    assert (done["InstancesCount"], done["FailedInstancesCount"]) == (5, 0), done
+    wait_for(lambda: len(csv_rows(reports)) == 3, 60, "the three CR rows")
+    assert d.stop() == 0
+    assert sorted(r["sop_instance_uid"] for r in csv_rows(reports)) == sorted(map(sop_uid, cr))
+    log = d.log_text()
+    assert "was made by xrwatch" in log and "is not a radiograph" in log
