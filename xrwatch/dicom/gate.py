@@ -156,10 +156,30 @@ class Gate:
         for peer in peers:
             peer.assoc.join(1.0)
             self._end(peer)
+        self._stop_stray_threads()
         self._epoll.close()
         self._epoll = None
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def _stop_stray_threads(self) -> None:
+        """pynetdicom's DUL threads are not daemon threads: one still running would keep
+        the process from exiting. Tell any of this server's to exit."""
+        stray = [
+            t
+            for t in threading.enumerate()
+            if hasattr(t, "_kill_thread")
+            and getattr(getattr(t, "_assoc", None), "_server", None) is self.server
+        ]
+        for thread in stray:
+            thread._kill_thread = True
+            sock = getattr(getattr(thread, "socket", None), "socket", None)
+            if sock is not None:
+                self._close(sock)
+        for thread in stray:
+            thread.join(1.0)
+            if thread.is_alive():
+                logger.warning("DICOM receiver: thread %s did not stop", thread.name)
 
     # -- the server's side -------------------------------------------------------------
     def admit(self, sock: socket.socket, address: Any) -> None:
