@@ -232,6 +232,22 @@ def serve(
         help="Send each result SR to AE@host:port by C-STORE (repeatable).",
         rich_help_panel="DICOM",
     ),
+    dicom_send_attempts: int | None = typer.Option(
+        None,
+        "--dicom-send-attempts",
+        help=_with_default(
+            "Tries of one result per destination before it is parked", "dicom_send_attempts"
+        ),
+        rich_help_panel="DICOM",
+    ),
+    dicom_send_timeout: float | None = typer.Option(
+        None,
+        "--dicom-send-timeout",
+        help=_with_default(
+            "Seconds a send association waits on the destination", "dicom_send_timeout"
+        ),
+        rich_help_panel="DICOM",
+    ),
     dicom_sr: bool | None = typer.Option(
         None,
         "--dicom-sr/--no-dicom-sr",
@@ -319,6 +335,8 @@ def serve(
         "dicom_tls_key": dicom_tls_key,
         "dicom_tls_ca": dicom_tls_ca,
         "dicom_destinations": dicom_destination or None,
+        "dicom_send_attempts": dicom_send_attempts,
+        "dicom_send_timeout": dicom_send_timeout,
         "dicom_sr": dicom_sr,
         "heatmaps": heatmaps,
         "low_confidence": low_confidence,

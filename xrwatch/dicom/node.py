@@ -119,6 +119,8 @@ class DicomNode:
             model_name=_model_name(daemon),
             ae_title=cfg.ae_title,
             destinations=destinations,
+            timeout=cfg.dicom_send_timeout,
+            max_attempts=cfg.dicom_send_attempts,
             on_written=self._written,
             on_sent=self._sent,
         )
