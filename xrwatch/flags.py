@@ -141,8 +141,7 @@ def decide(
             f"image {what} unlike the training chest X-rays (guard score {ood_score:.2f} > 1)"
         )
     header = header_evidence(image_meta)
-    if evidence or header:
-        return OUT_OF_SCOPE, "; ".join(evidence + header)
+    why = ""
     if population_threshold is not None:
         why = population_evidence(
             patient_age=getattr(image_meta, "patient_age_years", None),
@@ -150,8 +149,10 @@ def decide(
             threshold=population_threshold,
             adult_age=adult_age,
         )
-        if why:
-            return OUT_OF_POPULATION, why
+    if evidence or header:  # an adult's film unlike the training films says both
+        return OUT_OF_SCOPE, "; ".join(evidence + header + ([why] if why else []))
+    if why:
+        return OUT_OF_POPULATION, why
     if low_confidence is not None and confidence < low_confidence:
         return LOW_CONFIDENCE, f"top probability {confidence:.3f} < {low_confidence:g}"
     return "", ""

@@ -159,6 +159,7 @@ def test_population_flag_age_overrides_the_image_and_scope_comes_first() -> None
     flag, why = decide(0.9, population=0.7, **gate)
     assert flag == OUT_OF_POPULATION and "0.70" in why
     assert decide(0.9, population=0.3, **gate) == ("", "")
-    assert decide(0.9, ood_score=2.0, image_meta=adult, **gate)[0] == OUT_OF_SCOPE
+    scope, reason = decide(0.9, ood_score=2.0, image_meta=adult, **gate)
+    assert scope == OUT_OF_SCOPE and "patient age 40 y" in reason  # both reasons said
     # a model without a gate never flags by age or score
     assert decide(0.9, image_meta=adult, population=0.99) == ("", "")
