@@ -31,8 +31,8 @@ from typing import Any
 
 import highdicom as hd
 import pydicom.config
-from pydicom import Dataset
-from pydicom.valuerep import validate_value
+from pydicom import DataElement, Dataset
+from pydicom.valuerep import PersonName, validate_value
 
 import xrwatch
 from xrwatch.dicom import codes
@@ -135,12 +135,53 @@ def source_character_set(source: Dataset) -> str | list[str] | None:
     return values[0] if len(values) == 1 else values
 
 
+def _is_ascii(value: Any) -> bool:
+    if isinstance(value, str | PersonName):
+        return str(value).isascii()
+    if isinstance(value, list | tuple):  # MultiValue is a list
+        return all(_is_ascii(v) for v in value)
+    return True  # numbers, bytes, sequences (walked by _non_ascii)
+
+
+def _non_ascii(ds: Dataset, out: list[DataElement]) -> bool:
+    """Collect into ``out`` every element of ``ds`` (sequences walked) with a text value
+    that is not ASCII; ``False`` when a nested item names its own character set."""
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or ():
+                if "SpecificCharacterSet" in item or not _non_ascii(item, out):
+                    return False
+        elif not _is_ascii(element.value):
+            out.append(element)
+    return True
+
+
 def _encodes(ds: Dataset) -> bool:
-    """Whether every text of ``ds`` encodes in its Specific Character Set."""
+    """Whether every text of ``ds`` encodes in its Specific Character Set.
+
+    ASCII encodes in every character set pydicom knows (its codecs all take the
+    printable ASCII: ``tests/xrwatch/dicom/test_sr_charset_check.py``), so only the
+    elements with other characters are written, each in an item of a sequence that
+    inherits the character set, by pydicom's own writer; the Specific Character Set
+    itself is always written (pydicom warns there about a name it does not know)."""
+    texts: list[DataElement] = []
+    if _non_ascii(ds, texts):
+        probe = Dataset()
+        if "SpecificCharacterSet" in ds:
+            probe.SpecificCharacterSet = ds.SpecificCharacterSet
+        items = []
+        for element in texts:
+            item = Dataset()
+            item[element.tag] = element
+            items.append(item)
+        probe.ContentSequence = items
+        syntax: dict[str, Any] = {"implicit_vr": False, "little_endian": True}
+    else:
+        probe, syntax = ds, {}  # a nested character set: write all, as it will be written
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # pydicom warns, then writes '?', when one does not
         try:
-            ds.save_as(io.BytesIO(), enforce_file_format=False)
+            probe.save_as(io.BytesIO(), enforce_file_format=False, **syntax)
         except (UnicodeError, LookupError, UserWarning):
             return False
     return True
