@@ -10,8 +10,13 @@ first byte sent (or dropped) to the last report JSON written:
 
 1. folder: the files are copied into INCOMING (temp name, then rename), as fast as possible;
 2. C-STORE: DCMTK's ``storescu`` sends them to ``--dicom-port`` (one association per
-   transfer syntax family), as a modality would; the daemon also writes an SR per
-   instance (REPORTS/dicom), which competes for the same CPUs.
+   transfer syntax family), as a modality would.
+
+Both daemons do the same work per instance: each also writes the DICOM SR of every
+instance (REPORTS/dicom; the folder daemon with ``--dicom-sr``), which competes for the
+same CPUs. (Before, only the C-STORE daemon built SRs, so the ratio weighed the SR
+builder's CPU against the receiver.) Each phase prints the rate to the last report and,
+apart, the time until the last SR is written; ``--no-sr-on-folder`` measures the old way.
 
 Needs ``storescu`` (Debian package dcmtk) and the train extra (to build the model).
 """
@@ -72,20 +77,34 @@ def wait_reports(reports: Path, n: int, timeout: float = 1800) -> float:
     return time.perf_counter()
 
 
-def folder_phase(work: Path, files: list[Path], model: Path, common: list[str]) -> float:
+def wait_srs(reports: Path, n: int, timeout: float = 600) -> tuple[int, float]:
+    """``(SRs written, when)``: once all ``n`` are, or after ``timeout`` seconds."""
+    deadline = time.perf_counter() + timeout
+    srs = 0
+    while time.perf_counter() < deadline:
+        srs = sum(1 for _ in (reports / "dicom").rglob("*.SR.dcm"))
+        if srs >= n:
+            break
+        time.sleep(0.05)
+    return srs, time.perf_counter()
+
+
+def folder_phase(work: Path, files: list[Path], model: Path, common: list[str], srs: bool) -> float:
     """Drop ``files`` into INCOMING (temp name, rename); instances/s to the last report."""
     incoming, reports = work / "in", work / "rep"
     incoming.mkdir(parents=True)
-    d = Daemon(incoming, reports, model, common)
+    d = Daemon(incoming, reports, model, [*common, *(["--dicom-sr"] if srs else [])])
     t0 = time.perf_counter()
     for p in files:
         tmp = incoming / f".{p.name}.tmp"
         shutil.copyfile(p, tmp)
         os.replace(tmp, incoming / p.name)
     t1 = wait_reports(reports, len(files))
+    written, t_sr = wait_srs(reports, len(files)) if srs else (0, t1)
     d.stop()
     rate = len(files) / (t1 - t0)
-    print(f"  folder:  {rate:6.1f} instances/s (drop -> last report)")
+    print(f"  folder:  {rate:6.1f} instances/s (drop -> last report)"
+          + (f"; all {written} SRs written after {t_sr - t0:.1f} s" if srs else ""))  # fmt: skip
     return rate
 
 
@@ -114,11 +133,7 @@ def dicom_phase(
             raise SystemExit(f"storescu failed: {err.decode(errors='replace')[-500:]}")
     t_sent = time.perf_counter()
     t1 = wait_reports(reports, n)
-    srs = 0
-    while srs < n and time.perf_counter() - t1 < 600:
-        srs = sum(1 for _ in (reports / "dicom").rglob("*.SR.dcm"))
-        time.sleep(0.05)
-    t_sr = time.perf_counter()
+    srs, t_sr = wait_srs(reports, n)
     d.stop()
     rate = n / (t1 - t0)
     print(f"  C-STORE: {rate:6.1f} instances/s (first send -> last report); all acknowledged "
@@ -135,6 +150,12 @@ def main() -> int:
     ap.add_argument("--arch", default="tinycnn", help="architecture to build when no --model")
     ap.add_argument("--size", type=int, default=224, help="input size when building")
     ap.add_argument("--rounds", type=int, default=2, help="folder/C-STORE pairs, alternated")
+    ap.add_argument(
+        "--no-sr-on-folder",
+        dest="folder_srs",
+        action="store_false",
+        help="the folder daemon writes no SRs (unequal work: the measure before)",
+    )
     args = ap.parse_args()
     storescu = shutil.which("storescu")
     if storescu is None or not SHARED.is_dir():
@@ -156,7 +177,7 @@ def main() -> int:
         common = ["--batch-size", "8", "--workers", "2"]
         folder_rates, dicom_rates = [], []
         for r in range(args.rounds):  # alternated, so load from elsewhere hits both
-            folder_rates.append(folder_phase(work / f"f{r}", files, model, common))
+            folder_rates.append(folder_phase(work / f"f{r}", files, model, common, args.folder_srs))
             dicom_rates.append(dicom_phase(work / f"d{r}", groups, model, common, storescu))
         f_mean = sum(folder_rates) / len(folder_rates)
         d_mean = sum(dicom_rates) / len(dicom_rates)
@@ -164,7 +185,8 @@ def main() -> int:
               f"{', '.join(f'{x:.1f}' for x in folder_rates)})")  # fmt: skip
         print(f"C-STORE: {d_mean:6.1f} instances/s (rounds: "
               f"{', '.join(f'{x:.1f}' for x in dicom_rates)})")  # fmt: skip
-        print(f"C-STORE / folder = {d_mean / f_mean:.2f}")
+        same = "both write SRs" if args.folder_srs else "only C-STORE writes SRs"
+        print(f"C-STORE / folder = {d_mean / f_mean:.2f} ({same})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
