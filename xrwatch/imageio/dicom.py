@@ -209,6 +209,7 @@ def _meta(
         accession_number=_str(ds, "AccessionNumber"),
         body_part=_str(ds, "BodyPartExamined"),
         view_position=_str(ds, "ViewPosition"),
+        presentation_intent=_str(ds, "PresentationIntentType"),
         patient_age_years=age_years(
             _str(ds, "PatientAge"), _str(ds, "PatientBirthDate"), _str(ds, "StudyDate")
         ),

@@ -34,6 +34,10 @@ class ImageMeta:
     accession_number: str | None = None
     body_part: str | None = None
     view_position: str | None = None
+    # DX PresentationIntentType: "FOR PROCESSING" (raw detector data, not an image to read;
+    # xrwatch.flags raises out_of_scope) or "FOR PRESENTATION". An image attribute, not
+    # patient data, shown by ``inspect``; not a column of the reports.
+    presentation_intent: str | None = None
     # DICOM PatientAge, else PatientBirthDate with StudyDate, as years (xrwatch.flags:
     # the population gate); the dates themselves are never kept. Not in reports.
     patient_age_years: float | None = None
