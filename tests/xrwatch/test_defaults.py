@@ -104,20 +104,34 @@ def test_shipped_model_matches_its_card() -> None:
     meta = read_model_metadata(shipped)
     text = card.read_text(encoding="utf-8")
     assert meta.arch in text and "Not a medical device" in text
-    # what the heatmap is and is not, the calibration figures and the guard's measured rates
-    if meta.cam is not None:
-        assert "## Heatmaps" in text and "not a segmentation" in text
-    if meta.calibration is not None:
-        assert f"T = {float(meta.calibration['temperature']):.4f}" in text
-        rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-        for split, ece in meta.calibration["ece"].items():
-            row = rows[f"| {split}"]
-            assert row.startswith(f"| {split} | {ece['n']} | {ece['before']:.4f}"), row
-            assert f"| {ece['after']:.4f}" in row, row
-    if meta.guard is not None:
-        assert "## Scope guard" in text
-        assert "flagged `out_of_scope`" in text and "non-chest images caught" in text
-        assert "no out-of-distribution check" not in text
+    # who it is for, and what it is not for, said plainly
+    assert meta.classes == ("Normal", "Bacteria", "Virus")
+    assert "## Population" in text and "Children aged 1-5" in text and "## Not for" in text
+    assert meta.population is not None and meta.population["output"] == "population"
+    assert f"`population` >= {meta.population['threshold']}" in text
+    # the input contract, stated in the file and in the card
+    assert meta.input is not None and meta.input["range"] == [0.0, 1.0]
+    assert "## Input contract" in text and "inside the graph" in text
+    # heatmaps that localise: a grid of at least 7 x 7
+    assert meta.cam is not None and min(meta.cam["shape"][1:]) >= 7
+    assert "## Heatmaps" in text
+    # the temperature the file carries is the one the card states, with its reason
+    assert meta.calibration is not None
+    t = float(meta.calibration["temperature"])
+    assert f"Temperature shipped: **{t:.3f}**" in text
+    assert meta.calibration["temperature_reason"] in text
+    # the guard's and the gate's measured rates
+    assert "## Scope guard" in text and "non-chest images caught" in text
+    assert "## Population gate" in text and "adult/ held-out patients" in text
+    # the weights hash verifies a rebuild
+    import re
+
+    m = re.search(r"its weights \(ONNX initializers.*?`([0-9a-f]{64})`", text, re.S)
+    assert m, "the card states the weights' sha256"
+    pytest.importorskip("onnx")
+    from xrwatch_export.contract import weights_sha256
+
+    assert weights_sha256(shipped) == m.group(1)
 
 
 def test_doctor_states_the_population_a_model_is_for(tiny_onnx_model: Path) -> None:
