@@ -439,6 +439,8 @@ class Daemon:
             self.tracker.offer(work.cand.path, delay=work.delay, seen_at=work.cand.seen_at)
         elif work.kind == "done":
             self.delivery.seen_again(work)
+        elif work.kind == "own_output":
+            self.delivery.own_output(work)
 
     def _drain(self) -> None:
         """Finish what is in flight: decodes already claimed, then the last batches."""

@@ -80,6 +80,15 @@ class Delivery:
             self._pending_archive.append((work, work.done_state == "ok"))
             self.archive_pending()
 
+    def own_output(self, work: Work) -> None:
+        """``work`` (kind ``own_output``) was made by xrwatch: never classified, no report
+        row; counted, and archived to ``processed/`` (it was handled) when archiving is on."""
+        logger.info("%s: skipped: made by xrwatch (%s); not classified", work.rel, work.error)
+        self.metrics.own_output.inc()
+        if self.config.archive is not None:
+            self._pending_archive.append((work, True))
+            self.archive_pending()
+
     def flush(self) -> None:
         try:
             rows = self.writer.flush(
@@ -142,6 +151,8 @@ class Delivery:
                 self.tracker.offer(path)
                 continue
             logger.info("%s: moved to %s", rel, dest)
+            if not work.row_id:
+                continue  # no ledger row (xrwatch's own output): nothing to record
             try:
                 self.ledger.set_archived(work.row_id, str(dest))
             except sqlite3.Error as exc:  # only bookkeeping: the move itself is done

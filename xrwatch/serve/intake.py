@@ -4,6 +4,10 @@ Owns what a worker does with a file found complete (:meth:`Intake.prepare`): rea
 INCOMING without following links (a symbolic link is read only when it leads to a file
 inside INCOMING), read it once and bounded (``max_file_mb``), hash the bytes read, claim it
 in the ledger and decode those very bytes through :func:`xrwatch.preprocess.load_model_input`.
+A DICOM object xrwatch made itself (its SR or heatmap Secondary Capture, routed back into
+INCOMING: :func:`xrwatch.dicom.provenance.own_output`) is neither claimed nor decoded: it is
+``own_output`` work, skipped with a log line, counted and archived, and not read again
+while it stays unchanged.
 A file that changed while it was looked at is requeued; one still being written (truncated,
 or too short to identify) is waited for up to ``truncated_timeout``; one removed meanwhile
 is not ours to report. The result is a :class:`Work`, which says what the worker concluded.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import logging
 import os
 import stat
@@ -25,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from xrwatch.dicom import provenance
 from xrwatch.errors import ImageError, TruncatedImageError
 from xrwatch.imageio.detect import HEAD_BYTES, JPEG_SIGNATURE, PNG_SIGNATURE
 from xrwatch.preprocess import PreprocessSpec, load_model_input
@@ -45,12 +51,12 @@ class Work:
 
     cand: Candidate
     rel: str
-    kind: Literal["input", "error", "skip", "requeue", "done"]
+    kind: Literal["input", "error", "skip", "requeue", "done", "own_output"]
     row_id: int = 0
     sha256: str = ""
     array: np.ndarray | None = None
     meta: Any = None
-    error: str = ""
+    error: str = ""  # kind == "own_output": why it looks made by xrwatch
     done_state: str = ""  # for kind == "done": the recorded outcome
     delay: float = 0.0  # for kind == "requeue"
     parts: tuple[str, ...] = ()  # the path below INCOMING, as the OS names it
@@ -104,6 +110,23 @@ def too_short_to_identify(data: bytes) -> bool:
     return JPEG_SIGNATURE.startswith(data[:3]) and len(data) < HEAD_BYTES
 
 
+def own_output(data: bytes) -> str | None:
+    """Why the DICOM file ``data`` looks made by xrwatch (its SR or heatmap SC); ``None``
+    for any other file. Only the few attributes :mod:`xrwatch.dicom.provenance` reads are
+    parsed: what xrwatch writes always has the preamble and ``DICM``."""
+    if len(data) < HEAD_BYTES or data[128:132] != b"DICM":
+        return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True, specific_tags=list(provenance.TAGS)
+        )
+        return provenance.own_output(ds)
+    except Exception:  # unreadable here: the decoder reports it as it does for any file
+        return None
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether ``path`` is ``root`` or below it (both already resolved)."""
     try:
@@ -134,6 +157,8 @@ class Intake:
         self._stop = stop
         self._truncated_since: dict[str, float] = {}
         self._incomplete_logged: set[str] = set()  # handled on the main loop's thread only
+        # own output left in INCOMING (no archive): its signature, so it is not read again
+        self._own_output: dict[str, tuple[int, int, int, int]] = {}
 
     # -- on the main loop's thread -------------------------------------------------------
     def taken(self, work: Work) -> None:
@@ -183,6 +208,8 @@ class Intake:
             raise _Skip from None  # gone
         if signature(lst) != (cand.size, cand.mtime_ns, cand.ctime_ns, cand.ino):
             raise _Requeue  # changed since it was found complete
+        if self._own_output.get(rel) == signature(lst):
+            raise _Skip  # xrwatch's own output, already skipped and logged
         fid: FileId | None = FileId.of(lst)  # what an archive move must find at the name
         if stat.S_ISDIR(lst.st_mode):
             if depth("/".join(parts)) <= MAX_DEPTH:
@@ -204,6 +231,15 @@ class Intake:
                 cand, rel, "done", row_id=done[0], done_state=done[1], parts=parts, fid=fid,
                 refresh=refresh,
             )  # fmt: skip
+        own = own_output(got.data) if got.data is not None and not got.error else None
+        if own is not None:
+            if self.config.archive is None:  # left where it is: not read again unchanged
+                self._own_output[rel] = signature(lst)
+            return Work(
+                cand, rel, "own_output", sha256=got.sha256, error=printable(own), parts=parts,
+                fid=fid,
+            )  # fmt: skip
+        self._own_output.pop(rel, None)
         row_id = self.ledger.claim(
             rel, got.identity, got.sha256, cand.size, cand.mtime_ns, cand.seen_at,
             cand.ctime_ns, cand.ino,

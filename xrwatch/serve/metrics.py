@@ -78,6 +78,12 @@ class Metrics:
             "their report could not be written, or waiting for the next write)",
             registry=self.registry,
         )
+        self.own_output = Counter(
+            "xrwatch_own_output_skipped",
+            "Files in INCOMING made by xrwatch (its SR or heatmap SC routed back): skipped, "
+            "not classified",
+            registry=self.registry,
+        )
         self.report_write_failures = Counter(
             "xrwatch_report_write_failures",
             "Attempts to write reports that failed (whole writes and single held rows)",
