@@ -404,6 +404,11 @@ class Receiver:
     ) -> tuple[str, int | Dataset]:
         sha = part.sha256()
         filename = f"{sop_uid}.dcm"
+        try:  # outside the lock: other associations' instances are synced meanwhile
+            self._sync(part)
+        except OSError as exc:
+            logger.error("C-STORE from AE %r: cannot store %s: %s", calling, sop_uid, exc)
+            return "failed", _status(OUT_OF_RESOURCES, "cannot store the instance")
         with self._lock:
             known = self.receipts.sha256(sop_uid)
             if known is None and (
@@ -442,16 +447,20 @@ class Receiver:
         self.on_file(self.incoming / rel)
         return "stored", SUCCESS
 
-    def _commit(self, part: PartFile, study: str, series: str, filename: str) -> str:
+    def _sync(self, part: PartFile) -> None:
+        """The part's bytes on disk (before :meth:`_commit` gives them their name)."""
         spool = self.spool.open()
         try:
             fd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=spool)
         finally:
             os.close(spool)
         try:
-            os.fsync(fd)  # the bytes are on disk before the name is
+            os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _commit(self, part: PartFile, study: str, series: str, filename: str) -> str:
+        """Name the part (synced by :meth:`_sync`) durably: rename, folder fsync."""
         rel = self.spool.commit(part.part, study, series, filename)
         part.committed = True
         return rel
