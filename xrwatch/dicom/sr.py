@@ -24,6 +24,7 @@ and model, the same each time it is built.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import warnings
@@ -39,6 +40,39 @@ from xrwatch.dicom import codes
 from xrwatch.dicom.uids import Kind, derived_uid
 
 logger = logging.getLogger(__name__)
+
+
+def _memoize_iod_lookups() -> None:
+    """Answer highdicom's "is attribute X in the IOD of SOP class Y" from a cache.
+
+    highdicom walks its tables of the standard on every call (a few ms each, several per
+    SR and SC: Content Date and Time, multi-frame, has pixel data); the answer depends
+    only on its arguments and those fixed tables, so the cached answer is the same.
+    Left as it is when highdicom no longer has the function where it had it."""
+    import highdicom._standard_utils as standard
+    import highdicom.base
+    import highdicom.sr.content
+
+    original = getattr(standard, "is_attribute_in_iod", None)
+    if original is None or hasattr(original, "xrwatch_cached"):
+        return
+    cached = functools.lru_cache(maxsize=512)(
+        lambda attribute, sop_class_uid, exclude: original(attribute, sop_class_uid, exclude)
+    )
+
+    def is_attribute_in_iod(
+        attribute: str, sop_class_uid: str, exclude_path_elements: Any = None
+    ) -> bool:
+        exclude = None if exclude_path_elements is None else tuple(exclude_path_elements)
+        return bool(cached(str(attribute), str(sop_class_uid), exclude))
+
+    is_attribute_in_iod.xrwatch_cached = True  # type: ignore[attr-defined]
+    for module in (standard, highdicom.base, highdicom.sr.content):
+        if getattr(module, "is_attribute_in_iod", None) is original:
+            module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
+
+
+_memoize_iod_lookups()
 
 MANUFACTURER = "xrwatch"  # what xrwatch.dicom.provenance recognises
 SR_SERIES_NUMBER = 9901  # high, so viewers list the results after the images
