@@ -36,6 +36,23 @@ def _processor() -> str:
     return "unknown CPU"
 
 
+def _resumes(run: Path) -> list[str]:
+    """The run's resumptions with a changed config (``config_history.jsonl``): a retrain
+    from scratch with the final config follows another path, so the weights differ."""
+    path = run / "config_history.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    changes = "; ".join(
+        ", ".join(f"{k} {a} -> {b}" for k, (a, b) in r["changed"].items()) for r in rows
+    )
+    return [
+        f"- Resumed {len(rows)} time(s) with a changed config ({changes}); the learning rate "
+        "follows the epoch count in force at each epoch. A retrain from scratch follows a "
+        "different path: the weight hash verifies a re-export of this checkpoint, not a retrain.",
+    ]
+
+
 def write_card(report: dict[str, Any], run: Path, path: Path) -> str:
     cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))
     history = json.loads((run / "history.json").read_text(encoding="utf-8"))
@@ -103,6 +120,7 @@ def write_card(report: dict[str, Any], run: Path, path: Path) -> str:
         "  autocontrast-like window stretch, histogram equalisation, JPEG re-encoding.",
         f"- Trained on {_processor()}, "
         f"{sum(r['epoch_seconds'] for r in history) / 60:.0f} min of epochs, sharing the machine.",
+        *_resumes(run),
         "",
         "## Input contract",
         "",
