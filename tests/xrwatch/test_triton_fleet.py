@@ -96,6 +96,12 @@ def default_repo(default_model: Path, tmp_path_factory) -> Path:
     return root
 
 
+def local_meta_precision(model: Path) -> str:
+    from xrwatch.modelmeta import read_model_metadata
+
+    return read_model_metadata(model).precision
+
+
 def _samples() -> list[Path]:
     return expand_inputs([SAMPLES])
 
@@ -152,7 +158,8 @@ def test_default_model_through_triton_matches_local(
     engine = TritonEngine(default_server.url, "xrwatch")
     try:
         assert engine.model_sha256 == local[0].model_sha256
-        assert engine.meta.precision == "int8"  # the shipped default is the int8 export
+        # the shipped default's own precision (fp32 for the paediatric default, #20)
+        assert engine.meta.precision == local_meta_precision(default_model)
         assert engine.has_cam and engine.has_guard
         remote = engine.predict_paths(
             files, batch_size=3, heatmaps=tmp_path / "remote", root=SAMPLES
@@ -281,8 +288,9 @@ def test_batches_larger_than_the_servers_limit_are_split(
     default_server: LocalTriton, default_model: Path
 ) -> None:
     rng = np.random.default_rng(0)
-    batch = rng.random((37, 64, 64), dtype=np.float32)  # the repository's limit is 16
     local = InferenceEngine(default_model, use_gpu=False)
+    size = local.spec.size
+    batch = rng.random((37, size, size), dtype=np.float32)  # the repository's limit is 16
     engine = TritonEngine(default_server.url)
     try:
         assert engine.fleet.max_batch == 16
@@ -313,7 +321,7 @@ def test_classify_command_through_triton(
     code_r, out_r, _ = _cli([*args, "--triton", default_server.url], capsys)
     remote = json.loads(out_r)
     assert code == code_r == EXIT_FAILED  # ATTRIBUTION.md is not an image
-    assert len(local) == len(remote) == 9
+    assert len(local) == len(remote) == 7  # 6 samples (#20: no COVID-19) + ATTRIBUTION.md
     for a, b in zip(local, remote, strict=True):
         pa, pb = a.pop("probabilities"), b.pop("probabilities")
         assert pa.keys() == pb.keys()
@@ -549,7 +557,7 @@ def test_serve_once_through_triton_matches_local(default_server: LocalTriton, tm
         assert done.returncode == 0, done.stderr[-3000:]
         runs[kind] = {Path(r["file"]).name: r for r in _rows(reports)}
     local, remote = runs["local"], runs["triton"]
-    assert sorted(local) == sorted(remote) and len(local) == 8
+    assert sorted(local) == sorted(remote) and len(local) == 6
     for name, a in local.items():
         b = remote[name]
         assert (a["status"], a["label"], a["flag"], a["model_sha256"]) == (
@@ -559,7 +567,7 @@ def test_serve_once_through_triton_matches_local(default_server: LocalTriton, tm
             assert abs(float(a[key]) - float(b[key])) <= TOLERANCE + 1e-6, (name, key)
         assert b["provider"] == "triton" and b["model"].endswith("(triton:xrwatch@1)")
     pngs = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png"))
-    assert len(pngs) == 8
+    assert len(pngs) == 6
     for rel in pngs:
         assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "triton" / rel).read_bytes()
 
