@@ -17,6 +17,9 @@ instance (REPORTS/dicom; the folder daemon with ``--dicom-sr``), which competes 
 same CPUs. (Before, only the C-STORE daemon built SRs, so the ratio weighed the SR
 builder's CPU against the receiver.) Each phase prints the rate to the last report and,
 apart, the time until the last SR is written; ``--no-sr-on-folder`` measures the old way.
+After each C-STORE phase the same instances are sent again to the now idle daemon
+(duplicates: acknowledged, not stored): the time of the transfer and the receiver alone.
+``--max-pdu`` sets the receiver's ``--dicom-max-pdu``.
 
 Needs ``storescu`` (Debian package dcmtk) and the train extra (to build the model).
 """
@@ -109,13 +112,19 @@ def folder_phase(work: Path, files: list[Path], model: Path, common: list[str], 
 
 
 def dicom_phase(
-    work: Path, groups: dict[str, list[Path]], model: Path, common: list[str], storescu: str
+    work: Path,
+    groups: dict[str, list[Path]],
+    model: Path,
+    common: list[str],
+    storescu: str,
+    max_pdu: int | None = None,
 ) -> float:
     """storescu to the receiver; instances/s from the first send to the last report."""
     incoming, reports = work / "in", work / "rep"
     incoming.mkdir(parents=True)
     port = free_port()
-    receiver = ["--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "BENCH"]
+    receiver = ["--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "BENCH",
+                *(["--dicom-max-pdu", str(max_pdu)] if max_pdu else [])]  # fmt: skip
     d = Daemon(incoming, reports, model, [*common, *receiver])
     n = sum(len(g) for g in groups.values())
     t0 = time.perf_counter()
@@ -161,6 +170,7 @@ def main() -> int:
     ap.add_argument("--arch", default="tinycnn", help="architecture to build when no --model")
     ap.add_argument("--size", type=int, default=224, help="input size when building")
     ap.add_argument("--rounds", type=int, default=2, help="folder/C-STORE pairs, alternated")
+    ap.add_argument("--max-pdu", type=int, help="the receiver's --dicom-max-pdu (default its own)")
     ap.add_argument(
         "--no-sr-on-folder",
         dest="folder_srs",
@@ -189,7 +199,9 @@ def main() -> int:
         folder_rates, dicom_rates = [], []
         for r in range(args.rounds):  # alternated, so load from elsewhere hits both
             folder_rates.append(folder_phase(work / f"f{r}", files, model, common, args.folder_srs))
-            dicom_rates.append(dicom_phase(work / f"d{r}", groups, model, common, storescu))
+            dicom_rates.append(
+                dicom_phase(work / f"d{r}", groups, model, common, storescu, args.max_pdu)
+            )
         f_mean = sum(folder_rates) / len(folder_rates)
         d_mean = sum(dicom_rates) / len(dicom_rates)
         print(f"folder:  {f_mean:6.1f} instances/s (rounds: "
