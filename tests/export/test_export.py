@@ -17,7 +17,7 @@ from tests.helpers.models import make_checkpoint
 from xrwatch.cli._app import EXIT_ERROR, EXIT_OK, main
 from xrwatch.engine import InferenceEngine
 from xrwatch.errors import ConfigError
-from xrwatch.preprocess import load_model_input
+from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch_export.pipeline import ExportOptions, ExportResult, export_model
 from xrwatch_export.verify import ExportVerificationError
 from xrwatch_training.checkpoint import load_checkpoint
@@ -69,7 +69,14 @@ def test_metadata_written_per_contract(full_export: ExportResult) -> None:
     props = {p.key: p.value for p in model.metadata_props}
     assert props["xrwatch.format_version"] == "1"
     assert json.loads(props["xrwatch.classes"]) == ckpt["classes"]
-    assert json.loads(props["xrwatch.preprocess"]) == ckpt["preprocess"]
+    # mean/std are applied inside the graph only, so the metadata no longer lists them
+    # (xrwatch.input states the contract); readers fill in the same spec
+    listed = json.loads(props["xrwatch.preprocess"])
+    assert listed == {k: v for k, v in ckpt["preprocess"].items() if k not in ("mean", "std")}
+    assert PreprocessSpec.from_json(props["xrwatch.preprocess"]) == PreprocessSpec.from_dict(
+        ckpt["preprocess"]
+    )
+    assert "inside the graph" in json.loads(props["xrwatch.input"])["normalisation"]
     assert props["xrwatch.arch"] == "tinycnn"
     assert props["xrwatch.experiment"] == "custom"
     assert props["xrwatch.task"] == "multiclass"
