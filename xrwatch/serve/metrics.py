@@ -9,16 +9,20 @@ The server bounds what idle or slow clients can hold: a connection silent for
 ``IDLE_TIMEOUT`` seconds is closed, and so is every connection ``REQUEST_DEADLINE``
 seconds after it was accepted, however it trickles (the idle timeout restarts with each
 byte). At most ``MAX_CONNECTIONS`` are served at once: with every slot taken, the oldest
-connection is closed for the new one if it is older than ``EVICT_AFTER`` (a scrape takes
-milliseconds), else the new one is closed; so clients trickling bytes cannot starve
-``/healthz``, and it never keeps a thread per idle connection.
+connection still sending its request (none complete yet, none waiting unread) is closed for
+the new one if it is older than ``EVICT_AFTER`` (a scrape takes milliseconds), else the new
+one is closed; a connection whose complete request has arrived is answered, never evicted.
+So clients trickling bytes cannot starve ``/healthz``, and it never keeps a thread per idle
+connection. The ages count from the accept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -116,6 +120,14 @@ class MetricsServer:
         class Handler(BaseHTTPRequestHandler):
             timeout = IDLE_TIMEOUT  # applied to the socket: idle connections are closed
 
+            def parse_request(self) -> bool:
+                complete = super().parse_request()
+                if complete:  # request line and headers read: answered, never evicted
+                    server = self.server
+                    assert isinstance(server, _BoundedServer)
+                    server.answering(self.request)
+                return complete
+
             def do_GET(self) -> None:
                 if self.path.split("?")[0] == "/metrics":
                     body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
@@ -167,22 +179,46 @@ class _BoundedServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._open: dict[int, list[Any]] = {}  # id(request) -> [accepted, request, closed]
+        # id(request) -> [accepted, request, closed, answering (complete request read)]
+        self._open: dict[int, list[Any]] = {}
         self._open_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         now = time.monotonic()
         with self._open_lock:
-            live = sorted((e for e in self._open.values() if not e[2]), key=lambda e: e[0])
+            live = [e for e in self._open.values() if not e[2]]
             if len(live) >= MAX_CONNECTIONS:
-                if now - live[0][0] < EVICT_AFTER:  # a burst: the newcomer waits its turn
+                victim = next(
+                    (
+                        e
+                        for e in sorted(live, key=lambda e: e[0])  # the oldest first
+                        if not e[3] and now - e[0] >= EVICT_AFTER and not _request_waiting(e[1])
+                    ),
+                    None,
+                )
+                if victim is None:  # a burst, or all being answered: the newcomer waits
                     logger.debug("metrics: %d connections open; closing a new one", len(live))
                     self.shutdown_request(request)
                     return
-                _close(live[0])  # the oldest (a slow or stuck client) makes room
-            self._open[id(request)] = [now, request, False]
+                _close(victim)  # the oldest slow or stuck client makes room
+            self._open[id(request)] = [now, request, False, False]
         super().process_request(request, client_address)
+
+    def answering(self, request: Any) -> None:
+        """The handler has read ``request``'s complete request: it is no longer evictable."""
+        with self._open_lock:
+            entry = self._open.get(id(request))
+            if entry is not None:
+                entry[3] = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone (or closed by us) mid-request is routine; anything else is logged
+        as an error (socketserver would print it)."""
+        if isinstance(sys.exc_info()[1], OSError):
+            logger.debug("metrics: connection from %s ended early", client_address[0])
+        else:
+            logger.exception("metrics: answering %s failed", client_address[0])
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -199,6 +235,17 @@ class _BoundedServer(ThreadingHTTPServer):
             for entry in self._open.values():
                 if entry[0] < cutoff and not entry[2]:
                     _close(entry)
+
+
+def _request_waiting(request: Any) -> bool:
+    """Whether a complete request (headers ended) waits unread in ``request``'s buffer:
+    its handler has not run yet (a busy machine), so it is a scrape, not a trickler."""
+    try:  # a duplicate without the handler's timeout: peeking never waits for data
+        with socket.socket(fileno=os.dup(request.fileno())) as raw:
+            data = raw.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing waiting (BlockingIOError) or gone
+        return False
+    return b"\r\n\r\n" in data
 
 
 def _close(entry: list[Any]) -> None:
