@@ -185,6 +185,7 @@ def write_card(report: dict[str, Any], run: Path, path: Path) -> str:
         "images with these confidences: an ECE below its 95th percentile is indistinguishable",
         "from perfect calibration at this sample size.",
         "",
+        *_low_confidence(report),
         "## Population gate",
         "",
         f"`population` >= {meta['population']['threshold']} flags a film without a DICOM age "
@@ -267,3 +268,39 @@ def write_card(report: dict[str, Any], run: Path, path: Path) -> str:
     text = "\n".join(lines)
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def _low_confidence(report: dict[str, Any]) -> list[str]:
+    """The ``low_confidence`` rule: its threshold, where it was chosen, and what it flags on
+    each held-out set (issue #24: >= 50 % of the wrong predictions, <= 25 % of the right)."""
+    low = report["low_confidence"]
+    lines = [
+        "## Low-confidence flag",
+        "",
+        f"A result whose calibrated top probability is below **{low['threshold']:.2f}** is "
+        "flagged `low_confidence`. The threshold was chosen on the "
+        f"{low['chosen_on']}, never on the sets below: the highest (rounded down to 0.01) that",
+        f"flags at most {low['max_right_flagged']:.0%} of the right predictions there "
+        f"(`xrwatch.evaluation.choose_low_confidence`); there it flags "
+        f"{_share(low['wrong_flagged'])} of {low['n_wrong']} wrong and "
+        f"{_share(low['right_flagged'])} of {low['n_right']} right predictions.",
+        "Target of issue #24 on held-out data: >= 50 % of the wrong predictions flagged, <= 25 %",
+        "of the right ones. The rule alone (fp32 file; other flags aside):",
+        "",
+        "| set | images | wrong | wrong flagged | right flagged | accuracy of the unflagged "
+        "| flagged | target |",
+        "|---|---:|---:|---|---|---|---|---|",
+    ]
+    for name, m in report["diagnosis"].items():
+        r = m["low_confidence"]
+        met = (r["wrong_flagged"] or 0.0) >= 0.5 and (r["right_flagged"] or 0.0) <= 0.25
+        lines.append(
+            f"| {name} | {r['n']} | {r['n_wrong']} | {_share(r['wrong_flagged'])} | "
+            f"{_share(r['right_flagged'])} | {_share(r['accuracy_unflagged'])} | "
+            f"{_share(r['flagged_share'])} | {'met' if met else 'not met'} |"
+        )
+    return [*lines, ""]
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"

@@ -7,11 +7,12 @@
 Trains :mod:`training.default_recipe` (paediatric Normal / Bacteria / Virus with an
 ``Adult`` population unit, MobileNetV3-Small at 224 px from scratch, PACS augmentation)
 into ``OUT/run`` - resumed after the last completed epoch when re-run - then exports it
-(fp32 and int8, temperature and scope guard fitted on the calibration split), evaluates it
-on the held-out paediatric sets (``kermany/TEST``, ``real/``'s Kermany classes; original-
-resolution and squashed images separately), measures the population gate on adult and
-paediatric films, and writes ``OUT/card.md``. ``--ship`` copies the model and its card to
-``xrwatch/models/default.onnx`` and ``default.md``.
+(fp32 and int8; temperature, ``low_confidence`` threshold and scope guard fitted on the
+calibration split - the threshold by :func:`xrwatch.evaluation.choose_low_confidence`, never
+on a reported set), evaluates it on the held-out paediatric sets (``kermany/TEST``, ``real/``'s
+Kermany classes; original-resolution and squashed images separately), measures the population
+gate on adult and paediatric films, and writes ``OUT/card.md``. ``--ship`` copies the model and
+its card to ``xrwatch/models/default.onnx`` and ``default.md``.
 """
 
 from __future__ import annotations
