@@ -119,7 +119,11 @@ def test_prints_the_risk_coverage_table_of_the_shipped_model(
     labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The shipped model has calibration and a stored threshold: the table marks it, and
-    its rates are those of the predictions written."""
+    its rates are those of the predictions written. Its classes are Normal, Bacteria and
+    Virus: the COVID-19 folder is left out (evaluate refuses labels the model lacks)."""
+    for img in (labelled / "COVID-19").iterdir():
+        img.unlink()
+    (labelled / "COVID-19").rmdir()
     out = tmp_path / "eval"
     assert main(["evaluate", str(labelled), "--out", str(out), "--replicates", "20"]) == EXIT_OK
     printed = capsys.readouterr().out
