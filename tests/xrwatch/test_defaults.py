@@ -4,6 +4,7 @@ shipped file matches its model card."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -120,12 +121,18 @@ def test_shipped_model_matches_its_card() -> None:
     t = float(meta.calibration["temperature"])
     assert f"Temperature shipped: **{t:.3f}**" in text
     assert meta.calibration["temperature_reason"] in text
+    # the low_confidence threshold the file carries was chosen on the calibration split (not
+    # the old fixed 0.5) and the card states it with its rates on each held-out set
+    low = float(meta.calibration["low_confidence"])
+    flat = " ".join(text.split())  # the card wraps its prose
+    assert f"calibrated top probability is below **{low:.2f}**" in flat
+    assert "## Low-confidence flag" in text and "chosen on the calibration split" in flat
+    rows = re.findall(r"^\| (ALL held-out[^|]*) \| (\d+) \| (\d+) \| ([\d.]+) % \|", text, re.M)
+    assert len(rows) == 2, "wrong predictions flagged, per held-out set"
     # the guard's and the gate's measured rates
     assert "## Scope guard" in text and "non-chest images caught" in text
     assert "## Population gate" in text and "adult/ held-out patients" in text
     # the weights hash verifies a rebuild
-    import re
-
     m = re.search(r"its weights \(ONNX initializers.*?`([0-9a-f]{64})`", text, re.S)
     assert m, "the card states the weights' sha256"
     pytest.importorskip("onnx")
