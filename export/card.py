@@ -182,13 +182,7 @@ def explain_lines(meta: ModelMeta, guard_rates: Sequence[str] = ()) -> list[str]
             "",
             *_ece_table(cal),
         ]
-        lines += [
-            "",
-            f"Results whose calibrated top probability is below "
-            f"{cal.get('low_confidence')} are flagged `low_confidence` (overridable in the "
-            "serve config and by `classify --low-confidence`).",
-            "",
-        ]
+        lines += ["", *_low_confidence_lines(cal), ""]
     guard = meta.guard
     if guard is not None:
         test = guard.get("test_pass_rate")
@@ -288,4 +282,29 @@ def _ece_table(cal: Mapping[str, Any]) -> list[str]:
             "validation images, it does not carry over there; read these probabilities as "
             "rankings more than as frequencies.",
         ]
+    return lines
+
+
+def _low_confidence_lines(cal: Mapping[str, Any]) -> list[str]:
+    """The ``low_confidence`` threshold and, when it was chosen on validation data, how and
+    with which rates there (the held-out rates are ``xrwatch evaluate``'s to measure)."""
+    low = cal.get("low_confidence")
+    lines = [
+        f"Results whose calibrated top probability is below {low} are flagged "
+        "`low_confidence` (overridable in the serve config and by `classify "
+        "--low-confidence`)."
+    ]
+    rule = cal.get("low_confidence_rule") or {}
+    if rule.get("chosen_on", "given") != "given":
+        share = float(rule.get("max_right_flagged", 0.0))
+        wrong, right = rule.get("wrong_flagged"), rule.get("right_flagged")
+        lines[0] += (
+            f" The threshold was chosen on the {rule['chosen_on']}: the highest that flags at "
+            f"most {share:.0%} of the right predictions there; it flags "
+            + (f"{wrong:.1%}" if wrong is not None else "n/a")
+            + f" of {rule.get('n_wrong')} wrong and "
+            + (f"{right:.1%}" if right is not None else "n/a")
+            + f" of {rule.get('n_right')} right ones there. Measure it on held-out data with "
+            "`xrwatch evaluate` (its risk-coverage table)."
+        )
     return lines

@@ -14,7 +14,10 @@ reads files:
   is a multiple of :data:`LAYOUT_GRID`, the coarse-layout check too: a probabilistic PCA
   of the training images' standardised thumbnails, its distance threshold chosen on
   validation the same way. An image is flagged only when both checks exceed their
-  thresholds, so the validation pass rate is at least ``guard_pass_rate``.
+  thresholds, so the validation pass rate is at least ``guard_pass_rate``;
+* ``low_confidence``: unless given, the threshold chosen on the validation predictions at the
+  fitted temperature (:func:`xrwatch.evaluation.choose_low_confidence`: the highest that
+  flags at most :data:`LOW_CONFIDENCE_MAX_RIGHT` of the right ones), with its rates there.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from xrwatch.errors import ConfigError, ImageError
+from xrwatch.evaluation import choose_low_confidence
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch_training.calibration import (
     ECE_BINS,
@@ -56,7 +60,9 @@ logger = logging.getLogger(__name__)
 
 GUARD_PASS_RATE = 0.98  # validation images that must pass (the target is >= 97 % of real CXRs)
 MIN_CONTRAST = 0.02  # input std below this = a blank/constant image (real CXRs: ~0.15-0.3)
-LOW_CONFIDENCE = 0.5  # calibrated top probability below this = flag low_confidence
+# low_confidence: unless a threshold is given, the one chosen on the validation split at the
+# fitted temperature that flags at most this share of its right predictions
+LOW_CONFIDENCE_MAX_RIGHT = 0.2
 MAX_FIT_IMAGES = 3000  # per split; more adds little to a mean and a shrunk covariance
 RELIABILITY_PNG = "reliability.png"
 
@@ -133,7 +139,7 @@ def fit_extras(
     run_dir: Path | None,
     guard_pass_rate: float = GUARD_PASS_RATE,
     min_contrast: float = MIN_CONTRAST,
-    low_confidence: float = LOW_CONFIDENCE,
+    low_confidence: float | None = None,
     guard_combine: str = "both",
 ) -> Fitted:
     """Fit temperature and guard on the splits in ``splits`` (see the module docstring)."""
@@ -214,7 +220,7 @@ def fit_extras(
         "temperature": temperature,
         "bins": ECE_BINS,
         "ece": ece,
-        "low_confidence": low_confidence,
+        **low_confidence_rule(softmax(val_logits, temperature), val_labels, low_confidence),
     }
     return Fitted(
         temperature=temperature,
@@ -229,6 +235,36 @@ def fit_extras(
         val_labels=val_labels,
         test_labels=data["test"][1] if "test" in data else None,
     )
+
+
+def low_confidence_rule(
+    probabilities: np.ndarray, labels: np.ndarray, given: float | None
+) -> dict[str, Any]:
+    """``low_confidence`` and how it was set: ``given`` as is, else chosen on these
+    (validation) predictions by :func:`xrwatch.evaluation.choose_low_confidence`, with its
+    rates there in ``low_confidence_rule`` (measure them again on held-out data)."""
+    if given is not None:
+        logger.info("low_confidence threshold %.2f (given)", given)
+        return {"low_confidence": float(given), "low_confidence_rule": {"chosen_on": "given"}}
+    correct = probabilities.argmax(axis=1) == np.asarray(labels)
+    if not correct.any():
+        raise ConfigError("no right validation prediction to choose --low-confidence on")
+    rule = choose_low_confidence(
+        correct, probabilities.max(axis=1), max_right_flagged=LOW_CONFIDENCE_MAX_RIGHT
+    )
+    rule["chosen_on"] = f"validation split ({len(labels)} images)"
+    rule["max_right_flagged"] = LOW_CONFIDENCE_MAX_RIGHT
+    logger.info(
+        "low_confidence threshold %.2f chosen on the %s: flags %d of %d wrong and %d of %d "
+        "right predictions there",
+        rule["threshold"],
+        rule["chosen_on"],
+        round((rule["wrong_flagged"] or 0.0) * rule["n_wrong"]),
+        rule["n_wrong"],
+        round((rule["right_flagged"] or 0.0) * rule["n_right"]),
+        rule["n_right"],
+    )
+    return {"low_confidence": rule["threshold"], "low_confidence_rule": rule}
 
 
 def layout_possible(spec: PreprocessSpec) -> bool:

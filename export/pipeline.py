@@ -31,7 +31,6 @@ from .contract import POPULATION_THRESHOLD, contract_metadata, with_temperature
 from .explain import CalibratedLogits, ExplainedClassifier, FeatureNet
 from .fitting import (
     GUARD_PASS_RATE,
-    LOW_CONFIDENCE,
     MIN_CONTRAST,
     Fitted,
     find_splits,
@@ -90,7 +89,7 @@ class ExportOptions:
     splits: Path | None = None  # folder with train/val/test.csv; default RUN/splits
     guard_pass_rate: float = GUARD_PASS_RATE
     min_contrast: float = MIN_CONTRAST
-    low_confidence: float = LOW_CONFIDENCE
+    low_confidence: float | None = None  # None: chosen on the validation split
     temperature: float | None = None  # ship this temperature instead of the fitted one
     temperature_reason: str = ""  # why (recorded in xrwatch.calibration)
     population_threshold: float = POPULATION_THRESHOLD  # for a checkpoint with a gate
@@ -118,7 +117,7 @@ class ExportOptions:
             raise ConfigError("--min-int8-agreement must be in [0, 1]")
         if not 0.5 <= self.guard_pass_rate <= 1.0:
             raise ConfigError("--guard-pass-rate must be in [0.5, 1]")
-        if not 0.0 <= self.low_confidence < 1.0:
+        if self.low_confidence is not None and not 0.0 <= self.low_confidence < 1.0:
             raise ConfigError("--low-confidence must be in [0, 1)")
         if self.guard_combine not in ("both", "either"):
             raise ConfigError(f"guard combine must be both or either, got {self.guard_combine!r}")

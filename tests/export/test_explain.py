@@ -15,6 +15,7 @@ import pytest
 from tests.helpers.cam import assert_cam_matches_grad_cam
 from tests.helpers.models import make_checkpoint
 from xrwatch import modelmeta as mm
+from xrwatch.evaluation import choose_low_confidence
 from xrwatch.preprocess import load_model_input
 from xrwatch_export.pipeline import ExportOptions, export_model
 from xrwatch_training.calibration import (
@@ -133,6 +134,18 @@ def test_fitted_export_carries_calibration_and_guard(fitted_run: Path) -> None:
     logits, probs = session.run(["logits", "probabilities"], {"image": x.astype(np.float32)})
     np.testing.assert_allclose(probs, softmax(logits, cal["temperature"]), atol=1e-5)
     assert (probs.argmax(1) == logits.argmax(1)).all()
+    # low_confidence was not given: chosen on the validation split at the fitted T, the
+    # highest threshold flagging at most 20 % of the right predictions there
+    rule = cal["low_confidence_rule"]
+    assert rule["chosen_on"].startswith("validation split") and rule["max_right_flagged"] == 0.2
+    assert cal["low_confidence"] == rule["threshold"] and 0.0 < rule["threshold"] < 1.0
+    val = list(csv.DictReader((fitted_run / "splits" / "val.csv").open(encoding="utf-8")))
+    xv = np.stack([load_model_input(Path(r["path"]), meta.spec)[0][None] for r in val])
+    (pv,) = session.run(["probabilities"], {"image": xv.astype(np.float32)})
+    yv = np.array([meta.classes.index(r["label"]) for r in val])
+    again = choose_low_confidence(pv.argmax(1) == yv, pv.max(1), max_right_flagged=0.2)
+    assert abs(again["threshold"] - cal["low_confidence"]) <= 0.01 + 1e-9  # fp32 ONNX vs torch
+    assert "chosen on the validation split" in " ".join(card.split())
     # the card's ECE is this file's own, on the test split it was measured on
     labels = np.array([meta.classes.index(r["label"]) for r in rows])
     assert cal["ece"]["test"]["n"] == len(labels)

@@ -59,8 +59,11 @@ def export_command(
     guard_pass_rate: float = typer.Option(
         0.98, "--guard-pass-rate", help="Share of validation images the scope guard passes."
     ),
-    low_confidence: float = typer.Option(
-        0.5, "--low-confidence", help="Flag low_confidence below this calibrated probability."
+    low_confidence: float | None = typer.Option(
+        None,
+        "--low-confidence",
+        help="Flag low_confidence below this calibrated probability (default: the threshold "
+        "chosen on the validation split, flagging at most 20 % of its right predictions).",
     ),
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR."),
 ) -> None:
