@@ -411,8 +411,8 @@ def test_concurrent_decodes_are_bounded_by_the_budget(
 ) -> None:
     path = write_dicom(tmp_path / "a.dcm", pixels=gradient(64, 64))
     monkeypatch.setattr(dicom_reader, "DECODE_BUDGET", DecodeBudget(1))  # room for one at a time
-    # _grayscale runs inside the reservation, as decoding does
-    assert _most_at_once(monkeypatch, dicom_reader, "_grayscale", path) == 1
+    # the grey mapping runs inside the reservation, as decoding does
+    assert _most_at_once(monkeypatch, dicom_reader, "grey_from_monochrome", path) == 1
 
 
 def test_service_unit_sets_memory_max() -> None:
