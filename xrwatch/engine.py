@@ -2,11 +2,12 @@
 
 :class:`InferenceEngine` loads one exported model, refuses it without xrwatch's metadata
 (:mod:`xrwatch.modelmeta`), picks the CUDA execution provider when a session can really be
-created with it (else CPU) and runs batches. Two entry points:
+created with it (else CPU; :mod:`xrwatch.ortsession`) and runs batches. Two entry points:
 
 * :meth:`InferenceEngine.predict_paths` - files in, one :class:`Prediction` per file out,
-  reading through :func:`xrwatch.preprocess.load_model_input`. A file that cannot be read
-  becomes a ``status="error"`` prediction; it never stops the batch.
+  reading through :func:`xrwatch.preprocess.load_model_input` (:mod:`xrwatch.filebatches`).
+  A file that cannot be read becomes a ``status="error"`` prediction; it never stops the
+  batch.
 * :meth:`InferenceEngine.predict_arrays` - preprocessed arrays in (the caller decoded them,
   e.g. in a worker pool), class probabilities out. Pair it with
   :meth:`InferenceEngine.prediction` / :meth:`InferenceEngine.failure` to build results.
@@ -16,36 +17,31 @@ Never imports torch, ``onnx``, ``training`` or ``export``.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
-from xrwatch import flags
-from xrwatch.errors import ImageError, ModelError, ProviderError
-from xrwatch.filehash import file_sha256, read_and_hash
+from xrwatch import filebatches, flags
+from xrwatch.errors import ModelError
+from xrwatch.filehash import file_sha256
 from xrwatch.inputs import expand_inputs as expand_inputs  # re-exported: callers import it here
-from xrwatch.logs import native_stderr_to_log, printed_to_log
-from xrwatch.modelmeta import (
-    DEFAULT_GRAPH_OPTIMIZATION,
-    ModelMeta,
-    metadata_from_session,
-    ort_optimization_level,
+from xrwatch.modelmeta import DEFAULT_GRAPH_OPTIMIZATION, ModelMeta, metadata_from_session
+from xrwatch.ortsession import CPU_EP as CPU_EP  # re-exported: callers import it here
+from xrwatch.ortsession import (
+    CUDA_EP,
+    create_session,
+    optimization_caveat,
+    session_options,
 )
-from xrwatch.preprocess import PreprocessSpec, load_model_input
-
-if TYPE_CHECKING:
-    from xrwatch.heatmap import HeatmapJob
+from xrwatch.ortsession import cuda_unavailable_reason as cuda_unavailable_reason  # re-exported
+from xrwatch.preprocess import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
-CUDA_EP = "CUDAExecutionProvider"
-CPU_EP = "CPUExecutionProvider"
 INPUT_NAME = "image"
 LOGITS = "logits"
 PROBABILITIES = "probabilities"
@@ -103,101 +99,6 @@ class BatchOutputs:
     population: np.ndarray | None = None  # N: the population gate's score
 
 
-def _cuda_driver_present() -> bool:
-    """Whether the CUDA driver library loads (avoids ORT's noisy failure when there is none)."""
-    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
-    for name in names:
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def cuda_unavailable_reason() -> str | None:
-    """Why a CUDA session cannot be tried here, or None after making it as likely as possible.
-
-    Checks the build and the driver, then calls ``onnxruntime.preload_dlls()`` (onnxruntime
-    >= 1.21) so that CUDA/cuDNN from pip wheels are found. Shared by the engine and
-    ``xrwatch doctor`` so both judge the GPU the same way.
-    """
-    import onnxruntime as ort
-
-    if CUDA_EP not in ort.get_available_providers():
-        return "this onnxruntime build has no CUDA execution provider"
-    if not _cuda_driver_present():
-        return "no CUDA driver (libcuda) on this machine"
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            with printed_to_log():
-                preload()
-        except Exception as exc:  # best effort; the session attempt decides
-            logger.debug("onnxruntime.preload_dlls() failed: %s", exc)
-    return None
-
-
-def _session_options(
-    intra_op_threads: int, inter_op_threads: int, level: str = DEFAULT_GRAPH_OPTIMIZATION
-) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads  # 0 = ONNX Runtime's default (all cores)
-    options.inter_op_num_threads = inter_op_threads
-    options.graph_optimization_level = ort_optimization_level(level)
-    return options
-
-
-def optimization_caveat(meta: ModelMeta, provider: str) -> str | None:
-    """Why results may differ from the ones export verified, or None.
-
-    Export verifies on ONNX Runtime's CPU provider at ``meta.graph_optimization``; serving
-    uses that level, but another provider has other kernels and fusions, which matters
-    for int8 (some top-1 answers change).
-    """
-    if provider == CPU_EP or meta.precision != "int8":
-        return None
-    return (
-        f"{meta.path}: this int8 model was verified on {CPU_EP} at graph optimisation level "
-        f"{meta.graph_optimization!r}; on {provider} its results may differ from the verified "
-        "ones (some top-1 answers can change); use --cpu, or the fp32/fp16 model on a GPU"
-    )
-
-
-def _create_session(
-    path: Path, *, want_gpu: bool, require_gpu: bool, options: Any
-) -> tuple[Any, str]:
-    """An ``InferenceSession`` on CUDA when it really works there, else CPU; and why."""
-    import onnxruntime as ort
-
-    reason = "GPU not requested"
-    if want_gpu or require_gpu:
-        unavailable = cuda_unavailable_reason()
-        if unavailable is not None:
-            reason = unavailable
-        else:
-            try:
-                with native_stderr_to_log():
-                    session = ort.InferenceSession(str(path), options, providers=[CUDA_EP, CPU_EP])
-            except Exception as exc:
-                raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
-            if session.get_providers()[0] == CUDA_EP:
-                return session, "CUDA available"
-            reason = "the CUDA execution provider could not be created (see ONNX Runtime log)"
-            if not require_gpu:
-                return session, reason  # ONNX Runtime already fell back to the CPU
-        if require_gpu:
-            raise ProviderError(f"{path}: a GPU was required but cannot be used: {reason}")
-    try:
-        with native_stderr_to_log():
-            session = ort.InferenceSession(str(path), options, providers=[CPU_EP])
-    except Exception as exc:
-        raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
-    return session, reason
-
-
 class InferenceEngine:
     """One exported xrwatch model, ready to run. Thread-safe for concurrent ``predict_*``."""
 
@@ -235,17 +136,17 @@ class InferenceEngine:
             )
         self.path = path
         self.model_sha256 = file_sha256(path)
-        options = _session_options(intra_op_threads, inter_op_threads)
-        self._session, why = _create_session(
+        options = session_options(intra_op_threads, inter_op_threads)
+        self._session, why = create_session(
             path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
         )
         self.meta: ModelMeta = metadata_from_session(self._session, path, self.model_sha256)
         if self.meta.graph_optimization != DEFAULT_GRAPH_OPTIMIZATION:
             # the level the model was verified at: results then match export's verification
-            options = _session_options(
+            options = session_options(
                 intra_op_threads, inter_op_threads, self.meta.graph_optimization
             )
-            self._session, why = _create_session(
+            self._session, why = create_session(
                 path, want_gpu=use_gpu, require_gpu=require_gpu, options=options
             )
         self._check_signature()
@@ -484,21 +385,6 @@ class InferenceEngine:
 
     # -- files ---------------------------------------------------------------------------
 
-    def _load(self, path: Path) -> tuple[np.ndarray, Any, str] | Prediction:
-        """``(input, image meta, sha256)`` for one file, or its error :class:`Prediction`."""
-        sha: str | None = None
-        try:
-            sha, data = read_and_hash(path)  # read once: hashed, then decoded from memory
-            pixels, meta = load_model_input(path, self.spec, data=data)
-        except ImageError as exc:
-            return self.failure(path, exc.reason, sha256=sha)
-        except OSError as exc:
-            return self.failure(path, f"cannot read file: {exc.strerror or exc}", sha256=sha)
-        except Exception as exc:  # a reader bug must not stop the batch
-            logger.exception("unexpected error reading %s", path)
-            return self.failure(path, f"unexpected error: {type(exc).__name__}: {exc}", sha256=sha)
-        return pixels, meta, sha
-
     def predict_paths(
         self,
         paths: Iterable[str | Path],
@@ -510,99 +396,11 @@ class InferenceEngine:
         """One :class:`Prediction` per path, in order; unreadable files get ``status="error"``.
 
         Files are read through :func:`load_model_input` with the model's own spec and run
-        ``batch_size`` at a time. Only a failure of the model itself raises
-        (:class:`ModelError`). With ``heatmaps`` (and a model with a ``cam`` output), each
-        ok file's overlay goes to ``heatmaps/<path relative to root>.png``.
+        ``batch_size`` at a time (:mod:`xrwatch.filebatches`). Only a failure of the model
+        itself raises (:class:`ModelError`). With ``heatmaps`` (and a model with a ``cam``
+        output), each ok file's overlay goes to ``heatmaps/<path relative to root>.png``.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        results: list[Prediction | None] = []
-        pending: list[tuple[int, Path, np.ndarray, Any, str]] = []
-        writer = None
-        if heatmaps is not None and self.has_cam:
-            from xrwatch.heatmap import HeatmapWriter
-
-            writer = HeatmapWriter()  # the batch's overlays in parallel
-
-        def flush() -> None:
-            if not pending:
-                return
-            out = self.predict_outputs(np.stack([item[2] for item in pending]))
-            done = [
-                self.prediction(
-                    path,
-                    out.probabilities[i],
-                    sha256=sha,
-                    meta=meta,
-                    ood_score=_item(out.ood_score, i),
-                    contrast=_item(out.contrast, i),
-                    population=_item(out.population, i),
-                )
-                for i, (_, path, _, meta, sha) in enumerate(pending)
-            ]
-            written: list[Path | None] = [None] * len(pending)
-            if writer is not None and heatmaps is not None and out.cam is not None:
-                jobs = [  # each with its result's flag, which the overlay shows
-                    self._heatmap_job(
-                        heatmaps, path, root, pixels, out.probabilities[i], out.cam[i], p.flag
-                    )
-                    for i, ((_, path, pixels, _, _), p) in enumerate(
-                        zip(pending, done, strict=True)
-                    )
-                ]
-                written = writer.write_many(jobs)  # in parallel; each None where it failed
-            for (index, *_), p, png in zip(pending, done, written, strict=True):
-                results[index] = p if png is None else replace(p, heatmap=str(png))
-            pending.clear()
-
-        try:
-            for raw in paths:
-                path = Path(raw)
-                loaded = self._load(path)
-                if isinstance(loaded, Prediction):
-                    logger.warning("cannot classify %s: %s", path, loaded.error)
-                    results.append(loaded)
-                    continue
-                results.append(None)  # filled in by flush()
-                pending.append((len(results) - 1, path, *loaded))
-                if len(pending) >= batch_size:
-                    flush()
-            flush()
-        finally:
-            if writer is not None:
-                writer.close()
-        return [r for r in results if r is not None]
-
-    def _heatmap_job(
-        self,
-        folder: Path,
-        path: Path,
-        root: Path | None,
-        pixels: np.ndarray,
-        row: np.ndarray,
-        cam: np.ndarray,
-        flag: str = "",
-    ) -> HeatmapJob:
-        """The overlay of one ok file, to ``folder/<path relative to root>.png``."""
-        from xrwatch.heatmap import HeatmapJob
-
-        rel = path.name
-        if root is not None:
-            try:
-                rel = path.resolve().relative_to(root.resolve()).as_posix()
-            except ValueError:
-                pass
-        best = int(np.argmax(row))
-        return HeatmapJob(
-            root=folder,
-            rel=rel,
-            pixels=pixels,
-            cam=cam[best],
-            label=self.classes[best],
-            confidence=float(row[best]),
-            source=str(path),
-            flag=flag,
-        )
+        return filebatches.predict_paths(self, paths, batch_size, heatmaps=heatmaps, root=root)
 
     def describe(self) -> dict[str, Any]:
         """Model and provider facts, for logs, reports and health endpoints."""
@@ -611,7 +409,3 @@ class InferenceEngine:
 
 def _as_float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _item(values: np.ndarray | None, index: int) -> float | None:
-    return None if values is None else float(values[index])

@@ -249,9 +249,9 @@ def test_an_unreadable_file_given_directly_is_one_error_row(
 
     locked = folder / "a.png"
     if os.geteuid() == 0:  # root reads any file: deny it as the kernel would for a user
-        import xrwatch.engine
+        import xrwatch.filebatches
 
-        real_access, real_read = os.access, xrwatch.engine.read_and_hash
+        real_access, real_read = os.access, xrwatch.filebatches.read_and_hash
 
         def access(path: object, mode: int, *args: object, **kw: object) -> bool:
             return False if Path(str(path)) == locked else real_access(path, mode, *args, **kw)  # type: ignore[arg-type]
@@ -262,7 +262,7 @@ def test_an_unreadable_file_given_directly_is_one_error_row(
             return real_read(path, *args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "access", access)
-        monkeypatch.setattr(xrwatch.engine, "read_and_hash", read_and_hash)
+        monkeypatch.setattr(xrwatch.filebatches, "read_and_hash", read_and_hash)
     else:
         locked.chmod(0)
     other = folder / "sub" / "b.png"

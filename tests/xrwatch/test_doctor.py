@@ -102,7 +102,7 @@ def test_cuda_check_reports_what_the_session_got(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: _FakeSession(session_providers))
-    monkeypatch.setattr("xrwatch.engine._cuda_driver_present", lambda: True)
+    monkeypatch.setattr("xrwatch.ortsession._cuda_driver_present", lambda: True)
     preloaded: list[bool] = []
     monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: preloaded.append(True), raising=False)
     check = cuda_session_check()
@@ -116,7 +116,7 @@ def test_cuda_check_without_a_driver_says_so(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    monkeypatch.setattr("xrwatch.engine._cuda_driver_present", lambda: False)
+    monkeypatch.setattr("xrwatch.ortsession._cuda_driver_present", lambda: False)
     check = cuda_session_check()
     assert check.value == "no: no CUDA driver (libcuda) on this machine"
     assert check.status == "warn"

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from xrwatch import engine as engine_mod
+from xrwatch import filebatches, ortsession
 from xrwatch.engine import InferenceEngine, Prediction
 from xrwatch.errors import ModelError, ModelMetadataError, ProviderError
 from xrwatch.preprocess import load_model_input
@@ -28,7 +28,7 @@ def engine(tiny_onnx_model: Path) -> InferenceEngine:
 
 def has_gpu() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and (
-        engine_mod._cuda_driver_present()
+        ortsession._cuda_driver_present()
     )
 
 
@@ -66,7 +66,7 @@ def test_cuda_session_attempt_that_fails_falls_back(
 ) -> None:
     """Pretend a driver exists: ORT really tries CUDA, cannot create it, and we notice."""
     calls: list[bool] = []
-    monkeypatch.setattr(engine_mod, "_cuda_driver_present", lambda: True)
+    monkeypatch.setattr(ortsession, "_cuda_driver_present", lambda: True)
     monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: calls.append(True), raising=False)
     with caplog.at_level(logging.INFO, logger="xrwatch.engine"):
         eng = InferenceEngine(tiny_onnx_model)
@@ -174,14 +174,14 @@ def test_batch_size_does_not_change_results(
 def test_unexpected_reader_error_is_captured(
     engine: InferenceEngine, real_images: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine_mod.load_model_input
+    real = filebatches.load_model_input
 
     def flaky(path: Path, spec: object, **kwargs: object) -> object:
         if Path(path) == real_images[1]:
             raise RuntimeError("reader bug")
         return real(path, spec, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine_mod, "load_model_input", flaky)
+    monkeypatch.setattr(filebatches, "load_model_input", flaky)
     preds = engine.predict_paths(real_images[:3])
     assert [p.status for p in preds] == ["ok", "error", "ok"]
     assert "reader bug" in (preds[1].error or "")
