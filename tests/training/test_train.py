@@ -16,6 +16,7 @@ from xrwatch.cli import main
 from xrwatch.errors import DatasetError
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch_training import engine
+from xrwatch_training import epoch as epoch_mod  # train_one_epoch looks augment up there
 from xrwatch_training.checkpoint import load_checkpoint
 from xrwatch_training.engine import augment, load_run_config, train
 from xrwatch_training.models import model_from_checkpoint
@@ -147,7 +148,7 @@ def test_ctrl_c_mid_epoch_or_in_validation_then_resume_is_the_uninterrupted_run(
     cfg = experiment_config("custom", {**base, "name": "run"})
     real_epoch, real_augment, real_evaluate = (
         engine.train_one_epoch,
-        engine.augment,
+        epoch_mod.augment,
         engine.evaluate,
     )
     state = {"epoch": 0, "steps": 0, "evals": 0}
@@ -170,7 +171,7 @@ def test_ctrl_c_mid_epoch_or_in_validation_then_resume_is_the_uninterrupted_run(
 
     monkeypatch.setattr(engine, "train_one_epoch", epoch)
     if where == "mid-epoch":
-        monkeypatch.setattr(engine, "augment", augment_then_stop)
+        monkeypatch.setattr(epoch_mod, "augment", augment_then_stop)
     else:
         monkeypatch.setattr(engine, "evaluate", evaluate_then_stop)
     with pytest.raises(KeyboardInterrupt):
@@ -178,7 +179,7 @@ def test_ctrl_c_mid_epoch_or_in_validation_then_resume_is_the_uninterrupted_run(
     run = tmp_path / "run"
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1"]
-    monkeypatch.setattr(engine, "augment", real_augment)
+    monkeypatch.setattr(epoch_mod, "augment", real_augment)
     monkeypatch.setattr(engine, "evaluate", real_evaluate)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
 
@@ -196,16 +197,16 @@ def test_resume_of_a_run_stopped_before_its_first_epoch_ended_starts_at_epoch_1(
     tiny_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = {**TINY, "data": str(tiny_synth), "epochs": 1, "out": str(tmp_path)}
-    real_augment = engine.augment
+    real_augment = epoch_mod.augment
 
     def stop(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "augment", stop)
+    monkeypatch.setattr(epoch_mod, "augment", stop)
     with pytest.raises(KeyboardInterrupt):
         train(experiment_config("custom", {**base, "name": "run"}))
     assert not (tmp_path / "run" / "last.pt").exists()
-    monkeypatch.setattr(engine, "augment", real_augment)
+    monkeypatch.setattr(epoch_mod, "augment", real_augment)
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
