@@ -159,6 +159,7 @@ def test_a_slow_pacs_gets_each_result_acknowledged_once_and_nothing_acknowledged
 ) -> None:
     peers.append(pacs := Peer(mode="slow"))
     worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest])
+    worker.senders[0].timeout = TIMEOUT / 2  # each first C-STORE waits this, then aborts
     worker.start()
     try:
         wait_for(lambda: outbox.destination_counts()[str(pacs.dest)]["sent"] == len(uids),
@@ -182,6 +183,8 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
     worker, outbox, ledger, _, uids = _results(
         tmp_path, real_dicoms, [hung.dest, good.dest], max_attempts=2
     )
+    hung_sender = next(s for s in worker.senders if s.dest == hung.dest)
+    hung_sender.timeout = TIMEOUT / 2  # it never answers: each of 4 items x 2 tries waits this
     worker.start()
     try:
         assert hung.in_store.wait(60)  # the hung PACS holds its sender ...
