@@ -98,13 +98,12 @@ def test_unreachable_destination_is_retried_with_back_off_across_a_restart(
     d = daemons(incoming, reports, *args).start()  # the PACS is down
     assert all(r.returncode == 0 for r in storescu(dcmtk, port, files))
     wait_for(lambda: f"{dest}: cannot send results" in d.log_text(), 60, "the failure")
+
     # the first result can fail before the second image is classified: wait for both
-    wait_for(
-        lambda: _status(d.state_dir)["dicom"]["destinations"].get(dest, {}).get("pending")
-        == len(files),
-        60,
-        "both results waiting for the PACS",
-    )
+    def pending() -> int | None:
+        return _status(d.state_dir)["dicom"]["destinations"].get(dest, {}).get("pending")
+
+    wait_for(lambda: pending() == len(files), 60, "both results waiting for the PACS")
     assert d.stop() == 0
     counts = _status(d.state_dir)["dicom"]["destinations"][dest]
     assert counts["sent"] == 0 and counts["pending"] == len(files)
