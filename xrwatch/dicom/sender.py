@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 IDLE_SECONDS = 1.0  # how often an idle thread looks for new work
 DEFAULT_TIMEOUT = 30.0  # seconds: association, each C-STORE's answer, network silence
+# At stop, after the associations are aborted, how long the send threads get to end. A
+# thread inside pynetdicom's send_c_store when its association is aborted can spin for ever
+# (it waits for the association's reactor to pause, and an aborted reactor never does): it
+# is a daemon thread, left behind; its item stays pending and is sent again at next start.
+STOP_JOIN_SECONDS = 15.0
 SEND_BATCH = 32  # items per association
 VERIFICATION = "1.2.840.10008.1.1"
 # Fault injection for the exactly-once test: die right after a destination acknowledged a
@@ -319,9 +325,16 @@ class ResultsWorker:
             event.set()
         for sender in self.senders:
             sender.abort()
+        deadline = time.monotonic() + STOP_JOIN_SECONDS
         for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.0))
             if t.is_alive():
-                t.join()
+                logger.warning(
+                    "%s did not end %.0f s after its association was aborted; left behind "
+                    "(its result stays pending and is sent again at the next start)",
+                    t.name,
+                    STOP_JOIN_SECONDS,
+                )
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():

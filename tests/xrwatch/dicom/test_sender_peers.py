@@ -231,6 +231,41 @@ def test_stop_aborts_an_association_a_silent_peer_never_answers(
     ledger.close()
 
 
+def test_stop_leaves_behind_a_send_thread_that_ignores_the_abort(
+    tmp_path: Path, real_dicoms: list[Path], monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A send thread stuck where the abort cannot reach it (pynetdicom's send_c_store spins
+    for ever once its association's reactor is gone, seen under load) does not hold the
+    daemon's stop: it is left behind with a warning, its items still pending."""
+    import xrwatch.dicom.sender as sender_mod
+
+    stuck, release = threading.Event(), threading.Event()
+
+    def spin(self: object) -> int:
+        stuck.set()
+        release.wait(120)  # deaf to abort(), as that loop is
+        return 0
+
+    monkeypatch.setattr(sender_mod.DestinationSender, "send_due", spin)
+    monkeypatch.setattr(sender_mod, "STOP_JOIN_SECONDS", 1.0)
+    down = Destination("PACS", LOOPBACK, free_port())
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [down])
+    caplog.set_level(logging.WARNING, logger="xrwatch.dicom")
+    worker.start()
+    try:
+        assert stuck.wait(60), "the send thread never started"
+        stopper = threading.Thread(target=worker.stop)
+        stopper.start()
+        stopper.join(60)  # a bound only: without the deadline it would wait for release
+        assert not stopper.is_alive()
+        assert any("xrwatch-dicom-send-0 did not end" in r.getMessage() for r in caplog.records)
+        assert outbox.destination_counts()[str(down)]["pending"] == len(uids)
+    finally:
+        release.set()
+    outbox.close()
+    ledger.close()
+
+
 def test_an_unreachable_pacs_parks_nothing_and_logs_once(
     tmp_path: Path, real_dicoms: list[Path], caplog
 ) -> None:
