@@ -327,6 +327,8 @@ class ResultsWorker:
             sender.abort()
         deadline = time.monotonic() + STOP_JOIN_SECONDS
         for t in self._threads:
+            if t.ident is None:  # never started (the node failed to start)
+                continue
             t.join(max(deadline - time.monotonic(), 0.0))
             if t.is_alive():
                 logger.warning(
