@@ -44,6 +44,8 @@ def train_stage(args: argparse.Namespace) -> Path:
         "threads": args.threads,
         "cache_dir": args.cache_dir,
     }
+    if args.augment is not None:
+        values["augment"] = json.loads(args.augment)
     if args.max_images:
         values.update(max_images=args.max_images, max_steps_per_epoch=args.max_steps)
     values = {k: v for k, v in values.items() if v is not None}
@@ -68,6 +70,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--augment",
+        default=None,
+        metavar="JSON",
+        help="PacsAugment overrides, e.g. '{\"zoom\": [0.75, 1.2]}' (a resumed run records it)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="tests: per split")
     p.add_argument("--max-steps", type=int, default=None, help="tests: steps per epoch")
     p.add_argument("--train-only", action="store_true", help="stop after training")

@@ -57,7 +57,10 @@ from .report import write_json, write_metrics_csv
 logger = logging.getLogger(__name__)
 
 EXPERIMENT = "paediatric-default"
-RESUMABLE_CHANGES = {"epochs", "threads"}  # what a resumed run may change
+# what a resumed run may change (each change is appended to config_history.jsonl): a longer
+# schedule, the threads, and the augmentation (a continued run that widens, e.g., the zoom-out
+# range keeps its weights and its record of what changed at which epoch)
+RESUMABLE_CHANGES = {"epochs", "threads", "augment"}
 UNITS = (*DIAGNOSES, ADULT)
 
 
@@ -159,6 +162,13 @@ def learning_rate(cfg: DefaultConfig, epoch: int) -> float:
     return floor + (cfg.lr - floor) * (1 + math.cos(math.pi * t)) / 2
 
 
+def _completed_epochs(run: Path) -> int:
+    history = run / "history.json"
+    if not history.is_file():
+        return 0
+    return len(json.loads(history.read_text(encoding="utf-8")))
+
+
 def train_default(cfg: DefaultConfig, out: Path, *, resume: bool = True) -> Path:
     """Train (or continue) the run in ``out``; returns it. ``best.pt`` is export's input."""
     out.mkdir(parents=True, exist_ok=True)
@@ -179,8 +189,10 @@ def _train(cfg: DefaultConfig, run: Path, *, resume: bool) -> Path:
                 "differ); use another folder"
             )
         if changed:  # e.g. --epochs: the learning-rate schedule follows the new length
+            done = _completed_epochs(run)
             with (run / "config_history.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"event": "resume", "changed": changed}) + "\n")
+                fh.write(json.dumps({"event": "resume", "after_epoch": done,
+                                     "changed": changed}) + "\n")  # fmt: skip
             logger.info("%s: config changed on resume: %s", run, changed)
     write_json(stored, cfg.to_dict())
     if cfg.threads:

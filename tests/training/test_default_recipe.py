@@ -103,7 +103,7 @@ def test_train_default_writes_a_four_unit_checkpoint_and_resumes_exactly(
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
-def test_another_recipe_is_refused_but_a_longer_run_resumes(
+def test_another_recipe_is_refused_but_a_longer_or_wider_run_resumes(
     fake_shared: Path, tmp_path: Path
 ) -> None:
     import dataclasses
@@ -119,6 +119,15 @@ def test_another_recipe_is_refused_but_a_longer_run_resumes(
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]
     assert "epochs" in (tmp_path / "run" / "config_history.jsonl").read_text()
+    wider = dataclasses.replace(_cfg(fake_shared, tmp_path, 3), augment={"zoom": [0.75, 1.2]})
+    dr.train_default(wider, tmp_path / "run")
+    lines = (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])
+    assert last["after_epoch"] == 2
+    assert last["changed"]["augment"] == [{}, {"zoom": [0.75, 1.2]}]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == {
+        "zoom": [0.75, 1.2]
+    }
 
 
 def test_learning_rate_is_cosine_from_lr_to_the_floor() -> None:
