@@ -7,11 +7,14 @@
   other pynetdicom servers in the process get pynetdicom's own temporary files.
 - :class:`Quiet`: pynetdicom's ERROR lines and tracebacks about hostile peers go to DEBUG
   (the gate and the receiver log one line per connection instead).
+- :class:`SharedUIDContexts`: the server's presentation contexts, copied for each
+  association without re-validating every UID (pynetdicom deep-copies them per association).
 - :func:`tls_context`, :func:`decodable_transfer_syntaxes`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import ssl
 import threading
@@ -48,6 +51,29 @@ def tls_context(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
             + f": cannot be loaded ({getattr(exc, 'reason', None) or exc})"
         ) from None
     return ctx
+
+
+class SharedUIDContexts(list):
+    """The server's presentation contexts, cheap to deep-copy.
+
+    pynetdicom gives each association ``deepcopy(server.contexts)``
+    (``RequestHandler._create_association``). A whole-study node accepts every storage SOP
+    class (170) with every decodable transfer syntax (16); deep-copying rebuilds each of
+    those 2,900 UIDs through pydicom's validating constructor: about 47 CPU ms per
+    association on these 2 cores, the whole cost of one instance sent per association.
+    UIDs are immutable ``str``: this copy makes new context objects and new lists, and
+    shares the UIDs (``benchmarks/dicom_receive.py --associations``).
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        out = []
+        for cx in self:
+            new = copy.copy(cx)
+            for name, value in vars(cx).items():
+                if isinstance(value, list):
+                    setattr(new, name, list(value))
+            out.append(new)
+        return out
 
 
 class Quiet(logging.Filter):

@@ -45,6 +45,7 @@ from xrwatch.dicom.header import read_header
 from xrwatch.dicom.outbox import Outbox
 from xrwatch.dicom.pynetdicom_glue import (
     Refused,
+    SharedUIDContexts,
     decodable_transfer_syntaxes,
     quiet_pynetdicom,
     stream_to_spool,
@@ -175,6 +176,7 @@ class Receiver:
                 f"({exc.strerror or exc})"
             ) from exc
         server.receiver = self  # what _part_file looks for
+        server.contexts = SharedUIDContexts(server.contexts)  # copied per association
         ae._servers.append(server)  # as start_server does (shutdown() removes it)
         self._server = server
         self.port = int(server.server_address[1])

@@ -39,6 +39,15 @@ from xrwatch.serve.names import escape_name
 from xrwatch.serve.observers import PollingObserver, inotify_observer
 from xrwatch.serve.stability import StabilityTracker
 
+# The events _Handler acts on. Passed to watchdog as its filter, so that inotify is not asked
+# for IN_OPEN / IN_CLOSE_NOWRITE: every read of a file in INCOMING (the pipeline's decode,
+# the receiver's header check and fsync of its spool parts) would otherwise wake the
+# observer thread for an event it drops.
+EVENTS = (
+    DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileDeletedEvent,
+    FileModifiedEvent, FileMovedEvent,
+)  # fmt: skip
+
 logger = logging.getLogger(__name__)
 
 MAX_DEPTH = 32  # folders below INCOMING whose files are read; a deeper folder is an error row
@@ -91,7 +100,7 @@ class FolderWatcher:
             PollingObserver(timeout=self._poll_interval) if self.poll else inotify_observer()
         )
         self._observer = observer  # before start(): stop() must clean up a failed start
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.schedule(_Handler(self), str(self.root), recursive=True, event_filter=list(EVENTS))
         observer.start()
         logger.info(
             "watching %s (%s)", self.root, "polling" if self.poll else type(observer).__name__

@@ -88,6 +88,20 @@ def test_dicom_echo_command(receiver: Receiver, capsys: pytest.CaptureFixture[st
     assert main(["dicom-echo", "not-a-peer"]) == 2
 
 
+def test_associations_negotiate_on_copies_of_the_shared_uid_contexts(
+    receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xrwatch.dicom.pynetdicom_glue import SharedUIDContexts
+
+    server = receiver._server
+    assert isinstance(server.contexts, SharedUIDContexts)
+    before = [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server.contexts]
+    peer = f"XRWATCH@127.0.0.1:{receiver.port}"
+    for _ in range(3):  # each association gets its own copy; the server's stay as they were
+        assert main(["dicom-echo", peer, "--ae-title", "MODALITY"]) == 0
+    assert [(cx.abstract_syntax, list(cx.transfer_syntax)) for cx in server.contexts] == before
+
+
 @pytest.mark.parametrize("receiver", [{"allow_hosts": ("10.0.0.0/8",)}], indirect=True)
 def test_a_source_address_outside_the_allow_list_is_refused(
     receiver: Receiver, caplog: pytest.LogCaptureFixture
