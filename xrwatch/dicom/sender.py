@@ -33,6 +33,7 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 
+from xrwatch.dicom.builder import BuilderProcess
 from xrwatch.dicom.outbox import MAX_SEND_ATTEMPTS, DueSend, Outbox, backoff
 from xrwatch.dicom.settings import Destination
 from xrwatch.dicom.writer import ResultWriter, inside, sr_relpath
@@ -284,12 +285,16 @@ class ResultsWorker:
         max_attempts: int = MAX_SEND_ATTEMPTS,
         on_written: Callable[[], None] = lambda: None,
         on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
+        sr_process: bool = True,
     ) -> None:
         self.outbox = outbox
         self.destinations = destinations
+        # SRs built in a worker process (xrwatch.dicom.builder), off the daemon's GIL
+        self.builder = BuilderProcess() if sr_process else None
         self.writer = ResultWriter(
             outbox=outbox, incoming=incoming, reports=reports, model_name=model_name,
             destinations=[str(d) for d in destinations], on_written=on_written,
+            builder=self.builder,
         )  # fmt: skip
         self.senders = [
             DestinationSender(
@@ -337,6 +342,8 @@ class ResultsWorker:
                     t.name,
                     STOP_JOIN_SECONDS,
                 )
+        if self.builder is not None:
+            self.builder.close()  # after the writer's last build; later ones run here
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():

@@ -6,7 +6,9 @@ into INCOMING carries in its header never names a place to write. A source whose
 not valid DICOM UIDs gets no SR at all (the SR would carry them into the PACS); it is
 parked at once with the reason.
 
-Each file is written atomically, read back with pydicom and only then queued for sending
+The building itself (:func:`xrwatch.dicom.builder.build`) runs in the SR builder process
+when the results worker has one (the daemon's does). Each file is written atomically, read
+back with pydicom and only then queued for sending
 (:meth:`xrwatch.dicom.outbox.Outbox.result_written`). A failure is logged once per item
 and change of error (the first failure, a different error, the item parked, the item
 written after failures), not once per attempt.
@@ -14,30 +16,26 @@ written after failures), not once per attempt.
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset, dcmread
-
-from xrwatch.atomic import write_atomic
-from xrwatch.dicom.files import PART_SUFFIX
+from xrwatch.dicom.builder import (
+    BuilderProcess,
+    BuildJob,
+    Dropped,
+    Unbuildable,
+    build,
+    inside,
+)
 from xrwatch.dicom.outbox import DueResult, Outbox
-from xrwatch.dicom.sc import build_sc
-from xrwatch.dicom.sr import build_sr, not_attempted_reason
-from xrwatch.dicom.uids import is_valid_uid, is_xrwatch_uid, path_part
+from xrwatch.dicom.uids import path_part
 
 logger = logging.getLogger(__name__)
 
 SR_FOLDER = "dicom"  # REPORTS/dicom/<Study UID>/<source SOP UID>.SR.dcm (and .SC.dcm)
-SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-class Unbuildable(ValueError):
-    """A source that can never give an SR (e.g. its UIDs are not UIDs): parked at once."""
+__all__ = ["ResultWriter", "Unbuildable", "inside", "sr_relpath"]
 
 
 def sr_relpath(record: dict[str, Any], source_sop_uid: str) -> str:
@@ -45,15 +43,6 @@ def sr_relpath(record: dict[str, Any], source_sop_uid: str) -> str:
     UID, from its hash: never a traversal, never an absolute path."""
     study = path_part(record.get("study_instance_uid") or "unknown")
     return f"{SR_FOLDER}/{study}/{path_part(source_sop_uid)}.SR.dcm"
-
-
-def inside(root: Path, rel: str) -> Path:
-    """``root / rel``, refused unless it resolves under ``root`` (links included)."""
-    base = root.resolve()
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base) or target == base:
-        raise Unbuildable(f"{rel!r} does not resolve to a file under {base}")
-    return target
 
 
 class ResultWriter:
@@ -68,8 +57,10 @@ class ResultWriter:
         model_name: str,
         destinations: list[str],
         on_written: Callable[[], None] = lambda: None,
+        builder: BuilderProcess | None = None,
     ) -> None:
         self.outbox = outbox
+        self.builder = builder  # None: built in the caller's thread
         self.incoming, self.reports = incoming, reports
         self.model_name = model_name
         self.destinations = destinations
@@ -81,7 +72,7 @@ class ResultWriter:
         for item in due:
             try:
                 written = self._write(item)
-            except _Dropped as why:
+            except Dropped as why:
                 self.outbox.drop_result(item.file_id)
                 logger.info("%s: no DICOM SR (%s)", item.source_path, why)
                 continue
@@ -126,72 +117,20 @@ class ResultWriter:
                 "%s: DICOM SR attempt %d failed again: %s", item.source_path, attempts, error
             )
 
-    def _source(self, due: DueResult) -> Path | None:
-        for candidate in (self.incoming / due.source_path, due.archived_to):
-            if candidate and Path(candidate).is_file():
-                return Path(candidate)
-        return None
-
     def _write(self, item: DueResult) -> list[tuple[str, str]]:
         """Write the SR (and the overlay SC); ``[(SOP Instance UID, path in REPORTS)]``."""
-        source_path = self._source(item)
-        if source_path is None:
-            raise FileNotFoundError(
-                "the source file is no longer in INCOMING or the archive; its header "
-                "(patient and study) is needed for the SR"
-            )
-        source = dcmread(source_path, force=True, stop_before_pixels=True)
-        if str(source.get("SOPInstanceUID", "")) != item.source_sop_uid:
-            raise ValueError("the file at this path is no longer the instance classified")
-        if is_xrwatch_uid(source.get("SOPInstanceUID")):
-            raise _Dropped("the input is xrwatch's own output")
-        if not_attempted_reason(item.record) and "Rows" not in source:
-            raise _Dropped("the input is no image")
-        for keyword in SOURCE_UIDS:
-            if not is_valid_uid(source.get(keyword)):
-                raise Unbuildable(f"its {keyword} is not a valid DICOM UID")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # highdicom's warnings quote patient names
-            sr = build_sr(source, item.record, self.model_name, instance_number=item.file_id)
-        rel = sr_relpath(item.record, item.source_sop_uid)
-        written = [self._save(sr, rel, source)]
-        png = self._heatmap(item, source)
-        if png is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                sha = str(item.record.get("model_sha256") or "")
-                sc = build_sc(source, png, sha, instance_number=item.file_id)
-            written.append(self._save(sc, rel.replace(".SR.dcm", ".SC.dcm"), source))
-        return written
-
-    def _heatmap(self, item: DueResult, source: Dataset) -> Path | None:
-        """The overlay PNG to send as an SC: only for a judged input that has one."""
-        heatmap = item.record.get("heatmap")
-        if not heatmap or not_attempted_reason(item.record, source) is not None:
-            return None
-        try:
-            png = inside(self.reports, str(heatmap))
-        except Unbuildable as exc:  # never from the daemon; the overlay is optional
-            logger.warning("%s: its heatmap %s; SR without overlay", item.source_path, exc)
-            return None
-        if not png.is_file():
-            logger.warning("%s: its heatmap is gone; SR without overlay", item.source_path)
-            return None
-        return png
-
-    def _save(self, ds: Dataset, rel: str, source: Dataset) -> tuple[str, str]:
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        target = inside(self.reports, rel)
-        write_atomic(target, buf.getvalue(), suffix=PART_SUFFIX)
-        back = dcmread(target)  # validate: a PACS will read exactly these bytes
-        if (
-            back.SOPInstanceUID != ds.SOPInstanceUID
-            or back.StudyInstanceUID != source.StudyInstanceUID
-        ):
-            raise ValueError(f"{target}: re-read instance does not match what was built")
-        return str(ds.SOPInstanceUID), rel
-
-
-class _Dropped(Exception):
-    """No SR is due for this input after all."""
+        job = BuildJob(
+            sources=tuple(
+                str(p) for p in (self.incoming / item.source_path, item.archived_to) if p
+            ),
+            source_sop_uid=item.source_sop_uid,
+            record=item.record,
+            model_name=self.model_name,
+            instance_number=item.file_id,
+            reports=str(self.reports),
+            rel=sr_relpath(item.record, item.source_sop_uid),
+        )
+        built = self.builder.run(job) if self.builder is not None else build(job)
+        for note in built.notes:
+            logger.warning("%s: %s", item.source_path, note)
+        return built.written

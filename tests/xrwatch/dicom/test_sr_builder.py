@@ -1,0 +1,141 @@
+"""The SR builder process (:mod:`xrwatch.dicom.builder`): SRs built in a worker process are
+the files an in-process build writes; errors come back typed; a worker that dies is
+replaced; after close, builds run in the caller; a killed daemon leaves no worker behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.helpers.dicom_factory import write_dicom
+from xrwatch.dicom.builder import BuilderProcess, BuildError, BuildJob, Unbuildable, build
+
+PROBS = {"Normal": 0.1, "Bacteria": 0.7, "Virus": 0.2}
+
+
+def _job(tmp_path: Path, name: str = "a", **changes: object) -> BuildJob:
+    src = tmp_path / "in" / f"{name}.dcm"
+    src.parent.mkdir(exist_ok=True)
+    sop = f"1.2.826.0.1.3680043.10.543.{abs(hash(name)) % 10**8}"
+    write_dicom(
+        src, sop_instance_uid=sop, study_instance_uid="1.2.3.4", series_instance_uid="1.2.3.4.5"
+    )
+    record = {"status": "ok", "label": "Bacteria", "probabilities": PROBS,
+              "model_sha256": "ab" * 32, "flag": "", "study_instance_uid": "1.2.3.4"}  # fmt: skip
+    values: dict[str, object] = dict(
+        sources=(str(src),), source_sop_uid=sop, record=record, model_name="m.onnx",
+        instance_number=3, reports=str(tmp_path / "rep"), rel=f"dicom/1.2.3.4/{sop}.SR.dcm",
+    )  # fmt: skip
+    values.update(changes)
+    return BuildJob(**values)  # type: ignore[arg-type]
+
+
+def _worker_pids(builder: BuilderProcess) -> list[int]:
+    pool = builder._pool
+    return list(pool._processes) if pool is not None and pool._processes else []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_a_worker_process_writes_the_sr_an_in_process_build_writes(tmp_path: Path) -> None:
+    (tmp_path / "rep").mkdir()
+    builder = BuilderProcess()
+    try:
+        remote = builder.run(_job(tmp_path, "a"))
+        pids = _worker_pids(builder)
+        assert pids and os.getpid() not in pids  # built elsewhere
+        local = build(_job(tmp_path, "b"))
+    finally:
+        builder.close()
+    for built in (remote, local):
+        [(uid, rel)] = built.written
+        sr = pydicom.dcmread(tmp_path / "rep" / rel)
+        assert sr.SOPInstanceUID == uid and sr.Modality == "SR"
+        assert sr.StudyInstanceUID == "1.2.3.4"
+    assert not any(_alive(p) for p in pids)  # close ended the worker
+
+
+def test_errors_come_back_typed_with_their_message(tmp_path: Path) -> None:
+    builder = BuilderProcess()
+    try:
+        with pytest.raises(BuildError, match="no longer in INCOMING or the archive"):
+            builder.run(_job(tmp_path, "gone", sources=(str(tmp_path / "nothing.dcm"),)))
+        with pytest.raises(Unbuildable, match="does not resolve to a file under"):
+            builder.run(_job(tmp_path, "out", rel="../../elsewhere.SR.dcm"))
+    finally:
+        builder.close()
+
+
+def test_a_dead_worker_is_replaced_and_after_close_builds_run_here(tmp_path: Path) -> None:
+    (tmp_path / "rep").mkdir()
+    builder = BuilderProcess()
+    try:
+        builder.run(_job(tmp_path, "a"))
+        [first] = _worker_pids(builder)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(first) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        built = builder.run(_job(tmp_path, "b"))  # a new worker (or, at worst, one retry)
+        assert len(built.written) == 1
+        [second] = _worker_pids(builder)
+        assert second != first
+    finally:
+        builder.close()
+    assert builder._pool is None
+    assert len(builder.run(_job(tmp_path, "c")).written) == 1  # closed: built in this process
+    assert builder._pool is None
+
+
+def test_the_worker_ignores_the_daemons_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "rep").mkdir()
+    builder = BuilderProcess()
+    try:
+        builder.run(_job(tmp_path, "a"))
+        [pid] = _worker_pids(builder)
+        os.kill(pid, signal.SIGTERM)  # as systemd signals the whole control group
+        time.sleep(0.3)
+        assert _alive(pid)
+        assert len(builder.run(_job(tmp_path, "b")).written) == 1
+        assert _worker_pids(builder) == [pid]
+    finally:
+        builder.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out.extend(kids)
+            stack.extend(kids)
+    return out
+
+
+def test_a_killed_daemon_leaves_no_builder_process_behind(folders, daemons) -> None:
+    from serve_harness import wait_for
+
+    incoming, reports = folders
+    d = daemons(incoming, reports, "--dicom-sr").start()
+    write_dicom(incoming / "a.dcm")
+    wait_for(lambda: list((reports / "dicom").rglob("*.SR.dcm")), 90, "its SR")
+    helpers = _descendants(d.proc.pid)
+    assert helpers, "the SR was built in a worker process under the daemon"
+    d.kill9()
+    wait_for(lambda: not any(_alive(p) for p in helpers), 30, "the builder processes gone")
