@@ -156,14 +156,16 @@ def dicom_phase(
     cpu_ms = 1000 * (tree_cpu(d.proc.pid) - c0) / n
     # the same instances again, to the daemon now idle: acknowledged as duplicates (no
     # fsync, nothing classified), so this is the cost of the transfer and the receiver alone
-    t2 = time.perf_counter()
+    c2, t2 = tree_cpu(d.proc.pid), time.perf_counter()
     send(storescu, port, groups)
     t_again = time.perf_counter() - t2
+    again_ms = 1000 * (tree_cpu(d.proc.pid) - c2) / n
     d.stop()
     rate = n / (t1 - t0)
     print(f"  C-STORE: {rate:6.1f} instances/s (first send -> last report); all acknowledged "
           f"after {t_sent - t0:.1f} s, all {srs} SRs written after {t_sr - t0:.1f} s; "
-          f"sent again to the idle daemon: acknowledged in {t_again:.1f} s; "
+          f"sent again to the idle daemon: acknowledged in {t_again:.1f} s "
+          f"({again_ms:.1f} CPU ms/instance); "
           f"daemon CPU {cpu_ms:.1f} ms/instance")  # fmt: skip
     return rate, n / (t_sr - t0), cpu_ms
 
