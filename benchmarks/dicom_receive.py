@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def dicom_phase(
     n = sum(len(g) for g in groups.values())
     c0 = tree_cpu(d.proc.pid)
     t0 = time.perf_counter()
-    send(storescu, port, groups)
+    sender_cpu = send(storescu, port, groups)
     t_sent = time.perf_counter()
     t1 = wait_reports(reports, n)
     srs, t_sr = wait_srs(reports, n)
@@ -166,12 +167,15 @@ def dicom_phase(
           f"after {t_sent - t0:.1f} s, all {srs} SRs written after {t_sr - t0:.1f} s; "
           f"sent again to the idle daemon: acknowledged in {t_again:.1f} s "
           f"({again_ms:.1f} CPU ms/instance); "
-          f"daemon CPU {cpu_ms:.1f} ms/instance")  # fmt: skip
+          f"daemon CPU {cpu_ms:.1f} ms/instance; storescu CPU "
+          f"{1000 * sender_cpu / n:.1f} ms/instance")  # fmt: skip
     return rate, n / (t_sr - t0), cpu_ms
 
 
-def send(storescu: str, port: int, groups: dict[str, list[Path]]) -> None:
-    """One storescu per transfer syntax family, all at once; wait for them."""
+def send(storescu: str, port: int, groups: dict[str, list[Path]]) -> float:
+    """One storescu per transfer syntax family, all at once; wait for them. Returns their
+    CPU seconds (the sender's share of the machine)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     senders = [
         subprocess.Popen(
             [storescu, option, "-aet", "BENCH", "-aec", "XRWATCH", "127.0.0.1", str(port),
@@ -184,6 +188,8 @@ def send(storescu: str, port: int, groups: dict[str, list[Path]]) -> None:
         _, err = s.communicate()
         if s.returncode != 0:
             raise SystemExit(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # storescu only: the daemon lives on
+    return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> int:
