@@ -13,7 +13,9 @@ this module and highdicom imported once), ignores SIGINT/SIGTERM (the daemon dec
 it ends) and dies with the fork server, which ends when the daemon does (kill -9
 included). A worker that dies mid-build fails that item like any other error (retried with
 back-off, nothing lost); the next item gets a new worker. Once closed (the daemon
-stopping), or when no process can be started, builds run in the caller's thread.
+stopping), or when no process can be started, builds run in the caller's thread. The
+daemon starts the worker with its DICOM node (:meth:`BuilderProcess.start`), so the fork
+server's imports overlap the daemon's own start.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from xrwatch.dicom.uids import is_valid_uid, is_xrwatch_uid
 logger = logging.getLogger(__name__)
 
 SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-WORKER_NICENESS = 10  # added to the daemon's: the SR waits, the receiver and the reports do not
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent ends
 
 
@@ -164,8 +165,6 @@ def _worker_start() -> None:
     with its parent, the fork server, which ends with the daemon."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with contextlib.suppress(OSError):  # background work: reception and inference go first
-        os.nice(WORKER_NICENESS)
     # multiprocessing hands each child the daemon's end of the pipe whose closing tells the
     # fork server that the daemon is gone (so that a child could start children of its
     # own); held here, a daemon killed with -9 would leave server and worker running
@@ -214,6 +213,20 @@ class BuilderProcess:
             if self._pool is pool:
                 self._pool = None
         pool.shutdown(wait=False, cancel_futures=True)
+
+    def start(self) -> None:
+        """Start the worker now, without waiting for it: the fork server's imports (about a
+        second of CPU) overlap the daemon's start instead of delaying its first SR."""
+        with self._lock:
+            pool = None if self._closed else (self._pool or self._start())
+        if pool is None:
+            return
+        try:
+            pool.submit(os.getpid)
+        except BrokenProcessPool:
+            self._discard(pool)
+        except (OSError, RuntimeError) as exc:
+            self._give_up(pool, f"cannot start the SR builder process ({exc})")
 
     def _start(self) -> cf.ProcessPoolExecutor | None:
         try:

@@ -139,3 +139,19 @@ def test_a_killed_daemon_leaves_no_builder_process_behind(folders, daemons) -> N
     assert helpers, "the SR was built in a worker process under the daemon"
     d.kill9()
     wait_for(lambda: not any(_alive(p) for p in helpers), 30, "the builder processes gone")
+
+
+def test_start_brings_the_worker_up_before_the_first_sr(tmp_path: Path) -> None:
+    (tmp_path / "rep").mkdir()
+    builder = BuilderProcess()
+    try:
+        builder.start()  # returns at once; the worker comes up meanwhile
+        deadline = time.monotonic() + 60
+        while not _worker_pids(builder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [pid] = _worker_pids(builder)
+        assert _alive(pid)
+        assert len(builder.run(_job(tmp_path, "a")).written) == 1
+        assert _worker_pids(builder) == [pid]  # the job ran in the worker started early
+    finally:
+        builder.close()
