@@ -14,8 +14,9 @@ it ends) and dies with the fork server, which ends when the daemon does (kill -9
 included). A worker that dies mid-build fails that item like any other error (retried with
 back-off, nothing lost); the next item gets a new worker. Once closed (the daemon
 stopping), or when no process can be started, builds run in the caller's thread. The
-daemon starts the worker with its DICOM node (:meth:`BuilderProcess.start`), so the fork
-server's imports overlap the daemon's own start.
+worker starts with the first SR (:meth:`BuilderProcess.start` starts it earlier; the daemon
+does not: started with every DICOM node, the fork server's second of imports made each of
+the test suite's short-lived daemons slower to stop, and the suite 5 minutes longer).
 """
 
 from __future__ import annotations

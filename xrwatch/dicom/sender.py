@@ -321,8 +321,6 @@ class ResultsWorker:
         ]
 
     def start(self) -> None:
-        if self.builder is not None:
-            self.builder.start()
         for t in self._threads:
             t.start()
 
