@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve import Daemon, build_model, count_json  # noqa: E402
+from serve import Daemon, build_model, count_json, cpu_seconds  # noqa: E402
 
 from tests.helpers.net import free_port, storescu_option  # noqa: E402
 from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
@@ -76,12 +76,10 @@ def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) of process ``pid`` and its live descendants (e.g. an SR
     builder process): the figure that measures the code on a machine shared with others."""
     total, stack = 0.0, [pid]
-    tick = os.sysconf("SC_CLK_TCK")
     while stack:
         p = stack.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            total += cpu_seconds(p)
             for task in Path(f"/proc/{p}/task").iterdir():
                 stack.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, ValueError):

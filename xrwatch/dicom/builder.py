@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import forkserver
@@ -189,45 +190,45 @@ class BuilderProcess:
         self._closed = False
 
     def run(self, job: BuildJob) -> Built:
-        for _ in range(2):  # a worker found dead before the job: once more, with a new one
+        submitted = self._submit(build, job)
+        if submitted is None:
+            return build(job)
+        pool, future = submitted
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._discard(pool)
+            raise BuildError("the SR builder process ended while building it") from None
+
+    def start(self) -> None:
+        """Start the worker now, without waiting for it: the fork server's imports (about a
+        second of CPU) overlap what the caller does meanwhile instead of delaying the first SR."""
+        self._submit(os.getpid)
+
+    def _submit(
+        self, fn: Callable[..., Any], *args: Any
+    ) -> tuple[cf.ProcessPoolExecutor, cf.Future[Any]] | None:
+        """``fn(*args)`` given to the worker; None when builds run in the caller (closed, or
+        no process can be started). A worker found dead first is replaced once."""
+        for _ in range(2):
             with self._lock:
                 pool = None if self._closed else (self._pool or self._start())
             if pool is None:
-                return build(job)
+                return None
             try:
-                future = pool.submit(build, job)
+                return pool, pool.submit(fn, *args)
             except BrokenProcessPool:
                 self._discard(pool)
-                continue
             except (OSError, RuntimeError) as exc:  # no process can be started
                 self._give_up(pool, f"cannot start the SR builder process ({exc})")
-                return build(job)
-            try:
-                return future.result()
-            except BrokenProcessPool:
-                self._discard(pool)
-                raise BuildError("the SR builder process ended while building it") from None
-        return build(job)
+                return None
+        return None
 
     def _discard(self, pool: cf.ProcessPoolExecutor) -> None:
         with self._lock:
             if self._pool is pool:
                 self._pool = None
         pool.shutdown(wait=False, cancel_futures=True)
-
-    def start(self) -> None:
-        """Start the worker now, without waiting for it: the fork server's imports (about a
-        second of CPU) overlap the daemon's start instead of delaying its first SR."""
-        with self._lock:
-            pool = None if self._closed else (self._pool or self._start())
-        if pool is None:
-            return
-        try:
-            pool.submit(os.getpid)
-        except BrokenProcessPool:
-            self._discard(pool)
-        except (OSError, RuntimeError) as exc:
-            self._give_up(pool, f"cannot start the SR builder process ({exc})")
 
     def _start(self) -> cf.ProcessPoolExecutor | None:
         try:

@@ -285,12 +285,11 @@ class ResultsWorker:
         max_attempts: int = MAX_SEND_ATTEMPTS,
         on_written: Callable[[], None] = lambda: None,
         on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
-        sr_process: bool = True,
     ) -> None:
         self.outbox = outbox
         self.destinations = destinations
         # SRs built in a worker process (xrwatch.dicom.builder), off the daemon's GIL
-        self.builder = BuilderProcess() if sr_process else None
+        self.builder = BuilderProcess()
         self.writer = ResultWriter(
             outbox=outbox, incoming=incoming, reports=reports, model_name=model_name,
             destinations=[str(d) for d in destinations], on_written=on_written,
@@ -342,8 +341,7 @@ class ResultsWorker:
                     t.name,
                     STOP_JOIN_SECONDS,
                 )
-        if self.builder is not None:
-            self.builder.close()  # after the writer's last build; later ones run here
+        self.builder.close()  # after the writer's last build; later ones run here
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
