@@ -59,7 +59,7 @@ class SharedUIDContexts(list):
     pynetdicom gives each association ``deepcopy(server.contexts)``
     (``RequestHandler._create_association``). A whole-study node accepts every storage SOP
     class (170) with every decodable transfer syntax (16); deep-copying rebuilds each of
-    those 2,900 UIDs through pydicom's validating constructor: about 47 CPU ms per
+    those 2,900 UIDs through pydicom's validating constructor: about 40 CPU ms per
     association on these 2 cores, the whole cost of one instance sent per association.
     UIDs are immutable ``str``: this copy makes new context objects and new lists, and
     shares the UIDs (``benchmarks/dicom_receive.py --associations``).

@@ -357,7 +357,11 @@ class Receiver:
         if part is None or isinstance(part, Refused):
             why = part.why if part is not None else "the data set was not received"
             return "failed", _status(OUT_OF_RESOURCES, why)
-        part.close()
+        try:
+            part.close()  # writes what it gathered (xrwatch.dicom.spool.PartFile)
+        except OSError as exc:  # e.g. the spool's disk is full: the sender may try again
+            logger.error("C-STORE from AE %r: cannot store %s: %s", calling, sop_uid, exc)
+            return "failed", _status(OUT_OF_RESOURCES, "cannot store the instance")
         header = self._read(part, str(event.context.transfer_syntax), sop_class)
         if header.problem is not None:
             logger.warning("C-STORE from AE %r failed: the instance is %s", calling, header.problem)
