@@ -48,6 +48,7 @@ MAX_WAITING_PER_HOST = 64  # the same, per source address
 STOP_GRACE = 5.0  # seconds the association threads get to end at stop
 KILL_GRACE = 5.0  # seconds an association shut down gets before it is told to exit
 TICK = 0.25  # seconds between checks of the deadlines
+LISTEN_BACKLOG = 128  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
 A_ASSOCIATE_RQ = 0x01
 
 
@@ -434,6 +435,10 @@ def _abortive(sock: socket.socket) -> None:
 
 class GatedServer(ThreadedAssociationServer):
     """pynetdicom's server, with each new connection passed through the :class:`Gate`."""
+
+    # connections the kernel holds until accepted (socketserver's default, 5, dropped the
+    # SYNs of a burst of connections: each such client waited for its 1 s SYN retry)
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, *args: Any, gate: Gate, **kwargs: Any) -> None:
         self.gate = gate

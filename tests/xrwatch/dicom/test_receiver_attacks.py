@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,12 @@ def test_slow_loris_and_garbage_neither_keep_a_sender_out_nor_delay_sigterm(
         incoming, reports, *_args(port, "--dicom-acse-timeout", "600",
                                    "--dicom-network-timeout", "600"),
     ).start()  # fmt: skip
+    if shutil.which("ss"):  # the kernel's queue of pending connections (ss: Send-Q)
+        listening = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        # socketserver's default, 5, dropped the SYNs of this burst (1 s SYN retries: 34 s)
+        assert int(listening[2]) >= 128, listening
     files = _dx(tmp_path / "send", 1)
     held = [_open(port, HALF_RQ) for _ in range(10)]  # half-open association requests
     garbage = [_open(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(200)]
