@@ -240,6 +240,15 @@ def serve(
         ),
         rich_help_panel="DICOM",
     ),
+    dicom_send_retry: float | None = typer.Option(
+        None,
+        "--dicom-send-retry",
+        help=_with_default(
+            "Seconds before a failed send is retried, doubled per failure (at most 300)",
+            "dicom_send_retry",
+        ),
+        rich_help_panel="DICOM",
+    ),
     dicom_send_timeout: float | None = typer.Option(
         None,
         "--dicom-send-timeout",
@@ -336,6 +345,7 @@ def serve(
         "dicom_tls_ca": dicom_tls_ca,
         "dicom_destinations": dicom_destination or None,
         "dicom_send_attempts": dicom_send_attempts,
+        "dicom_send_retry": dicom_send_retry,
         "dicom_send_timeout": dicom_send_timeout,
         "dicom_sr": dicom_sr,
         "heatmaps": heatmaps,

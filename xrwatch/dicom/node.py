@@ -121,6 +121,7 @@ class DicomNode:
             destinations=destinations,
             timeout=cfg.dicom_send_timeout,
             max_attempts=cfg.dicom_send_attempts,
+            retry=cfg.dicom_send_retry,
             on_written=self._written,
             on_sent=self._sent,
         )

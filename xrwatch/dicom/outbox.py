@@ -85,9 +85,10 @@ MAX_SR_ATTEMPTS = 8  # an SR that cannot be built this many times is 'failed' (p
 MAX_SEND_ATTEMPTS = 10  # refused/unanswered C-STOREs before a send is parked (~15 min)
 
 
-def backoff(attempts: int) -> float:
-    """Seconds to wait after ``attempts`` failures (2, 4, 8 ... capped at 5 min)."""
-    return float(min(BACKOFF_FIRST * 2 ** max(attempts - 1, 0), BACKOFF_MAX))
+def backoff(attempts: int, first: float = BACKOFF_FIRST) -> float:
+    """Seconds to wait after ``attempts`` failures (``first``, then doubling: 2, 4, 8 ...
+    by default), capped at 5 min."""
+    return float(min(first * 2 ** max(attempts - 1, 0), BACKOFF_MAX))
 
 
 def on_finish(con: sqlite3.Connection, outcomes: list[tuple[int, str, dict[str, Any]]]) -> None:
@@ -345,12 +346,18 @@ class Outbox:
             )
 
     def send_failed(
-        self, send_id: int, attempts: int, error: str, *, max_attempts: int = MAX_SEND_ATTEMPTS
+        self,
+        send_id: int,
+        attempts: int,
+        error: str,
+        *,
+        max_attempts: int = MAX_SEND_ATTEMPTS,
+        first_wait: float = BACKOFF_FIRST,
     ) -> tuple[str, float]:
         """Record a refused or unanswered C-STORE (attempt ``attempts``); return the new
         state (``pending`` or ``parked``) and the seconds until the next attempt."""
         state = "parked" if attempts >= max_attempts else "pending"
-        wait = backoff(attempts)
+        wait = backoff(attempts, first_wait)
         with self._tx() as con:
             con.execute(
                 "UPDATE dicom_outbox SET state=?, attempts=?, next_attempt_at=?, owner=NULL, "

@@ -34,7 +34,7 @@ from typing import Any
 from pydicom import Dataset, dcmread
 
 from xrwatch.dicom.builder import BuilderProcess
-from xrwatch.dicom.outbox import MAX_SEND_ATTEMPTS, DueSend, Outbox, backoff
+from xrwatch.dicom.outbox import BACKOFF_FIRST, MAX_SEND_ATTEMPTS, DueSend, Outbox, backoff
 from xrwatch.dicom.settings import Destination
 from xrwatch.dicom.writer import ResultWriter, inside, sr_relpath
 
@@ -49,6 +49,11 @@ DEFAULT_TIMEOUT = 30.0  # seconds: association, each C-STORE's answer, network s
 # (it waits for the association's reactor to pause, and an aborted reactor never does): it
 # is a daemon thread, left behind; its item stays pending and is sent again at next start.
 STOP_JOIN_SECONDS = 15.0
+# At stop, how long an association in progress may go on before it is aborted: it sends no
+# further item, and a C-STORE being answered (a PACS that answers: milliseconds) is
+# acknowledged and recorded instead of aborted (which left the thread spinning as above:
+# every stop during a send took 15 s, and its item was sent again at the next start).
+STOP_GRACE_SECONDS = 2.0
 SEND_BATCH = 32  # items per association
 VERIFICATION = "1.2.840.10008.1.1"
 # Fault injection for the exactly-once test: die right after a destination acknowledged a
@@ -123,15 +128,23 @@ class DestinationSender:
         dest: Destination,
         timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = MAX_SEND_ATTEMPTS,
+        retry: float = BACKOFF_FIRST,
         on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
     ) -> None:
         self.outbox, self.reports, self.ae_title, self.dest = outbox, reports, ae_title, dest
         self.timeout, self.max_attempts, self.on_sent = timeout, max_attempts, on_sent
+        self.retry = retry  # seconds before the first retry; doubled per failure
         self.unreachable: str | None = None  # the error while the destination is down
         self._failures = 0  # consecutive association failures (the destination's back-off)
         self._ae: Any = None  # the AE of the association in progress
         self._stopping = False
         self._lock = threading.Lock()
+
+    def finish(self) -> None:
+        """Start no association and send no further item; the C-STORE in progress is
+        answered and recorded, then the association released (see :meth:`abort`)."""
+        with self._lock:
+            self._stopping = True
 
     def abort(self) -> None:
         """Abort the association in progress, even one still being negotiated (at
@@ -145,6 +158,8 @@ class DestinationSender:
 
     def send_due(self) -> int:
         """Send what is due; return how many items were handled."""
+        if self._stopping:
+            return 0
         due = self.outbox.take_sends(str(self.dest), SEND_BATCH)
         if not due:
             return 0
@@ -157,7 +172,7 @@ class DestinationSender:
             except Exception as exc:  # gone or damaged: build it again, then send it
                 self.outbox.rebuild(item.file_id)
                 error = f"{item.sr_path}: cannot be read ({exc}); built again"
-                self.outbox.defer([item.id], backoff(1), error)
+                self.outbox.defer([item.id], backoff(1, self.retry), error)
                 if error != item.last_error:
                     logger.warning("%s", error)
                 continue
@@ -169,11 +184,14 @@ class DestinationSender:
         except ConnectionError as exc:
             with self._lock:
                 self._ae = None
-            self._unreachable(str(exc), [item.id for item, _ in loaded])
+            if self._stopping:  # not the destination's failure: untried, due at next start
+                self.outbox.defer([item.id for item, _ in loaded], 0.0, None)
+            else:
+                self._unreachable(str(exc), [item.id for item, _ in loaded])
             return len(due)
         try:
             for n, (item, ds) in enumerate(loaded):
-                if not assoc.is_established:  # aborted: the rest go back untried
+                if not assoc.is_established or self._stopping:  # the rest go back untried
                     self.outbox.defer([i.id for i, _ in loaded[n:]], 0.0, None)
                     break
                 self._send_one(assoc, item, ds)
@@ -211,7 +229,7 @@ class DestinationSender:
 
     def _unreachable(self, error: str, ids: list[int]) -> None:
         self._failures += 1
-        wait = backoff(self._failures)
+        wait = backoff(self._failures, self.retry)
         self.outbox.defer(ids, wait, error)
         if error != self.unreachable:
             logger.warning(
@@ -251,7 +269,7 @@ class DestinationSender:
         else:
             attempts = item.attempts + 1
             state, wait = self.outbox.send_failed(
-                item.id, attempts, detail, max_attempts=self.max_attempts
+                item.id, attempts, detail, max_attempts=self.max_attempts, first_wait=self.retry
             )
             if state == "parked":
                 logger.error(
@@ -283,6 +301,7 @@ class ResultsWorker:
         destinations: list[Destination],
         timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = MAX_SEND_ATTEMPTS,
+        retry: float = BACKOFF_FIRST,
         on_written: Callable[[], None] = lambda: None,
         on_sent: Callable[[str, bool], None] = lambda _d, _ok: None,
     ) -> None:
@@ -303,6 +322,7 @@ class ResultsWorker:
                 dest=d,
                 timeout=timeout,
                 max_attempts=max_attempts,
+                retry=retry,
                 on_sent=on_sent,
             )
             for d in destinations
@@ -328,7 +348,13 @@ class ResultsWorker:
         for event in (self.wake, *self._send_wakes):
             event.set()
         for sender in self.senders:
-            sender.abort()
+            sender.finish()
+        grace = time.monotonic() + STOP_GRACE_SECONDS
+        for sender, t in zip(self.senders, self._threads[1:], strict=True):
+            if t.ident is not None:
+                t.join(max(grace - time.monotonic(), 0.0))
+            if t.is_alive():  # still negotiating, or a C-STORE the PACS does not answer
+                sender.abort()
         deadline = time.monotonic() + STOP_JOIN_SECONDS
         for t in self._threads:
             if t.ident is None:  # never started (the node failed to start)

@@ -33,9 +33,11 @@ LIMITS: dict[str, tuple[float, float]] = {
     "batch_size": (1, 1024),
     "workers": (1, 64),
     "max_file_mb": (1, 65536),
-    # the results sender (xrwatch.dicom.sender): tries before a result is parked, and the
-    # seconds one association may wait (connect, each C-STORE's answer, network silence)
+    # the results sender (xrwatch.dicom.sender): tries before a result is parked, seconds
+    # before the first retry (doubled per failure, at most 5 min), and the seconds one
+    # association may wait (connect, each C-STORE's answer, network silence)
     "dicom_send_attempts": (1, 1000),
+    "dicom_send_retry": (0.1, 300),
     "dicom_send_timeout": (1, 3600),
 }
 OPEN_BELOW = frozenset({"stable_seconds", "truncated_timeout", "rescan_interval", "poll_interval"})
@@ -79,6 +81,7 @@ class ServeConfig:
     dicom_destinations: tuple[str, ...] = ()  # send each SR to AE@host:port (C-STORE)
     dicom_sr: bool = False  # write REPORTS/dicom SRs even without port or destinations
     dicom_send_attempts: int = 10  # tries of one result per destination, then it is parked
+    dicom_send_retry: float = 2.0  # seconds before the first retry; doubled per failure
     dicom_send_timeout: float = 30.0  # seconds one send association may wait on the PACS
     # the receiver's limits (xrwatch.dicom.settings.ReceiverLimits, docs/dicom-receiver.md)
     dicom_max_associations: int = 10  # associations at once, from all senders

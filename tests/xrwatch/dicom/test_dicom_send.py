@@ -94,6 +94,7 @@ def test_unreachable_destination_is_retried_with_back_off_across_a_restart(
     args = (
         "--dicom-port", str(port), "--dicom-host", "127.0.0.1", "--dicom-allow-ae", "MODALITY",
         "--dicom-destination", dest, "--no-heatmaps",  # SRs only: one send per source
+        "--dicom-send-retry", "0.5",  # back-off 0.5, 1, 2 ... s: the second daemon soon tries
     )  # fmt: skip
     d = daemons(incoming, reports, *args).start()  # the PACS is down
     assert all(r.returncode == 0 for r in storescu(dcmtk, port, files))

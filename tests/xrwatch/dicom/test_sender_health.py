@@ -44,7 +44,8 @@ def test_an_unreachable_pacs_degrades_healthz_without_failing_it(
     chest = pydicom.dcmread(real_dicoms[0], force=True)
     chest.save_as(incoming / "a.dcm", enforce_file_format=False)
     d = daemons(incoming, reports, "--dicom-destination", dest, "--no-heatmaps",
-                "--metrics-port", str(metrics_port)).start()  # fmt: skip
+                "--metrics-port", str(metrics_port),
+                "--dicom-send-retry", "0.5").start()  # fmt: skip
     server = None
     try:
         wait_for(lambda: dest in _get(metrics_port, "/healthz")[1], 120, "/healthz names it")

@@ -45,7 +45,7 @@ def test_a_refusing_pacs_is_logged_once_per_item_not_per_attempt(
         chest.SOPInstanceUID = f"1.2.826.0.1.3680043.2.1125.9.{i + 1}"
         chest.save_as(incoming / f"{i}.dcm", enforce_file_format=False)
     d = daemons(incoming, reports, "--dicom-destination", f"PACS@{LOOPBACK}:{port}",
-                "--no-heatmaps").start()  # fmt: skip
+                "--no-heatmaps", "--dicom-send-retry", "0.3").start()  # fmt: skip
     try:
         wait_for(lambda: len(tried) == n and min(tried.values()) >= ATTEMPTS, 120,
                  f"each SR refused {ATTEMPTS} times")  # fmt: skip

@@ -28,7 +28,6 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from serve_harness import wait_for
 
-import xrwatch.dicom.outbox as outbox_mod
 from xrwatch.dicom.outbox import Outbox, on_finish
 from xrwatch.dicom.sender import ResultsWorker
 from xrwatch.dicom.settings import Destination
@@ -86,13 +85,10 @@ def peers() -> Iterator[list[Peer]]:
         p.stop()
 
 
-@pytest.fixture(autouse=True)
-def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbox_mod, "BACKOFF_FIRST", 0.2)  # retries in 0.2, 0.4 ... s
-
-
 def _results(tmp_path: Path, real_dicoms: list[Path], dests: list[Destination], **kw):
-    """Two classified sources with heatmaps: their SRs and SCs written and queued."""
+    """Two classified sources with heatmaps: their SRs and SCs written and queued; the
+    sender retries after 0.2, 0.4 ... s unless ``retry`` says otherwise."""
+    kw.setdefault("retry", 0.2)
     incoming, reports = tmp_path / "in", tmp_path / "rep"
     incoming.mkdir()
     ledger = Ledger(tmp_path / "state")
@@ -159,7 +155,7 @@ def test_a_slow_pacs_gets_each_result_acknowledged_once_and_nothing_acknowledged
 ) -> None:
     peers.append(pacs := Peer(mode="slow"))
     worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest])
-    worker.senders[0].timeout = TIMEOUT / 2  # each first C-STORE waits this, then aborts
+    worker.senders[0].timeout = TIMEOUT / 3  # each first C-STORE waits this, then aborts
     worker.start()
     try:
         wait_for(lambda: outbox.destination_counts()[str(pacs.dest)]["sent"] == len(uids),
@@ -184,7 +180,7 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
         tmp_path, real_dicoms, [hung.dest, good.dest], max_attempts=2
     )
     hung_sender = next(s for s in worker.senders if s.dest == hung.dest)
-    hung_sender.timeout = TIMEOUT / 2  # it never answers: each of 4 items x 2 tries waits this
+    hung_sender.timeout = TIMEOUT / 3  # it never answers: each of 4 items x 2 tries waits this
     worker.start()
     try:
         assert hung.in_store.wait(60)  # the hung PACS holds its sender ...
@@ -199,6 +195,36 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
     counts = outbox.destination_counts()[str(hung.dest)]
     assert counts["sent"] == 0 and "no answer" in counts["last_error"]
     assert any(str(hung.dest) in p for p in worker.degraded())
+    outbox.close()
+    ledger.close()
+
+
+def test_stop_during_an_answered_c_store_records_it_and_sends_nothing_more(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer], caplog
+) -> None:
+    """A stop while a PACS is answering a C-STORE: the answer is recorded (the item is not
+    sent again at the next start), no further item is sent, and the send thread ends (an
+    abort at once left it spinning in pynetdicom for 15 s and the item pending)."""
+    peers.append(pacs := Peer(mode="hang"))  # answers when the test says so
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest])
+    sender = worker.senders[0]
+    worker.start()
+    stopper = threading.Thread(target=worker.stop)
+    try:
+        assert pacs.in_store.wait(60)  # the first C-STORE is being answered ...
+        stopper.start()
+        wait_for(lambda: sender._stopping, 60, "the stop to begin")
+        pacs.end.set()  # ... and the PACS answers it during the stop
+        stopper.join(60)
+        assert not stopper.is_alive()
+    finally:
+        pacs.end.set()
+    assert not [t for t in worker._threads if t.is_alive()]
+    assert "did not end" not in caplog.text
+    assert sum(pacs.acknowledged.values()) == 1 == sum(pacs.received.values())
+    counts = outbox.destination_counts()[str(pacs.dest)]
+    assert counts["sent"] == 1 and counts["pending"] == len(uids) - 1
+    assert counts["failed_attempts"] == 0  # the rest untried, due at the next start
     outbox.close()
     ledger.close()
 
