@@ -42,13 +42,14 @@ from pydicom import Dataset, dcmread
 
 from xrwatch.atomic import write_atomic
 from xrwatch.dicom.files import PART_SUFFIX
-from xrwatch.dicom.sc import build_sc
-from xrwatch.dicom.sr import build_sr, not_attempted_reason
 from xrwatch.dicom.uids import is_valid_uid, is_xrwatch_uid
 
 logger = logging.getLogger(__name__)
 
 SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# what builds the objects (highdicom, a fifth of a second to import): imported by the
+# worker's fork server before any build, and by the daemon only if it builds in-process
+BUILDING_MODULES = ("xrwatch.dicom.sr", "xrwatch.dicom.sc")
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent ends
 
 
@@ -104,6 +105,9 @@ def build(job: BuildJob) -> Built:
 
 
 def _build(job: BuildJob) -> Built:
+    from xrwatch.dicom.sc import build_sc
+    from xrwatch.dicom.sr import build_sr, not_attempted_reason
+
     source_path = next((Path(p) for p in job.sources if p and Path(p).is_file()), None)
     if source_path is None:
         raise FileNotFoundError(
@@ -137,6 +141,8 @@ def _build(job: BuildJob) -> Built:
 
 def _heatmap(job: BuildJob, reports: Path, source: Dataset, notes: list[str]) -> Path | None:
     """The overlay PNG to send as an SC: only for a judged input that has one."""
+    from xrwatch.dicom.sr import not_attempted_reason
+
     heatmap = job.record.get("heatmap")
     if not heatmap or not_attempted_reason(job.record, source) is not None:
         return None
@@ -233,7 +239,7 @@ class BuilderProcess:
     def _start(self) -> cf.ProcessPoolExecutor | None:
         try:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
+            ctx.set_forkserver_preload([__name__, *BUILDING_MODULES])
             self._pool = cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_start)
         except (OSError, ValueError) as exc:
             logger.warning("cannot start the SR builder process (%s): SRs are built in the "
