@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +115,10 @@ def test_parity_with_torch_on_real_images(
 def test_parity_study_architectures(arch: str, tmp_path: Path, shared_xray: Path) -> None:
     """The study's networks (random weights, 96 px: 3 x 3 feature maps) export within
     tolerance on real images, and their ``cam`` output matches pytorch-grad-cam's."""
-    images = shared_xray / "real" / "Virus"
+    images = tmp_path / "verify"  # 12 real films: verification runs torch and ORT on each
+    images.mkdir()
+    for src in sorted((shared_xray / "real" / "Virus").iterdir())[:12]:
+        shutil.copyfile(src, images / src.name)
     ckpt = make_checkpoint(tmp_path / "best.pt", arch=arch, size=96, seed=1)
     result = export_model(
         ExportOptions(source=ckpt, output=tmp_path / "m.onnx", verify_images=(images,), card=False)
