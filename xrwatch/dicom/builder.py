@@ -1,7 +1,7 @@
 """Where each result's SR (and heatmap SC) is built and written: :func:`build`, run in a
 separate process by :class:`BuilderProcess` so that the daemon's own threads never wait for it.
 
-highdicom builds a TID 1500 SR in pure Python, 90-120 CPU ms per result on these 2 cores
+highdicom builds a TID 1500 SR in pure Python, about 40 CPU ms per result on these 2 cores
 (``benchmarks/sr_build.py``), all of it holding the interpreter lock. In the daemon's
 process that lock is what pynetdicom's reception threads, the intake and ``/healthz`` need:
 sampled with ``py-spy record --gil`` during a C-STORE burst, the SR writer held it in 54 % of
