@@ -39,20 +39,26 @@ def first_frame(path: Path) -> bytes:
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
-def spin_rate(seconds: float) -> float:
-    """Loops per second of a spinning thread alone (the main thread sleeps)."""
-    count, stop = [0], threading.Event()
+class Spinner:
+    """A Python thread that counts loops while the ``with`` block runs; ``rate`` after it:
+    loops per second."""
 
-    def spin() -> None:
-        while not stop.is_set():
-            count[0] += 1
+    def __enter__(self) -> Spinner:
+        self.count, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._spin)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
 
-    t = threading.Thread(target=spin)
-    t.start()
-    time.sleep(seconds)
-    stop.set()
-    t.join()
-    return count[0] / seconds
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.elapsed = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.rate = self.count / self.elapsed
 
 
 def measure(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -62,21 +68,12 @@ def measure(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
     for _ in range(repeat):
         fn()
     alone = (time.perf_counter() - t0) / repeat
-    count, stop = [0], threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            count[0] += 1
-
-    t = threading.Thread(target=spin)
-    t.start()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    elapsed = time.perf_counter() - t0
-    stop.set()
-    t.join()
-    return alone, (count[0] / elapsed) / spin_rate(elapsed)
+    with Spinner() as beside:
+        for _ in range(repeat):
+            fn()
+    with Spinner() as solo:  # the main thread sleeps as long
+        time.sleep(beside.elapsed)
+    return alone, beside.rate / solo.rate
 
 
 def main() -> int:
