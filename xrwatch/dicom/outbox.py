@@ -82,7 +82,7 @@ LEASE_SECONDS = 120.0  # a row taken by a live daemon is left alone this long
 BACKOFF_FIRST = 2.0  # seconds before the first retry; doubles per failure
 BACKOFF_MAX = 300.0
 MAX_SR_ATTEMPTS = 8  # an SR that cannot be built this many times is 'failed' (parked)
-MAX_SEND_ATTEMPTS = 10  # refused/unanswered C-STOREs before a send is parked (~15 min)
+MAX_SEND_ATTEMPTS = 10  # refused/unanswered C-STOREs before a send is parked (~15 min at 2 s first)
 
 
 def backoff(attempts: int, first: float = BACKOFF_FIRST) -> float:

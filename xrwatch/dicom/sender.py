@@ -255,6 +255,13 @@ class DestinationSender:
                 ok, detail = _acknowledged(assoc.send_c_store(ds))
             except Exception as exc:  # e.g. a data set it cannot encode for the context
                 ok, detail = False, f"cannot send: {exc}"
+            if ok is None and self._stopping:  # aborted by the stop, not the PACS's failure
+                self.outbox.defer([item.id], 0.0, None)
+                logger.info(
+                    "%s: not answered by %s before the stop; sent at the next start",
+                    item.sr_sop_uid, self.dest,
+                )  # fmt: skip
+                return
         if ok:
             if os.environ.get(_FAULT_ENV) == "kill-after-send":
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -28,6 +28,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from serve_harness import wait_for
 
+import xrwatch.dicom.sender as sender_mod
 from xrwatch.dicom.outbox import Outbox, on_finish
 from xrwatch.dicom.sender import ResultsWorker
 from xrwatch.dicom.settings import Destination
@@ -138,7 +139,7 @@ def test_a_pacs_refusing_sc_gets_every_sr_once_and_the_scs_are_parked_logged_onc
     assert counts["sent"] == len(srs) and counts["pending"] == 0
     assert counts["parked"] == len(scs) and "does not accept" in counts["last_error"]
     assert pacs.received == Counter({u: 1 for u in srs})  # each SR once, no SC ever
-    assert worker.send_due(pacs.dest) == 0  # nothing left to send: nothing is resent
+    assert outbox.take_sends(str(pacs.dest)) == []  # nothing left to send: nothing resent
     parked = {p["sop_instance_uid"] for p in outbox.parked() if p["what"] == "send"}
     assert parked == scs
     assert any(f"{len(scs)} results parked" in p for p in worker.degraded())
@@ -165,7 +166,7 @@ def test_a_slow_pacs_gets_each_result_acknowledged_once_and_nothing_acknowledged
     # Each first C-STORE timed out (aborted, never acknowledged to us); the resend was.
     assert pacs.received == Counter({u: 2 for u in uids.values()})
     assert pacs.acknowledged == Counter({u: 1 for u in uids.values()})
-    assert worker.send_due(pacs.dest) == 0
+    assert outbox.take_sends(str(pacs.dest)) == []
     assert outbox.destination_counts()[str(pacs.dest)]["parked"] == 0
     outbox.close()
     ledger.close()
@@ -200,12 +201,17 @@ def test_a_hung_pacs_delays_only_itself_and_its_results_are_parked(
 
 
 def test_stop_during_an_answered_c_store_records_it_and_sends_nothing_more(
-    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer], caplog
+    tmp_path: Path,
+    real_dicoms: list[Path],
+    peers: list[Peer],
+    caplog,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A stop while a PACS is answering a C-STORE: the answer is recorded (the item is not
     sent again at the next start), no further item is sent, and the send thread ends (an
     abort at once left it spinning in pynetdicom for 15 s and the item pending)."""
     peers.append(pacs := Peer(mode="hang"))  # answers when the test says so
+    monkeypatch.setattr(sender_mod, "STOP_GRACE_SECONDS", 60.0)  # a bound, not a clock
     worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [pacs.dest])
     sender = worker.senders[0]
     worker.start()
@@ -288,6 +294,55 @@ def test_stop_leaves_behind_a_send_thread_that_ignores_the_abort(
         assert outbox.destination_counts()[str(down)]["pending"] == len(uids)
     finally:
         release.set()
+    outbox.close()
+    ledger.close()
+
+
+def test_the_configured_first_retry_is_what_failed_sends_wait(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer]
+) -> None:
+    """``retry`` (``dicom_send_retry``) is the wait after a refused item and after an
+    unreachable destination (the default would be 2 s)."""
+    peers.append(pacs := Peer(sc=False))  # takes the SRs, refuses the SCs
+    down = Destination("PACS", LOOPBACK, free_port())  # nothing listens there
+    worker, outbox, ledger, _, uids = _results(
+        tmp_path, real_dicoms, [pacs.dest, down], retry=600.0
+    )
+    now = time.time()
+    worker.send_due(pacs.dest)
+    worker.send_due(down)
+    rows = (
+        outbox._con()
+        .execute(
+            "SELECT destination, state, next_attempt_at FROM dicom_outbox WHERE state='pending'"
+        )
+        .fetchall()
+    )
+    waiting = {(d, s) for d, s, _ in rows}
+    assert waiting == {(str(pacs.dest), "pending"), (str(down), "pending")}
+    assert len(rows) == len(uids) // 2 + len(uids)  # the SCs refused, everything to `down`
+    assert min(at for _, _, at in rows) > now + 300  # 600 s, not the default 2
+    outbox.close()
+    ledger.close()
+
+
+def test_a_c_store_aborted_by_the_stop_counts_no_attempt(
+    tmp_path: Path, real_dicoms: list[Path], peers: list[Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACS that does not answer before the stop's grace ends: the C-STORE is aborted and
+    its item waits for the next start untried (not counted, so never parked by stops)."""
+    peers.append(hung := Peer(mode="hang"))
+    monkeypatch.setattr(sender_mod, "STOP_GRACE_SECONDS", 0.0)
+    worker, outbox, ledger, _, uids = _results(tmp_path, real_dicoms, [hung.dest], max_attempts=1)
+    worker.start()
+    try:
+        assert hung.in_store.wait(60)
+        worker.stop()
+    finally:
+        hung.end.set()
+    counts = outbox.destination_counts()[str(hung.dest)]
+    assert counts["pending"] == len(uids) and counts["parked"] == 0
+    assert counts["failed_attempts"] == 0
     outbox.close()
     ledger.close()
 
