@@ -185,14 +185,14 @@ class DestinationSender:
             with self._lock:
                 self._ae = None
             if self._stopping:  # not the destination's failure: untried, due at next start
-                self.outbox.defer([item.id for item, _ in loaded], 0.0, None)
+                self._untried([item.id for item, _ in loaded])
             else:
                 self._unreachable(str(exc), [item.id for item, _ in loaded])
             return len(due)
         try:
             for n, (item, ds) in enumerate(loaded):
                 if not assoc.is_established or self._stopping:  # the rest go back untried
-                    self.outbox.defer([i.id for i, _ in loaded[n:]], 0.0, None)
+                    self._untried([i.id for i, _ in loaded[n:]])
                     break
                 self._send_one(assoc, item, ds)
         finally:
@@ -227,6 +227,10 @@ class DestinationSender:
         self.unreachable, self._failures = None, 0
         return assoc
 
+    def _untried(self, ids: list[int]) -> None:
+        """Put items back as not tried (no attempt counted, no error): due again now."""
+        self.outbox.defer(ids, 0.0, None)
+
     def _unreachable(self, error: str, ids: list[int]) -> None:
         self._failures += 1
         wait = backoff(self._failures, self.retry)
@@ -256,7 +260,7 @@ class DestinationSender:
             except Exception as exc:  # e.g. a data set it cannot encode for the context
                 ok, detail = False, f"cannot send: {exc}"
             if ok is None and self._stopping:  # aborted by the stop, not the PACS's failure
-                self.outbox.defer([item.id], 0.0, None)
+                self._untried([item.id])
                 logger.info(
                     "%s: not answered by %s before the stop; sent at the next start",
                     item.sr_sop_uid, self.dest,
@@ -337,13 +341,15 @@ class ResultsWorker:
         self._stop = threading.Event()
         self.wake = threading.Event()  # new results recorded: write them
         self._send_wakes = [threading.Event() for _ in self.senders]
-        self._threads = [
-            threading.Thread(target=self._write_loop, name="xrwatch-dicom-write", daemon=True)
-        ] + [
+        self._send_threads = [
             threading.Thread(
                 target=self._send_loop, args=(i,), name=f"xrwatch-dicom-send-{i}", daemon=True
             )
             for i in range(len(self.senders))
+        ]
+        self._threads = [
+            threading.Thread(target=self._write_loop, name="xrwatch-dicom-write", daemon=True),
+            *self._send_threads,
         ]
 
     def start(self) -> None:
@@ -357,7 +363,7 @@ class ResultsWorker:
         for sender in self.senders:
             sender.finish()
         grace = time.monotonic() + STOP_GRACE_SECONDS
-        for sender, t in zip(self.senders, self._threads[1:], strict=True):
+        for sender, t in zip(self.senders, self._send_threads, strict=True):
             if t.ident is not None:
                 t.join(max(grace - time.monotonic(), 0.0))
             if t.is_alive():  # still negotiating, or a C-STORE the PACS does not answer
