@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -35,6 +36,15 @@ def _job(tmp_path: Path, name: str = "a", **changes: object) -> BuildJob:
     return BuildJob(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def builder(tmp_path: Path) -> Iterator[BuilderProcess]:
+    """A builder whose jobs write under ``tmp_path / "rep"``; closed after the test."""
+    (tmp_path / "rep").mkdir()
+    made = BuilderProcess()
+    yield made
+    made.close()
+
+
 def _worker_pids(builder: BuilderProcess) -> list[int]:
     pool = builder._pool
     return list(pool._processes) if pool is not None and pool._processes else []
@@ -49,16 +59,14 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
 
 
-def test_a_worker_process_writes_the_sr_an_in_process_build_writes(tmp_path: Path) -> None:
-    (tmp_path / "rep").mkdir()
-    builder = BuilderProcess()
-    try:
-        remote = builder.run(_job(tmp_path, "a"))
-        pids = _worker_pids(builder)
-        assert pids and os.getpid() not in pids  # built elsewhere
-        local = build(_job(tmp_path, "b"))
-    finally:
-        builder.close()
+def test_a_worker_process_writes_the_sr_an_in_process_build_writes(
+    tmp_path: Path, builder: BuilderProcess
+) -> None:
+    remote = builder.run(_job(tmp_path, "a"))
+    pids = _worker_pids(builder)
+    assert pids and os.getpid() not in pids  # built elsewhere
+    local = build(_job(tmp_path, "b"))
+    builder.close()
     for built in (remote, local):
         [(uid, rel)] = built.written
         sr = pydicom.dcmread(tmp_path / "rep" / rel)
@@ -67,51 +75,40 @@ def test_a_worker_process_writes_the_sr_an_in_process_build_writes(tmp_path: Pat
     assert not any(_alive(p) for p in pids)  # close ended the worker
 
 
-def test_errors_come_back_typed_with_their_message(tmp_path: Path) -> None:
-    builder = BuilderProcess()
-    try:
-        with pytest.raises(BuildError, match="no longer in INCOMING or the archive"):
-            builder.run(_job(tmp_path, "gone", sources=(str(tmp_path / "nothing.dcm"),)))
-        with pytest.raises(Unbuildable, match="does not resolve to a file under"):
-            builder.run(_job(tmp_path, "out", rel="../../elsewhere.SR.dcm"))
-    finally:
-        builder.close()
+def test_errors_come_back_typed_with_their_message(tmp_path: Path, builder: BuilderProcess) -> None:
+    with pytest.raises(BuildError, match="no longer in INCOMING or the archive"):
+        builder.run(_job(tmp_path, "gone", sources=(str(tmp_path / "nothing.dcm"),)))
+    with pytest.raises(Unbuildable, match="does not resolve to a file under"):
+        builder.run(_job(tmp_path, "out", rel="../../elsewhere.SR.dcm"))
 
 
-def test_a_dead_worker_is_replaced_and_after_close_builds_run_here(tmp_path: Path) -> None:
-    (tmp_path / "rep").mkdir()
-    builder = BuilderProcess()
-    try:
-        builder.run(_job(tmp_path, "a"))
-        [first] = _worker_pids(builder)
-        os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _alive(first) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        built = builder.run(_job(tmp_path, "b"))  # a new worker (or, at worst, one retry)
-        assert len(built.written) == 1
-        [second] = _worker_pids(builder)
-        assert second != first
-    finally:
-        builder.close()
+def test_a_dead_worker_is_replaced_and_after_close_builds_run_here(
+    tmp_path: Path, builder: BuilderProcess
+) -> None:
+    builder.run(_job(tmp_path, "a"))
+    [first] = _worker_pids(builder)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _alive(first) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    built = builder.run(_job(tmp_path, "b"))  # a new worker (or, at worst, one retry)
+    assert len(built.written) == 1
+    [second] = _worker_pids(builder)
+    assert second != first
+    builder.close()
     assert builder._pool is None
     assert len(builder.run(_job(tmp_path, "c")).written) == 1  # closed: built in this process
     assert builder._pool is None
 
 
-def test_the_worker_ignores_the_daemons_sigterm(tmp_path: Path) -> None:
-    (tmp_path / "rep").mkdir()
-    builder = BuilderProcess()
-    try:
-        builder.run(_job(tmp_path, "a"))
-        [pid] = _worker_pids(builder)
-        os.kill(pid, signal.SIGTERM)  # as systemd signals the whole control group
-        time.sleep(0.3)
-        assert _alive(pid)
-        assert len(builder.run(_job(tmp_path, "b")).written) == 1
-        assert _worker_pids(builder) == [pid]
-    finally:
-        builder.close()
+def test_the_worker_ignores_the_daemons_sigterm(tmp_path: Path, builder: BuilderProcess) -> None:
+    builder.run(_job(tmp_path, "a"))
+    [pid] = _worker_pids(builder)
+    os.kill(pid, signal.SIGTERM)  # as systemd signals the whole control group
+    time.sleep(0.3)
+    assert _alive(pid)
+    assert len(builder.run(_job(tmp_path, "b")).written) == 1
+    assert _worker_pids(builder) == [pid]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -141,17 +138,14 @@ def test_a_killed_daemon_leaves_no_builder_process_behind(folders, daemons) -> N
     wait_for(lambda: not any(_alive(p) for p in helpers), 30, "the builder processes gone")
 
 
-def test_start_brings_the_worker_up_before_the_first_sr(tmp_path: Path) -> None:
-    (tmp_path / "rep").mkdir()
-    builder = BuilderProcess()
-    try:
-        builder.start()  # returns at once; the worker comes up meanwhile
-        deadline = time.monotonic() + 60
-        while not _worker_pids(builder) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        [pid] = _worker_pids(builder)
-        assert _alive(pid)
-        assert len(builder.run(_job(tmp_path, "a")).written) == 1
-        assert _worker_pids(builder) == [pid]  # the job ran in the worker started early
-    finally:
-        builder.close()
+def test_start_brings_the_worker_up_before_the_first_sr(
+    tmp_path: Path, builder: BuilderProcess
+) -> None:
+    builder.start()  # returns at once; the worker comes up meanwhile
+    deadline = time.monotonic() + 60
+    while not _worker_pids(builder) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [pid] = _worker_pids(builder)
+    assert _alive(pid)
+    assert len(builder.run(_job(tmp_path, "a")).written) == 1
+    assert _worker_pids(builder) == [pid]  # the job ran in the worker started early
