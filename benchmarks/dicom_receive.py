@@ -21,6 +21,12 @@ After each C-STORE phase the same instances are sent again to the now idle daemo
 (duplicates: acknowledged, not stored): the time of the transfer and the receiver alone.
 ``--max-pdu`` sets the receiver's ``--dicom-max-pdu``.
 
+``--gil-profile FILE`` samples the first C-STORE daemon with ``py-spy record --gil`` (only
+the thread holding the interpreter lock; py-spy installed apart, ``pip install py-spy``)
+from the first send to the last report, writes the raw samples to FILE and prints each
+thread's share of the samples (association threads pooled by kind) and the functions most
+often on the lock's stack.
+
 Needs ``storescu`` (Debian package dcmtk) and the train extra (to build the model).
 """
 
@@ -28,13 +34,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +145,7 @@ def dicom_phase(
     common: list[str],
     storescu: str,
     max_pdu: int | None = None,
+    gil_profile: Path | None = None,
 ) -> float:
     """storescu to the receiver; instances/s from the first send to the last report."""
     incoming, reports = work / "in", work / "rep"
@@ -146,11 +155,16 @@ def dicom_phase(
                 *(["--dicom-max-pdu", str(max_pdu)] if max_pdu else [])]  # fmt: skip
     d = Daemon(incoming, reports, model, [*common, *receiver])
     n = sum(len(g) for g in groups.values())
+    spy = start_gil_profile(d.proc.pid, gil_profile) if gil_profile else None
     c0 = tree_cpu(d.proc.pid)
     t0 = time.perf_counter()
     sender_cpu = send(storescu, port, groups)
     t_sent = time.perf_counter()
     t1 = wait_reports(reports, n)
+    if spy is not None and gil_profile is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+        gil_summary(gil_profile)
     srs, t_sr = wait_srs(reports, n)
     cpu_ms = 1000 * (tree_cpu(d.proc.pid) - c0) / n
     # the same instances again, to the daemon now idle: acknowledged as duplicates (no
@@ -168,6 +182,40 @@ def dicom_phase(
           f"daemon CPU {cpu_ms:.1f} ms/instance; storescu CPU "
           f"{1000 * sender_cpu / n:.1f} ms/instance")  # fmt: skip
     return rate, n / (t_sr - t0), cpu_ms
+
+
+def start_gil_profile(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).is_file():
+        raise SystemExit("--gil-profile needs py-spy (pip install py-spy)")
+    cmd = [spy, "record", "--gil", "--threads", "--rate", "200", "--format", "raw",
+           "-o", str(out), "--pid", str(pid)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attached
+    return proc
+
+
+def gil_summary(raw: Path, top: int = 12) -> None:
+    """Print each thread kind's share of the lock-holding samples, and the top functions."""
+    threads: Counter[str] = Counter()
+    functions: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames, n = stack.split(";"), int(count)
+        total += n
+        name = re.sub(r"^thread \(\d+\): ", "", frames[0])
+        name = re.sub(r"@\d+$", "", re.sub(r"Thread-\d+ \(run_reactor\)", "DUL reactor", name))
+        threads[name] += n
+        for frame in set(re.sub(r":\d+\)$", ")", f) for f in frames[1:]):
+            if "threading.py" not in frame and "concurrent/futures" not in frame:
+                functions[frame] += n
+    print(f"  interpreter lock held in {total} samples:")
+    for name, n in threads.most_common(top):
+        print(f"    {100 * n / total:5.1f} %  thread {name}")
+    print("  functions on the lock holder's stack:")
+    for frame, n in functions.most_common(top):
+        print(f"    {100 * n / total:5.1f} %  {frame}")
 
 
 def send(storescu: str, port: int, groups: dict[str, list[Path]]) -> float:
@@ -201,6 +249,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="folder/C-STORE pairs, alternated")
     ap.add_argument("--max-pdu", type=int, help="the receiver's --dicom-max-pdu (default its own)")
     ap.add_argument(
+        "--gil-profile",
+        type=Path,
+        help="py-spy --gil samples of the first C-STORE daemon to this file, summarised",
+    )
+    ap.add_argument(
         "--no-sr-on-folder",
         dest="folder_srs",
         action="store_false",
@@ -228,7 +281,10 @@ def main() -> int:
         folder, dicom = [], []
         for r in range(args.rounds):  # alternated, so load from elsewhere hits both
             folder.append(folder_phase(work / f"f{r}", files, model, common, args.folder_srs))
-            dicom.append(dicom_phase(work / f"d{r}", groups, model, common, storescu, args.max_pdu))
+            profile = args.gil_profile if r == 0 else None
+            dicom.append(
+                dicom_phase(work / f"d{r}", groups, model, common, storescu, args.max_pdu, profile)
+            )
         f_mean, d_mean = (sum(x[0] for x in v) / len(v) for v in (folder, dicom))
         print(f"folder:  {f_mean:6.1f} instances/s (rounds: "
               f"{', '.join(f'{x[0]:.1f}' for x in folder)})")  # fmt: skip
