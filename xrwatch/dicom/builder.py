@@ -8,38 +8,35 @@ sampled with ``py-spy record --gil`` during a C-STORE burst, the SR writer held 
 the samples, and storescu's instances were acknowledged 4x slower than by the idle daemon.
 
 :class:`BuilderProcess` runs :func:`build` in one worker process, one item at a time. The
-worker comes from a fork server (started once, from a process that runs no threads, with
-this module and highdicom imported once), ignores SIGINT/SIGTERM (the daemon decides when
-it ends) and dies with the fork server, which ends when the daemon does (kill -9
-included). A worker that dies mid-build fails that item like any other error (retried with
-back-off, nothing lost); the next item gets a new worker. Once closed (the daemon
-stopping), or when no process can be started, builds run in the caller's thread. The
-worker starts with the first SR (:meth:`BuilderProcess.start` starts it earlier; the daemon
-does not: started with every DICOM node, the fork server's second of imports made each of
-the test suite's short-lived daemons slower to stop, and the suite 5 minutes longer).
+worker comes from the daemon's fork server (:mod:`xrwatch.forkworkers`: started once, from
+a process that runs no threads, with this module and highdicom imported once), ignores
+SIGINT/SIGTERM (the daemon decides when it ends) and dies with the fork server, which ends
+when the daemon does (kill -9 included). A worker that dies mid-build fails that item like
+any other error (retried with back-off, nothing lost); the next item gets a new worker.
+Once closed (the daemon stopping), or when no process can be started, builds run in the
+caller's thread. The worker starts with the first SR (:meth:`BuilderProcess.start` starts
+it earlier; the daemon does not: started with every DICOM node, the fork server's second of
+imports made each of the test suite's short-lived daemons slower to stop, and the suite 5
+minutes longer).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
-import ctypes
 import io
 import logging
-import multiprocessing
 import os
-import signal
 import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
 
+from xrwatch import forkworkers
 from xrwatch.atomic import write_atomic
 from xrwatch.dicom.files import PART_SUFFIX
 from xrwatch.dicom.uids import is_valid_uid, is_xrwatch_uid
@@ -47,10 +44,9 @@ from xrwatch.dicom.uids import is_valid_uid, is_xrwatch_uid
 logger = logging.getLogger(__name__)
 
 SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-# what builds the objects (highdicom, a fifth of a second to import): imported by the
-# worker's fork server before any build, and by the daemon only if it builds in-process
-BUILDING_MODULES = ("xrwatch.dicom.sr", "xrwatch.dicom.sc")
-PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent ends
+# the worker's niceness: SRs are built with the CPU that receiving, decoding and running the
+# model leave (benchmarks/dicom_receive.py: the builder takes ~120 CPU ms per result)
+NICENESS = 10
 
 
 class Unbuildable(ValueError):
@@ -168,25 +164,6 @@ def _save(reports: Path, ds: Dataset, rel: str, source: Dataset) -> tuple[str, s
     return str(ds.SOPInstanceUID), rel
 
 
-def _worker_start() -> None:
-    """In the worker: the daemon ends it (not a signal to its process group), and it ends
-    with its parent, the fork server, which ends with the daemon."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # multiprocessing hands each child the daemon's end of the pipe whose closing tells the
-    # fork server that the daemon is gone (so that a child could start children of its
-    # own); held here, a daemon killed with -9 would leave server and worker running
-    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if alive is not None:
-        with contextlib.suppress(OSError):
-            os.close(alive)
-        forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the worker ends when its queue closes
-        pass
-
-
 class BuilderProcess:
     """Runs :func:`build` in one worker process (see the module's docstring)."""
 
@@ -238,9 +215,7 @@ class BuilderProcess:
 
     def _start(self) -> cf.ProcessPoolExecutor | None:
         try:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload([__name__, *BUILDING_MODULES])
-            self._pool = cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_start)
+            self._pool = forkworkers.pool(1, niceness=NICENESS)
         except (OSError, ValueError) as exc:
             logger.warning("cannot start the SR builder process (%s): SRs are built in the "
                            "daemon's process", exc)  # fmt: skip

@@ -149,3 +149,18 @@ def test_start_brings_the_worker_up_before_the_first_sr(
     assert _alive(pid)
     assert len(builder.run(_job(tmp_path, "a")).written) == 1
     assert _worker_pids(builder) == [pid]  # the job ran in the worker started early
+
+
+def _niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_worker_builds_below_the_daemons_priority(
+    tmp_path: Path, builder: BuilderProcess
+) -> None:
+    """SRs get the CPU that receiving, decoding and the model leave (niceness +10)."""
+    from xrwatch.dicom.builder import NICENESS
+
+    builder.run(_job(tmp_path, "a"))
+    [pid] = _worker_pids(builder)
+    assert _niceness(pid) == min(_niceness(os.getpid()) + NICENESS, 19) > _niceness(os.getpid())
