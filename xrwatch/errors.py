@@ -36,6 +36,10 @@ class ImageError(XRWatchError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+        # pickled whole (a decoder process sends it back): the class, the path and the reason
+        return type(self), (self.path, self.reason)
+
 
 class UnsupportedImageError(ImageError):
     """The file is not an image xrwatch reads, or a DICOM it deliberately refuses."""

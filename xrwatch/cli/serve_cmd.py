@@ -106,6 +106,15 @@ def serve(
         "--workers",
         help=_with_default("Threads that read and decode files while the model runs", "workers"),
     ),
+    decode_in: str | None = typer.Option(
+        None,
+        "--decode-in",
+        help=_with_default(
+            "Where the workers decode: processes (one each, off the interpreter lock the DICOM "
+            "receiver needs), threads, or auto (processes with --dicom-port)",
+            "decode_in",
+        ),
+    ),
     max_file_mb: int | None = typer.Option(
         None,
         "--max-file-mb",
@@ -323,6 +332,7 @@ def serve(
         "batch_size": batch_size,
         "max_wait": max_wait,
         "workers": workers,
+        "decode_in": decode_in,
         "max_file_mb": max_file_mb,
         "provider": provider,
         "metrics_port": metrics_port,

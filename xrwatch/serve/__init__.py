@@ -6,6 +6,7 @@ Modules, in the order a file meets them:
 - :mod:`.watcher`    watchdog events, backlog scan and periodic rescan -> candidate paths
 - :mod:`.stability`  waits until a candidate is complete (closed, or size+mtime stable)
 - :mod:`.intake`     a worker reads it safely out of INCOMING, hashes, claims, decodes
+  (:mod:`.decoders`: in the thread, or in a worker process of its own)
 - :mod:`.ledger`     SQLite (WAL) source of truth: atomic claims, outcomes, report flags
 - :mod:`.pipeline`   batches -> inference engine -> begun-batch queue -> ledger
 - :mod:`.outcomes`   a result's report record, flag and heatmap job

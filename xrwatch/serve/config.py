@@ -62,6 +62,9 @@ class ServeConfig:
     batch_size: int = 8  # files per inference call
     max_wait: float = 0.25  # seconds a partial batch waits for more files
     workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
+    # where those threads' decodes run: "processes" (one per thread, off the interpreter lock
+    # the DICOM receiver needs), "threads", or "auto": processes with dicom_port, else threads
+    decode_in: Literal["auto", "threads", "processes"] = "auto"
     # a larger file is an error row, never read: 100 MP at 16 bits (the pixel limit) is 200 MB
     max_file_mb: int = 256
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider

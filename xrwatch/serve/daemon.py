@@ -2,7 +2,8 @@
 
 Threads: the watchdog observer feeds a :class:`StabilityTracker`; a pool of ``workers``
 threads reads each ready file once, hashes, claims (in the ledger) and decodes those
-bytes (:mod:`.intake`); the main thread batches decoded inputs into the inference engine
+bytes (:mod:`.intake`; the decode itself in a process per thread with a DICOM port,
+:mod:`.decoders`); the main thread batches decoded inputs into the inference engine
 while the workers decode the next ones and records outcomes in the ledger
 (:mod:`.pipeline`, :mod:`.outcomes`), writes the reports and archives inputs
 (:mod:`.delivery`); a heartbeat thread keeps systemd and the ledger told (:mod:`.liveness`).
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 from xrwatch.serve import sdnotify
 from xrwatch.serve.config import ServeConfig
+from xrwatch.serve.decoders import Decoders
 from xrwatch.serve.delivery import Delivery
 from xrwatch.serve.folders import check_folders
 from xrwatch.serve.intake import Intake, Work
@@ -167,8 +169,11 @@ class Daemon:
             poll=cfg.poll,
             poll_interval=cfg.poll_interval,
         )
+        self.decoders = Decoders(
+            self.spec, cfg.decode_in, dicom_port=cfg.dicom_port is not None, workers=cfg.workers
+        )
         self.intake = Intake(
-            cfg, self.incoming, self.ledger, self.spec, self.watcher.relative, self._stop
+            cfg, self.incoming, self.ledger, self.decoders, self.watcher.relative, self._stop
         )
         self.delivery = Delivery(
             cfg, self.incoming, self.writer, self.ledger, self.tracker,
@@ -326,6 +331,7 @@ class Daemon:
                 self._drain()
             finally:
                 pool.shutdown(wait=True)
+                self.decoders.close()
                 self.pipeline.close()
                 self.watcher.stop()
                 if self.server is not None:

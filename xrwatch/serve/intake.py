@@ -3,7 +3,8 @@
 Owns what a worker does with a file found complete (:meth:`Intake.prepare`): reach it from
 INCOMING without following links (a symbolic link is read only when it leads to a file
 inside INCOMING), read it once and bounded (``max_file_mb``), hash the bytes read, claim it
-in the ledger and decode those very bytes through :func:`xrwatch.preprocess.load_model_input`.
+in the ledger and decode those very bytes through :func:`xrwatch.preprocess.load_model_input`
+(in the thread or in a decoder process: :mod:`xrwatch.serve.decoders`).
 A DICOM object xrwatch made itself (its SR or heatmap Secondary Capture, routed back into
 INCOMING: :func:`xrwatch.dicom.provenance.own_output`) is neither claimed nor decoded: it is
 ``own_output`` work, skipped with a log line, counted and archived, and not read again
@@ -33,10 +34,10 @@ import numpy as np
 from xrwatch.dicom import provenance
 from xrwatch.errors import ImageError, TruncatedImageError
 from xrwatch.imageio.detect import HEAD_BYTES, JPEG_SIGNATURE, PNG_SIGNATURE
-from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch.safefs import FileId, InputTooLarge, open_dir, open_file, read_fd
 from xrwatch.safetext import printable
 from xrwatch.serve.config import ServeConfig
+from xrwatch.serve.decoders import Decoders
 from xrwatch.serve.ledger import Ledger
 from xrwatch.serve.names import escape_name
 from xrwatch.serve.stability import Candidate, signature
@@ -145,14 +146,14 @@ class Intake:
         config: ServeConfig,
         incoming: Path,
         ledger: Ledger,
-        spec: PreprocessSpec,
+        decoders: Decoders,
         relative: Callable[[Path], str | None],
         stop: threading.Event,
     ) -> None:
         self.config = config
         self.incoming = incoming
         self.ledger = ledger
-        self.spec = spec
+        self.decoders = decoders
         self._relative = relative
         self._stop = stop
         self._truncated_since: dict[str, float] = {}
@@ -258,7 +259,7 @@ class Intake:
             return failed(got.error)
         data = got.data
         try:
-            array, meta = load_model_input(cand.path, self.spec, data=data)
+            array, meta = self.decoders.decode(cand.path, data)
         except ImageError as exc:
             # Too short to tell what it is (an empty file, a DICOM preamble, a bare PNG
             # signature) is as incomplete as a truncated one: wait for the rest.
