@@ -19,7 +19,13 @@ builder's CPU against the receiver.) Each phase prints the rate to the last repo
 apart, the time until the last SR is written; ``--no-sr-on-folder`` measures the old way.
 After each C-STORE phase the same instances are sent again to the now idle daemon
 (duplicates: acknowledged, not stored): the time of the transfer and the receiver alone.
-``--max-pdu`` sets the receiver's ``--dicom-max-pdu``.
+``--max-pdu`` sets the receiver's ``--dicom-max-pdu``; ``--decode-in`` both daemons'
+``--decode-in`` (default ``auto``, as a user runs them: the C-STORE daemon, with its port,
+decodes in worker processes, the folder daemon in threads; ``threads`` is the daemon before
+:mod:`xrwatch.serve.decoders`). ``--warm-up N``: each daemon first classifies N other
+instances, dropped or sent the same way and waited for (reports and SRs), before the
+measured ones, so that what a daemon does once after its start (the fork server's start,
+about 1.3 s of CPU; ONNX Runtime's first runs) is left out of the figure.
 
 ``--gil-profile FILE`` samples the first C-STORE daemon with ``py-spy record --gil`` (only
 the thread holding the interpreter lock; py-spy installed apart, ``pip install py-spy``)
@@ -57,8 +63,9 @@ from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "xray" / "dicom"
 
 
-def make_instances(n: int, out: Path) -> dict[str, list[Path]]:
-    """``n`` instances (new UIDs) grouped by the storescu option for their syntax."""
+def make_instances(n: int, out: Path, prefix: str = "i") -> dict[str, list[Path]]:
+    """``n`` instances (new UIDs) grouped by the storescu option for their syntax, in files
+    named ``{prefix}NNNNN.dcm``."""
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -74,7 +81,7 @@ def make_instances(n: int, out: Path) -> dict[str, list[Path]]:
             ts = str(ds.file_meta.TransferSyntaxUID)
         else:
             ts = ""
-        path = out / f"i{i:05d}.dcm"
+        path = out / f"{prefix}{i:05d}.dcm"
         ds.save_as(path)
         groups[storescu_option(ts)].append(path)
     return groups
@@ -116,19 +123,32 @@ def wait_srs(reports: Path, n: int, timeout: float = 600) -> tuple[int, float]:
     return srs, time.perf_counter()
 
 
-def folder_phase(work: Path, files: list[Path], model: Path, common: list[str], srs: bool) -> float:
-    """Drop ``files`` into INCOMING (temp name, rename); instances/s to the last report."""
-    incoming, reports = work / "in", work / "rep"
-    incoming.mkdir(parents=True)
-    d = Daemon(incoming, reports, model, [*common, *(["--dicom-sr"] if srs else [])])
-    c0 = tree_cpu(d.proc.pid)
-    t0 = time.perf_counter()
+def drop(files: list[Path], incoming: Path) -> None:
     for p in files:
         tmp = incoming / f".{p.name}.tmp"
         shutil.copyfile(p, tmp)
         os.replace(tmp, incoming / p.name)
-    t1 = wait_reports(reports, len(files))
-    written, t_sr = wait_srs(reports, len(files)) if srs else (0, t1)
+
+
+def folder_phase(
+    work: Path, files: list[Path], model: Path, common: list[str], srs: bool, warm: list[Path]
+) -> float:
+    """Drop ``files`` into INCOMING (temp name, rename); instances/s to the last report.
+    ``warm``: dropped first and waited for (reports and SRs), not measured."""
+    incoming, reports = work / "in", work / "rep"
+    incoming.mkdir(parents=True)
+    d = Daemon(incoming, reports, model, [*common, *(["--dicom-sr"] if srs else [])])
+    if warm:
+        drop(warm, incoming)
+        wait_reports(reports, len(warm))
+        if srs:
+            wait_srs(reports, len(warm))
+    c0 = tree_cpu(d.proc.pid)
+    t0 = time.perf_counter()
+    drop(files, incoming)
+    t1 = wait_reports(reports, len(warm) + len(files))
+    written, t_sr = wait_srs(reports, len(warm) + len(files)) if srs else (0, t1)
+    written -= len(warm) if srs else 0
     cpu_ms = 1000 * (tree_cpu(d.proc.pid) - c0) / len(files)
     d.stop()
     rate = len(files) / (t1 - t0)
@@ -146,8 +166,10 @@ def dicom_phase(
     storescu: str,
     max_pdu: int | None = None,
     gil_profile: Path | None = None,
+    warm: dict[str, list[Path]] | None = None,
 ) -> float:
-    """storescu to the receiver; instances/s from the first send to the last report."""
+    """storescu to the receiver; instances/s from the first send to the last report.
+    ``warm``: sent first and waited for (reports and SRs), not measured."""
     incoming, reports = work / "in", work / "rep"
     incoming.mkdir(parents=True)
     port = free_port()
@@ -155,17 +177,23 @@ def dicom_phase(
                 *(["--dicom-max-pdu", str(max_pdu)] if max_pdu else [])]  # fmt: skip
     d = Daemon(incoming, reports, model, [*common, *receiver])
     n = sum(len(g) for g in groups.values())
+    w = sum(len(g) for g in (warm or {}).values())
+    if warm:
+        send(storescu, port, warm)
+        wait_reports(reports, w)
+        wait_srs(reports, w)
     spy = start_gil_profile(d.proc.pid, gil_profile) if gil_profile else None
     c0 = tree_cpu(d.proc.pid)
     t0 = time.perf_counter()
     sender_cpu = send(storescu, port, groups)
     t_sent = time.perf_counter()
-    t1 = wait_reports(reports, n)
+    t1 = wait_reports(reports, w + n)
     if spy is not None and gil_profile is not None:
         spy.send_signal(signal.SIGINT)
         spy.wait(60)
         gil_summary(gil_profile)
-    srs, t_sr = wait_srs(reports, n)
+    srs, t_sr = wait_srs(reports, w + n)
+    srs -= w
     cpu_ms = 1000 * (tree_cpu(d.proc.pid) - c0) / n
     # the same instances again, to the daemon now idle: acknowledged as duplicates (no
     # fsync, nothing classified), so this is the cost of the transfer and the receiver alone
@@ -249,6 +277,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="folder/C-STORE pairs, alternated")
     ap.add_argument("--max-pdu", type=int, help="the receiver's --dicom-max-pdu (default its own)")
     ap.add_argument(
+        "--warm-up",
+        type=int,
+        default=0,
+        help="instances each daemon classifies first, not measured (one-time starts out)",
+    )
+    ap.add_argument(
+        "--decode-in",
+        choices=("auto", "threads", "processes"),
+        default="auto",
+        help="both daemons' --decode-in (default auto: processes with a DICOM port)",
+    )
+    ap.add_argument(
         "--gil-profile",
         type=Path,
         help="py-spy --gil samples of the first C-STORE daemon to this file, summarised",
@@ -271,19 +311,26 @@ def main() -> int:
         model = args.model or build_model(args.arch, args.size, work / "model" / "model.onnx")
         groups = make_instances(args.instances, work / "instances")
         files = [p for g in groups.values() for p in g]
+        warm = make_instances(args.warm_up, work / "warm", "w") if args.warm_up else {}
+        warm_files = [p for g in warm.values() for p in g]
         total_mib = sum(p.stat().st_size for p in files) / 2**20
         syntaxes = ", ".join(f"{k}:{len(v)}" for k, v in sorted(groups.items()))
         print(describe_machine())
         print(f"model {model.name} "
               f"({args.arch}, {args.size}px); {len(files)} instances, {total_mib:.1f} MiB; "
-              f"storescu groups {syntaxes}")  # fmt: skip
-        common = ["--batch-size", "8", "--workers", "2"]
+              f"storescu groups {syntaxes}; --decode-in {args.decode_in}; "
+              f"--warm-up {args.warm_up}")  # fmt: skip
+        common = ["--batch-size", "8", "--workers", "2", "--decode-in", args.decode_in]
         folder, dicom = [], []
         for r in range(args.rounds):  # alternated, so load from elsewhere hits both
-            folder.append(folder_phase(work / f"f{r}", files, model, common, args.folder_srs))
+            folder.append(
+                folder_phase(work / f"f{r}", files, model, common, args.folder_srs, warm_files)
+            )
             profile = args.gil_profile if r == 0 else None
             dicom.append(
-                dicom_phase(work / f"d{r}", groups, model, common, storescu, args.max_pdu, profile)
+                dicom_phase(
+                    work / f"d{r}", groups, model, common, storescu, args.max_pdu, profile, warm
+                )
             )
         f_mean, d_mean = (sum(x[0] for x in v) / len(v) for v in (folder, dicom))
         print(f"folder:  {f_mean:6.1f} instances/s (rounds: "
