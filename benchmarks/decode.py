@@ -17,7 +17,9 @@ native; a 14 MP 12-bit JPEG 2000 mammogram-sized image); and JPEG 2000 decoded i
 at reduced resolution (``min_side`` 224, and 336 as serving asks); native data read as
 serving reads it (``min_side`` 336: stored values box-averaged before the LUTs) against
 pydicom and a full read, with the model-input difference. ``--memory`` adds the
-peak memory of one 100 MP decode.
+peak memory of one 100 MP decode; ``--worker-memory`` the memory of a decoder worker
+process (``decode_in = "processes"``, :mod:`xrwatch.serve.decoders`) after it decoded the
+real DICOMs.
 The first line names the CPU, its ISA features and ONNX Runtime (:mod:`xrwatch.sysinfo`).
 """
 
@@ -120,9 +122,17 @@ def main() -> None:
     parser.add_argument(
         "--memory", action="store_true", help="also: peak RSS of one 100 MP decode (200 MB file)"
     )
+    parser.add_argument(
+        "--worker-memory",
+        action="store_true",
+        help="also: resident and proportional memory of a decoder worker process",
+    )
     args = parser.parse_args()
     print(describe_machine())
     print()
+    if args.worker_memory:
+        worker_memory(args.data / "dicom")
+        return
     if not args.skip_raster:
         raster_tables(args)
     dicom_tables(args)
@@ -152,6 +162,30 @@ else:
     reference_pixels(Path(sys.argv[1]))
 print(peak_mib() - before, estimate_decode_bytes(100_000_000, 2) / 2**20)
 """
+
+
+def worker_memory(folder: Path) -> None:
+    """Rss and Pss (pages shared with the fork server counted in proportion) of one decoder
+    worker process after it decoded every DICOM of ``folder``."""
+    from xrwatch.serve.decoders import Decoders
+
+    decoders = Decoders(PreprocessSpec(), "processes", dicom_port=False)
+    if not decoders.ready(120):
+        raise SystemExit("no decoder process could be started")
+    files = sorted(folder.glob("*.dcm"))
+    for path in files:
+        decoders.decode(path, path.read_bytes())
+    print(f"decoder worker process after decoding {len(files)} DICOMs of {folder}:")
+    for worker in decoders._workers:
+        for pid in worker.pool._processes or {}:
+            fields = {}
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+                name, value = line.split(":", 1)
+                fields[name] = int(value.split()[0]) / 1024
+            private = fields["Private_Clean"] + fields["Private_Dirty"]
+            print(f"  Rss {fields['Rss']:.0f} MiB, Pss {fields['Pss']:.0f} MiB, "
+                  f"private {private:.0f} MiB")  # fmt: skip
+    decoders.close()
 
 
 def memory_table() -> None:

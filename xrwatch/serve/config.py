@@ -19,6 +19,7 @@ from xrwatch.flags import ScopeGuard
 from xrwatch.inputs import IGNORE_PATTERNS
 
 DEFAULT_IGNORE = IGNORE_PATTERNS  # hidden and temporary names, DICOMDIR
+DecodeIn = Literal["auto", "threads", "processes"]  # where decodes run (xrwatch.serve.decoders)
 
 # The range of each number (lowest, highest; the lowest excluded for OPEN_BELOW): a value
 # outside cannot run as meant (a wait of an hour or more per batch, a lease shorter than two
@@ -64,7 +65,7 @@ class ServeConfig:
     workers: int = 2  # threads that hash, claim and decode files (overlap with inference)
     # where those threads' decodes run: "processes" (one per thread, off the interpreter lock
     # the DICOM receiver needs), "threads", or "auto": processes with dicom_port, else threads
-    decode_in: Literal["auto", "threads", "processes"] = "auto"
+    decode_in: DecodeIn = "auto"
     # a larger file is an error row, never read: 100 MP at 16 bits (the pixel limit) is 200 MB
     max_file_mb: int = 256
     provider: Literal["auto", "cpu", "cuda"] = "auto"  # ONNX Runtime execution provider

@@ -169,9 +169,7 @@ class Daemon:
             poll=cfg.poll,
             poll_interval=cfg.poll_interval,
         )
-        self.decoders = Decoders(
-            self.spec, cfg.decode_in, dicom_port=cfg.dicom_port is not None, workers=cfg.workers
-        )
+        self.decoders = Decoders(self.spec, cfg.decode_in, dicom_port=cfg.dicom_port is not None)
         self.intake = Intake(
             cfg, self.incoming, self.ledger, self.decoders, self.watcher.relative, self._stop
         )

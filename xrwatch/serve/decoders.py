@@ -5,16 +5,17 @@ whole decode (a 206 ms frame), pylibjpeg's JPEG decoder for most of it
 (``benchmarks/decoder_gil.py``). In a daemon with a DICOM port that lock is what
 pynetdicom's reception needs for every PDU: sampled during a C-STORE burst
 (``benchmarks/dicom_receive.py --gil-profile``) the two decode threads held it in 56 % of
-the samples, and reception took 10-11 s instead of the idle daemon's 4 s.
+the samples, and 200 instances took 9-11 s to be acknowledged instead of the idle
+daemon's 4 s.
 
 :class:`Decoders` therefore runs each decode thread's decodes in a worker process of that
 thread's own (``decode_in = "processes"``; ``"auto"``, the default, means processes with a
-DICOM port and threads without, where a process start, about a second of CPU for the fork
+DICOM port and threads without, where a process start, about 1.3 s of CPU for the fork
 server's imports, would buy nothing). The file's bytes go to the worker (the very bytes the
 intake read and hashed), the model input and the :class:`ImageMeta` come back, with the log
-records the decode wrote, which are logged here, in the daemon's format. Until a thread's
-worker has started (the first decodes after a start) that thread decodes itself, so no file
-waits for a process start.
+records the decode wrote, which are logged here, in the daemon's format. A worker is started
+in the background (a thread waits for the fork server); until it runs, its thread decodes
+itself, so no file waits for a process start.
 
 The workers run at niceness 5: behind the daemon's own threads, which acknowledge C-STOREs
 and run the model and need little CPU each, and ahead of the SR builder (niceness 10).
@@ -25,14 +26,17 @@ rate (two runs), against 0.62 decoding in threads, and was acknowledged 3.7 s so
 One worker per thread, one decode at a time: a worker that ends mid-decode (a decoder that
 crashes on a malformed file, the OOM killer) fails that file alone. It is tried once more in
 a new worker; a second ending makes it an error row naming the file and why (nothing is
-lost, the file is archived as failed like any unreadable one).
+lost, the file is archived as failed like any unreadable one). A worker found dead before a
+decode (between files) is replaced without counting against the file. An error the worker
+cannot send back as it is comes back as an :class:`ImageDecodeError` with its type and
+message, its traceback logged.
 
-Memory: the decode budget (:mod:`xrwatch.imageio.budget`, ``XRWATCH_DECODE_MEMORY_MB``) is
-shared out, each of the ``workers`` processes holding its share; a decode larger than its
-share still runs (alone in its process), so at worst the decodes hold the budget plus one
-such image (a 100 MP image, the pixel limit: under 1 GiB). Each worker also holds the file
-it decodes and its libraries: 67 MiB resident, 41 MiB proportional (pages shared with the
-fork server), after decoding the five real DICOMs of ``../shared``; ``deploy/README.md``.
+Memory: each worker decodes one file at a time, so the decode budget
+(:mod:`xrwatch.imageio.budget`) does not bound them together as it bounds threads: at
+worst the decodes hold ``workers`` times the largest image (a 100 MP image, the pixel limit:
+954 MiB estimated each). Each worker also holds the file it decodes and its libraries
+(``benchmarks/decode.py --worker-memory``: 70 MiB resident, 43 MiB proportional to the
+pages it shares with the fork server); ``deploy/README.md`` sizes ``MemoryMax`` for it.
 """
 
 from __future__ import annotations
@@ -40,32 +44,38 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import os
+import pickle
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xrwatch import forkworkers
 from xrwatch.errors import ImageDecodeError
-from xrwatch.imageio.budget import DECODE_BUDGET, set_decode_budget
 from xrwatch.preprocess import PreprocessSpec, load_model_input
+from xrwatch.serve.config import DecodeIn
 
 if TYPE_CHECKING:
     from xrwatch.imageio.types import ImageMeta
 
 logger = logging.getLogger(__name__)
 
-DecodeIn = Literal["auto", "threads", "processes"]
 # the workers' niceness: behind the daemon's threads (a C-STORE waits on them, and they
 # need little CPU), ahead of the SR builder (10), which works on results already reported
 NICENESS = 5
+START_TIMEOUT = 120.0  # seconds a new worker may take to run (the fork server's imports)
 CRASHED = (
     "the decoder process ended while decoding this file, twice (a decoder crash on malformed "
     "data, or the process was killed); the file was not decoded"
+)
+NO_WORKER = (
+    "the decoder process ended while decoding this file and no new one could be started; "
+    "the file was not decoded"
 )
 
 
@@ -90,22 +100,33 @@ class _Collect(logging.Handler):
             self.records.append((record.name, record.levelno, str(record.msg)))
 
 
-def decode_in_worker(
-    path: str, spec: PreprocessSpec, data: bytes, level: int, budget: int
-) -> _Decoded:
-    """In a worker: :func:`load_model_input` of ``data`` within a decode budget of
-    ``budget`` bytes, with the records logged at ``level`` or above (the daemon's level)
-    collected for the daemon to log."""
-    if DECODE_BUDGET.limit_bytes != budget:
-        set_decode_budget(budget)
+def _sendable(exc: Exception, path: str, records: list[tuple[str, int, str]]) -> Exception:
+    """``exc`` if it survives pickling as it is (ImageError does, with path and reason);
+    else an ImageDecodeError with its type and message, the traceback in ``records``."""
+    try:
+        back = pickle.loads(pickle.dumps(exc))
+        if type(back) is type(exc) and str(back) == str(exc):
+            return exc
+    except Exception:
+        pass
+    trace = "".join(traceback.format_exception(exc)).rstrip()
+    records.append((__name__, logging.ERROR, f"{path}: in the decoder process: {trace}"))
+    return ImageDecodeError(path, f"unexpected error while decoding: {type(exc).__name__}: {exc}")
+
+
+def decode_in_worker(path: str, spec: PreprocessSpec, data: bytes, level: int) -> _Decoded:
+    """In a worker: :func:`load_model_input` of ``data``, with the records logged at
+    ``level`` or above (the daemon's level, Python warnings included) collected for the
+    daemon to log."""
     root = logging.getLogger()
     collect = _Collect(level)
     root.addHandler(collect)
     root.setLevel(level)
+    logging.captureWarnings(True)
     try:
         return _Decoded(result=load_model_input(path, spec, data=data), records=collect.records)
-    except Exception as exc:  # sent back whole (ImageError pickles with path and reason)
-        return _Decoded(error=exc, records=collect.records)
+    except Exception as exc:  # sent back whole when it pickles (ImageError does)
+        return _Decoded(error=_sendable(exc, path, collect.records), records=collect.records)
     finally:
         root.removeHandler(collect)
 
@@ -113,7 +134,7 @@ def decode_in_worker(
 @dataclass
 class _Worker:
     pool: cf.ProcessPoolExecutor
-    started: cf.Future[int]  # done once the process runs
+    started: cf.Future[int]  # the worker's pid once it runs
 
 
 class Decoders:
@@ -124,11 +145,9 @@ class Decoders:
         spec: PreprocessSpec,
         decode_in: DecodeIn,
         dicom_port: bool,
-        workers: int = 1,
-        work: Callable[[str, PreprocessSpec, bytes, int, int], _Decoded] = decode_in_worker,
+        work: Callable[[str, PreprocessSpec, bytes, int], _Decoded] = decode_in_worker,
     ) -> None:
         self.spec = spec
-        self.workers = max(workers, 1)  # the decode threads, each with a worker process
         self._work = work  # what a worker runs (tests pass one that can end its process)
         self.processes = decode_in == "processes" or (decode_in == "auto" and dicom_port)
         self._local = threading.local()
@@ -141,21 +160,33 @@ class Decoders:
         :class:`xrwatch.errors.ImageError` for a file that does not decode."""
         worker = self._worker()
         if worker is None or not worker.started.done():
-            return load_model_input(path, self.spec, data=data)
-        for _ in range(2):
+            return self._here(path, data)
+        ended = 0  # workers that ended while decoding this file
+        for _ in range(4):  # bounded: a worker dead between files does not count
             try:
-                share = max(DECODE_BUDGET.limit_bytes // self.workers, 1)
-                decoded = worker.pool.submit(
-                    self._work, str(path), self.spec, data, logger.getEffectiveLevel(), share
-                ).result()
-            except BrokenProcessPool:
-                self._discard(worker)
-                worker = self._worker(wait=True)
-                if worker is None:  # no process can be started now
-                    break
+                future = worker.pool.submit(
+                    self._work, str(path), self.spec, data, logger.getEffectiveLevel()
+                )
+            except BrokenProcessPool:  # it ended between files: not this file's doing
+                worker = self._replace(worker)
+                if worker is None:
+                    return self._here(path, data)
                 continue
-            except RuntimeError:  # closed meanwhile: the daemon is stopping
-                return load_model_input(path, self.spec, data=data)
+            except RuntimeError:  # shut down meanwhile: the daemon is stopping
+                return self._here(path, data)
+            try:
+                decoded = future.result()
+            except cf.CancelledError:  # closed meanwhile
+                return self._here(path, data)
+            except BrokenProcessPool:
+                ended += 1
+                if ended == 2:
+                    self._discard(worker)
+                    raise ImageDecodeError(path, CRASHED) from None
+                worker = self._replace(worker)
+                if worker is None:
+                    raise ImageDecodeError(path, NO_WORKER) from None
+                continue
             for name, level, message in decoded.records:
                 logging.getLogger(name).log(level, "%s", message)
             if decoded.error is not None:
@@ -164,45 +195,72 @@ class Decoders:
             return decoded.result
         raise ImageDecodeError(path, CRASHED)
 
-    def ready(self, timeout: float | None = None) -> bool:
-        """Start this thread's worker and wait until it runs (tests; a warm start); False
-        when it cannot be started or is not running after ``timeout`` seconds."""
-        try:
-            return self._worker(wait=True, timeout=timeout) is not None
-        except cf.TimeoutError:
-            return False
+    def _here(self, path: Path, data: bytes) -> tuple[np.ndarray, ImageMeta]:
+        return load_model_input(path, self.spec, data=data)
 
-    def _worker(self, *, wait: bool = False, timeout: float | None = None) -> _Worker | None:
-        """This thread's worker, started if need be (None: decodes stay in the thread)."""
+    def ready(self, timeout: float = START_TIMEOUT) -> bool:
+        """Start this thread's worker and wait until it runs (tests; a warm start); False
+        when it cannot be started or does not run within ``timeout`` seconds."""
+        worker = self._worker()
+        return worker is not None and self._running(worker, timeout)
+
+    def _worker(self) -> _Worker | None:
+        """This thread's worker, its start begun if need be (None: decode in the thread)."""
         if self._closed:
             return None
         worker: _Worker | None = getattr(self._local, "worker", None)
         if worker is None:
-            try:
-                worker = self._start()
-            except (OSError, ValueError, RuntimeError) as exc:
-                self._give_up(f"cannot start a decoder process ({exc})")
-                return None
-            if worker is None:
-                return None
+            worker = self._start()
             self._local.worker = worker
-        if wait:
-            try:
-                worker.started.result(timeout)
-            except BrokenProcessPool:
-                self._discard(worker)
-                self._give_up("a new decoder process ended at once")
-                return None
         return worker
 
+    def _replace(self, dead: _Worker) -> _Worker | None:
+        """A new worker for this thread in place of ``dead``, once it runs (None: none can
+        be started now; decodes then stay in the thread)."""
+        self._discard(dead)
+        worker = self._worker()
+        if worker is None or not self._running(worker, START_TIMEOUT):
+            return None
+        return worker
+
+    def _running(self, worker: _Worker, timeout: float) -> bool:
+        try:
+            worker.started.result(timeout)
+            return True
+        except cf.TimeoutError:
+            self._give_up(f"a new decoder process did not start within {timeout:g} s")
+        except Exception as exc:
+            self._give_up(f"cannot start a decoder process ({type(exc).__name__}: {exc})")
+        return False
+
     def _start(self) -> _Worker | None:
+        """A pool of one process, whose start (``submit`` waits for the fork server) runs
+        in a thread of its own; ``started`` tells when it is done."""
         with self._lock:
             if self._closed:
                 return None
-            pool = forkworkers.pool(1, niceness=NICENESS)
-            worker = _Worker(pool, pool.submit(os.getpid))
+            try:
+                pool = forkworkers.pool(1, niceness=NICENESS)
+            except (OSError, ValueError) as exc:
+                self._closed = True
+                logger.warning("cannot start a decoder process (%s): files are decoded in "
+                               "the daemon's threads", exc)  # fmt: skip
+                return None
+            worker = _Worker(pool, cf.Future())
             self._workers.append(worker)
-            return worker
+        threading.Thread(
+            target=self._launch, args=(worker,), name="xrwatch-decoder-start", daemon=True
+        ).start()
+        return worker
+
+    @staticmethod
+    def _launch(worker: _Worker) -> None:
+        try:
+            pid = worker.pool.submit(os.getpid).result()
+        except BaseException as exc:  # reported by whoever waits for it
+            worker.started.set_exception(exc)
+        else:
+            worker.started.set_result(pid)
 
     def _discard(self, worker: _Worker) -> None:
         self._local.worker = None
@@ -222,3 +280,9 @@ class Decoders:
             workers, self._workers = self._workers, []
         for worker in workers:
             worker.pool.shutdown(wait=wait, cancel_futures=True)
+
+    def pids(self) -> list[int]:
+        """The worker processes running now (``status``-like views, tests)."""
+        with self._lock:
+            workers = list(self._workers)
+        return [pid for w in workers for pid in (w.pool._processes or {})]

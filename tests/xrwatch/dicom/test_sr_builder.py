@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from tests.helpers.dicom_factory import write_dicom
+from tests.helpers.procs import alive, descendants, niceness
 from xrwatch.dicom.builder import BuilderProcess, BuildError, BuildJob, Unbuildable, build
 
 PROBS = {"Normal": 0.1, "Bacteria": 0.7, "Virus": 0.2}
@@ -50,15 +51,6 @@ def _worker_pids(builder: BuilderProcess) -> list[int]:
     return list(pool._processes) if pool is not None and pool._processes else []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
 def test_a_worker_process_writes_the_sr_an_in_process_build_writes(
     tmp_path: Path, builder: BuilderProcess
 ) -> None:
@@ -72,7 +64,7 @@ def test_a_worker_process_writes_the_sr_an_in_process_build_writes(
         sr = pydicom.dcmread(tmp_path / "rep" / rel)
         assert sr.SOPInstanceUID == uid and sr.Modality == "SR"
         assert sr.StudyInstanceUID == "1.2.3.4"
-    assert not any(_alive(p) for p in pids)  # close ended the worker
+    assert not any(alive(p) for p in pids)  # close ended the worker
 
 
 def test_errors_come_back_typed_with_their_message(tmp_path: Path, builder: BuilderProcess) -> None:
@@ -89,7 +81,7 @@ def test_a_dead_worker_is_replaced_and_after_close_builds_run_here(
     [first] = _worker_pids(builder)
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while _alive(first) and time.monotonic() < deadline:
+    while alive(first) and time.monotonic() < deadline:
         time.sleep(0.05)
     built = builder.run(_job(tmp_path, "b"))  # a new worker (or, at worst, one retry)
     assert len(built.written) == 1
@@ -106,23 +98,9 @@ def test_the_worker_ignores_the_daemons_sigterm(tmp_path: Path, builder: Builder
     [pid] = _worker_pids(builder)
     os.kill(pid, signal.SIGTERM)  # as systemd signals the whole control group
     time.sleep(0.3)
-    assert _alive(pid)
+    assert alive(pid)
     assert len(builder.run(_job(tmp_path, "b")).written) == 1
     assert _worker_pids(builder) == [pid]
-
-
-def _descendants(pid: int) -> list[int]:
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out.extend(kids)
-            stack.extend(kids)
-    return out
 
 
 def test_a_killed_daemon_leaves_no_builder_process_behind(folders, daemons) -> None:
@@ -132,10 +110,10 @@ def test_a_killed_daemon_leaves_no_builder_process_behind(folders, daemons) -> N
     d = daemons(incoming, reports, "--dicom-sr").start()
     write_dicom(incoming / "a.dcm")
     wait_for(lambda: list((reports / "dicom").rglob("*.SR.dcm")), 90, "its SR")
-    helpers = _descendants(d.proc.pid)
+    helpers = descendants(d.proc.pid)
     assert helpers, "the SR was built in a worker process under the daemon"
     d.kill9()
-    wait_for(lambda: not any(_alive(p) for p in helpers), 30, "the builder processes gone")
+    wait_for(lambda: not any(alive(p) for p in helpers), 30, "the builder processes gone")
 
 
 def test_start_brings_the_worker_up_before_the_first_sr(
@@ -146,13 +124,9 @@ def test_start_brings_the_worker_up_before_the_first_sr(
     while not _worker_pids(builder) and time.monotonic() < deadline:
         time.sleep(0.05)
     [pid] = _worker_pids(builder)
-    assert _alive(pid)
+    assert alive(pid)
     assert len(builder.run(_job(tmp_path, "a")).written) == 1
     assert _worker_pids(builder) == [pid]  # the job ran in the worker started early
-
-
-def _niceness(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def test_the_worker_builds_below_the_daemons_priority(
@@ -163,4 +137,4 @@ def test_the_worker_builds_below_the_daemons_priority(
 
     builder.run(_job(tmp_path, "a"))
     [pid] = _worker_pids(builder)
-    assert _niceness(pid) == min(_niceness(os.getpid()) + NICENESS, 19) > _niceness(os.getpid())
+    assert niceness(pid) == min(niceness(os.getpid()) + NICENESS, 19)
