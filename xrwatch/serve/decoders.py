@@ -19,8 +19,8 @@ itself, so no file waits for a process start.
 
 The workers run at niceness 5: behind the daemon's own threads, which acknowledge C-STOREs
 and run the model and need little CPU each, and ahead of the SR builder (niceness 10).
-On 2 cores a burst of 200 C-STOREs reached the last report at 0.75-0.82 of the folder's
-rate (two runs), against 0.62 decoding in threads, and was acknowledged 3.7 s sooner
+On 2 cores a burst of 200 C-STOREs reached the last report at 0.71-0.82 of the folder's
+rate (three runs), against 0.62 decoding in threads, and was acknowledged 3-4 s sooner
 (``benchmarks/dicom_receive.py``, docs/benchmarks.md).
 
 One worker per thread, one decode at a time: a worker that ends mid-decode (a decoder that
