@@ -31,7 +31,8 @@ about 1.3 s of CPU; ONNX Runtime's first runs) is left out of the figure.
 the thread holding the interpreter lock; py-spy installed apart, ``pip install py-spy``)
 from the first send to the last report, writes the raw samples to FILE and prints each
 thread's share of the samples (association threads pooled by kind) and the functions most
-often on the lock's stack.
+often on the lock's stack. ``--gil-profile-resend FILE`` does the same for the resend to
+the idle daemon (the receiver's work alone).
 
 Needs ``storescu`` (Debian package dcmtk) and the train extra (to build the model).
 """
@@ -167,6 +168,7 @@ def dicom_phase(
     max_pdu: int | None = None,
     gil_profile: Path | None = None,
     warm: dict[str, list[Path]] | None = None,
+    resend_profile: Path | None = None,
 ) -> float:
     """storescu to the receiver; instances/s from the first send to the last report.
     ``warm``: sent first and waited for (reports and SRs), not measured."""
@@ -197,9 +199,15 @@ def dicom_phase(
     cpu_ms = 1000 * (tree_cpu(d.proc.pid) - c0) / n
     # the same instances again, to the daemon now idle: acknowledged as duplicates (no
     # fsync, nothing classified), so this is the cost of the transfer and the receiver alone
+    spy = start_gil_profile(d.proc.pid, resend_profile) if resend_profile else None
     c2, t2 = tree_cpu(d.proc.pid), time.perf_counter()
     send(storescu, port, groups)
     t_again = time.perf_counter() - t2
+    if spy is not None and resend_profile is not None:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(60)
+        print("  the resend to the idle daemon:")
+        gil_summary(resend_profile)
     again_ms = 1000 * (tree_cpu(d.proc.pid) - c2) / n
     d.stop()
     rate = n / (t1 - t0)
@@ -294,6 +302,11 @@ def main() -> int:
         help="py-spy --gil samples of the first C-STORE daemon to this file, summarised",
     )
     ap.add_argument(
+        "--gil-profile-resend",
+        type=Path,
+        help="the same sampling, of the first C-STORE daemon's idle resend (the receiver alone)",
+    )
+    ap.add_argument(
         "--no-sr-on-folder",
         dest="folder_srs",
         action="store_false",
@@ -329,7 +342,15 @@ def main() -> int:
             profile = args.gil_profile if r == 0 else None
             dicom.append(
                 dicom_phase(
-                    work / f"d{r}", groups, model, common, storescu, args.max_pdu, profile, warm
+                    work / f"d{r}",
+                    groups,
+                    model,
+                    common,
+                    storescu,
+                    args.max_pdu,
+                    profile,
+                    warm,
+                    args.gil_profile_resend if r == 0 else None,
                 )
             )
         f_mean, d_mean = (sum(x[0] for x in v) / len(v) for v in (folder, dicom))
