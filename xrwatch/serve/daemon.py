@@ -170,6 +170,12 @@ class Daemon:
             poll_interval=cfg.poll_interval,
         )
         self.decoders = Decoders(self.spec, cfg.decode_in, dicom_port=cfg.dicom_port is not None)
+        logger.info(
+            "%d worker(s) decode %s (decode_in = %s)",
+            cfg.workers,
+            "each in a process of its own" if self.decoders.processes else "in threads",
+            cfg.decode_in,
+        )
         self.intake = Intake(
             cfg, self.incoming, self.ledger, self.decoders, self.watcher.relative, self._stop
         )

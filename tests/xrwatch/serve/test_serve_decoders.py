@@ -170,6 +170,9 @@ def test_a_daemon_decoding_in_processes_writes_what_one_decoding_in_threads_writ
         return [k for c in children(d.proc.pid) for k in children(c)]
 
     wait_for(lambda: workers(), 90, "a decoder process")
+    assert "2 worker(s) decode each in a process of its own (decode_in = processes)" in (
+        d.log_text()
+    )
     files = [first, *_files(tmp_path)]
     for path in files[1:]:
         os.link(path, incoming / path.name)
