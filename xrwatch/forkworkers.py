@@ -3,7 +3,8 @@
 Two parts of the daemon run their CPU work in processes of their own, so that the daemon's
 threads (pynetdicom's reception above all) never wait for the interpreter lock that work
 holds: the SR builder (:mod:`xrwatch.dicom.builder`) and, with a DICOM port, the decoders
-(:mod:`xrwatch.serve.decoders`). Both start their workers here, with :func:`pool`.
+(:mod:`xrwatch.serve.decoders`). Both make their pools here (:func:`pool`) and start a
+worker ahead of its first job with :func:`launch`, which does not wait for it.
 
 multiprocessing has one fork server per process, started by the first pool that needs it,
 with the modules to import once (:data:`PRELOAD`) fixed at that moment: the list is
@@ -24,18 +25,18 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import threading
 from multiprocessing import forkserver
 
-# imported once by the fork server, before any worker is forked from it: what the SR
-# builder and the decoders import (highdicom alone is a fifth of a second)
+# imported once by the fork server, before any worker is forked from it: the SR builder and
+# the decoders with what they import only when they work (highdicom alone is a fifth of a
+# second; the image readers are imported by the first decode)
 PRELOAD = (
-    "xrwatch.forkworkers",
     "xrwatch.dicom.builder",
     "xrwatch.dicom.sr",
     "xrwatch.dicom.sc",
-    "xrwatch.preprocess",
-    "xrwatch.imageio",
     "xrwatch.serve.decoders",
+    "xrwatch.imageio",
 )
 PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent ends
 
@@ -72,3 +73,22 @@ def pool(workers: int = 1, niceness: int = 0) -> cf.ProcessPoolExecutor:
     return cf.ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=worker_start, initargs=(niceness,)
     )
+
+
+def launch(pool: cf.ProcessPoolExecutor) -> cf.Future[int]:
+    """Start ``pool``'s worker without waiting for it: the worker's pid once it runs. The
+    first ``submit`` to a pool starts its process and waits for the fork server (its
+    imports: 0.75-1.1 s the first time on 2 cores, ``benchmarks/decode.py --worker-memory``), so
+    it is made from a thread of its own; a failure to start is the future's exception."""
+    started: cf.Future[int] = cf.Future()
+
+    def run() -> None:
+        try:
+            pid = pool.submit(os.getpid).result()
+        except BaseException as exc:  # reported to whoever waits for it
+            started.set_exception(exc)
+        else:
+            started.set_result(pid)
+
+    threading.Thread(target=run, name="xrwatch-worker-start", daemon=True).start()
+    return started

@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import io
 import logging
-import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -184,9 +183,13 @@ class BuilderProcess:
             raise BuildError("the SR builder process ended while building it") from None
 
     def start(self) -> None:
-        """Start the worker now, without waiting for it: the fork server's imports (about a
-        second of CPU) overlap what the caller does meanwhile instead of delaying the first SR."""
-        self._submit(os.getpid)
+        """Start the worker now, without waiting for it (:func:`xrwatch.forkworkers.launch`):
+        the fork server's imports overlap what the caller does meanwhile instead of delaying
+        the first SR. A worker that fails to start is replaced by the first build."""
+        with self._lock:
+            pool = None if self._closed else (self._pool or self._start())
+        if pool is not None:
+            forkworkers.launch(pool)
 
     def _submit(
         self, fn: Callable[..., Any], *args: Any

@@ -10,11 +10,11 @@ daemon's 4 s.
 
 :class:`Decoders` therefore runs each decode thread's decodes in a worker process of that
 thread's own (``decode_in = "processes"``; ``"auto"``, the default, means processes with a
-DICOM port and threads without, where a process start, about 1.3 s of CPU for the fork
+DICOM port and threads without, where a process start, about a second for the fork
 server's imports, would buy nothing). The file's bytes go to the worker (the very bytes the
 intake read and hashed), the model input and the :class:`ImageMeta` come back, with the log
 records the decode wrote, which are logged here, in the daemon's format. A worker is started
-in the background (a thread waits for the fork server); until it runs, its thread decodes
+in the background (:func:`xrwatch.forkworkers.launch`); until it runs, its thread decodes
 itself, so no file waits for a process start.
 
 The workers run at niceness 5: behind the daemon's own threads, which acknowledge C-STOREs
@@ -35,15 +35,15 @@ Memory: each worker decodes one file at a time, so the decode budget
 (:mod:`xrwatch.imageio.budget`) does not bound them together as it bounds threads: at
 worst the decodes hold ``workers`` times the largest image (a 100 MP image, the pixel limit:
 954 MiB estimated each). Each worker also holds the file it decodes and its libraries
-(``benchmarks/decode.py --worker-memory``: 70 MiB resident, 43 MiB proportional to the
-pages it shares with the fork server); ``deploy/README.md`` sizes ``MemoryMax`` for it.
+(``benchmarks/decode.py --worker-memory``: 69-78 MiB resident, 43-52 MiB proportional to
+the pages it shares with the fork server, in three runs); ``deploy/README.md`` sizes
+``MemoryMax`` for it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import pickle
 import threading
 import traceback
@@ -234,8 +234,7 @@ class Decoders:
         return False
 
     def _start(self) -> _Worker | None:
-        """A pool of one process, whose start (``submit`` waits for the fork server) runs
-        in a thread of its own; ``started`` tells when it is done."""
+        """A pool of one process, its start begun (:func:`xrwatch.forkworkers.launch`)."""
         with self._lock:
             if self._closed:
                 return None
@@ -246,21 +245,9 @@ class Decoders:
                 logger.warning("cannot start a decoder process (%s): files are decoded in "
                                "the daemon's threads", exc)  # fmt: skip
                 return None
-            worker = _Worker(pool, cf.Future())
+            worker = _Worker(pool, forkworkers.launch(pool))
             self._workers.append(worker)
-        threading.Thread(
-            target=self._launch, args=(worker,), name="xrwatch-decoder-start", daemon=True
-        ).start()
-        return worker
-
-    @staticmethod
-    def _launch(worker: _Worker) -> None:
-        try:
-            pid = worker.pool.submit(os.getpid).result()
-        except BaseException as exc:  # reported by whoever waits for it
-            worker.started.set_exception(exc)
-        else:
-            worker.started.set_result(pid)
+            return worker
 
     def _discard(self, worker: _Worker) -> None:
         self._local.worker = None
@@ -282,7 +269,7 @@ class Decoders:
             worker.pool.shutdown(wait=wait, cancel_futures=True)
 
     def pids(self) -> list[int]:
-        """The worker processes running now (``status``-like views, tests)."""
+        """The worker processes running now (tests, ``benchmarks/decode.py``)."""
         with self._lock:
             workers = list(self._workers)
         return [pid for w in workers for pid in (w.pool._processes or {})]
