@@ -17,9 +17,9 @@ native; a 14 MP 12-bit JPEG 2000 mammogram-sized image); and JPEG 2000 decoded i
 at reduced resolution (``min_side`` 224, and 336 as serving asks); native data read as
 serving reads it (``min_side`` 336: stored values box-averaged before the LUTs) against
 pydicom and a full read, with the model-input difference. ``--memory`` adds the
-peak memory of one 100 MP decode; ``--worker-memory`` the memory of a decoder worker
-process (``decode_in = "processes"``, :mod:`xrwatch.serve.decoders`) after it decoded the
-real DICOMs.
+peak memory of one 100 MP decode; ``--worker-memory`` how long a first decoder worker
+process (``decode_in = "processes"``, :mod:`xrwatch.serve.decoders`) takes to start, and
+its memory after it decoded the real DICOMs.
 The first line names the CPU, its ISA features and ONNX Runtime (:mod:`xrwatch.sysinfo`).
 """
 
@@ -165,26 +165,28 @@ print(peak_mib() - before, estimate_decode_bytes(100_000_000, 2) / 2**20)
 
 
 def worker_memory(folder: Path) -> None:
-    """Rss and Pss (pages shared with the fork server counted in proportion) of one decoder
-    worker process after it decoded every DICOM of ``folder``."""
+    """How long a first decoder worker process takes to run (the fork server's start with
+    it), and its Rss and Pss (pages shared with the fork server counted in proportion) after
+    it decoded every DICOM of ``folder``."""
     from xrwatch.serve.decoders import Decoders
 
     decoders = Decoders(PreprocessSpec(), "processes", dicom_port=False)
+    t0 = time.perf_counter()
     if not decoders.ready(120):
         raise SystemExit("no decoder process could be started")
+    print(f"first decoder worker process running after {time.perf_counter() - t0:.2f} s")
     files = sorted(folder.glob("*.dcm"))
     for path in files:
         decoders.decode(path, path.read_bytes())
     print(f"decoder worker process after decoding {len(files)} DICOMs of {folder}:")
-    for worker in decoders._workers:
-        for pid in worker.pool._processes or {}:
-            fields = {}
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-                name, value = line.split(":", 1)
-                fields[name] = int(value.split()[0]) / 1024
-            private = fields["Private_Clean"] + fields["Private_Dirty"]
-            print(f"  Rss {fields['Rss']:.0f} MiB, Pss {fields['Pss']:.0f} MiB, "
-                  f"private {private:.0f} MiB")  # fmt: skip
+    for pid in decoders.pids():
+        fields = {}
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) / 1024
+        private = fields["Private_Clean"] + fields["Private_Dirty"]
+        print(f"  Rss {fields['Rss']:.0f} MiB, Pss {fields['Pss']:.0f} MiB, "
+              f"private {private:.0f} MiB")  # fmt: skip
     decoders.close()
 
 

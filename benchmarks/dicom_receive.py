@@ -25,7 +25,8 @@ decodes in worker processes, the folder daemon in threads; ``threads`` is the da
 :mod:`xrwatch.serve.decoders`). ``--warm-up N``: each daemon first classifies N other
 instances, dropped or sent the same way and waited for (reports and SRs), before the
 measured ones, so that what a daemon does once after its start (the fork server's start,
-about 1.3 s of CPU; ONNX Runtime's first runs) is left out of the figure.
+about a second, ``benchmarks/decode.py --worker-memory``; ONNX Runtime's
+first runs) is left out of the figure.
 
 ``--gil-profile FILE`` samples the first C-STORE daemon with ``py-spy record --gil`` (only
 the thread holding the interpreter lock; py-spy installed apart, ``pip install py-spy``)
