@@ -1,8 +1,9 @@
-"""Processes seen through /proc: alive (not a zombie), descendants, niceness."""
+"""Processes seen through /proc: alive (not a zombie), ended, descendants, niceness."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -16,6 +17,14 @@ def alive(pid: int) -> bool:
         return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def ended(pid: int, timeout: float = 30.0) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to end; whether it has."""
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
 
 
 def descendants(pid: int) -> list[int]:

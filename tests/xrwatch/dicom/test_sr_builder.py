@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from tests.helpers.dicom_factory import write_dicom
-from tests.helpers.procs import alive, descendants, niceness
+from tests.helpers.procs import alive, descendants, ended, niceness
 from xrwatch.dicom.builder import BuilderProcess, BuildError, BuildJob, Unbuildable, build
 
 PROBS = {"Normal": 0.1, "Bacteria": 0.7, "Virus": 0.2}
@@ -80,9 +80,7 @@ def test_a_dead_worker_is_replaced_and_after_close_builds_run_here(
     builder.run(_job(tmp_path, "a"))
     [first] = _worker_pids(builder)
     os.kill(first, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while alive(first) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    ended(first)
     built = builder.run(_job(tmp_path, "b"))  # a new worker (or, at worst, one retry)
     assert len(built.written) == 1
     [second] = _worker_pids(builder)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +20,12 @@ from PIL import Image
 
 from tests.helpers.decoding import KILLER, ODD, decode_or_die
 from tests.helpers.dicom_factory import gradient, truncate, write_dicom
-from tests.helpers.procs import alive, children, descendants, niceness
+from tests.helpers.procs import alive, children, descendants, ended, niceness
 from xrwatch.errors import ImageDecodeError, TruncatedImageError, UnsupportedImageError
 from xrwatch.preprocess import PreprocessSpec, load_model_input
 from xrwatch.serve.decoders import CRASHED, NICENESS, Decoders
 
 SPEC = PreprocessSpec(size=64)
-
-
-def _gone(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not alive(pid)
 
 
 @pytest.fixture
@@ -98,7 +90,7 @@ def test_a_worker_killed_between_files_is_replaced(tmp_path: Path, decoders: Dec
     path = _files(tmp_path)[0]
     [first] = decoders.pids()
     os.kill(first, signal.SIGKILL)
-    _gone(first)
+    assert ended(first)
     array, _ = decoders.decode(path, path.read_bytes())  # tried again in a new worker
     assert np.array_equal(array, load_model_input(path, SPEC)[0])
     [second] = decoders.pids()
@@ -113,7 +105,7 @@ def test_a_file_that_kills_its_worker_twice_is_an_error_and_the_next_file_decode
     with pytest.raises(ImageDecodeError) as caught:
         decoders.decode(killer, KILLER + b"\0" * 500)
     assert caught.value.path == str(killer) and caught.value.reason == CRASHED
-    _gone(first)
+    assert ended(first)
     path = _files(tmp_path)[2]
     array, meta = decoders.decode(path, path.read_bytes())
     assert meta.kind == "png" and array.shape == (64, 64)
@@ -133,7 +125,7 @@ def test_after_close_decodes_run_in_the_thread_and_the_workers_end(
 ) -> None:
     [pid] = decoders.pids()
     decoders.close()
-    _gone(pid)
+    assert ended(pid)
     path = _files(tmp_path)[0]
     array, _ = decoders.decode(path, path.read_bytes())
     assert array.shape == (64, 64) and decoders.pids() == []
