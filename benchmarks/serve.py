@@ -78,7 +78,13 @@ def count_json(reports: Path) -> int:
 
 class Daemon:
     def __init__(
-        self, incoming: Path, reports: Path, model: Path, args: list[str], root: Path = ROOT
+        self,
+        incoming: Path,
+        reports: Path,
+        model: Path,
+        args: list[str],
+        root: Path = ROOT,
+        pythonpath: tuple[Path, ...] = (),  # folders searched before root
     ) -> None:
         self.sockdir = tempfile.mkdtemp(prefix="xrwb", dir="/tmp")
         self.sock_path = os.path.join(self.sockdir, "n")
@@ -90,7 +96,11 @@ class Daemon:
                 sys.executable, "-m", "xrwatch", "serve", str(incoming), "--model", str(model),
                 "--reports", str(reports), "--log-level", "WARNING", *args,
             ],
-            cwd=root, env=dict(os.environ, NOTIFY_SOCKET=self.sock_path, PYTHONPATH=str(root)),
+            cwd=root, env=dict(
+                os.environ,
+                NOTIFY_SOCKET=self.sock_path,
+                PYTHONPATH=os.pathsep.join(map(str, [*pythonpath, root])),
+            ),
             stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.sock.settimeout(120)

@@ -38,6 +38,7 @@ from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from xrwatch.dicom import reactor_waits
 from xrwatch.dicom.settings import ReceiverLimits
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ KILL_GRACE = 5.0  # seconds an association shut down gets before it is told to e
 TICK = 0.25  # seconds between checks of the deadlines
 LISTEN_BACKLOG = 128  # pending TCP connections the kernel queues (capped by net.core.somaxconn)
 A_ASSOCIATE_RQ = 0x01
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def _host(address: Any) -> str:
@@ -211,6 +213,7 @@ class Gate:
             return read_exactly(assoc_socket.socket, n)
 
         assoc_socket.recv = guarded_recv
+        reactor_waits.attach(assoc)  # its threads wait for work instead of polling
         with self._lock:
             self._peers[id(assoc)] = peer
         return peer
@@ -422,7 +425,21 @@ def read_exactly(sock: socket.socket, n: int) -> bytearray:
             got += k
     if got < n:
         del buf[got:]
+    ack_now(sock)
     return buf
+
+
+def ack_now(sock: socket.socket) -> None:
+    """Acknowledge what was read at once instead of up to 40 ms later (Linux
+    ``TCP_QUICKACK``; set again after every PDU, as the kernel leaves quick-ack mode by
+    itself). A sender with Nagle's algorithm on, as DCMTK's ``storescu`` is by default,
+    holds back each C-STORE's data PDU until its command PDU is acknowledged, and Linux
+    delays that acknowledgement while it has nothing to send back: 48.5 ms per instance
+    of 480 KiB on one association, 39.4 acknowledged at once; 31.0 and 17.4 to an idle
+    daemon (``benchmarks/dicom_latency.py``)."""
+    if _TCP_QUICKACK is not None:
+        with contextlib.suppress(OSError):  # not TCP (a socket pair), or already closed
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
 
 def _abortive(sock: socket.socket) -> None:
