@@ -213,9 +213,9 @@ class Gate:
             return read_exactly(assoc_socket.socket, n)
 
         assoc_socket.recv = guarded_recv
-        reactor_waits.attach(assoc)  # its threads wait for work instead of polling
         with self._lock:
             self._peers[id(assoc)] = peer
+        reactor_waits.attach(assoc)  # its threads wait for work instead of polling
         return peer
 
     def peer(self, assoc: Any) -> Peer | None:
@@ -396,6 +396,7 @@ class Gate:
                 return
             peer.ended = True
             self._peers.pop(id(peer.assoc), None)
+        reactor_waits.release(peer.assoc)
         for part in peer.parts:
             part.discard()
         peer.parts.clear()

@@ -33,7 +33,6 @@ import select
 import ssl
 import threading
 import time
-import weakref
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -50,49 +49,62 @@ class Waits:
         self.assoc = assoc
         self.wakeups = 0  # reactor waits that ended (tests count them)
         self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._fds_lock = threading.Lock()  # no write or read into a number reused after close
+        self.closed = False
         self._ready = threading.Event()
         _after_put(assoc.dul.to_provider_queue, self.wake_dul)
         _after_put(assoc.dul.to_user_queue, self._ready.set)
         _after_put(assoc.dimse.msg_queue, self._ready.set)
         setattr(assoc.dul, _ATTR, self)
         setattr(assoc, _ATTR, self)
-        # closed with the association's objects, once no thread of it can wait on them
-        weakref.finalize(self, _close, self._read, self._write)
 
     def wake_dul(self) -> None:
-        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
-            os.write(self._write, b"x")
+        with self._fds_lock:
+            if not self.closed:
+                with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+                    os.write(self._write, b"x")
 
     def dul_wait(self) -> None:
         """Until a PDU arrives, a primitive is queued to send, or :data:`LONGEST_WAIT`."""
         self.wakeups += 1
         sock = getattr(self.assoc.dul.socket, "socket", None)
+        with self._fds_lock:
+            pipe = -1 if self.closed else self._read
         try:
-            if sock is None or sock.fileno() < 0:
+            if sock is None or sock.fileno() < 0 or pipe < 0:
                 raise ValueError("no socket")
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
                 return  # decrypted bytes wait in the TLS layer: select would not see them
-            ready, _, _ = select.select([sock, self._read], [], [], LONGEST_WAIT)
-        except (OSError, ValueError):  # the socket closed meanwhile: poll as pynetdicom does
+            ready, _, _ = select.select([sock, pipe], [], [], LONGEST_WAIT)
+        except (OSError, ValueError):  # closed meanwhile (or a number >= 1024): poll
             time.sleep(POLL)
             return
-        if self._read in ready:
-            with contextlib.suppress(OSError):
-                os.read(self._read, 4096)
+        if pipe in ready:
+            with self._fds_lock, contextlib.suppress(OSError):
+                if not self.closed:
+                    os.read(self._read, 4096)
 
     def assoc_wait(self) -> None:
         """Until the DUL thread queues a message, a release or an abort, or
-        :data:`LONGEST_WAIT`. Cleared before the reactor's checks: a put after them sets
-        it again, so the next wait ends at once."""
+        :data:`LONGEST_WAIT`. Cleared before the reactor's checks, so a put after them sets
+        it again and the next wait ends at once; the reactor takes one message per pass,
+        so a second one already queued ends the wait at once too."""
         self.wakeups += 1
-        self._ready.wait(LONGEST_WAIT)
         self._ready.clear()
+        if self.assoc.dimse.msg_queue.qsize():
+            return
+        self._ready.wait(LONGEST_WAIT)
 
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    def close(self) -> None:
+        """Give the pipe back (the association ended); its threads, if one still runs,
+        poll as pynetdicom does."""
+        with self._fds_lock:
+            if self.closed:
+                return
+            self.closed = True
+            for fd in (self._read, self._write):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _after_put(q: Any, wake: Any) -> None:
@@ -155,7 +167,20 @@ def _install() -> bool:
 
 def attach(assoc: Any) -> Waits | None:
     """Give a new association (before its threads start: at ``EVT_CONN_OPEN``) its waits;
-    None where pynetdicom is not as expected."""
+    None where pynetdicom is not as expected or no pipe can be made (it polls then).
+    :func:`release` once its threads have ended."""
     if not _install() or getattr(assoc.dul, "_run_loop_delay", None) != POLL:
         return None
-    return Waits(assoc)
+    try:
+        return Waits(assoc)
+    except OSError as exc:  # e.g. out of file descriptors
+        logger.debug("association polls: no pipe for its waits (%s)", exc)
+        return None
+
+
+def release(assoc: Any) -> None:
+    """Close an ended association's pipe (each association holds two descriptors until
+    then; the cycle collector would free them only much later)."""
+    waits = getattr(assoc, _ATTR, None)
+    if waits is not None:
+        waits.close()

@@ -6,19 +6,25 @@ and an idle association no longer wakes a thousand times a second."""
 
 from __future__ import annotations
 
+import os
+import queue
+import select
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from dicom_tools import LOOPBACK, free_port
+from dicom_tools import LOOPBACK, echoscu, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
+from serve_harness import wait_for
 
 from xrwatch.dicom import gate, reactor_waits
 from xrwatch.dicom.sender import DestinationSender
@@ -64,9 +70,13 @@ class Acceptor:
         )
 
     def _opened(self, event: Any) -> None:
-        waits = reactor_waits.attach(event.assoc)
-        assert waits is not None, "pynetdicom's reactors are not as reactor_waits expects"
-        self.waits.append(waits)
+        self.waits.append(reactor_waits.attach(event.assoc))  # None: not as expected
+
+    def the_waits(self) -> reactor_waits.Waits:
+        """The one association's waits (asserted here: a handler's assert is swallowed)."""
+        assert len(self.waits) == 1
+        assert self.waits[0] is not None, "pynetdicom's reactors are not as expected"
+        return self.waits[0]
 
     def _store(self, event: Any) -> int:
         self.stored.append(bytes(event.dataset.PixelData))
@@ -92,7 +102,7 @@ def _associate(port: int) -> Any:
 def test_an_idle_association_waits_instead_of_polling_and_still_answers(acceptor) -> None:
     assoc = _associate(acceptor.port)
     try:
-        (waits,) = acceptor.waits
+        waits = acceptor.the_waits()
         before = waits.wakeups
         time.sleep(IDLE)
         idle_wakeups = waits.wakeups - before
@@ -113,6 +123,7 @@ def test_an_idle_association_waits_instead_of_polling_and_still_answers(acceptor
 def test_an_abort_ends_a_waiting_association(acceptor) -> None:
     assoc = _associate(acceptor.port)
     time.sleep(0.2)  # both of its threads are waiting
+    acceptor.the_waits()
     assoc.abort()
     server_side = acceptor.server.active_associations
     deadline = time.monotonic() + 10
@@ -135,6 +146,80 @@ def test_nothing_is_attached_where_pynetdicom_is_not_as_expected(
     finally:
         assoc.release()
     assert seen == [None]
+
+
+def _fake_association() -> SimpleNamespace:
+    """The parts of an association the waits use: its queues, no socket."""
+    dul = SimpleNamespace(to_provider_queue=queue.Queue(), to_user_queue=queue.Queue(), socket=None)
+    return SimpleNamespace(dul=dul, dimse=SimpleNamespace(msg_queue=queue.Queue()))
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_what_is_queued_for_a_thread_wakes_it_and_the_pipe_is_given_back() -> None:
+    before = _open_fds()
+    assoc = _fake_association()
+    waits = reactor_waits.Waits(assoc)
+    assert _open_fds() == before + 2
+
+    assert not _readable(waits._read)
+    assoc.dul.to_provider_queue.put("C-STORE-RSP")  # the association thread answers
+    assert _readable(waits._read)  # the DUL thread's select ends
+    waits.dul_wait()  # no socket: polls once, as pynetdicom does
+
+    assert not waits._ready.is_set()
+    assoc.dimse.msg_queue.put_nowait((1, "C-STORE-RQ"))  # the DUL thread decoded a message
+    assert waits._ready.is_set()
+    assoc.dimse.msg_queue.put((1, "C-STORE-RQ"))
+    assoc.dimse.msg_queue.get()  # the reactor takes one message per pass ...
+    waits.assoc_wait()  # ... and the one left ends the next wait at once
+    assert not waits._ready.is_set()  # cleared: only a new put sets it again
+    assoc.dul.to_user_queue.put("A-RELEASE-RQ")
+    assert waits._ready.is_set()
+
+    reactor_waits.release(assoc)
+    assert waits.closed and _open_fds() == before
+    assoc.dul.to_provider_queue.put("late")  # writes nowhere once given back
+    reactor_waits.release(assoc)  # twice: nothing more
+
+
+def test_a_message_left_in_the_queue_ends_the_wait_at_once(monkeypatch) -> None:
+    monkeypatch.setattr(reactor_waits, "LONGEST_WAIT", 3600.0)  # only a wake-up ends it
+    assoc = _fake_association()
+    waits = reactor_waits.Waits(assoc)
+    try:
+        assoc.dimse.msg_queue.put((1, "first"))
+        assoc.dimse.msg_queue.put((1, "second"))
+        assoc.dimse.msg_queue.get()  # the reactor served the first; the event is still set
+        waits._ready.clear()  # as if cleared by the wait before the second put
+        t = threading.Thread(target=waits.assoc_wait, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the wait ignored the message already queued"
+    finally:
+        waits.close()
+
+
+def test_the_daemon_gives_back_each_association_s_pipe(folders, daemons, dcmtk) -> None:
+    """Twenty C-ECHO associations, one after another: the daemon's open descriptors come
+    back to where they were (each association's pipe is closed when it ends, not when the
+    cycle collector gets to it)."""
+    incoming, reports = folders
+    port = free_port()
+    d = daemons(incoming, reports, "--dicom-port", str(port), "--dicom-host", LOOPBACK,
+                "--dicom-allow-ae", "MODALITY").start()  # fmt: skip
+    fds = Path(f"/proc/{d.proc.pid}/fd")
+    baseline = len(os.listdir(fds))
+    for _ in range(20):
+        assert echoscu(dcmtk, port, "MODALITY") == 0
+    wait_for(lambda: len(os.listdir(fds)) <= baseline + 2, 30, "the pipes given back")
+    assert d.stop() == 0
 
 
 class _RecordingSocket:
