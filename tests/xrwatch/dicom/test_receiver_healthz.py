@@ -108,6 +108,9 @@ def test_idle_half_open_and_trickling_peers_time_out_and_healthz_says_wedged(
         for t in senders:
             t.join(60)
     wait_for(lambda: _healthz(metrics)[0] == 200, 60, "healthy again")
+    # healthy once one slot is free; the next sender, from 127.0.0.1, also needs both of
+    # that address's associations ended (the idle one, two slow ones and 127.0.0.2's: 4)
+    wait_for(lambda: d.log_text().count(" closed after ") >= 4, 60, "all four associations ended")
     # SIGTERM while a sender is mid-transfer and never finishes: the daemon still exits
     stop = threading.Event()
     sender = threading.Thread(target=_slow_store, args=(port, pdf, 0.5, stop))
