@@ -25,6 +25,7 @@ dcmtk) and the train extra (to build the model the daemon loads).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -44,10 +45,16 @@ from tests.helpers.net import LOOPBACK, free_port  # noqa: E402
 from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 
 # what each receiving setup changes in the daemon, through a sitecustomize on its path
+# (each imports the same modules, so that no setup pays an import the others do not, and
+# writes a marker: a sitecustomize that failed would otherwise measure "as shipped")
+SITE = (
+    "import os\nimport xrwatch.dicom.gate as gate\nimport xrwatch.dicom.reactor_waits as w\n"
+    "{change}\nopen(os.environ['XRWATCH_BENCH_MARKER'], 'a').write('ran\\n')\n"
+)
 SETUPS = {
     "as shipped": "",
-    "no quick ACK": "import xrwatch.dicom.gate as gate\ngate._TCP_QUICKACK = None\n",
-    "reactors poll": "import xrwatch.dicom.reactor_waits as w\nw._installed = False\n",
+    "no quick ACK": "gate._TCP_QUICKACK = None",
+    "reactors poll": "w._installed = False",
 }
 IDLE_ASSOCIATIONS, IDLE_SECONDS = 3, 5.0
 
@@ -92,14 +99,20 @@ def receive(
     reports.mkdir()
     site = work / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text(SETUPS[setup])
+    (site / "sitecustomize.py").write_text(SITE.format(change=SETUPS[setup]))
+    marker = work / "site-ran"
+    os.environ["XRWATCH_BENCH_MARKER"] = str(marker)  # the daemon inherits it
     port = free_port()
     args = ["--dicom-port", str(port), "--dicom-allow-ae", "BENCH"]
     d = Daemon(incoming, reports, model, args, pythonpath=(site,))
     try:
+        if not marker.is_file():
+            raise SystemExit(f"the daemon's sitecustomize did not run: see {work}/daemon.log")
         first = storescu_ms(storescu, port, files)
         deadline = time.time() + 300
-        while len(list((reports / "json").rglob("*.json"))) < len(files) and time.time() < deadline:
+        while len(list((reports / "json").rglob("*.json"))) < len(files):
+            if time.time() > deadline:
+                raise SystemExit("the daemon did not classify the first send in 300 s")
             time.sleep(0.2)
         again = storescu_ms(storescu, port, files)
         idle = idle_cpu(d.proc.pid, port)

@@ -236,6 +236,7 @@ def gil_summary(raw: Path, top: int = 12) -> None:
     """Print each thread kind's share of the lock-holding samples, and the top functions."""
     threads: Counter[str] = Counter()
     functions: Counter[str] = Counter()
+    own: Counter[str] = Counter()  # the function at the top of the stack: its own time
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -244,6 +245,8 @@ def gil_summary(raw: Path, top: int = 12) -> None:
         name = re.sub(r"^thread \(\d+\): ", "", frames[0])
         name = re.sub(r"@\d+$", "", re.sub(r"Thread-\d+ \(run_reactor\)", "DUL reactor", name))
         threads[name] += n
+        if len(frames) > 1:
+            own[re.sub(r":\d+\)$", ")", frames[-1])] += n
         for frame in set(re.sub(r":\d+\)$", ")", f) for f in frames[1:]):
             if "threading.py" not in frame and "concurrent/futures" not in frame:
                 functions[frame] += n
@@ -252,6 +255,9 @@ def gil_summary(raw: Path, top: int = 12) -> None:
         print(f"    {100 * n / total:5.1f} %  thread {name}")
     print("  functions on the lock holder's stack:")
     for frame, n in functions.most_common(top):
+        print(f"    {100 * n / total:5.1f} %  {frame}")
+    print("  functions at the top of that stack (their own time):")
+    for frame, n in own.most_common(top):
         print(f"    {100 * n / total:5.1f} %  {frame}")
 
 

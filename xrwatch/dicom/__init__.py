@@ -4,7 +4,8 @@ It feeds and drains the folder daemon through its ledger and never classifies an
 itself; the daemon's loop stays the one place that claims, infers and records.
 
 - :mod:`.scp`       C-STORE/C-ECHO receiver -> durable files in ``INCOMING/dicom/<UIDs>``;
-  with :mod:`.gate` (what a peer may hold), :mod:`.spool` (no links followed),
+  with :mod:`.gate` (what a peer may hold; its associations wait, not poll:
+  :mod:`.reactor_waits`), :mod:`.spool` (no links followed),
   :mod:`.header` (complete or truncated), :mod:`.receipts` (one content per SOP UID),
   :mod:`.provenance` (xrwatch's own output, also for the folder), :mod:`.pynetdicom_glue`
 - :mod:`.outbox`    the ledger's DICOM tables: received UIDs, pending results, sends (parked)

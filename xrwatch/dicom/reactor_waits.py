@@ -6,7 +6,7 @@ comment: "TODO: try and make this event based rather than running loops"); the a
 thread checks for a decoded DIMSE message, a release or an abort, then sleeps a millisecond
 (``Association._run_reactor``). Two thousand wake-ups a second per association, each taking
 the interpreter lock: three idle associations held 22 % of a core of the daemon, 3.4 % with
-these waits (AMD EPYC, 2 cores; ``benchmarks/dicom_latency.py``), and during a burst the
+these waits (AMD EPYC, 2 logical CPUs; ``benchmarks/dicom_latency.py``), and during a burst the
 polling competes with the model for the same cores.
 
 Here each such millisecond sleep, on the receiver's associations only, becomes a wait that
@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import ssl
+import sys
 import threading
 import time
 from typing import Any
@@ -131,7 +132,8 @@ class _Clock:
     def sleep(self, seconds: float) -> None:
         thread = threading.current_thread()
         waits = getattr(thread, _ATTR, None)
-        if waits is None or seconds != POLL:
+        # only the two reactor loops' sleep (not, e.g., stop_dul's, on the same thread)
+        if waits is None or seconds != POLL or sys._getframe(1).f_code not in _LOOPS:
             self._real.sleep(seconds)
         elif thread is waits.assoc:
             waits.assoc_wait()
@@ -141,6 +143,7 @@ class _Clock:
 
 _lock = threading.Lock()
 _installed: bool | None = None  # None: not tried yet
+_LOOPS: set[Any] = set()  # the code of the two reactor loops whose sleep becomes a wait
 
 
 def _install() -> bool:
@@ -158,6 +161,12 @@ def _install() -> bool:
                 and "_run_loop_delay" in dul.DULServiceProvider.__init__.__code__.co_names
             )
             if expected:
+                _LOOPS.update(
+                    (
+                        dul.DULServiceProvider.run_reactor.__code__,
+                        association.Association._run_reactor.__code__,
+                    )
+                )
                 association.time = dul.time = _Clock(time)  # type: ignore[assignment]
             else:
                 logger.debug("pynetdicom's reactors are not as expected: they poll as before")

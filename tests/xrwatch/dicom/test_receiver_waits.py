@@ -148,6 +148,20 @@ def test_nothing_is_attached_where_pynetdicom_is_not_as_expected(
     assert seen == [None]
 
 
+def test_a_pynetdicom_whose_reactors_are_not_as_expected_is_left_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The detection itself: a ``dul`` module whose ``time`` is something else (a future
+    pynetdicom, another patch) gets no stand-in, and no association gets waits."""
+    from pynetdicom import dul
+
+    other = SimpleNamespace(sleep=time.sleep, time=time.time, monotonic=time.monotonic)
+    monkeypatch.setattr(dul, "time", other)
+    monkeypatch.setattr(reactor_waits, "_installed", None)  # not tried yet
+    assert reactor_waits.attach(_fake_association()) is None
+    assert dul.time is other
+
+
 def _fake_association() -> SimpleNamespace:
     """The parts of an association the waits use: its queues, no socket."""
     dul = SimpleNamespace(to_provider_queue=queue.Queue(), to_user_queue=queue.Queue(), socket=None)
@@ -158,20 +172,23 @@ def _readable(fd: int) -> bool:
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _pipe(fd: int) -> str | None:
+    """What descriptor ``fd`` of this process is (``pipe:[inode]``), None when closed."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def test_what_is_queued_for_a_thread_wakes_it_and_the_pipe_is_given_back() -> None:
-    before = _open_fds()
     assoc = _fake_association()
     waits = reactor_waits.Waits(assoc)
-    assert _open_fds() == before + 2
+    ends = [_pipe(waits._read), _pipe(waits._write)]
+    assert all(e is not None and e.startswith("pipe:") for e in ends)
 
     assert not _readable(waits._read)
     assoc.dul.to_provider_queue.put("C-STORE-RSP")  # the association thread answers
     assert _readable(waits._read)  # the DUL thread's select ends
-    waits.dul_wait()  # no socket: polls once, as pynetdicom does
 
     assert not waits._ready.is_set()
     assoc.dimse.msg_queue.put_nowait((1, "C-STORE-RQ"))  # the DUL thread decoded a message
@@ -184,7 +201,9 @@ def test_what_is_queued_for_a_thread_wakes_it_and_the_pipe_is_given_back() -> No
     assert waits._ready.is_set()
 
     reactor_waits.release(assoc)
-    assert waits.closed and _open_fds() == before
+    assert waits.closed
+    # closed: gone, or (reused meanwhile by another thread) no longer this pipe
+    assert _pipe(waits._read) != ends[0] and _pipe(waits._write) != ends[1]
     assoc.dul.to_provider_queue.put("late")  # writes nowhere once given back
     reactor_waits.release(assoc)  # twice: nothing more
 
@@ -207,19 +226,45 @@ def test_a_message_left_in_the_queue_ends_the_wait_at_once(monkeypatch) -> None:
 
 
 def test_the_daemon_gives_back_each_association_s_pipe(folders, daemons, dcmtk) -> None:
-    """Twenty C-ECHO associations, one after another: the daemon's open descriptors come
-    back to where they were (each association's pipe is closed when it ends, not when the
-    cycle collector gets to it)."""
+    """An open association holds its socket and its pipe in the daemon (the gate attached
+    the waits); twenty C-ECHO associations later the daemon's open descriptors are back
+    where they were (each pipe closed when its association ends, not when the cycle
+    collector gets to it)."""
     incoming, reports = folders
     port = free_port()
     d = daemons(incoming, reports, "--dicom-port", str(port), "--dicom-host", LOOPBACK,
                 "--dicom-allow-ae", "MODALITY").start()  # fmt: skip
     fds = Path(f"/proc/{d.proc.pid}/fd")
     baseline = len(os.listdir(fds))
+    before = _links(fds)
+    ae = AE("MODALITY")
+    ae.add_requested_context(Verification)
+    held = ae.associate(LOOPBACK, port, ae_title="XRWATCH")
+    assert held.is_established
+    try:
+        # a new pipe whose two ends the daemon holds (without the waits: none)
+        wait_for(lambda: _new_pipe_ends(fds, before) == 2, 30, "the association's pipe")
+    finally:
+        held.release()
     for _ in range(20):
         assert echoscu(dcmtk, port, "MODALITY") == 0
     wait_for(lambda: len(os.listdir(fds)) <= baseline + 2, 30, "the pipes given back")
     assert d.stop() == 0
+
+
+def _links(fds: Path) -> list[str]:
+    out = []
+    for fd in os.listdir(fds):
+        try:
+            out.append(os.readlink(fds / fd))
+        except OSError:  # closed meanwhile
+            pass
+    return out
+
+
+def _new_pipe_ends(fds: Path, before: list[str]) -> int:
+    """Descriptors of pipes that were not open in ``before``."""
+    return sum(1 for link in _links(fds) if link.startswith("pipe:") and link not in before)
 
 
 class _RecordingSocket:
