@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from dicom_receive import SHARED, make_instances  # noqa: E402
 from serve import Daemon, build_model, cpu_seconds  # noqa: E402
 
+from tests.helpers.dicom_factory import build_dataset  # noqa: E402
 from tests.helpers.net import LOOPBACK, free_port  # noqa: E402
 from xrwatch.sysinfo import describe as describe_machine  # noqa: E402
 
@@ -124,23 +125,12 @@ def receive(
 def small_sc(i: int) -> object:
     """A 128 x 128 8-bit Secondary Capture (16 KiB of pixels), as small as an SR."""
     import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import SecondaryCaptureImageStorage
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.PatientID, ds.InstanceNumber = "OT", "BENCH", i + 1
-    ds.Rows = ds.Columns = 128
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ramp = np.arange(128 * 128, dtype=np.uint32) * (i + 1) % 256
-    ds.PixelData = ramp.astype(np.uint8).tobytes()
-    return ds
+    ramp = (np.arange(128 * 128, dtype=np.uint32) * (i + 1) % 256).astype(np.uint8)
+    return build_dataset(
+        pixels=ramp.reshape(128, 128), modality="OT", sop_class_uid=SecondaryCaptureImageStorage
+    )
 
 
 def send(storescp: str, work: Path, n: int, nodelay: bool) -> float:

@@ -1,4 +1,5 @@
-"""Processes seen through /proc: alive (not a zombie), ended, descendants, niceness."""
+"""Processes seen through /proc: alive (not a zombie), ended, descendants, niceness, open
+descriptors."""
 
 from __future__ import annotations
 
@@ -53,3 +54,15 @@ def children(pid: int) -> list[int]:
 
 def niceness(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What each open descriptor of ``pid`` is (``/proc/PID/fd`` links: a path,
+    ``pipe:[inode]``, ``socket:[inode]``, ``anon_inode:inotify`` ...)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:  # closed meanwhile
+            continue
+    return out

@@ -2,7 +2,7 @@
 
 pynetdicom gives each association two threads that poll: the DUL thread checks its socket
 and its queues, then sleeps a millisecond (``DULServiceProvider._run_loop_delay``; its own
-comment: "TODO: try and make this event based rather than running loops"); the association
+comment asks for it to be made event based); the association
 thread checks for a decoded DIMSE message, a release or an abort, then sleeps a millisecond
 (``Association._run_reactor``). Two thousand wake-ups a second per association, each taking
 the interpreter lock: three idle associations held 22 % of a core of the daemon, 3.4 % with

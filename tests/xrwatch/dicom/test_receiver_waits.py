@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 import pytest
 from dicom_tools import LOOPBACK, echoscu, free_port
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from serve_harness import wait_for
 
+from tests.helpers.dicom_factory import build_dataset
+from tests.helpers.procs import fd_targets
 from xrwatch.dicom import gate, reactor_waits
 from xrwatch.dicom.sender import DestinationSender
 from xrwatch.dicom.settings import Destination
@@ -34,16 +36,8 @@ IDLE = 1.0  # seconds an association is left idle while its wake-ups are counted
 
 
 def _sc(rows: int) -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
-    ds.Rows = ds.Columns = rows
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = np.random.default_rng(rows).integers(0, 255, rows * rows, np.uint8).tobytes()
-    return ds
+    pixels = np.random.default_rng(rows).integers(0, 255, (rows, rows), np.uint8)
+    return build_dataset(pixels=pixels, modality="OT", sop_class_uid=SecondaryCaptureImageStorage)
 
 
 class Acceptor:
@@ -236,14 +230,14 @@ def test_the_daemon_gives_back_each_association_s_pipe(folders, daemons, dcmtk) 
                 "--dicom-allow-ae", "MODALITY").start()  # fmt: skip
     fds = Path(f"/proc/{d.proc.pid}/fd")
     baseline = len(os.listdir(fds))
-    before = _links(fds)
+    before = fd_targets(d.proc.pid)
     ae = AE("MODALITY")
     ae.add_requested_context(Verification)
     held = ae.associate(LOOPBACK, port, ae_title="XRWATCH")
     assert held.is_established
     try:
         # a new pipe whose two ends the daemon holds (without the waits: none)
-        wait_for(lambda: _new_pipe_ends(fds, before) == 2, 30, "the association's pipe")
+        wait_for(lambda: _new_pipe_ends(d.proc.pid, before) == 2, 30, "the association's pipe")
     finally:
         held.release()
     for _ in range(20):
@@ -252,19 +246,9 @@ def test_the_daemon_gives_back_each_association_s_pipe(folders, daemons, dcmtk) 
     assert d.stop() == 0
 
 
-def _links(fds: Path) -> list[str]:
-    out = []
-    for fd in os.listdir(fds):
-        try:
-            out.append(os.readlink(fds / fd))
-        except OSError:  # closed meanwhile
-            pass
-    return out
-
-
-def _new_pipe_ends(fds: Path, before: list[str]) -> int:
+def _new_pipe_ends(pid: int, before: list[str]) -> int:
     """Descriptors of pipes that were not open in ``before``."""
-    return sum(1 for link in _links(fds) if link.startswith("pipe:") and link not in before)
+    return sum(1 for t in fd_targets(pid) if t.startswith("pipe:") and t not in before)
 
 
 class _RecordingSocket:

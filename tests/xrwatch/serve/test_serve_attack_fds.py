@@ -17,15 +17,13 @@ from pathlib import Path
 
 from serve_harness import csv_rows, make_png, wait_for
 
+from tests.helpers.procs import fd_targets
+
 
 def _held(pid: int) -> dict[str, int]:
     """The daemon's descriptors on the ledger (database, WAL) and inotify instances."""
     counts = {"ledger": 0, "inotify": 0}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
+    for target in fd_targets(pid):
         if target.endswith(("ledger.sqlite3", "ledger.sqlite3-wal")):
             counts["ledger"] += 1
         elif target == "anon_inode:inotify":
