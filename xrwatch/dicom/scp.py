@@ -396,11 +396,7 @@ class Receiver:
         return self._keep(part, calling, sop_uid, study, series)
 
     def _read(self, part: PartFile, transfer_syntax: str, sop_class: str) -> Any:
-        spool = self.spool.open()
-        try:
-            fd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=spool)
-        finally:
-            os.close(spool)
+        fd = self.spool.read_part(part.part)
         with os.fdopen(fd, "rb") as fh:
             size = os.fstat(fd).st_size
             return read_header(fh, size, transfer_syntax, image=sop_class in RADIOGRAPH_SOP_CLASSES)
@@ -455,11 +451,7 @@ class Receiver:
 
     def _sync(self, part: PartFile) -> None:
         """The part's bytes on disk (before :meth:`_commit` gives them their name)."""
-        spool = self.spool.open()
-        try:
-            fd = os.open(part.part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=spool)
-        finally:
-            os.close(spool)
+        fd = self.spool.read_part(part.part)
         try:
             os.fsync(fd)
         finally:

@@ -6,10 +6,13 @@ there. So, as :mod:`xrwatch.safefs` reads INCOMING, the spool is reached from a
 descriptor of INCOMING one component at a time with ``O_NOFOLLOW``: a link fails with
 ``ELOOP`` and nothing is written through it. Names inside are made of validated UIDs only.
 
-A C-STORE's data set streams into a hidden temporary file in the spool as it arrives
-(:class:`PartFile`, what pynetdicom writes into instead of memory), with the size limit
-checked on every write; once complete and checked it is renamed into
-``<Study UID>/<Series UID>/<SOP UID>.dcm``: the same file system, so no copy.
+A C-STORE's data set streams into a hidden temporary file in ``INCOMING/dicom/.parts`` as
+it arrives (:class:`PartFile`, what pynetdicom writes into instead of memory), with the size
+limit checked on every write; once complete and checked it is renamed into
+``<Study UID>/<Series UID>/<SOP UID>.dcm``: the same file system, so no copy. ``.parts`` is
+hidden, so the folder watch neither reads it nor watches it
+(:class:`xrwatch.serve.watcher.FolderWatcher`): writing, closing and removing a part wakes
+nobody; only the rename into its series folder is an event.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from xrwatch.safefs import open_dir
 logger = logging.getLogger(__name__)
 
 SPOOL = "dicom"  # subfolder of INCOMING the receiver writes into
+PARTS = ".parts"  # subfolder of the spool the data sets stream into (hidden: not watched)
 WRITE_BUFFER = 1 << 20  # bytes a PartFile gathers before it writes them
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -45,63 +49,81 @@ class Spool:
         """Create the spool if missing; raise :class:`ConfigError` if it is a link or not
         a folder (a start-up error: nothing would be received)."""
         try:
-            fd = open_dir(self.incoming, [])
-            try:
+            for parents, name in (([], SPOOL), ([SPOOL], PARTS)):
+                fd = open_dir(self.incoming, parents)
                 try:
-                    os.mkdir(SPOOL, 0o750, dir_fd=fd)  # never follows a link at the name
-                    os.fsync(fd)
-                except FileExistsError:
-                    pass
-            finally:
-                os.close(fd)
-            os.close(self.open())
+                    try:
+                        os.mkdir(name, 0o750, dir_fd=fd)  # never follows a link at the name
+                        os.fsync(fd)
+                    except FileExistsError:
+                        pass
+                finally:
+                    os.close(fd)
+            os.close(self.open_parts())
         except OSError as exc:
             raise ConfigError(self.refusal(exc)) from None
 
     def refusal(self, exc: OSError) -> str:
-        """The one line that says why the spool cannot be used."""
+        """The one line that says why the spool cannot be used (naming the spool, or its
+        ``.parts`` folder when that is what is a link)."""
+        where = self.path
+        if os.path.islink(self.path / PARTS) and not os.path.islink(self.path):
+            where = self.path / PARTS
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             return (
-                f"{self.path}: the DICOM receiver's spool is a symbolic link or not a folder; "
+                f"{where}: the DICOM receiver's spool is a symbolic link or not a folder; "
                 "refusing to write received images through it (remove it, or make it a "
                 "real folder owned by the daemon's user)"
             )
-        return f"{self.path}: the DICOM receiver's spool cannot be opened ({exc.strerror or exc})"
+        return f"{where}: the DICOM receiver's spool cannot be opened ({exc.strerror or exc})"
 
     def open(self) -> int:
         """A descriptor of the spool folder (the caller closes it). Raises ``OSError``
         (``ELOOP``: a link) when it cannot be reached without following a link."""
         return open_dir(self.incoming, [SPOOL])
 
+    def open_parts(self) -> int:
+        """A descriptor of the spool's ``.parts`` folder, reached as :meth:`open` is."""
+        return open_dir(self.incoming, [SPOOL, PARTS])
+
     def new_part(self) -> tuple[int, str]:
-        """A new hidden temporary file in the spool: ``(write descriptor, name)``."""
-        spool = self.open()
+        """A new hidden temporary file in ``.parts``: ``(write descriptor, name)``."""
+        parts = self.open_parts()
         try:
             name = f".{secrets.token_hex(8)}{PART_SUFFIX}"
-            return os.open(name, _NEW_FILE, 0o640, dir_fd=spool), name
+            return os.open(name, _NEW_FILE, 0o640, dir_fd=parts), name
         finally:
-            os.close(spool)
+            os.close(parts)
+
+    def read_part(self, name: str) -> int:
+        """A read descriptor of the temporary file ``name`` (the caller closes it)."""
+        parts = self.open_parts()
+        try:
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parts)
+        finally:
+            os.close(parts)
 
     def discard(self, name: str) -> None:
-        """Remove the temporary file ``name`` from the spool, if it is still there."""
+        """Remove the temporary file ``name`` from ``.parts``, if it is still there."""
         try:
-            spool = self.open()
+            parts = self.open_parts()
         except OSError:
             return
         try:
-            os.unlink(name, dir_fd=spool)
+            os.unlink(name, dir_fd=parts)
         except OSError:
             pass
         finally:
-            os.close(spool)
+            os.close(parts)
 
     def commit(self, part: str, study: str, series: str, filename: str) -> str:
         """Rename the temporary file ``part`` to ``<study>/<series>/<filename>`` (replacing
         a file there), durably; return that path relative to INCOMING. The caller fsynced
         the file. Raises ``OSError`` (a link in the way: ``ELOOP``)."""
-        spool = self.open()
-        fds = [spool]
+        fds = [self.open_parts()]
         try:
+            parts = fds[0]
+            fds.append(self.open())
             for name in (study, series):
                 parent = fds[-1]
                 try:
@@ -110,7 +132,7 @@ class Spool:
                 except FileExistsError:
                     pass
                 fds.append(os.open(name, _DIR_FLAGS, dir_fd=parent))
-            os.rename(part, filename, src_dir_fd=spool, dst_dir_fd=fds[-1])
+            os.rename(part, filename, src_dir_fd=parts, dst_dir_fd=fds[-1])
             os.fsync(fds[-1])
         finally:
             for fd in fds:
@@ -168,7 +190,7 @@ class PartFile:
     def __init__(self, spool: Spool, limit: int, over_limit: Callable[[int], None]) -> None:
         self.spool = spool
         self.fd, self.part = spool.new_part()
-        self.name = str(spool.path / self.part)
+        self.name = str(spool.path / PARTS / self.part)
         self.file = self
         self.limit = limit
         self.size = 0

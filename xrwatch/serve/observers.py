@@ -11,6 +11,12 @@ watched, cheaply, but their files are not read: see the watcher.)
 The inotify observer's reader thread (:class:`_Reader`) also gives its three descriptors
 back when it is stopped before its first read, as a watch whose start failed is (watchdog
 leaves them open then; on a busy machine, on every retry of the watch).
+
+``inotify_observer(unwatched=...)`` adds no inotify watch to the folders that predicate
+names (the watcher's ignored folders, e.g. the DICOM receiver's hidden ``.parts``): what is
+written there wakes no thread. A folder renamed out of such a name into a watched one is
+watched from then on, its contents reported as created (watchdog's handling of a folder
+moved in from outside the watch).
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, AnyStr
 
 import watchdog.observers.inotify as _inotify_module
@@ -83,7 +90,10 @@ _inotify_module.generate_sub_created_events = _sub_created_events  # type: ignor
 _inotify_module.generate_sub_moved_events = _sub_moved_events  # type: ignore[assignment]
 
 
+@dataclass
 class _WatchGroup(InotifyWatchGroup):
+    unwatched: Callable[[bytes], bool] | None = field(default=None, kw_only=True)
+
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         events = []
         for root, dirnames, filenames in walk(src_path):
@@ -97,6 +107,11 @@ class _WatchGroup(InotifyWatchGroup):
                 events.append(InotifyEvent(wd_root, InotifyConstants.IN_CREATE, 0, filename))
         return events
 
+    def _add_callback(self, path: bytes) -> None:
+        if path != self.path and self.unwatched is not None and self.unwatched(path):
+            return
+        super()._add_callback(path)
+
     def _add_all_callbacks(self, path: bytes) -> None:
         is_dir = os.path.isdir(path)
         self._add_callback(path)
@@ -107,6 +122,12 @@ class _WatchGroup(InotifyWatchGroup):
 
 
 class _InotifyEmitter(InotifyEmitter):
+    def __init__(
+        self, *args: Any, unwatched: Callable[[bytes], bool] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._unwatched = unwatched
+
     def on_thread_start(self) -> None:
         self._inotify = _WatchGroup(
             self._inotify_fd,
@@ -114,6 +135,7 @@ class _InotifyEmitter(InotifyEmitter):
             is_recursive=self.watch.is_recursive,
             event_mask=self.get_event_mask_from_filter(),
             follow_symlink=self.watch.follow_symlink,
+            unwatched=self._unwatched,
         )
 
 
@@ -186,9 +208,11 @@ class _InotifyObserver(InotifyObserver):
         return super().schedule(*args, **kwargs)
 
 
-def inotify_observer() -> BaseObserver:
+def inotify_observer(unwatched: Callable[[bytes], bool] | None = None) -> BaseObserver:
     """watchdog's ``InotifyObserver``, walking iteratively, whose reader thread never keeps
-    its descriptors."""
+    its descriptors; no watch on a folder (never the root) for which ``unwatched(path)``."""
     observer = _InotifyObserver()
     observer._emitter_class = _InotifyEmitter
+    if unwatched is not None:
+        observer._emitter_kwargs["unwatched"] = unwatched
     return observer

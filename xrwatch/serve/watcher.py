@@ -89,6 +89,16 @@ class FolderWatcher:
             return None
         return rel
 
+    def unwatched(self, path: bytes) -> bool:
+        """Whether the folder ``path`` below the root is ignored (a hidden folder, e.g. the
+        DICOM receiver's ``.parts``): its files are never read, so inotify does not watch
+        it and what is written there wakes no thread."""
+        try:
+            rel = Path(os.fsdecode(path)).relative_to(self.root).as_posix()
+        except ValueError:
+            return False
+        return rel not in ("", ".") and is_ignored(rel, self.ignore)
+
     def _offer(self, path: str | Path, *, complete: bool = False) -> None:
         if self.relative(path) is not None:
             self.tracker.offer(Path(path), complete=complete)
@@ -97,7 +107,9 @@ class FolderWatcher:
         """Schedule the watch (call :meth:`scan` after this for the backlog)."""
         self.stop()  # a previous watch, even one that failed to start, is given back
         observer: BaseObserver = (
-            PollingObserver(timeout=self._poll_interval) if self.poll else inotify_observer()
+            PollingObserver(timeout=self._poll_interval)
+            if self.poll
+            else inotify_observer(self.unwatched)
         )
         self._observer = observer  # before start(): stop() must clean up a failed start
         observer.schedule(_Handler(self), str(self.root), recursive=True, event_filter=list(EVENTS))

@@ -90,12 +90,24 @@ def test_a_symlinked_spool_is_refused_and_nothing_is_written_through_it(
     (incoming / "dicom" / study).symlink_to(outside)
     sent = storescu(dcmtk, port, files[1:])
     assert sent[0].returncode != 0
+    # the spool's .parts, where data sets stream in, swapped for a link: the same
+    (incoming / "dicom" / study).unlink()
+    (incoming / "dicom" / ".parts").rename(incoming / "parts-moved")
+    (incoming / "dicom" / ".parts").symlink_to(outside)
+    sent = storescu(dcmtk, port, files[1:])
+    assert sent[0].returncode != 0
     assert d.stop() == 0
     assert sorted(p.name for p in outside.iterdir()) == [".victim.part"]
     # nothing received was kept (the link itself is the folder watch's error row)
     assert [r for r in csv_rows(reports) if r["status"] == "ok"] == []
     log = d.log_text()
     assert "spool is a symbolic link" in log and "cannot store" in log
+    assert "/dicom/.parts" in log  # the refusal names the link
+    # .parts a link at start-up: refused with the spool's reason, the bait left alone
+    d = daemons(incoming, reports, *_args(port)).start(wait_ready=False)
+    assert d.wait(60) == 2
+    assert "spool is a symbolic link" in d.log_text()
+    assert sorted(p.name for p in outside.iterdir()) == [".victim.part"]
 
 
 def _open(port: int, payload: bytes) -> socket.socket:
@@ -187,4 +199,5 @@ def test_a_data_set_over_the_limit_is_refused_while_it_streams_in(
     assert not [p for p in incoming.rglob("*") if p.is_file()], "nothing kept or left behind"
     assert sop_uid(small) in d.log_text()  # acknowledged as a non-radiograph
     assert not [e for e in _messages(d) if e["level"] in ("error", "critical")]  # no noise
-    assert os.listdir(incoming / "dicom") == []
+    assert os.listdir(incoming / "dicom") == [".parts"]  # the parts' folder, empty
+    assert os.listdir(incoming / "dicom" / ".parts") == []

@@ -166,3 +166,70 @@ def test_reading_files_in_incoming_wakes_no_watch_event(
         assert not [e for e in after if e in ("FileOpenedEvent", "FileClosedNoWriteEvent")]
     finally:
         fw.stop()
+
+
+def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver streams data sets into the hidden ``INCOMING/dicom/.parts``: writing,
+    closing and removing a part wakes no watch thread (no inotify watch there); only the
+    rename into a series folder is an event. A hidden folder renamed to a visible name is
+    watched from then on, and what it holds is offered."""
+    from xrwatch.inputs import IGNORE_PATTERNS
+    from xrwatch.serve import watcher as w
+
+    seen: list[tuple[str, str]] = []
+    real = w._Handler.on_any_event
+
+    def counting(self: w._Handler, event: object) -> None:
+        seen.append((type(event).__name__, str(getattr(event, "dest_path", "") or
+                                               getattr(event, "src_path", ""))))  # fmt: skip
+        real(self, event)
+
+    monkeypatch.setattr(w._Handler, "on_any_event", counting)
+    offered: list[Path] = []
+
+    class Tracker:
+        def offer(self, path: Path, *, complete: bool = False) -> None:
+            offered.append(path)
+
+        def forget(self, path: Path) -> None: ...
+
+    def wait(predicate: object, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
+            time.sleep(0.02)
+        assert predicate(), what  # type: ignore[operator]
+
+    root = tmp_path / "in"
+    root.mkdir()
+    spool = Spool(root)
+    spool.ensure()  # INCOMING/dicom/.parts, before the watch starts
+    fw = w.FolderWatcher(root, Tracker(), ignore=IGNORE_PATTERNS)  # type: ignore[arg-type]
+    fw.start()
+    try:
+        late = root / "late" / ".hidden"  # a hidden folder made while the watch runs
+        late.parent.mkdir()
+        wait(lambda: any(p.endswith("/late") for _, p in seen), "the folder made later")
+        late.mkdir()
+        for _ in range(5):  # parts written, synced, removed: as the receiver does
+            part = PartFile(spool, 1 << 30, lambda _n: None)
+            part.write(b"x" * 1000)
+            part.close()
+            spool.discard(part.part)
+        (late / "inside.dcm").write_bytes(b"z")
+        part = PartFile(spool, 1 << 30, lambda _n: None)
+        part.write(b"y" * 1000)
+        part.close()
+        rel = spool.commit(part.part, "1.2", "1.2.3", "1.2.3.4.dcm")
+        kept = str(root / rel)
+        wait(lambda: any(p == kept for _, p in seen), "the rename into the series folder")
+        assert not [p for _, p in seen if "/.parts/" in p or "/.hidden/" in p], seen
+        assert Path(kept) in offered
+
+        late.rename(late.parent / "shown")  # out of hiding: watched, its file offered
+        wait(lambda: root / "late" / "shown" / "inside.dcm" in offered, "the folder's file")
+        (late.parent / "shown" / "new.dcm").write_bytes(b"n")
+        wait(lambda: root / "late" / "shown" / "new.dcm" in offered, "a file written there")
+    finally:
+        fw.stop()
