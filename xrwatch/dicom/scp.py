@@ -1,7 +1,7 @@
 """The receiver: a pynetdicom C-STORE/C-ECHO SCP that spools instances into INCOMING.
 
 Each instance streams, exactly as received (file meta + the data set in the negotiated
-transfer syntax), into a hidden file in ``INCOMING/dicom`` (:mod:`.spool`: reached without
+transfer syntax), into a hidden file in ``INCOMING/dicom/.parts`` (:mod:`.spool`: reached without
 following links; a data set over ``max_file_mb`` is refused while it streams in). Once
 complete it is read in bounded memory (:mod:`.header`) and then:
 

@@ -17,6 +17,7 @@ nobody; only the rename into its series folder is an event.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -65,10 +66,13 @@ class Spool:
 
     def refusal(self, exc: OSError) -> str:
         """The one line that says why the spool cannot be used (naming the spool, or its
-        ``.parts`` folder when that is what is a link)."""
+        ``.parts`` folder when the spool itself can be reached)."""
         where = self.path
-        if os.path.islink(self.path / PARTS) and not os.path.islink(self.path):
+        try:
+            os.close(self.open())
             where = self.path / PARTS
+        except OSError:
+            pass
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             return (
                 f"{where}: the DICOM receiver's spool is a symbolic link or not a folder; "
@@ -83,8 +87,18 @@ class Spool:
         return open_dir(self.incoming, [SPOOL])
 
     def open_parts(self) -> int:
-        """A descriptor of the spool's ``.parts`` folder, reached as :meth:`open` is."""
-        return open_dir(self.incoming, [SPOOL, PARTS])
+        """A descriptor of the spool's ``.parts`` folder, reached as :meth:`open` is; made
+        again if it was removed while the daemon runs."""
+        spool = self.open()
+        try:
+            try:
+                return os.open(PARTS, _DIR_FLAGS, dir_fd=spool)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(PARTS, 0o750, dir_fd=spool)  # never follows a link at the name
+                return os.open(PARTS, _DIR_FLAGS, dir_fd=spool)
+        finally:
+            os.close(spool)
 
     def new_part(self) -> tuple[int, str]:
         """A new hidden temporary file in ``.parts``: ``(write descriptor, name)``."""
@@ -120,10 +134,10 @@ class Spool:
         """Rename the temporary file ``part`` to ``<study>/<series>/<filename>`` (replacing
         a file there), durably; return that path relative to INCOMING. The caller fsynced
         the file. Raises ``OSError`` (a link in the way: ``ELOOP``)."""
-        fds = [self.open_parts()]
+        fds = [self.open()]
         try:
-            parts = fds[0]
-            fds.append(self.open())
+            parts = os.open(PARTS, _DIR_FLAGS, dir_fd=fds[0])
+            fds.insert(0, parts)  # the folders below are made from the spool, fds[-1]
             for name in (study, series):
                 parent = fds[-1]
                 try:

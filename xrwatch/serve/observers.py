@@ -16,7 +16,9 @@ leaves them open then; on a busy machine, on every retry of the watch).
 names (the watcher's ignored folders, e.g. the DICOM receiver's hidden ``.parts``): what is
 written there wakes no thread. A folder renamed out of such a name into a watched one is
 watched from then on, its contents reported as created (watchdog's handling of a folder
-moved in from outside the watch).
+moved in from outside the watch). A file renamed into the watch from such a folder (or from
+outside INCOMING) is reported as a move, as a rename within the watch is, so it is taken at
+once rather than after ``stable_seconds``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from watchdog.observers.inotify import (
     Mask,
 )
 from watchdog.observers.inotify_c import InotifyFD
+from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 from watchdog.observers.polling import PollingEmitter
 from watchdog.utils.dirsnapshot import DirectorySnapshot
 
@@ -94,6 +97,9 @@ _inotify_module.generate_sub_moved_events = _sub_moved_events  # type: ignore[as
 class _WatchGroup(InotifyWatchGroup):
     unwatched: Callable[[bytes], bool] | None = field(default=None, kw_only=True)
 
+    def _skip(self, path: bytes) -> bool:
+        return path != self.path and self.unwatched is not None and self.unwatched(path)
+
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         events = []
         for root, dirnames, filenames in walk(src_path):
@@ -105,19 +111,20 @@ class _WatchGroup(InotifyWatchGroup):
                 events.append(InotifyEvent(wd_root, mask, 0, dirname))
             for filename in filenames:
                 events.append(InotifyEvent(wd_root, InotifyConstants.IN_CREATE, 0, filename))
+            dirnames[:] = [d for d in dirnames if not self._skip(os.path.join(root, d))]
         return events
 
     def _add_callback(self, path: bytes) -> None:
-        if path != self.path and self.unwatched is not None and self.unwatched(path):
-            return
-        super()._add_callback(path)
+        if not self._skip(path):
+            super()._add_callback(path)
 
     def _add_all_callbacks(self, path: bytes) -> None:
         is_dir = os.path.isdir(path)
         self._add_callback(path)
-        if is_dir and self.is_recursive:
+        if is_dir and self.is_recursive and not self._skip(path):
             for root, dirnames, _ in walk(path):
-                for dirname in dirnames:
+                dirnames[:] = [d for d in dirnames if not self._skip(os.path.join(root, d))]
+                for dirname in dirnames:  # walk() enters only these (it reads the list after)
                     self._add_callback(os.path.join(root, dirname))
 
 
@@ -137,6 +144,20 @@ class _InotifyEmitter(InotifyEmitter):
             follow_symlink=self.watch.follow_symlink,
             unwatched=self._unwatched,
         )
+
+    def build_and_queue_event(self, event: Any, *, full_events: bool = False) -> None:
+        # A file renamed in with no IN_MOVED_FROM in the watch (from an unwatched hidden
+        # folder such as the receiver's .parts, or from outside INCOMING): a rename is
+        # atomic, so it is a move (offered complete), not a creation (which would wait
+        # stable_seconds). watchdog's own "full events" form of the same event.
+        if (
+            isinstance(event, PathedInotifyEvent)
+            and event.ev.is_moved_to
+            and not event.ev.is_directory
+        ):
+            self.queue_event(FileMovedEvent("", self._decode_path(event.path)))
+            return
+        super().build_and_queue_event(event, full_events=full_events)
 
 
 class _Snapshot(DirectorySnapshot):

@@ -173,8 +173,10 @@ def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
 ) -> None:
     """The receiver streams data sets into the hidden ``INCOMING/dicom/.parts``: writing,
     closing and removing a part wakes no watch thread (no inotify watch there); only the
-    rename into a series folder is an event. A hidden folder renamed to a visible name is
-    watched from then on, and what it holds is offered."""
+    rename into a series folder is an event, a move offered complete (taken at once, as a
+    rename within the watch is). A hidden folder renamed to a visible name is watched from
+    then on, and what it holds is offered."""
+    from xrwatch.dicom.files import PART_SUFFIX
     from xrwatch.inputs import IGNORE_PATTERNS
     from xrwatch.serve import watcher as w
 
@@ -188,10 +190,13 @@ def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
 
     monkeypatch.setattr(w._Handler, "on_any_event", counting)
     offered: list[Path] = []
+    completed: list[Path] = []
 
     class Tracker:
         def offer(self, path: Path, *, complete: bool = False) -> None:
             offered.append(path)
+            if complete:
+                completed.append(path)
 
         def forget(self, path: Path) -> None: ...
 
@@ -208,6 +213,11 @@ def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
     fw = w.FolderWatcher(root, Tracker(), ignore=IGNORE_PATTERNS)  # type: ignore[arg-type]
     fw.start()
     try:
+        marker = root / "marker.txt"  # the watch is added by its thread: wait until it is
+        deadline = time.monotonic() + 30
+        while not any(p == str(marker) for _, p in seen) and time.monotonic() < deadline:
+            marker.write_bytes(b"m")
+            time.sleep(0.05)
         late = root / "late" / ".hidden"  # a hidden folder made while the watch runs
         late.parent.mkdir()
         wait(lambda: any(p.endswith("/late") for _, p in seen), "the folder made later")
@@ -218,14 +228,20 @@ def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
             part.close()
             spool.discard(part.part)
         (late / "inside.dcm").write_bytes(b"z")
-        part = PartFile(spool, 1 << 30, lambda _n: None)
-        part.write(b"y" * 1000)
-        part.close()
-        rel = spool.commit(part.part, "1.2", "1.2.3", "1.2.3.4.dcm")
-        kept = str(root / rel)
-        wait(lambda: any(p == kept for _, p in seen), "the rename into the series folder")
+        kept = ""
+        for n in (4, 5):  # the first makes the series folder; the second lands in it watched
+            part = PartFile(spool, 1 << 30, lambda _n: None)
+            part.write(b"y" * 1000)
+            part.close()
+            kept = str(root / spool.commit(part.part, "1.2", "1.2.3", f"1.2.3.{n}.dcm"))
+            series = str(Path(kept).parent)
+            wait(lambda: ("DirCreatedEvent", series) in seen, "the series folder")  # noqa: B023
+        # the rename is a move, offered complete (taken at once)
+        wait(lambda: Path(kept) in completed, "the rename into the series folder")
+        assert ("FileMovedEvent", kept) in seen
+        # events come in order: every part's would have come before the rename's
         assert not [p for _, p in seen if "/.parts/" in p or "/.hidden/" in p], seen
-        assert Path(kept) in offered
+        assert not [p for _, p in seen if p.endswith(PART_SUFFIX)], seen
 
         late.rename(late.parent / "shown")  # out of hiding: watched, its file offered
         wait(lambda: root / "late" / "shown" / "inside.dcm" in offered, "the folder's file")
@@ -233,3 +249,32 @@ def test_the_spool_parts_folder_is_not_watched_until_renamed_out(
         wait(lambda: root / "late" / "shown" / "new.dcm" in offered, "a file written there")
     finally:
         fw.stop()
+
+
+def test_the_parts_folder_is_made_again_and_named_when_it_is_in_the_way(tmp_path: Path) -> None:
+    """``.parts`` removed while the daemon runs is made again at the next part (the spool
+    stays usable without a restart); a file or a link in its place is refused with a line
+    naming ``.parts``, not the spool that holds the received images."""
+    root = tmp_path / "in"
+    root.mkdir()
+    spool = Spool(root)
+    spool.ensure()
+    parts = root / spool_module.SPOOL / spool_module.PARTS
+    parts.rmdir()
+    part = PartFile(spool, 1 << 20, lambda _n: None)
+    part.write(b"x")
+    part.close()
+    assert (parts / part.part).is_file()
+    spool.discard(part.part)
+    parts.rmdir()
+    parts.write_bytes(b"not a folder")
+    with pytest.raises(OSError) as caught:
+        spool.new_part()
+    line = spool.refusal(caught.value)
+    assert line.startswith(f"{parts}: ") and "not a folder" in line
+    parts.unlink()
+    parts.symlink_to(tmp_path)
+    with pytest.raises(OSError) as caught:
+        spool.new_part()
+    assert spool.refusal(caught.value).startswith(f"{parts}: ")
+    assert [p.name for p in tmp_path.iterdir()] == ["in"]  # nothing written through the link
