@@ -17,7 +17,6 @@ nobody; only the rename into its series folder is an event.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -39,6 +38,16 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _make_dir(name: str, parent: int) -> None:
+    """Create the folder ``name`` in ``parent`` unless it exists (never following a link at
+    the name); a new folder's name is synced, so it survives a power cut."""
+    try:
+        os.mkdir(name, 0o750, dir_fd=parent)
+        os.fsync(parent)
+    except FileExistsError:
+        pass
+
+
 class Spool:
     """``INCOMING/dicom``, every access through descriptors that follow no link."""
 
@@ -50,17 +59,12 @@ class Spool:
         """Create the spool if missing; raise :class:`ConfigError` if it is a link or not
         a folder (a start-up error: nothing would be received)."""
         try:
-            for parents, name in (([], SPOOL), ([SPOOL], PARTS)):
-                fd = open_dir(self.incoming, parents)
-                try:
-                    try:
-                        os.mkdir(name, 0o750, dir_fd=fd)  # never follows a link at the name
-                        os.fsync(fd)
-                    except FileExistsError:
-                        pass
-                finally:
-                    os.close(fd)
-            os.close(self.open_parts())
+            fd = open_dir(self.incoming, [])
+            try:
+                _make_dir(SPOOL, fd)
+            finally:
+                os.close(fd)
+            os.close(self.open_parts())  # makes .parts too
         except OSError as exc:
             raise ConfigError(self.refusal(exc)) from None
 
@@ -94,8 +98,7 @@ class Spool:
             try:
                 return os.open(PARTS, _DIR_FLAGS, dir_fd=spool)
             except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(PARTS, 0o750, dir_fd=spool)  # never follows a link at the name
+                _make_dir(PARTS, spool)
                 return os.open(PARTS, _DIR_FLAGS, dir_fd=spool)
         finally:
             os.close(spool)
@@ -140,11 +143,7 @@ class Spool:
             fds.insert(0, parts)  # the folders below are made from the spool, fds[-1]
             for name in (study, series):
                 parent = fds[-1]
-                try:
-                    os.mkdir(name, 0o750, dir_fd=parent)
-                    os.fsync(parent)  # the new folder's name survives a power cut
-                except FileExistsError:
-                    pass
+                _make_dir(name, parent)
                 fds.append(os.open(name, _DIR_FLAGS, dir_fd=parent))
             os.rename(part, filename, src_dir_fd=parts, dst_dir_fd=fds[-1])
             os.fsync(fds[-1])
